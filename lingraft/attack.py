@@ -1,0 +1,290 @@
+"""Projected gradient attacks: PGD (L-inf / L2 balls and VNN-LIB boxes), a general linear-spec PGD, and FGSM.
+
+All inputs are in [0, 1] pixel space (models normalize internally). Attacks never change the model's train/eval
+mode and work whether or not the caller has gradients enabled. Randomness comes from ``seed`` (a private
+generator) or an explicit ``generator``, so results are reproducible and the global RNG is left untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import UsageError
+
+__all__ = ["pgd_attack", "pgd_attack_spec", "fgsm", "margin_loss", "spec_margins"]
+
+
+# --------------------------------------------------------------------------------------------- objectives
+
+def margin_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """CW-style margin max_{j != y} z_j - z_y per sample: logits [B, K], y [B] -> [B] (> 0 means misclassified)."""
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return others.max(dim=1).values - z_y
+
+
+def spec_margins(logits: Tensor, C: Tensor, d: Tensor | None = None) -> Tensor:
+    """Rows of the linear spec C f(x) + d: logits [B, K], C [B, R, K] or [R, K], d [B, R] or [R] -> [B, R]."""
+    logits = logits.reshape(logits.shape[0], -1)
+    if C.dim() == 2:
+        out = logits @ C.T
+    else:
+        out = torch.einsum("brk,bk->br", C, logits)
+    return out if d is None else out + d
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def _rand(shape, generator: torch.Generator | None, like: Tensor, normal: bool = False) -> Tensor:
+    """Uniform [0,1) (or standard normal) noise of ``shape`` on like's device, drawn from ``generator``."""
+    fn = torch.randn if normal else torch.rand
+    if generator is None:
+        return fn(shape, device=like.device, dtype=like.dtype)
+    out = fn(shape, generator=generator, device=generator.device, dtype=like.dtype)
+    return out.to(like.device)
+
+
+def _make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed))
+    return g
+
+
+def _bound(v, like: Tensor) -> Tensor:
+    """A float or tensor bound broadcast to like's shape (a [B, ...] box, or a scalar)."""
+    t = torch.as_tensor(v, dtype=like.dtype, device=like.device)
+    return torch.broadcast_to(t, like.shape).clone()
+
+
+def _per_sample_norm(t: Tensor) -> Tensor:
+    """L2 norm of each sample, shaped [B, 1, 1, ...] for broadcasting."""
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).reshape((-1,) + (1,) * (t.dim() - 1))
+
+
+class _Problem:
+    """What the generic PGD loop needs: a per-sample objective to maximise and a per-sample success test."""
+
+    def __init__(self, objective: Callable[[Tensor, Tensor], Tensor], success: Callable[[Tensor, Tensor], Tensor]):
+        self.objective = objective  # (logits of the active samples, their batch indices) -> [b]
+        self.success = success      # (logits, indices) -> [b] bool
+
+
+def _pgd(model: nn.Module, x_start: Tensor, lo: Tensor, hi: Tensor, problem: _Problem, *, steps: int, restarts: int,
+         step: Tensor | float, norm: str, center: Tensor | None, eps: float | None,
+         generator: torch.Generator | None, early_stop: bool, odi_steps: int = 0) -> tuple[Tensor, Tensor]:
+    """Generic PGD maximising ``problem.objective`` over {lo <= x <= hi} (∩ L2 ball around ``center`` for norm "2").
+
+    x_start [B, ...] (feasible) is evaluated first; each restart begins at a random feasible point, optionally
+    followed by ``odi_steps`` output-diversified steps (Tashiro et al. 2020: ascend w . f(x) for a random
+    w ~ U[-1, 1]^K, step = the radius) that spread the starts out. The best iterate per sample (first success, else
+    highest objective) is returned with a final plain-forward success test.
+    """
+    B = x_start.shape[0]
+    all_idx = torch.arange(B, device=x_start.device)
+    step_full = step if isinstance(step, Tensor) else None
+    with torch.no_grad():
+        logits = model(x_start)
+        best_obj = problem.objective(logits, all_idx).detach().clone()
+        succ = problem.success(logits, all_idx).clone()
+    best_x = x_start.detach().clone()
+
+    def record(xa: Tensor, logits: Tensor, idx: Tensor) -> Tensor:
+        obj = problem.objective(logits, idx).detach()
+        s = problem.success(logits, idx)
+        new_succ = s & ~succ[idx]
+        # already-successful samples keep their witness; others take any improvement or a first success
+        upd = ((obj > best_obj[idx]) & ~succ[idx]) | new_succ
+        if upd.any():
+            best_obj[idx[upd]] = obj[upd]
+            best_x[idx[upd]] = xa[upd].detach()
+        succ[idx[new_succ]] = True
+        return s
+
+    for _ in range(max(int(restarts), 0)):
+        idx = (~succ).nonzero().squeeze(1) if early_stop else all_idx
+        if idx.numel() == 0 or steps <= 0:
+            break
+        lo_i, hi_i = lo[idx], hi[idx]
+        st = step_full[idx] if step_full is not None else step
+        if norm == "2" and eps is not None:
+            c_i = center[idx]
+            direction = _rand(c_i.shape, generator, c_i, normal=True)
+            direction = direction / _per_sample_norm(direction)
+            radius = eps * _rand((c_i.shape[0],) + (1,) * (c_i.dim() - 1), generator, c_i)
+            xa = torch.min(torch.max(c_i + direction * radius, lo_i), hi_i)
+        else:
+            xa = lo_i + (hi_i - lo_i) * _rand(lo_i.shape, generator, lo_i)
+        odi_w = None
+        for _t in range(odi_steps + steps):
+            odi = _t < odi_steps
+            with torch.enable_grad():
+                xr = xa.detach().requires_grad_(True)
+                logits = model(xr)
+                if odi:
+                    flat = logits.flatten(1)
+                    if odi_w is None:
+                        odi_w = 2 * _rand(flat.shape, generator, flat) - 1
+                    obj = (odi_w * flat).sum(1)
+                else:
+                    obj = problem.objective(logits, idx)
+                (grad,) = torch.autograd.grad(obj.sum(), xr)
+            s = record(xa, logits.detach(), idx)
+            if early_stop:
+                keep = ~s
+                if not keep.any():
+                    idx = idx[keep]
+                    break
+                if not keep.all():
+                    idx, xa, grad, lo_i, hi_i = idx[keep], xa[keep], grad[keep], lo_i[keep], hi_i[keep]
+                    if isinstance(st, Tensor):
+                        st = st[keep]
+                    if odi_w is not None:
+                        odi_w = odi_w[keep]
+            with torch.no_grad():
+                if odi:  # jump by the radius: eps for L2, the half-width of the feasible box otherwise
+                    cur = eps if (norm == "2" and eps is not None) else (hi_i - lo_i) / 2
+                else:
+                    cur = st
+                if norm == "2" and eps is not None:
+                    c_i = center[idx]
+                    xa = xa + cur * grad / _per_sample_norm(grad)
+                    delta = xa - c_i
+                    delta = delta * (eps / _per_sample_norm(delta)).clamp(max=1.0)
+                    xa = c_i + delta
+                else:
+                    xa = xa + cur * grad.sign()
+                xa = torch.min(torch.max(xa, lo_i), hi_i)
+        if idx.numel() > 0:
+            with torch.no_grad():
+                record(xa, model(xa), idx)
+
+    with torch.no_grad():  # re-check the returned points with a plain forward pass
+        final = problem.success(model(best_x), all_idx)
+    return best_x, final
+
+
+# --------------------------------------------------------------------------------------------- public attacks
+
+def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float | None, *, steps: int = 20, restarts: int = 1,
+               step_size: float | None = None, norm: str = "inf", x_min: float | Tensor = 0.0,
+               x_max: float | Tensor = 1.0, seed: int | None = None, early_stop: bool = True,
+               loss: str = "margin", generator: torch.Generator | None = None,
+               odi_steps: int = 0) -> tuple[Tensor, Tensor]:
+    """Untargeted PGD: maximise the margin (or CE) loss of label ``y`` inside the eps-ball ∩ [x_min, x_max].
+
+    x [B, ...] in [0, 1], y [B] int64. ``x_min``/``x_max`` are floats or [B, ...] tensors (e.g. a VNN-LIB box);
+    with ``eps=None`` the feasible set is just that box. ``norm`` is "inf" or "2". The default step is
+    2.5 * eps / steps (2.5 * box half-width / steps per coordinate when eps is None). Random start in the
+    feasible set for every restart; the clean x is evaluated first, so eps=0 returns x unchanged.
+
+    Returns (x_adv [B, ...] inside the feasible set, success [B] bool = the model misclassifies x_adv, re-checked
+    by a plain forward pass). ``early_stop`` drops samples from the computation once they are misclassified.
+    ``odi_steps`` > 0 adds output-diversified initialization steps to each restart. Deterministic given ``seed``
+    (or ``generator``).
+    """
+    norm = str(norm).lower().replace("l", "")
+    if norm not in ("inf", "2"):
+        raise UsageError(f"unknown attack norm {norm!r}; use 'inf' or '2'")
+    if loss not in ("margin", "ce"):
+        raise UsageError(f"unknown attack loss {loss!r}; use 'margin' or 'ce'")
+    if eps is not None and eps < 0:
+        raise UsageError(f"eps must be >= 0, got {eps}")
+    x = x.detach()
+    y = y.to(x.device)
+    box_lo, box_hi = _bound(x_min, x), _bound(x_max, x)
+    if eps is None or norm == "2":
+        lo, hi = box_lo, box_hi
+    else:
+        lo, hi = torch.max(x - eps, box_lo), torch.min(x + eps, box_hi)
+    if eps is None:
+        step: Tensor | float = (2.5 * (hi - lo) / 2 / max(steps, 1)) if step_size is None else float(step_size)
+        x_start = torch.min(torch.max(x, lo), hi)
+    else:
+        step = 2.5 * eps / max(steps, 1) if step_size is None else float(step_size)
+        x_start = x
+    if generator is None:
+        generator = _make_generator(seed, x.device)
+
+    def objective(logits, idx):
+        if loss == "ce":
+            return F.cross_entropy(logits, y[idx], reduction="none")
+        return margin_loss(logits, y[idx])
+
+    def success(logits, idx):
+        return logits.argmax(dim=1) != y[idx]
+
+    steps_eff = 0 if (eps is not None and eps == 0) else steps
+    return _pgd(model, x_start, lo, hi, _Problem(objective, success), steps=steps_eff, restarts=restarts,
+                step=step, norm=norm if eps is not None else "inf", center=x, eps=eps,
+                generator=generator, early_stop=early_stop, odi_steps=odi_steps if steps_eff else 0)
+
+
+def pgd_attack_spec(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Tensor, *, d: Tensor | None = None,
+                    steps: int = 50, restarts: int = 10, step_size: float | None = None, seed: int | None = 0,
+                    early_stop: bool = True, odi_steps: int = 5) -> tuple[Tensor, Tensor]:
+    """Search the box [x_lower, x_upper] for an input violating a linear output specification.
+
+    Sign convention: the property HOLDS iff every row of C f(x) + d is > 0 (e.g. row "y_label - y_j" for
+    robustness). A point VIOLATES it iff some row is <= 0; the attack minimises the smallest row.
+    x_lower/x_upper [B, ...]; C [B, R, K] or [R, K]; d [B, R], [R] or None. The unsafe set is a disjunction of
+    single rows; a VNN-LIB disjunct that is a conjunction of several rows must be attacked by the caller.
+    Each restart starts at a random point followed by ``odi_steps`` output-diversified steps (these find
+    counterexamples that plain PGD misses, e.g. VNN-COMP mnist_fc prop_2).
+
+    Returns (x_adv [B, ...] inside the box, violated [B] bool, re-checked by a plain forward pass).
+    """
+    x_lower, x_upper = x_lower.detach(), x_upper.detach()
+    if x_lower.shape != x_upper.shape:
+        raise UsageError(f"box bounds differ in shape: {tuple(x_lower.shape)} vs {tuple(x_upper.shape)}")
+    if (x_lower > x_upper).any():
+        raise UsageError("box has a lower bound above its upper bound; check the VNN-LIB input constraints")
+    C = C.to(x_lower.device, x_lower.dtype)
+    d = None if d is None else d.to(x_lower.device, x_lower.dtype)
+
+    def rows(logits, idx):
+        Ci = C if C.dim() == 2 else C[idx]
+        di = None if d is None else (d if d.dim() == 1 else d[idx])
+        return spec_margins(logits, Ci, di)
+
+    def objective(logits, idx):
+        return -rows(logits, idx).min(dim=1).values
+
+    def success(logits, idx):
+        return rows(logits, idx).min(dim=1).values <= 0
+
+    steps = max(int(steps), 1)
+    step = (2.5 * (x_upper - x_lower) / 2 / steps) if step_size is None else float(step_size)
+    centre = (x_lower + x_upper) / 2
+    return _pgd(model, centre, x_lower, x_upper, _Problem(objective, success), steps=steps, restarts=restarts,
+                step=step, norm="inf", center=None, eps=None, generator=_make_generator(seed, x_lower.device),
+                early_stop=early_stop, odi_steps=max(int(odi_steps), 0))
+
+
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, step_size: float | None = None,
+         random_start: bool = True, x_min: float = 0.0, x_max: float = 1.0,
+         generator: torch.Generator | None = None) -> Tensor:
+    """One signed-gradient step on the CE loss ("fast is better than free", Wong et al. 2020).
+
+    delta starts uniform in [-eps, eps] (if ``random_start``), then delta += step_size * sign(grad) (default
+    step 1.25 * eps), projected to [-eps, eps] and to [x_min, x_max]. x [B, ...], y [B] -> x_adv [B, ...] detached.
+    Uses the model in whatever mode the caller set (train mode during training).
+    """
+    x = x.detach()
+    if eps <= 0:
+        return x.clone()
+    step = 1.25 * eps if step_size is None else float(step_size)
+    delta = (2 * _rand(x.shape, generator, x) - 1) * eps if random_start else torch.zeros_like(x)
+    delta = (x + delta).clamp(x_min, x_max) - x
+    with torch.enable_grad():
+        xr = (x + delta).requires_grad_(True)
+        loss = F.cross_entropy(model(xr), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, xr)
+    delta = (delta + step * grad.sign()).clamp(-eps, eps)
+    return (x + delta).clamp(x_min, x_max).detach()
+

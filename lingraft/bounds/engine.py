@@ -1,0 +1,378 @@
+"""The bound engine: IBP, CROWN and alpha-CROWN over a graph of operators.
+
+Inputs are boxes x_L <= x <= x_U ([B, *in_shape]); the quantity bounded is C @ f(x) with C [B, S, n_out]
+(for robustness: the margins f_y - f_j, see :func:`lingraft.bounds.spec.margin_spec`).
+
+CROWN computes, node by node in topological order, bounds of every pre-activation that a nonlinear operator
+needs (a ReLU's input, but only for its non-grafted neurons) by a backward pass of linear relaxations down to
+the input, then the final bounds by one more backward pass from the output. Pre-activations whose value is an
+affine function of the box (input -> elementwise/reshape/pad ops -> at most one Linear/Conv) get interval
+bounds, which are exact there. Intermediate CROWN bounds are intersected with the IBP bounds (both are
+sound, so their intersection is).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UsageError
+from .graph import GraphNode, build_graph
+from .ops import ConvOp, LinearOp, ReLUOp
+from .ops.base import pos, neg
+
+METHODS = ("ibp", "crown", "alpha-crown")
+
+
+@dataclass
+class BoundResult:
+    """Bounds of C @ f(x) over the box. lower/upper: [B, S] (upper may be None)."""
+
+    lower: Tensor
+    upper: Optional[Tensor]
+    # per nonlinear layer name: number of unstable (non-grafted) neurons per sample [B]
+    unstable: dict = field(default_factory=dict)
+    # per nonlinear layer name: (total neurons, grafted neurons)
+    neurons: dict = field(default_factory=dict)
+    time_s: float = 0.0
+
+
+class BoundedNetwork:
+    """A network ready for bound propagation.
+
+    model: nn.Module built from supported layers (see :mod:`lingraft.bounds.graph`);
+    in_shape: per-sample input shape, e.g. (1, 28, 28).
+    """
+
+    def __init__(self, model: nn.Module, in_shape, device: str | torch.device | None = None,
+                 memory_budget_mb: float = 512.0):
+        self.model = model.eval()
+        self.in_shape = tuple(in_shape)
+        self.device = torch.device(device) if device is not None else next(
+            (p.device for p in model.parameters()), torch.device("cpu"))
+        self.nodes: list[GraphNode] = build_graph(model, self.in_shape)
+        for nd in self.nodes:
+            if nd.op is not None:
+                nd.op.to(self.device)
+        self.out_shape = self.nodes[-1].shape
+        self.num_outputs = int(math.prod(self.out_shape))
+        self.memory_budget = memory_budget_mb * 2 ** 20
+        self._box_exact = self._find_box_exact()
+        self._needed = self._find_needed_bounds()
+
+    # ---------------------------------------------------------------------------------------------
+    # structure
+    def _find_box_exact(self) -> list[int]:
+        """0: value is a box (input through diagonal ops); 1: one affine map of a box (IBP exact); 2: other."""
+        level = []
+        for nd in self.nodes:
+            if nd.op is None:
+                level.append(0)
+            elif nd.op.diagonal and len(nd.inputs) == 1:
+                level.append(level[nd.inputs[0]])
+            elif isinstance(nd.op, (LinearOp, ConvOp)) and level[nd.inputs[0]] == 0:
+                level.append(1)
+            else:
+                level.append(2)
+        return level
+
+    def _find_needed_bounds(self) -> dict[int, Optional[Tensor]]:
+        """Node index -> flat neuron rows whose bounds some nonlinear consumer needs (None = all)."""
+        need: dict[int, Optional[Tensor]] = {}
+        for nd in self.nodes:
+            if nd.op is None or not nd.op.nonlinear:
+                continue
+            for i in nd.inputs:
+                rows = nd.op.needed_rows() if isinstance(nd.op, ReLUOp) else None
+                if isinstance(nd.op, ReLUOp) and rows is not None and rows.numel() == 0:
+                    continue  # fully grafted: no bounds needed
+                if i in need:
+                    if need[i] is None or rows is None:
+                        need[i] = None
+                    else:
+                        need[i] = torch.unique(torch.cat([need[i], rows]))
+                else:
+                    need[i] = rows
+        return need
+
+    def relu_layers(self) -> list[tuple[str, ReLUOp]]:
+        return [(nd.module_name or nd.name, nd.op) for nd in self.nodes if isinstance(nd.op, ReLUOp)]
+
+    def describe(self) -> list[dict]:
+        out = []
+        for nd in self.nodes:
+            out.append({"name": nd.module_name or nd.name, "op": "Input" if nd.op is None else nd.op.describe(),
+                        "shape": list(nd.shape), "neurons": int(math.prod(nd.shape)),
+                        "grafted": nd.op.num_grafted if isinstance(nd.op, ReLUOp) else 0})
+        return out
+
+    # ---------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """Evaluate the graph (should equal model(x)). x: [B, *in_shape] -> [B, *out_shape]."""
+        vals = [None] * len(self.nodes)
+        for i, nd in enumerate(self.nodes):
+            vals[i] = x if nd.op is None else nd.op.forward(*[vals[j] for j in nd.inputs])
+        return vals[-1]
+
+    def ibp_all(self, x_L: Tensor, x_U: Tensor) -> list:
+        bnds = [None] * len(self.nodes)
+        for i, nd in enumerate(self.nodes):
+            bnds[i] = (x_L, x_U) if nd.op is None else nd.op.ibp(*[bnds[j] for j in nd.inputs])
+        return bnds
+
+    # ---------------------------------------------------------------------------------------------
+    def compute_bounds(self, x_L: Tensor, x_U: Tensor, method: str = "crown", C: Tensor | None = None,
+                       bound_upper: bool = True, alpha_iterations: int = 20, alpha_lr: float = 0.1,
+                       interm_bounds: dict | None = None) -> BoundResult:
+        """Bounds of C @ f(x) for all x in [x_L, x_U].
+
+        x_L, x_U: [B, *in_shape]; C: [B, S, n_out] or None (identity, S = n_out).
+        interm_bounds: optional {node index: (lower, upper)} that replace/tighten computed pre-activation
+        bounds (used by branch and bound for split neurons).
+        """
+        if method not in METHODS:
+            raise UsageError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
+        t0 = time.perf_counter()
+        x_L = x_L.to(self.device, torch.float32)
+        x_U = x_U.to(self.device, torch.float32)
+        B = x_L.shape[0]
+        if tuple(x_L.shape[1:]) != self.in_shape:
+            raise UsageError(f"input shape {tuple(x_L.shape[1:])} does not match the model's {self.in_shape}")
+        if C is None:
+            C = torch.eye(self.num_outputs, device=self.device).unsqueeze(0).expand(B, -1, -1)
+        C = C.to(self.device, torch.float32)
+        with torch.no_grad():
+            ibp = self.ibp_all(x_L, x_U)
+        if method == "ibp":
+            out_l, out_u = ibp[-1]
+            out_l, out_u = out_l.reshape(B, -1), out_u.reshape(B, -1)
+            lo = torch.einsum("bso,bo->bs", pos(C), out_l) + torch.einsum("bso,bo->bs", neg(C), out_u)
+            up = torch.einsum("bso,bo->bs", pos(C), out_u) + torch.einsum("bso,bo->bs", neg(C), out_l)
+            res = BoundResult(lo, up if bound_upper else None)
+            self._stats(res, ibp)
+            res.time_s = time.perf_counter() - t0
+            return res
+        with torch.no_grad():
+            bounds = self._intermediate_bounds(x_L, x_U, ibp, interm_bounds)
+            C_out = C.reshape(B, C.shape[1], *self.out_shape)
+            lo, up = self._backward(len(self.nodes) - 1, C_out, x_L, x_U, bounds, bound_upper)
+        if method == "alpha-crown":
+            lo = self._optimize_alpha(C_out, x_L, x_U, bounds, lo, alpha_iterations, alpha_lr)
+        res = BoundResult(lo, up if bound_upper else None)
+        self._stats(res, bounds)
+        res.time_s = time.perf_counter() - t0
+        return res
+
+    def _stats(self, res: BoundResult, bounds):
+        for nd in self.nodes:
+            if isinstance(nd.op, ReLUOp):
+                name = nd.module_name or nd.name
+                b = bounds[nd.inputs[0]]
+                res.neurons[name] = (int(math.prod(nd.shape)), nd.op.num_grafted)
+                if b is None:
+                    res.unstable[name] = torch.zeros(res.lower.shape[0], dtype=torch.long)
+                else:
+                    res.unstable[name] = nd.op.unstable_mask(*b).reshape(b[0].shape[0], -1).sum(1).cpu()
+
+    # ---------------------------------------------------------------------------------------------
+    def _intermediate_bounds(self, x_L, x_U, ibp, interm_bounds=None):
+        """Bounds of every node a nonlinear operator needs: list indexed by node (None = not computed)."""
+        bounds: list = [None] * len(self.nodes)
+        bounds[0] = (x_L, x_U)
+        for i, nd in enumerate(self.nodes):
+            if i == 0 or i not in self._needed:
+                if nd.op is not None and getattr(nd.op, "cuts_backward", False):
+                    bounds[i] = nd.op.ibp(*[bounds[j] for j in nd.inputs])
+                continue
+            il, iu = ibp[i]
+            if self._box_exact[i] <= 1:
+                lo, up = il, iu
+            else:
+                lo, up = self._crown_node(i, x_L, x_U, bounds, il, iu)
+            if interm_bounds and i in interm_bounds:
+                sl, su = interm_bounds[i]
+                lo, up = torch.maximum(lo, sl), torch.minimum(up, su)
+            bounds[i] = (lo, up)
+            for c in nd.consumers:
+                cop = self.nodes[c].op
+                if getattr(cop, "cuts_backward", False):
+                    bounds[c] = cop.ibp(*[bounds[j] for j in self.nodes[c].inputs])
+        return bounds
+
+    def _crown_node(self, i, x_L, x_U, bounds, ibp_l, ibp_u):
+        """CROWN bounds of node i for the rows that are needed and not already stable under IBP."""
+        nd = self.nodes[i]
+        B = x_L.shape[0]
+        n = int(math.prod(nd.shape))
+        rows = self._needed.get(i)
+        rows = torch.arange(n, device=self.device) if rows is None else rows.to(self.device)
+        lo = ibp_l.reshape(B, n).clone()
+        up = ibp_u.reshape(B, n).clone()
+        # neurons that IBP already proves stable keep the IBP bounds: intersecting with CROWN cannot make
+        # them unstable, and a stable neuron's relaxation does not depend on the exact bound value
+        unst = ((lo[:, rows] < 0) & (up[:, rows] > 0)).any(0)
+        rows = rows[unst]
+        if rows.numel() == 0:
+            return lo.reshape(ibp_l.shape), up.reshape(ibp_u.shape)
+        chunk = self._chunk_size(i, B, rows.numel())
+        for s in range(0, rows.numel(), chunk):
+            r = rows[s:s + chunk]
+            l_r, u_r = self._backward(i, None, x_L, x_U, bounds, True, rows=r)
+            lo[:, r] = torch.maximum(lo[:, r], l_r)
+            up[:, r] = torch.minimum(up[:, r], u_r)
+        return lo.reshape(ibp_l.shape), up.reshape(ibp_u.shape)
+
+    def _chunk_size(self, i, B, R):
+        biggest = max(int(math.prod(nd.shape)) for nd in self.nodes[: i + 1])
+        per_row = B * biggest * 4 * 6  # a few live A-sized tensors per row
+        return max(1, min(R, int(self.memory_budget // per_row)))
+
+    # ---------------------------------------------------------------------------------------------
+    def backward_bound(self, C_out: Tensor, x_L: Tensor, x_U: Tensor, bounds: list, *, bound_upper: bool = False,
+                       alphas: dict | None = None, extra_lA: dict | None = None):
+        """Public backward pass from the output (for branch and bound): see :meth:`_backward`.
+
+        C_out: [B, S, *out_shape]; bounds: from :meth:`intermediate_bounds`; alphas: {node index: {"l": [B,S,*shape]}}
+        lower slopes of unstable ReLUs; extra_lA: {node index: [B, S, *shape]} added to the lower-bound
+        coefficients when the pass reaches that node (beta-CROWN split multipliers: -beta*sign at a split
+        pre-activation). Returns (lower [B,S], upper or None).
+        """
+        return self._backward(len(self.nodes) - 1, C_out, x_L, x_U, bounds, bound_upper, alphas=alphas,
+                              extra_lA=extra_lA)
+
+    def intermediate_bounds(self, x_L: Tensor, x_U: Tensor, interm_bounds: dict | None = None) -> list:
+        """CROWN bounds of every pre-activation a nonlinear op needs: list by node index of (lower, upper)
+        [B, *shape] or None. interm_bounds {node index: (lower, upper)} tightens given nodes (split neurons)."""
+        x_L = x_L.to(self.device, torch.float32)
+        x_U = x_U.to(self.device, torch.float32)
+        with torch.no_grad():
+            return self._intermediate_bounds(x_L, x_U, self.ibp_all(x_L, x_U), interm_bounds)
+
+    def relu_input_nodes(self) -> dict[int, int]:
+        """{ReLU node index: index of its pre-activation node}."""
+        return {k: nd.inputs[0] for k, nd in enumerate(self.nodes) if isinstance(nd.op, ReLUOp)}
+
+    def _backward(self, start: int, A0: Tensor | None, x_L, x_U, bounds, bound_upper: bool, rows=None,
+                  alphas: dict | None = None, extra_lA: dict | None = None):
+        """Backward linear bound propagation from node ``start``.
+
+        A0: [B, S, *shape(start)] initial coefficients, or None with ``rows`` (flat unit rows of the node).
+        Returns (lower [B, S], upper [B, S] or None).
+        """
+        B = x_L.shape[0]
+        lbias = torch.zeros((), device=self.device)
+        ubias = torch.zeros((), device=self.device)
+        A: dict[int, list] = {}
+        nd = self.nodes[start]
+        if A0 is None:
+            first = None
+            if isinstance(nd.op, (LinearOp, ConvOp)):
+                first = nd.op.identity_backward(rows, B, nd.shape)
+            if first is not None:
+                Ain, b0 = first
+                lbias = lbias + b0
+                ubias = ubias + b0
+                A[nd.inputs[0]] = [Ain, Ain if bound_upper else None]
+            else:
+                n = int(math.prod(nd.shape))
+                eye = torch.zeros(len(rows), n, device=self.device)
+                eye[torch.arange(len(rows)), rows] = 1.0
+                eye = eye.reshape(len(rows), *nd.shape).unsqueeze(0).expand(B, *([-1] * (len(nd.shape) + 1)))
+                A[start] = [eye, eye if bound_upper else None]
+        else:
+            A[start] = [A0, A0 if bound_upper else None]
+        for k in range(start, 0, -1):
+            if k not in A:
+                continue
+            lA, uA = A.pop(k)
+            if extra_lA is not None and k in extra_lA and lA is not None:
+                lA = lA + extra_lA[k]
+            node = self.nodes[k]
+            kw = {}
+            if alphas is not None and k in alphas:
+                kw["alpha"] = alphas[k]
+            if getattr(node.op, "cuts_backward", False):
+                kw["out_bounds"] = bounds[k]
+            in_bounds = [bounds[j] for j in node.inputs] if node.op.nonlinear else []
+            outs, lb, ub = node.op.backward(lA, uA, in_bounds, **kw)
+            lbias = lbias + lb
+            ubias = ubias + ub
+            for j, (la, ua) in zip(node.inputs, outs):
+                if la is None and ua is None:
+                    continue
+                if j in A:
+                    pl, pu = A[j]
+                    A[j] = [_add(pl, la), _add(pu, ua)]
+                else:
+                    A[j] = [la, ua]
+        lA, uA = A.get(0, [None, None])
+        lower = lbias + (self._concretize(lA, x_L, x_U, -1) if lA is not None else 0)
+        upper = None
+        if bound_upper:
+            upper = ubias + (self._concretize(uA, x_L, x_U, 1) if uA is not None else 0)
+        S = (A0.shape[1] if A0 is not None else len(rows))
+        lower = _expand(lower, B, S, self.device)
+        upper = None if upper is None else _expand(upper, B, S, self.device)
+        return lower, upper
+
+    @staticmethod
+    def _concretize(A: Tensor, x_L: Tensor, x_U: Tensor, sign: int) -> Tensor:
+        """min (sign=-1) or max (sign=+1) of A . x over the box. A: [B, S, *in]; returns [B, S]."""
+        B, S = A.shape[:2]
+        Af = A.reshape(B, S, -1)
+        c = ((x_U + x_L) / 2).reshape(B, -1, 1)
+        r = ((x_U - x_L) / 2).reshape(B, -1, 1)
+        return torch.bmm(Af, c).squeeze(-1) + sign * torch.bmm(Af.abs(), r).squeeze(-1)
+
+    # ---------------------------------------------------------------------------------------------
+    def _optimize_alpha(self, C_out, x_L, x_U, bounds, crown_lower, iterations, lr):
+        """alpha-CROWN on the final specification: optimize the lower-bound slopes of unstable ReLUs
+        (one slope per neuron, per specification row and per sample), starting from CROWN's choice.
+        Returns lower [B, S], elementwise at least CROWN's."""
+        B, S = C_out.shape[:2]
+        alphas = {}
+        params = []
+        for k, nd in enumerate(self.nodes):
+            if isinstance(nd.op, ReLUOp) and bounds[nd.inputs[0]] is not None:
+                lo, up = bounds[nd.inputs[0]]
+                _, _, l_slope, unstable = nd.op.relaxation(lo, up)
+                if not bool(unstable.any()):
+                    continue
+                a = l_slope.unsqueeze(1).expand(B, S, *nd.shape).clone().requires_grad_(True)
+                alphas[k] = {"l": a}
+                params.append(a)
+        best = crown_lower.clone()
+        if not params or iterations <= 0:
+            return best
+        opt = torch.optim.Adam(params, lr=lr)
+        for _ in range(iterations):
+            lo, _ = self._backward(len(self.nodes) - 1, C_out, x_L, x_U, bounds, False, alphas=alphas)
+            best = torch.maximum(best, lo.detach())
+            opt.zero_grad()
+            (-lo.sum()).backward()
+            opt.step()
+            with torch.no_grad():
+                for p in params:
+                    p.clamp_(0.0, 1.0)
+        with torch.no_grad():
+            lo, _ = self._backward(len(self.nodes) - 1, C_out, x_L, x_U, bounds, False, alphas=alphas)
+        return torch.maximum(best, lo)
+
+
+def _add(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def _expand(v, B, S, device):
+    if not torch.is_tensor(v) or v.dim() == 0:
+        return torch.full((B, S), float(v), device=device)
+    return v.expand(B, S) if v.shape != (B, S) else v

@@ -1,0 +1,391 @@
+"""Build the bound engine's graph from a PyTorch module via torch.fx.
+
+Every node of the traced graph that depends on the input becomes a :class:`GraphNode` holding one operator
+from :mod:`lingraft.bounds.ops`; nodes that do not depend on the input are constants and are folded into the
+operators that use them. Anything outside the supported vocabulary is reported up front, all at once,
+before any bound is computed.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..layers import GraftedReLU, Normalize
+from .ops import (AddOp, CatOp, ConvOp, ElementwiseAffineOp, LinearOp, MaxPoolOp, OpaqueOp, PadOp, PermuteOp,
+                  ReLUOp, ReshapeOp, SubOp)
+from .ops.base import BoundOp
+
+LEAF_TYPES = (nn.Linear, nn.Conv2d, nn.ReLU, GraftedReLU, Normalize, nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool2d,
+              nn.MaxPool2d, nn.Flatten, nn.ZeroPad2d, nn.ConstantPad2d, nn.Identity, nn.Dropout)
+
+SUPPORTED = ("Linear, Conv2d, ReLU, GraftedReLU, Normalize, BatchNorm (eval), AvgPool2d, MaxPool2d (no padding), "
+             "Flatten/Reshape/View/Squeeze/Unsqueeze, Permute/Transpose, constant Pad, Concat, Add/Sub of two tensors, "
+             "Add/Sub/Mul/Div by constants, MatMul by a constant, modules with interval_bounds()")
+
+
+@dataclass
+class GraphNode:
+    """One operator applied to earlier nodes. ``shape`` is the per-sample output shape (no batch)."""
+
+    name: str
+    op: BoundOp | None  # None for the input node
+    inputs: list[int]
+    shape: tuple
+    module_name: str | None = None
+    consumers: list[int] = field(default_factory=list)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, LEAF_TYPES) or hasattr(m, "interval_bounds"):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the traced graph once and keeps every node's value."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n):
+        v = super().run_node(n)
+        self.values[n.name] = v
+        return v
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    graph = _Tracer().trace(model)
+    return fx.GraphModule(model, graph)
+
+
+def build_graph(model: nn.Module, in_shape) -> list[GraphNode]:
+    """Trace ``model`` for per-sample input shape ``in_shape`` and return its nodes in topological order.
+
+    Raises UnsupportedModelError listing every unsupported operation by name.
+    """
+    model = model.eval()
+    try:
+        gm = trace(model)
+    except Exception as e:  # noqa: BLE001 - tracing errors are user-facing
+        raise UnsupportedModelError(f"cannot trace the model with torch.fx ({type(e).__name__}: {e}); "
+                                    "use a model built from supported layers") from None
+    rec = _Recorder(gm)
+    # batch 2 so that any op that mixes the batch dimension shows up as a shape mismatch
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        rec.run(torch.rand(2, *in_shape, device=dev))
+    builder = _Builder(gm, rec.values)
+    return builder.build()
+
+
+def _is_tensor(v):
+    return isinstance(v, torch.Tensor)
+
+
+class _Builder:
+    def __init__(self, gm: fx.GraphModule, values: dict):
+        self.gm = gm
+        self.values = values
+        self.modules = dict(gm.named_modules())
+        self.nodes: list[GraphNode] = []
+        self.index: dict[str, int] = {}  # fx node name -> our node index
+        self.aliases: dict[str, str] = {}
+        self.unsupported: list[str] = []
+
+    # --- helpers -------------------------------------------------------------------------------------
+    def _var(self, a) -> bool:
+        return isinstance(a, fx.Node) and self._resolve(a.name) in self.index
+
+    def _resolve(self, name):
+        while name in self.aliases:
+            name = self.aliases[name]
+        return name
+
+    def _const(self, a):
+        if isinstance(a, fx.Node):
+            return self.values[a.name]
+        return a
+
+    def _shape(self, n: fx.Node):
+        v = self.values[n.name]
+        return tuple(v.shape[1:])
+
+    def _add(self, n: fx.Node, op: BoundOp, inputs: list[fx.Node], module_name=None):
+        idx = [self.index[self._resolve(i.name)] for i in inputs]
+        node = GraphNode(n.name, op, idx, self._shape(n), module_name)
+        self.index[n.name] = len(self.nodes)
+        self.nodes.append(node)
+
+    def _alias(self, n: fx.Node, src: fx.Node):
+        self.aliases[n.name] = self._resolve(src.name)
+
+    def _fail(self, n: fx.Node, what: str):
+        self.unsupported.append(f"{what} (node '{n.name}')")
+
+    # --- main ----------------------------------------------------------------------------------------
+    def build(self) -> list[GraphNode]:
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise UnsupportedModelError(f"the model must take exactly one input tensor, it takes {len(placeholders)}")
+        output = None
+        for n in self.gm.graph.nodes:
+            if n.op == "placeholder":
+                self.index[n.name] = 0
+                self.nodes.append(GraphNode(n.name, None, [], self._shape(n)))
+                continue
+            if n.op == "output":
+                output = n.args[0]
+                continue
+            if n.op == "get_attr":
+                continue
+            var_args = [a for a in _flat_args(n) if self._var(a)]
+            if not var_args:
+                continue  # constant: folded into its consumers
+            v = self.values[n.name]
+            if _is_tensor(v) and (v.dim() == 0 or v.shape[0] != 2):
+                self._fail(n, f"{_target_name(n)} mixes the batch dimension")
+                continue
+            if not _is_tensor(v):
+                # e.g. x.size(0): only used to build shapes, which we take from the recorded values
+                continue
+            try:
+                self._convert(n)
+            except _Unsupported as e:
+                self._fail(n, str(e))
+        if self.unsupported:
+            raise UnsupportedModelError("unsupported operations: " + "; ".join(self.unsupported) +
+                                        f". lingraft supports: {SUPPORTED}")
+        if not isinstance(output, fx.Node) or not self._var(output):
+            raise UnsupportedModelError("the model output must be a single tensor computed from the input")
+        out_idx = self.index[self._resolve(output.name)]
+        nodes = self._prune(out_idx)
+        return nodes
+
+    def _prune(self, out_idx):
+        """Keep only ancestors of the output; renumber; fill consumers."""
+        keep = set()
+        stack = [out_idx]
+        while stack:
+            i = stack.pop()
+            if i in keep:
+                continue
+            keep.add(i)
+            stack.extend(self.nodes[i].inputs)
+        order = sorted(keep)
+        remap = {old: new for new, old in enumerate(order)}
+        out = []
+        for old in order:
+            nd = self.nodes[old]
+            nd.inputs = [remap[i] for i in nd.inputs]
+            nd.consumers = []
+            out.append(nd)
+        for i, nd in enumerate(out):
+            for j in nd.inputs:
+                out[j].consumers.append(i)
+        return out
+
+    def _convert(self, n: fx.Node):
+        if n.op == "call_module":
+            return self._module(n, self.modules[n.target])
+        fn = n.target
+        args = list(n.args)
+        x = args[0] if args else None
+        in_shape = self._shape(x) if isinstance(x, fx.Node) and self._var(x) else None
+        out_shape = self._shape(n)
+        if n.op == "call_method":
+            name = fn
+        else:
+            name = getattr(fn, "__name__", str(fn))
+        reshape_like = {"flatten", "reshape", "view", "squeeze", "unsqueeze", "contiguous", "view_as", "reshape_as"}
+        if name in reshape_like:
+            if in_shape == out_shape:
+                return self._alias(n, x)
+            return self._add(n, ReshapeOp(in_shape, out_shape), [x])
+        if name in ("relu", "relu_"):
+            return self._add(n, ReLUOp(out_shape), [x])
+        if name in ("add", "iadd", "sub", "isub", "mul", "imul", "truediv", "div", "neg", "__neg__"):
+            return self._arith(n, name, args)
+        if name in ("permute", "transpose"):
+            nd = len(in_shape) + 1
+            if name == "permute":
+                dims = args[1:] if len(args) > 2 or not isinstance(args[1], (list, tuple)) else args[1]
+                dims = [d % nd for d in dims]
+            else:
+                d0, d1 = args[1] % nd, args[2] % nd
+                dims = list(range(nd))
+                dims[d0], dims[d1] = dims[d1], dims[d0]
+            if dims[0] != 0:
+                raise _Unsupported(f"{name} that moves the batch dimension")
+            return self._add(n, PermuteOp([d - 1 for d in dims[1:]]), [x])
+        if fn is F.pad or name == "pad":
+            pads = args[1] if len(args) > 1 else n.kwargs["pad"]
+            mode = n.kwargs.get("mode", args[2] if len(args) > 2 else "constant")
+            value = n.kwargs.get("value", args[3] if len(args) > 3 else 0.0) or 0.0
+            if mode != "constant":
+                raise _Unsupported(f"pad mode {mode!r}")
+            return self._add(n, PadOp(pads, value, in_shape), [x])
+        if name == "cat":
+            tensors = args[0]
+            dim = n.kwargs.get("dim", args[1] if len(args) > 1 else 0)
+            if not all(self._var(t) for t in tensors):
+                raise _Unsupported("cat of a constant with the input-dependent tensor")
+            dim = dim % (len(out_shape) + 1)
+            if dim == 0:
+                raise _Unsupported("cat along the batch dimension")
+            sizes = [self._shape(t)[dim - 1] for t in tensors]
+            return self._add(n, CatOp(dim - 1, sizes), list(tensors))
+        if name in ("matmul", "linear"):
+            w = self._const(args[1])
+            if not _is_tensor(w) or self._var(args[1]):
+                raise _Unsupported(f"{name} of two input-dependent tensors")
+            if name == "matmul":
+                if w.dim() != 2:
+                    raise _Unsupported("matmul with a constant that is not a matrix")
+                return self._add(n, LinearOp(w.t().contiguous(), None), [x])
+            b = self._const(args[2]) if len(args) > 2 else n.kwargs.get("bias")
+            return self._add(n, LinearOp(w, b), [x])
+        raise _Unsupported(_target_name(n))
+
+    def _arith(self, n, name, args):
+        a = args[0]
+        b = args[1] if len(args) > 1 else None
+        if name in ("neg", "__neg__"):
+            return self._add(n, ElementwiseAffineOp(-1.0, 0.0, self._shape(n)), [a])
+        va, vb = self._var(a), self._var(b)
+        out_shape = self._shape(n)
+        if va and vb:
+            if self._shape(a) != out_shape or self._shape(b) != out_shape:
+                raise _Unsupported(f"{name} with broadcasting between input-dependent tensors")
+            if name in ("add", "iadd"):
+                return self._add(n, AddOp(), [a, b])
+            if name in ("sub", "isub"):
+                return self._add(n, SubOp(), [a, b])
+            raise _Unsupported(f"{name} of two input-dependent tensors (bilinear)")
+        x, c, x_first = (a, self._const(b), True) if va else (b, self._const(a), False)
+        if self._shape(x) != out_shape:
+            raise _Unsupported(f"{name} with a constant that broadcasts the input to a larger shape")
+        c = torch.as_tensor(c, dtype=torch.float32)
+        if c.dim() > len(out_shape):  # constant carries a batch dim of 1
+            c = c.reshape(c.shape[-len(out_shape):]) if c.shape[0] == 1 else None
+            if c is None:
+                raise _Unsupported(f"{name} with a batch-sized constant")
+        if name in ("add", "iadd"):
+            op = ElementwiseAffineOp(1.0, c, out_shape)
+        elif name in ("sub", "isub"):
+            op = ElementwiseAffineOp(1.0, -c, out_shape) if x_first else ElementwiseAffineOp(-1.0, c, out_shape)
+        elif name in ("mul", "imul"):
+            op = ElementwiseAffineOp(c, 0.0, out_shape)
+        else:
+            if not x_first:
+                raise _Unsupported("division of a constant by an input-dependent tensor")
+            op = ElementwiseAffineOp(1.0 / c, 0.0, out_shape)
+        return self._add(n, op, [x])
+
+    def _module(self, n, m: nn.Module):
+        x = n.args[0]
+        in_shape, out_shape = self._shape(x), self._shape(n)
+        t = n.target
+        if isinstance(m, nn.Linear):
+            return self._add(n, LinearOp(m.weight, m.bias), [x], t)
+        if isinstance(m, nn.Conv2d):
+            if m.padding_mode != "zeros" or tuple(m.dilation) != (1, 1) or isinstance(m.padding, str):
+                if isinstance(m.padding, str):
+                    pad = tuple((k - 1) // 2 for k in m.kernel_size) if m.padding == "same" else (0, 0)
+                    if m.padding == "same" and any(k % 2 == 0 for k in m.kernel_size):
+                        raise _Unsupported("Conv2d padding='same' with an even kernel")
+                else:
+                    raise _Unsupported("Conv2d with dilation or non-zero padding mode")
+            else:
+                pad = tuple(m.padding)
+            return self._add(n, ConvOp(m.weight, m.bias, m.stride, pad, m.groups, in_shape, out_shape), [x], t)
+        if isinstance(m, nn.ReLU):
+            return self._add(n, ReLUOp(out_shape), [x], t)
+        if isinstance(m, GraftedReLU):
+            return self._add(n, ReLUOp(out_shape, m.mask.reshape(out_shape) > 0.5, m.a.reshape(out_shape),
+                                       m.b.reshape(out_shape)), [x], t)
+        if isinstance(m, Normalize):
+            C = in_shape[0] if len(in_shape) >= 1 else 1
+            mean, std = m.mean, m.std
+            if mean.numel() > 1:
+                shp = (C,) + (1,) * (len(in_shape) - 1)
+                mean, std = mean.reshape(shp), std.reshape(shp)
+            return self._add(n, ElementwiseAffineOp(1.0 / std, -mean / std, out_shape), [x], t)
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            if m.training or m.running_mean is None:
+                raise _Unsupported("BatchNorm in training mode or without running statistics")
+            inv = 1.0 / torch.sqrt(m.running_var + m.eps)
+            w = m.weight if m.weight is not None else torch.ones_like(inv)
+            b = m.bias if m.bias is not None else torch.zeros_like(inv)
+            scale, shift = w * inv, b - m.running_mean * w * inv
+            shp = (in_shape[0],) + (1,) * (len(in_shape) - 1)
+            return self._add(n, ElementwiseAffineOp(scale.reshape(shp), shift.reshape(shp), out_shape), [x], t)
+        if isinstance(m, nn.AvgPool2d):
+            k = _pair(m.kernel_size)
+            s = _pair(m.stride if m.stride is not None else m.kernel_size)
+            p = _pair(m.padding)
+            if m.ceil_mode or (p != (0, 0) and not m.count_include_pad) or m.divisor_override:
+                raise _Unsupported("AvgPool2d with ceil_mode, divisor_override or count_include_pad=False")
+            C = in_shape[0]
+            w = torch.full((C, 1) + k, 1.0 / (k[0] * k[1]))
+            return self._add(n, ConvOp(w, None, s, p, C, in_shape, out_shape), [x], t)
+        if isinstance(m, nn.MaxPool2d):
+            k, s, p = _pair(m.kernel_size), _pair(m.stride if m.stride is not None else m.kernel_size), _pair(m.padding)
+            if p != (0, 0) or _pair(m.dilation) != (1, 1) or m.ceil_mode:
+                raise _Unsupported("MaxPool2d with padding, dilation or ceil_mode")
+            return self._add(n, MaxPoolOp(k, s, in_shape, out_shape), [x], t)
+        if isinstance(m, nn.Flatten):
+            if m.start_dim not in (1, -len(in_shape) - 1):
+                pass
+            if in_shape == out_shape:
+                return self._alias(n, x)
+            return self._add(n, ReshapeOp(in_shape, out_shape), [x], t)
+        if isinstance(m, (nn.ZeroPad2d, nn.ConstantPad2d)):
+            value = getattr(m, "value", 0.0)
+            return self._add(n, PadOp(m.padding, value, in_shape), [x], t)
+        if isinstance(m, (nn.Identity, nn.Dropout)):
+            return self._alias(n, x)
+        if hasattr(m, "interval_bounds"):
+            return self._add(n, OpaqueOp(m), [x], t)
+        raise _Unsupported(f"module {type(m).__name__} ('{t}')")
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _flat_args(n: fx.Node):
+    out = []
+
+    def visit(a):
+        if isinstance(a, fx.Node):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                visit(b)
+        elif isinstance(a, dict):
+            for b in a.values():
+                visit(b)
+
+    visit(n.args)
+    visit(n.kwargs)
+    return out
+
+
+def _target_name(n: fx.Node) -> str:
+    if n.op == "call_method":
+        return f"method {n.target}"
+    return f"function {getattr(n.target, '__name__', str(n.target))}"

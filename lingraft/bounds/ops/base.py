@@ -1,0 +1,66 @@
+"""Base class of the bound engine's operators.
+
+Conventions (B = batch, S = number of bound rows / specifications):
+  - a node's value for one sample has shape ``shape`` (without batch); bounds are pairs (lower, upper) of
+    [B, *shape] tensors;
+  - linear coefficient matrices ("A matrices") of the backward pass are [B, S, *shape]: row s of sample b maps
+    this node's value to the bound being computed;
+  - ``backward`` maps (lA, uA) at this node's output to (lA, uA) at each input and adds a bias [B, S].
+    ``lA`` bounds from below and ``uA`` from above; either may be None when that side is not needed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+Bounds = tuple[Tensor, Tensor]
+OptA = Optional[Tensor]
+
+
+def pos(t: Tensor) -> Tensor:
+    return t.clamp(min=0)
+
+
+def neg(t: Tensor) -> Tensor:
+    return t.clamp(max=0)
+
+
+def sum_trailing(t: Tensor) -> Tensor:
+    """[B, S, *shape] -> [B, S]."""
+    return t.reshape(t.shape[0], t.shape[1], -1).sum(-1)
+
+
+class BoundOp:
+    """One operator of the bound graph.
+
+    Subclasses set ``nonlinear`` (needs the bounds of its inputs in ``backward``) and implement ``forward``,
+    ``ibp`` and ``backward``.
+    """
+
+    nonlinear: bool = False
+    #: diagonal ops map a box onto a box exactly (elementwise affine, reshape, pad, permute)
+    diagonal: bool = False
+    #: ops that are linear maps of their single input
+    linear: bool = True
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def ibp(self, *bounds: Bounds) -> Bounds:
+        raise NotImplementedError
+
+    def backward(self, lA: OptA, uA: OptA, input_bounds: Sequence[Optional[Bounds]], **kw):
+        """Return (list of (lA_i, uA_i) per input, lbias [B,S] or 0, ubias [B,S] or 0)."""
+        raise NotImplementedError
+
+    def to(self, device) -> "BoundOp":
+        for k, v in list(vars(self).items()):
+            if isinstance(v, Tensor):
+                setattr(self, k, v.to(device))
+        return self
+
+    def describe(self) -> str:
+        return type(self).__name__

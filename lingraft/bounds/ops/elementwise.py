@@ -1,0 +1,75 @@
+"""Elementwise affine maps y = x * scale + shift (Normalize, eval BatchNorm, mul/div/add/sub by constants)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import BoundOp, sum_trailing
+
+
+class ElementwiseAffineOp(BoundOp):
+    """y = x * scale + shift, with ``scale`` and ``shift`` broadcastable to the per-sample shape.
+
+    x: [B, *shape] -> y: [B, *shape].  Diagonal: maps a box onto a box exactly.
+    """
+
+    diagonal = True
+
+    def __init__(self, scale: Tensor | float, shift: Tensor | float, shape):
+        shape = tuple(shape)
+        self.scale = torch.as_tensor(scale, dtype=torch.float32).detach().expand(shape).clone()
+        self.shift = torch.as_tensor(shift, dtype=torch.float32).detach().expand(shape).clone()
+
+    def forward(self, x):
+        return x * self.scale + self.shift
+
+    def ibp(self, b):
+        lo, up = b
+        c, r = (up + lo) / 2, (up - lo) / 2
+        yc = c * self.scale + self.shift
+        yr = r * self.scale.abs()
+        return yc - yr, yc + yr
+
+    def _back(self, A):
+        if A is None:
+            return None, 0
+        return A * self.scale, sum_trailing(A * self.shift)
+
+    def backward(self, lA, uA, input_bounds, **kw):
+        la, lb = self._back(lA)
+        ua, ub = self._back(uA)
+        return [(la, ua)], lb, ub
+
+    def compose(self, other: "ElementwiseAffineOp") -> "ElementwiseAffineOp":
+        """self after other."""
+        return ElementwiseAffineOp(other.scale * self.scale, other.shift * self.scale + self.shift, self.scale.shape)
+
+    def describe(self):
+        return "ElementwiseAffine"
+
+
+class AddOp(BoundOp):
+    """y = x1 + x2 (two variable inputs, e.g. a residual connection). Shapes equal: [B, *shape]."""
+
+    def forward(self, a, b):
+        return a + b
+
+    def ibp(self, b1, b2):
+        return b1[0] + b2[0], b1[1] + b2[1]
+
+    def backward(self, lA, uA, input_bounds, **kw):
+        return [(lA, uA), (lA, uA)], 0, 0
+
+
+class SubOp(BoundOp):
+    """y = x1 - x2 (two variable inputs)."""
+
+    def forward(self, a, b):
+        return a - b
+
+    def ibp(self, b1, b2):
+        return b1[0] - b2[1], b1[1] - b2[0]
+
+    def backward(self, lA, uA, input_bounds, **kw):
+        return [(lA, uA), (None if uA is None else -uA, None if lA is None else -lA)], 0, 0

@@ -1,0 +1,126 @@
+"""Affine operators with a weight matrix: Linear (on the last dimension) and Conv2d."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import BoundOp, sum_trailing
+
+
+class LinearOp(BoundOp):
+    """y = x @ W^T + b on the last dimension.  x: [B, *lead, n_in] -> y: [B, *lead, n_out]."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None):
+        self.weight = weight.detach()  # [n_out, n_in]
+        self.bias = None if bias is None else bias.detach()
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def ibp(self, b):
+        lo, up = b
+        c, r = (up + lo) / 2, (up - lo) / 2
+        yc = F.linear(c, self.weight, self.bias)
+        yr = F.linear(r, self.weight.abs())
+        return yc - yr, yc + yr
+
+    def _back(self, A):
+        if A is None:
+            return None, 0
+        Ax = A.matmul(self.weight)
+        bias = 0 if self.bias is None else sum_trailing(A * self.bias)
+        return Ax, bias
+
+    def backward(self, lA, uA, input_bounds, **kw):
+        la, lb = self._back(lA)
+        ua, ub = self._back(uA)
+        return [(la, ua)], lb, ub
+
+    def identity_backward(self, rows: Tensor, batch: int, out_shape):
+        """A at the input for the unit rows ``rows`` (flat indices into the output) without materialising
+        the identity: returns ([B, R, *in_shape], bias [B, R])."""
+        if len(out_shape) != 1:
+            return None
+        A = self.weight[rows].unsqueeze(0).expand(batch, -1, -1)
+        bias = torch.zeros(batch, len(rows), dtype=A.dtype, device=A.device) if self.bias is None \
+            else self.bias[rows].unsqueeze(0).expand(batch, -1)
+        return A, bias
+
+    def describe(self):
+        return f"Linear({self.weight.shape[1]}->{self.weight.shape[0]})"
+
+
+class ConvOp(BoundOp):
+    """2-D convolution.  x: [B, C_in, H, W] -> y: [B, C_out, H_out, W_out]."""
+
+    def __init__(self, weight, bias, stride, padding, groups, in_shape, out_shape):
+        self.weight = weight.detach()
+        self.bias = None if bias is None else bias.detach()
+        self.stride = tuple(stride)
+        self.padding = tuple(padding)
+        self.groups = int(groups)
+        self.in_shape = tuple(in_shape)
+        self.out_shape = tuple(out_shape)
+        k = self.weight.shape[2:]
+        # output_padding recovers the exact input size in the transposed convolution
+        self.output_padding = tuple(
+            self.in_shape[1 + i] - ((self.out_shape[1 + i] - 1) * self.stride[i] - 2 * self.padding[i] + k[i])
+            for i in range(2)
+        )
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+
+    def ibp(self, b):
+        lo, up = b
+        c, r = (up + lo) / 2, (up - lo) / 2
+        yc = F.conv2d(c, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+        yr = F.conv2d(r, self.weight.abs(), None, self.stride, self.padding, 1, self.groups)
+        return yc - yr, yc + yr
+
+    def _back(self, A):
+        if A is None:
+            return None, 0
+        B, S = A.shape[:2]
+        Af = A.reshape(B * S, *self.out_shape)
+        Ax = F.conv_transpose2d(Af, self.weight, None, self.stride, self.padding, self.output_padding, self.groups)
+        Ax = Ax.reshape(B, S, *self.in_shape)
+        bias = 0 if self.bias is None else (A.sum((3, 4)) * self.bias).sum(-1)
+        return Ax, bias
+
+    def backward(self, lA, uA, input_bounds, **kw):
+        la, lb = self._back(lA)
+        ua, ub = self._back(uA)
+        return [(la, ua)], lb, ub
+
+    def identity_backward(self, rows: Tensor, batch: int, out_shape):
+        """Place each selected output neuron's kernel in the input plane directly (no transposed conv of a
+        one-hot tensor): returns ([B, R, *in_shape], bias [B, R])."""
+        if self.groups != 1:
+            return None
+        C_out, H_out, W_out = self.out_shape
+        C_in, H_in, W_in = self.in_shape
+        kh, kw = self.weight.shape[2:]
+        sh, sw = self.stride
+        ph, pw = self.padding
+        R = rows.numel()
+        c = rows // (H_out * W_out)
+        i = (rows // W_out) % H_out
+        j = rows % W_out
+        Hp, Wp = H_in + 2 * ph + kh, W_in + 2 * pw + kw
+        A = torch.zeros(R, C_in, Hp, Wp, dtype=self.weight.dtype, device=self.weight.device)
+        ridx = torch.arange(R, device=rows.device)
+        # scatter the kernel of row r at padded offset (i*sh, j*sw); loop over the kernel taps (kh*kw small)
+        for di in range(kh):
+            for dj in range(kw):
+                A[ridx, :, i * sh + di, j * sw + dj] = self.weight[c, :, di, dj]
+        A = A[:, :, ph:ph + H_in, pw:pw + W_in]
+        A = A.unsqueeze(0).expand(batch, -1, -1, -1, -1)
+        bias = torch.zeros(batch, R, dtype=A.dtype, device=A.device) if self.bias is None \
+            else self.bias[c].unsqueeze(0).expand(batch, -1)
+        return A, bias
+
+    def describe(self):
+        return f"Conv2d({self.weight.shape[1] * self.groups}->{self.weight.shape[0]}, k={tuple(self.weight.shape[2:])}, s={self.stride}, p={self.padding})"

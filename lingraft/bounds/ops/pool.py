@@ -1,0 +1,78 @@
+"""Pooling: average pooling is a grouped convolution (see graph building); max pooling is relaxed here."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import BoundOp, pos, neg, sum_trailing
+
+
+class MaxPoolOp(BoundOp):
+    """2-D max pooling (no padding, dilation 1).  x: [B, C, H, W] -> [B, C, H_out, W_out].
+
+    Relaxation per window: lower bound out >= x_j* with j* the input of largest lower bound; upper bound
+    out <= max_j u_j, or out = x_j* exactly when x_j*'s lower bound dominates every other upper bound.
+    """
+
+    nonlinear = True
+    linear = False
+
+    def __init__(self, kernel, stride, in_shape, out_shape):
+        self.k = tuple(kernel)
+        self.s = tuple(stride)
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+
+    def forward(self, x):
+        return F.max_pool2d(x, self.k, self.s)
+
+    def ibp(self, b):
+        return F.max_pool2d(b[0], self.k, self.s), F.max_pool2d(b[1], self.k, self.s)
+
+    def _windows(self, t):
+        """[B, C, H, W] -> [B, C, K, L] values of each window."""
+        B, C = t.shape[:2]
+        return F.unfold(t, self.k, stride=self.s).reshape(B, C, self.k[0] * self.k[1], -1)
+
+    def backward(self, lA, uA, input_bounds, **kw):
+        lo, up = input_bounds[0]
+        B, C, H, W = lo.shape
+        Ho, Wo = self.out_shape[1:]
+        kh, kw = self.k
+        lw, uw = self._windows(lo), self._windows(up)                     # [B, C, K, L]
+        lmax, jstar = lw.max(2)                                            # [B, C, L]
+        umax = uw.max(2).values
+        # exact when the best lower bound is at least every other input's upper bound
+        u_others = uw.scatter(2, jstar.unsqueeze(2), float("-inf")).max(2).values
+        exact = lmax >= u_others
+        L = torch.arange(Ho * Wo, device=lo.device)
+        row = (L // Wo) * self.s[0] + jstar // kw
+        col = (L % Wo) * self.s[1] + jstar % kw
+        flat = (row * W + col)                                             # [B, C, L] input index of x_j*
+        umax = umax.reshape(B, C, Ho, Wo)
+        exact = exact.reshape(B, C, Ho, Wo)
+
+        def to_input(coef):  # coef [B, S, C, Ho, Wo] on x_j* -> [B, S, C, H, W]
+            S = coef.shape[1]
+            out = torch.zeros(B, S, C, H * W, dtype=coef.dtype, device=coef.device)
+            idx = flat.unsqueeze(1).expand(B, S, C, Ho * Wo)
+            out.scatter_add_(3, idx, coef.reshape(B, S, C, Ho * Wo))
+            return out.reshape(B, S, C, H, W)
+
+        la = ua = None
+        lb = ub = 0
+        if lA is not None:
+            Ap, An = pos(lA), neg(lA)
+            # negative coefficients need the upper relaxation: x_j* when exact, else the constant umax
+            coef = Ap + torch.where(exact.unsqueeze(1), An, torch.zeros_like(An))
+            la = to_input(coef)
+            lb = sum_trailing(torch.where(exact.unsqueeze(1), torch.zeros_like(An), An * umax.unsqueeze(1)))
+        if uA is not None:
+            Ap, An = pos(uA), neg(uA)
+            coef = An + torch.where(exact.unsqueeze(1), Ap, torch.zeros_like(Ap))
+            ua = to_input(coef)
+            ub = sum_trailing(torch.where(exact.unsqueeze(1), torch.zeros_like(Ap), Ap * umax.unsqueeze(1)))
+        return [(la, ua)], lb, ub
+
+    def describe(self):
+        return f"MaxPool2d(k={self.k}, s={self.s})"

@@ -1,0 +1,109 @@
+"""Operators that only move values: reshape/flatten, permute, constant padding, concatenation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import BoundOp, sum_trailing
+
+
+class ReshapeOp(BoundOp):
+    """Reshape the per-sample value: [B, *in_shape] -> [B, *out_shape] (flatten, view, squeeze, ...)."""
+
+    diagonal = True
+
+    def __init__(self, in_shape, out_shape):
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+
+    def forward(self, x):
+        return x.reshape(x.shape[0], *self.out_shape)
+
+    def ibp(self, b):
+        return self.forward(b[0]), self.forward(b[1])
+
+    def backward(self, lA, uA, input_bounds, **kw):
+        f = (lambda A: None if A is None else A.reshape(A.shape[0], A.shape[1], *self.in_shape))
+        return [(f(lA), f(uA))], 0, 0
+
+    def describe(self):
+        return f"Reshape({self.in_shape}->{self.out_shape})"
+
+
+class PermuteOp(BoundOp):
+    """Permute per-sample dims: dims is a permutation of range(len(shape)) (batch excluded)."""
+
+    diagonal = True
+
+    def __init__(self, dims):
+        self.dims = tuple(int(d) for d in dims)
+        self.inv = tuple(sorted(range(len(self.dims)), key=lambda i: self.dims[i]))
+
+    def forward(self, x):
+        return x.permute(0, *[d + 1 for d in self.dims])
+
+    def ibp(self, b):
+        return self.forward(b[0]), self.forward(b[1])
+
+    def backward(self, lA, uA, input_bounds, **kw):
+        f = (lambda A: None if A is None else A.permute(0, 1, *[d + 2 for d in self.inv]))
+        return [(f(lA), f(uA))], 0, 0
+
+
+class PadOp(BoundOp):
+    """Constant padding of the last dims. pads as in F.pad: (left, right, top, bottom, ...)."""
+
+    diagonal = True
+
+    def __init__(self, pads, value: float, in_shape):
+        self.pads = tuple(int(p) for p in pads)
+        self.value = float(value)
+        self.in_shape = tuple(in_shape)
+
+    def forward(self, x):
+        return F.pad(x, self.pads, value=self.value)
+
+    def ibp(self, b):
+        return self.forward(b[0]), self.forward(b[1])
+
+    def _back(self, A):
+        if A is None:
+            return None, 0
+        sl = [slice(None)] * A.dim()
+        nd = len(self.pads) // 2
+        for k in range(nd):
+            lo, hi = self.pads[2 * k], self.pads[2 * k + 1]
+            dim = A.dim() - 1 - k
+            size = A.shape[dim]
+            sl[dim] = slice(lo, size - hi)
+        if any(p < 0 for p in self.pads):
+            raise NotImplementedError("negative padding (cropping) is not supported")
+        inner = A[tuple(sl)]
+        bias = 0
+        if self.value != 0.0:
+            bias = (sum_trailing(A) - sum_trailing(inner)) * self.value
+        return inner, bias
+
+    def backward(self, lA, uA, input_bounds, **kw):
+        la, lb = self._back(lA)
+        ua, ub = self._back(uA)
+        return [(la, ua)], lb, ub
+
+
+class CatOp(BoundOp):
+    """Concatenate inputs along per-sample dim ``dim`` (0-based, batch excluded)."""
+
+    def __init__(self, dim: int, sizes):
+        self.dim = int(dim)
+        self.sizes = [int(s) for s in sizes]
+
+    def forward(self, *xs):
+        return torch.cat(xs, dim=self.dim + 1)
+
+    def ibp(self, *bs):
+        return torch.cat([b[0] for b in bs], self.dim + 1), torch.cat([b[1] for b in bs], self.dim + 1)
+
+    def backward(self, lA, uA, input_bounds, **kw):
+        ls = [None] * len(self.sizes) if lA is None else torch.split(lA, self.sizes, dim=self.dim + 2)
+        us = [None] * len(self.sizes) if uA is None else torch.split(uA, self.sizes, dim=self.dim + 2)
+        return list(zip(ls, us)), 0, 0

@@ -1,0 +1,205 @@
+"""lingraft checkpoints: a torch.save'd dict, always read back with ``weights_only=True``.
+
+Format (``format_version`` 1)::
+
+    {"format": "lingraft-checkpoint", "format_version": 1,
+     "arch": "cnn-b", "arch_kwargs": {"in_shape": [1, 28, 28], "num_classes": 10, "mean": [..], "std": [..]},
+     "dataset": "mnist", "state_dict": {...},
+     "grafted": {"3": [32, 14, 14], ...},          # module name -> GraftedReLU shape
+     "meta": {...JSON-able: config, metrics, command line...}}
+
+Next to ``model.pt`` a sidecar ``model.json`` holds everything except the weights, plus the lingraft version and
+the sha256 of the ``.pt`` file, so a checkpoint can be inspected (and verified) without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import LingraftError, UsageError
+from .io import _json_default, atomic_write, atomic_write_json
+from .layers import GraftedReLU
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "replace_module", "sidecar_path",
+           "grafted_modules"]
+
+FORMAT = "lingraft-checkpoint"
+FORMAT_VERSION = 1
+
+
+def sidecar_path(path) -> Path:
+    """The JSON sidecar of checkpoint ``path`` (``model.pt`` -> ``model.json``)."""
+    return Path(path).with_suffix(".json")
+
+
+def grafted_modules(model: nn.Module) -> dict[str, list[int]]:
+    """{module name: shape} of every :class:`GraftedReLU` inside ``model``."""
+    return {name: [int(s) for s in m.shape] for name, m in model.named_modules() if isinstance(m, GraftedReLU)}
+
+
+def _plain(obj):
+    """JSON round trip: tuples -> lists, tensors/numpy -> lists; raises TypeError on anything else."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
+def save_checkpoint(path, model: nn.Module, *, arch: str, arch_kwargs: dict, dataset: str, meta: dict) -> None:
+    """Write ``model`` to ``path`` atomically, plus the JSON sidecar (see module docstring).
+
+    ``arch_kwargs`` must rebuild the un-grafted network with ``lingraft.models.create_model(arch, **arch_kwargs)``;
+    grafted layers are recorded from the model itself.
+    """
+    path = Path(path)
+    if path.suffix == ".json":
+        raise UsageError(f"checkpoint path {path} ends in .json, which is the sidecar's name; use e.g. .pt")
+    try:
+        arch_kwargs = _plain(dict(arch_kwargs))
+        meta = _plain(dict(meta or {}))
+    except TypeError as e:
+        raise UsageError(f"checkpoint arch_kwargs/meta must be JSON-serializable ({e})") from None
+    ckpt = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": str(arch),
+        "arch_kwargs": arch_kwargs,
+        "dataset": str(dataset),
+        # clone: a view into a larger storage would otherwise save the whole storage
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "grafted": grafted_modules(model),
+        "meta": meta,
+    }
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+    side = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    side["lingraft_version"] = __version__
+    side["checkpoint_file"] = path.name
+    side["sha256"] = _sha256(path)
+    atomic_write_json(sidecar_path(path), side)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
+    """Replace the submodule called ``name`` (as in ``named_modules``: "3", "block1.relu1") by ``new_module``."""
+    parent_name, _, child = name.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name) if parent_name else model
+    except AttributeError:
+        raise LingraftError(f"model has no submodule {parent_name!r} (needed to replace {name!r})") from None
+    if not child or child not in parent._modules:
+        raise LingraftError(f"model has no submodule {name!r} to replace")
+    setattr(parent, child, new_module)
+
+
+def _torch_load(path: Path, map_location):
+    """torch.load with weights_only=True, mapping every failure to one clear line."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise LingraftError(f"checkpoint {path} not found; check the path or train one with 'lingraft train'") from None
+    except OSError as e:
+        raise LingraftError(f"cannot read checkpoint {path} ({e.strerror}); check its permissions") from None
+    if path.is_dir():
+        raise LingraftError(f"checkpoint {path} is a directory; pass the .pt file")
+    if size == 0:
+        raise LingraftError(f"checkpoint {path} is empty (0 bytes; an interrupted copy?); re-create or re-copy it")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    is_zip = head[:2] == b"PK"
+    if not is_zip and head[:1] != b"\x80":  # neither torch's zip format nor a (legacy) pickle stream
+        raise LingraftError(f"checkpoint {path} is not a PyTorch file; pass a .pt written by 'lingraft train'")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": we report failures ourselves
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "Weights only load failed" in msg or "Unsupported" in msg or "global" in msg.lower():
+            raise LingraftError(
+                f"checkpoint {path} contains pickled objects or code that safe loading (weights_only) refuses; "
+                "lingraft never runs code from a checkpoint: re-save the weights with lingraft.checkpoint."
+                "save_checkpoint") from None
+        raise LingraftError(f"checkpoint {path} is not a PyTorch file or is corrupted; re-create or re-copy it") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as e:
+        if is_zip or isinstance(e, EOFError):
+            raise LingraftError(f"checkpoint {path} is truncated or corrupted ({type(e).__name__}); "
+                                "re-create or re-copy it") from None
+        raise LingraftError(f"checkpoint {path} is not a PyTorch file; pass a .pt written by 'lingraft train'") from None
+
+
+def load_checkpoint(path, map_location="cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model saved by :func:`save_checkpoint`.
+
+    Returns (model in eval mode, the checkpoint dict without ``state_dict``). Never executes pickled code.
+    """
+    path = Path(os.fspath(path))
+    ckpt = _torch_load(path, map_location)
+    if not isinstance(ckpt, dict):
+        raise LingraftError(f"{path} holds a {type(ckpt).__name__}, not a lingraft checkpoint; "
+                            "re-save the model with lingraft.checkpoint.save_checkpoint")
+    if ckpt.get("format") != FORMAT:
+        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            first = next(iter(ckpt))
+            raise LingraftError(
+                f"{path} is a bare state_dict ({len(ckpt)} tensors, e.g. {first!r}), not a lingraft checkpoint; "
+                "load it into create_model(ARCH, ...) and save with lingraft.checkpoint.save_checkpoint, "
+                "or export the network to ONNX")
+        raise LingraftError(f"{path} is not a lingraft checkpoint (no format '{FORMAT}'; keys: "
+                            f"{', '.join(map(str, list(ckpt)[:5]))}); pass a .pt written by 'lingraft train'")
+    version = ckpt.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise LingraftError(f"{path} has checkpoint format version {version!r}, newer than this lingraft supports "
+                            f"({FORMAT_VERSION}); upgrade lingraft")
+    for key in ("arch", "arch_kwargs", "state_dict"):
+        if key not in ckpt:
+            raise LingraftError(f"{path} lacks the '{key}' entry; the checkpoint is damaged, re-create it")
+
+    from .models import create_model, list_models
+
+    arch = ckpt["arch"]
+    if arch not in list_models():
+        raise LingraftError(f"{path} was saved from architecture {arch!r}, which this lingraft does not know "
+                            f"(available: {', '.join(list_models())}); use the lingraft version that wrote it")
+    try:
+        model = create_model(arch, **ckpt["arch_kwargs"])
+    except (TypeError, ValueError, LingraftError) as e:
+        raise LingraftError(f"{path}: cannot build {arch!r} from its arch_kwargs ({e}); the checkpoint is damaged") from None
+    for name, shape in (ckpt.get("grafted") or {}).items():
+        replace_module(model, name, GraftedReLU(shape))
+
+    state = ckpt["state_dict"]
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}" + (" ..." if len(unexpected) > 3 else ""))
+        raise LingraftError(f"{path}: weights do not match architecture {arch!r} ({'; '.join(parts)}); "
+                            "the checkpoint is damaged or was edited")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise LingraftError(f"{path}: weight {k!r} has shape {list(state[k].shape)} but {arch!r} needs "
+                                f"{list(v.shape)}; the checkpoint is damaged or was edited")
+    model.load_state_dict(state, strict=True)
+    if isinstance(map_location, (str, torch.device)):
+        model.to(map_location)  # buffers created by the constructor (e.g. GraftedReLU masks) follow too
+    model.eval()
+    info = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    return model, info

@@ -1,0 +1,525 @@
+"""Resumable grid sweeps: models x methods x ratios x eps, one JSON line per finished job.
+
+A sweep file (YAML)::
+
+    models: [fc-8x200, ckpt/cnn_b_lg.pt]     # zoo names or checkpoint paths (relative to this file)
+    methods: [ibp, crown]
+    ratios: [0.0, 0.5]                        # optional, default [0.0]
+    eps: [0.01, 2/255]                        # numbers or "a/b" fractions
+    results: results.jsonl                    # optional, relative to this file
+    options: {batch-size: 64}                 # optional, passed to every job as job["options"]
+
+Each job is ``{"model", "method", "ratio", "eps", "options"}`` plus a ``job_id``: the hash of those
+parameters with the model written as in the file, so moving the folder or changing the working directory
+keeps resume working. :func:`run_sweep` appends ``{"job_id", "job", "status", "result", "error",
+"elapsed_s", "finished_at"}`` per job and skips jobs already in the results file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import datetime as _dt
+import json
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from lingraft.config import config_hash, load_config, normalize_keys, validate_keys
+from lingraft.errors import LingraftError, UsageError
+from lingraft.io import append_jsonl
+
+__all__ = [
+    "SweepSpec",
+    "SWEEP_KEYS",
+    "load_sweep",
+    "expand_jobs",
+    "job_id",
+    "run_sweep",
+    "read_results",
+    "latest_records",
+    "summarize",
+    "format_table",
+]
+
+SWEEP_KEYS = {"models", "eps", "methods", "ratios", "results", "options"}
+# A model entry with one of these suffixes or a path separator is a file, otherwise a zoo name.
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".onnx", ".ckpt", ".bin", ".safetensors", ".tar")
+
+
+@dataclass
+class SweepSpec:
+    """A parameter grid. ``base_dir``: folder that relative checkpoint paths resolve against (None: cwd)."""
+
+    models: list[str]
+    eps: list[float]
+    methods: list[str]
+    ratios: list[float] = field(default_factory=lambda: [0.0])
+    extra: dict = field(default_factory=dict)
+    results: str = "results.jsonl"
+    base_dir: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def _as_list(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _parse_number(value: Any, key: str, where: str) -> float:
+    """A finite float from a YAML number or an ``"a/b"`` fraction string."""
+    if isinstance(value, bool):
+        raise UsageError(f"'{key}' in {where} has {value!r}; give numbers like 0.01 or 2/255")
+    if isinstance(value, (int, float)):
+        x = float(value)
+    elif isinstance(value, str):
+        try:
+            x = float(Fraction(value.replace(" ", "")))
+        except (ValueError, ZeroDivisionError):
+            raise UsageError(f"'{key}' in {where} has {value!r}, not a number; give numbers like 0.01 or 2/255") from None
+    else:
+        raise UsageError(f"'{key}' in {where} has {value!r}, not a number; give numbers like 0.01 or 2/255")
+    if not math.isfinite(x):
+        raise UsageError(f"'{key}' in {where} has {value!r}; give a finite number")
+    return x + 0.0  # -0.0 -> 0.0
+
+
+def _string_list(value: Any, key: str, where: str) -> list[str]:
+    items = _as_list(value)
+    for v in items:
+        if not isinstance(v, str) or not v.strip():
+            raise UsageError(f"'{key}' in {where} has {v!r}; each entry must be a non-empty name in quotes if needed")
+    return [v.strip() for v in items]
+
+
+def _check_nonempty_unique(items: list, key: str, where: str) -> None:
+    if not items:
+        raise UsageError(f"'{key}' in {where} is empty; list at least one value")
+    seen = set()
+    for v in items:
+        if v in seen:
+            raise UsageError(f"'{key}' in {where} lists {v!r} twice; remove the duplicate")
+        seen.add(v)
+
+
+def _check_json_value(value: Any, path: str, where: str) -> Any:
+    """Options must survive a JSON round trip (they go into job ids and the results file)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise UsageError(f"option '{path}' in {where} is {value!r}; give a finite number")
+        return value + 0.0
+    if isinstance(value, list):
+        return [_check_json_value(v, f"{path}[{i}]", where) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise UsageError(f"option key {k!r} under '{path}' in {where} must be a name")
+            out[k] = _check_json_value(v, f"{path}.{k}", where)
+        return out
+    raise UsageError(
+        f"option '{path}' in {where} is a {type(value).__name__} ({value!r}); quote it to make it a string"
+    )
+
+
+def load_sweep(
+    path: str | os.PathLike,
+    *,
+    allowed_methods: Iterable[str] | None = None,
+    allowed_options: Iterable[str] | None = None,
+) -> SweepSpec:
+    """Read and validate a sweep YAML file (see module docstring).
+
+    ``allowed_methods`` / ``allowed_options``: when given, unknown entries fail with a did-you-mean.
+    Relative checkpoint paths and ``results`` are resolved against the sweep file's folder.
+    Raises LingraftError (exit 1) for file problems, UsageError (exit 2) for bad keys/values.
+    """
+    p = Path(path)
+    where = str(p)
+    cfg = load_config(p)
+    validate_keys(cfg, SWEEP_KEYS, where)
+    cfg = normalize_keys(cfg, where)
+    for key in ("models", "eps", "methods"):
+        if key not in cfg or cfg[key] is None:
+            raise UsageError(f"{where} has no '{key}' list; add e.g. '{key}: [...]'")
+
+    models = _string_list(cfg["models"], "models", where)
+    methods = _string_list(cfg["methods"], "methods", where)
+    eps = [_parse_number(v, "eps", where) for v in _as_list(cfg["eps"])]
+    ratios_raw = cfg.get("ratios")
+    ratios = [0.0] if ratios_raw is None else [_parse_number(v, "ratios", where) for v in _as_list(ratios_raw)]
+    for key, items in (("models", models), ("methods", methods), ("eps", eps), ("ratios", ratios)):
+        _check_nonempty_unique(items, key, where)
+    for e in eps:
+        if e < 0:
+            raise UsageError(f"'eps' in {where} has {e}; perturbation radii must be >= 0")
+    for r in ratios:
+        if not 0.0 <= r <= 1.0:
+            raise UsageError(f"'ratios' in {where} has {r}; grafting ratios must be in [0, 1]")
+    if allowed_methods is not None:
+        allowed = set(allowed_methods)
+        for m in methods:
+            if m not in allowed:
+                close = difflib.get_close_matches(m, sorted(allowed), n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(sorted(allowed))}"
+                raise UsageError(f"unknown method '{m}' in {where} ({hint})")
+
+    options_raw = cfg.get("options") or {}
+    if not isinstance(options_raw, dict):
+        raise UsageError(f"'options' in {where} must be a mapping like 'options: {{batch-size: 64}}'")
+    if allowed_options is not None:
+        validate_keys(options_raw, set(allowed_options), f"{where} options")
+    options = _check_json_value(normalize_keys(options_raw, f"{where} options"), "options", where)
+
+    results = cfg.get("results", "results.jsonl")
+    if not isinstance(results, str) or not results.strip():
+        raise UsageError(f"'results' in {where} must be a file name like results.jsonl")
+    base_dir = p.resolve().parent
+    results_path = Path(os.path.expanduser(results))
+    if not results_path.is_absolute():
+        results_path = base_dir / results_path
+    return SweepSpec(models=models, eps=eps, methods=methods, ratios=ratios, extra=options,
+                     results=str(results_path), base_dir=str(base_dir))
+
+
+# --------------------------------------------------------------------------------------------- expanding
+
+def _looks_like_path(model: str) -> bool:
+    return ("/" in model or os.sep in model or model.startswith(("~", "."))
+            or model.lower().endswith(_CHECKPOINT_SUFFIXES))
+
+
+def _resolve_model(model: str, base_dir: str | None) -> str:
+    if not _looks_like_path(model):
+        return model  # a zoo name
+    expanded = os.path.expanduser(model)
+    if base_dir is None or os.path.isabs(expanded):
+        return expanded
+    return str(Path(base_dir) / expanded)
+
+
+def job_id(params: dict) -> str:
+    """Stable id of a job's parameters (model as written in the sweep file)."""
+    return config_hash(params)
+
+
+def expand_jobs(spec: SweepSpec) -> list[dict]:
+    """The grid in a deterministic order: models (outermost) x methods x ratios x eps (innermost).
+
+    Model-major order lets a job function cache the loaded network between consecutive jobs.
+    Returns dicts ``{"job_id", "model", "method", "ratio", "eps", "options"}``; ``model`` is resolved
+    against ``spec.base_dir`` while ``job_id`` hashes it as written. Duplicate grid points are dropped.
+    """
+    jobs: list[dict] = []
+    seen: set[str] = set()
+    for model in spec.models:
+        resolved = _resolve_model(model, spec.base_dir)
+        for method in spec.methods:
+            for ratio in spec.ratios:
+                for eps in spec.eps:
+                    params = {"model": model, "method": method, "ratio": float(ratio), "eps": float(eps),
+                              "options": dict(spec.extra)}
+                    jid = job_id(params)
+                    if jid in seen:
+                        continue
+                    seen.add(jid)
+                    jobs.append({"job_id": jid, **params, "model": resolved})
+    return jobs
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+def _repair_tail(path: Path, log: Callable[[str], Any]) -> None:
+    """Make ``path`` end on a complete JSON line so that appending cannot glue onto a torn line.
+
+    A crash mid-append can leave a partial last line; it is dropped (that job reruns). A complete last
+    line that only lacks its newline gets one.
+    """
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if not data:
+        return
+    stripped = data.rstrip(b"\r\n \t")
+    start = stripped.rfind(b"\n") + 1
+    last = stripped[start:]
+    if not last:
+        return
+    try:
+        json.loads(last.decode("utf-8"))
+        ok = True
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        ok = False
+    if ok:
+        if not data.endswith(b"\n"):
+            with open(path, "ab") as f:
+                f.write(b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+        return
+    log(f"dropping a torn last line from {path} (an interrupted write); that job will rerun")
+    # Truncate in place (one syscall, keeps the inode that _exclusive holds the lock on).
+    os.truncate(path, start)
+
+
+def read_results(path: str | os.PathLike) -> list[dict]:
+    """All records of a results file in file order, tolerating a torn last line.
+
+    Raises LingraftError naming the line when a line other than the last is not valid JSON.
+    """
+    p = Path(path)
+    if not p.exists():
+        return []
+    if p.is_dir():
+        raise LingraftError(f"results path {p} is a directory; give a .jsonl file")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise LingraftError(f"results file {p} is not UTF-8 JSON lines; move it away or pick another file") from None
+    last_nonempty = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == last_nonempty:
+                break  # torn by an interrupted append
+            raise LingraftError(f"results file {p} line {i + 1} is not valid JSON; delete that line and rerun") from None
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def latest_records(records: Iterable[dict]) -> dict[str, dict]:
+    """``{job_id: record}`` keeping the last record per job (a retried error is superseded)."""
+    out: dict[str, dict] = {}
+    for rec in records:
+        jid = rec.get("job_id")
+        if isinstance(jid, str):
+            out[jid] = rec
+    return out
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _short_job(job: dict) -> str:
+    return f"model={job['model']} method={job['method']} ratio={job['ratio']:g} eps={job['eps']:g}"
+
+
+# --------------------------------------------------------------------------------------- signal handling
+
+class _InterruptGuard:
+    """While active, SIGINT and SIGTERM raise KeyboardInterrupt, except inside :meth:`critical`, where the
+    signal is remembered and raised right after the block, so a results line is never half-written."""
+
+    def __init__(self) -> None:
+        self._in_critical = False
+        self._pending = False
+        self._saved: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self._in_critical:
+            self._pending = True
+            return
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    def __enter__(self) -> "_InterruptGuard":
+        # signal.signal only works in the main thread; elsewhere run unguarded (Ctrl-C goes to main anyway).
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old = signal.getsignal(sig)
+                if old is signal.SIG_IGN:
+                    continue  # deliberately ignored by the parent (e.g. a background job): keep it so
+                self._saved[sig] = old
+                signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._saved.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self._saved.clear()
+
+    @contextlib.contextmanager
+    def critical(self) -> Iterator[None]:
+        self._in_critical = True
+        try:
+            yield
+        finally:
+            self._in_critical = False
+        if self._pending:
+            self._pending = False
+            raise KeyboardInterrupt("signal during results write")
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Refuse to run two sweeps appending to the same results file at once (POSIX advisory lock)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no locking
+        yield
+        return
+    with open(path, "a", encoding="utf-8") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise LingraftError(
+                f"another sweep is writing {path}; wait for it to finish or set a different results file"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+def run_sweep(
+    spec: SweepSpec,
+    job_fn: Callable[[dict], dict],
+    *,
+    results_path: str | os.PathLike | None = None,
+    log: Callable[[str], Any] = print,
+    retry_errors: bool = False,
+) -> list[dict]:
+    """Run every job of ``spec`` not yet in the results file, appending one JSON line per finished job.
+
+    ``job_fn(job) -> dict`` gets a copy of a job from :func:`expand_jobs` (``job_id`` included) and
+    returns a JSON-serializable dict. An exception from ``job_fn`` is recorded with
+    ``status: "error"`` and the sweep goes on; reruns skip such jobs unless ``retry_errors``.
+    SIGINT/SIGTERM/KeyboardInterrupt stop the sweep (a write in progress completes first) and the
+    KeyboardInterrupt is re-raised, so the CLI can exit 130; rerunning resumes where it stopped.
+    Returns the latest record of every job of the spec, in job order.
+    """
+    path = Path(results_path if results_path is not None else spec.results)
+    if path.is_dir():
+        raise LingraftError(f"results path {path} is a directory; give a .jsonl file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    jobs = expand_jobs(spec)
+
+    with _exclusive(path):
+        _repair_tail(path, log)
+        latest = latest_records(read_results(path))
+
+        def is_done(jid: str) -> bool:
+            rec = latest.get(jid)
+            return rec is not None and (rec.get("status") != "error" or not retry_errors)
+
+        todo = [j for j in jobs if not is_done(j["job_id"])]
+        if len(todo) < len(jobs):
+            log(f"resuming {path}: {len(jobs) - len(todo)} of {len(jobs)} jobs already done")
+        n_done = len(jobs) - len(todo)
+        try:
+            with _InterruptGuard() as guard:
+                for k, job in enumerate(todo, 1):
+                    t0 = time.perf_counter()
+                    try:
+                        result = job_fn(dict(job, options=dict(job["options"])))
+                        if not isinstance(result, dict):
+                            raise TypeError(f"job function returned {type(result).__name__}, expected a dict")
+                        json.dumps(result, allow_nan=True, default=_json_default)  # fail here, not mid-write
+                        status, error = "ok", None
+                    except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
+                        status, error, result = "error", f"{type(e).__name__}: {' '.join(str(e).split())}", None
+                    record = {
+                        "job_id": job["job_id"],
+                        "job": {k2: v for k2, v in job.items() if k2 != "job_id"},
+                        "status": status,
+                        "result": result,
+                        "error": error,
+                        "elapsed_s": round(time.perf_counter() - t0, 4),
+                        "finished_at": _now(),
+                    }
+                    with guard.critical():
+                        append_jsonl(path, record)
+                        latest[job["job_id"]] = record
+                        n_done += 1
+                    msg = f"[{n_done}/{len(jobs)}] {_short_job(job)}: {status} ({record['elapsed_s']:.2f}s)"
+                    log(msg if error is None else f"{msg} {error}")
+        except KeyboardInterrupt:
+            log(f"interrupted: {n_done} of {len(jobs)} jobs done, saved in {path}; rerun to resume")
+            raise
+    return [latest[j["job_id"]] for j in jobs if j["job_id"] in latest]
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, os.PathLike):
+        return os.fspath(o)
+    item = getattr(o, "item", None)
+    if callable(item) and getattr(o, "shape", None) == ():
+        return item()
+    tolist = getattr(o, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    raise TypeError(f"result value of type {type(o).__name__} is not JSON serializable")
+
+
+# ------------------------------------------------------------------------------------------------ summary
+
+def _scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
+def summarize(records: Iterable[dict]) -> list[dict]:
+    """One table row per job (the latest record per ``job_id``, in first-seen order).
+
+    Row: ``model, method, ratio, eps, status`` then the scalar fields of ``result`` (nested values are
+    left out), ``error`` for failed jobs, and ``elapsed_s``.
+    """
+    records = list(records)
+    order: list[str] = []
+    for rec in records:
+        jid = rec.get("job_id")
+        if isinstance(jid, str) and jid not in order:
+            order.append(jid)
+    latest = latest_records(records)
+    rows = []
+    for jid in order:
+        rec = latest[jid]
+        job = rec.get("job") or {}
+        row: dict[str, Any] = {k: job.get(k) for k in ("model", "method", "ratio", "eps")}
+        row["status"] = rec.get("status", "ok")
+        for k, v in (rec.get("result") or {}).items():
+            if _scalar(v) and k not in row:
+                row[k] = v
+        if rec.get("error"):
+            row["error"] = rec["error"]
+        if "elapsed_s" in rec:
+            row["elapsed_s"] = rec["elapsed_s"]
+        rows.append(row)
+    return rows
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Plain-text table of :func:`summarize` rows (columns = union of keys in first-seen order)."""
+    if not rows:
+        return "(no results)"
+    cols: list[str] = []
+    for row in rows:
+        cols.extend(k for k in row if k not in cols)
+    cells = [[_cell(row.get(c)) for c in cols] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
+    return "\n".join(lines)
