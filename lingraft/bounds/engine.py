@@ -128,12 +128,15 @@ class BoundedNetwork:
     # ---------------------------------------------------------------------------------------------
     def compute_bounds(self, x_L: Tensor, x_U: Tensor, method: str = "crown", C: Tensor | None = None,
                        bound_upper: bool = True, alpha_iterations: int = 20, alpha_lr: float = 0.1,
-                       interm_bounds: dict | None = None) -> BoundResult:
+                       interm_bounds: dict | None = None, l2_center: Tensor | None = None,
+                       l2_eps: float | None = None) -> BoundResult:
         """Bounds of C @ f(x) for all x in [x_L, x_U].
 
         x_L, x_U: [B, *in_shape]; C: [B, S, n_out] or None (identity, S = n_out).
         interm_bounds: optional {node index: (lower, upper)} that replace/tighten computed pre-activation
         bounds (used by branch and bound for split neurons).
+        l2_center [B, *in_shape], l2_eps: the input set is also inside the L2 ball of that radius; linear bounds
+        are concretized over both the box and the ball and the tighter value is kept (both are sound).
         """
         if method not in METHODS:
             raise UsageError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
@@ -146,6 +149,7 @@ class BoundedNetwork:
         if C is None:
             C = torch.eye(self.num_outputs, device=self.device).unsqueeze(0).expand(B, -1, -1)
         C = C.to(self.device, torch.float32)
+        self._l2 = None if l2_center is None else (l2_center.to(self.device, torch.float32), float(l2_eps))
         with torch.no_grad():
             ibp = self.ibp_all(x_L, x_U)
         if method == "ibp":
@@ -250,6 +254,7 @@ class BoundedNetwork:
         [B, *shape] or None. interm_bounds {node index: (lower, upper)} tightens given nodes (split neurons)."""
         x_L = x_L.to(self.device, torch.float32)
         x_U = x_U.to(self.device, torch.float32)
+        self._l2 = None
         with torch.no_grad():
             return self._intermediate_bounds(x_L, x_U, self.ibp_all(x_L, x_U), interm_bounds)
 
@@ -320,14 +325,21 @@ class BoundedNetwork:
         upper = None if upper is None else _expand(upper, B, S, self.device)
         return lower, upper
 
-    @staticmethod
-    def _concretize(A: Tensor, x_L: Tensor, x_U: Tensor, sign: int) -> Tensor:
-        """min (sign=-1) or max (sign=+1) of A . x over the box. A: [B, S, *in]; returns [B, S]."""
+    _l2 = None
+
+    def _concretize(self, A: Tensor, x_L: Tensor, x_U: Tensor, sign: int) -> Tensor:
+        """min (sign=-1) or max (sign=+1) of A . x over the box (and the L2 ball when set).
+        A: [B, S, *in]; returns [B, S]."""
         B, S = A.shape[:2]
         Af = A.reshape(B, S, -1)
         c = ((x_U + x_L) / 2).reshape(B, -1, 1)
         r = ((x_U - x_L) / 2).reshape(B, -1, 1)
-        return torch.bmm(Af, c).squeeze(-1) + sign * torch.bmm(Af.abs(), r).squeeze(-1)
+        v = torch.bmm(Af, c).squeeze(-1) + sign * torch.bmm(Af.abs(), r).squeeze(-1)
+        if self._l2 is not None:
+            x0, eps = self._l2
+            v2 = torch.bmm(Af, x0.reshape(B, -1, 1)).squeeze(-1) + sign * eps * Af.norm(dim=-1)
+            v = torch.maximum(v, v2) if sign < 0 else torch.minimum(v, v2)
+        return v
 
     # ---------------------------------------------------------------------------------------------
     def _optimize_alpha(self, C_out, x_L, x_U, bounds, crown_lower, iterations, lr):

@@ -88,33 +88,49 @@ class ReLUOp(BoundOp):
     def backward(self, lA, uA, input_bounds, alpha=None, **kw):
         lo, up = input_bounds[0]
         u_slope, u_int, l_slope, unstable = self.relaxation(lo, up)
-        u_slope, u_int = u_slope.unsqueeze(1), u_int.unsqueeze(1)
         if self.mask is not None:
-            m = self.mask
-            u_slope = torch.where(m, self.a, u_slope)
-            u_int = torch.where(m, self.b, u_int)
+            u_slope = torch.where(self.mask, self.a, u_slope)
+        B = lo.shape[0]
+        # lower line: slope ls, intercept li (li = b on grafted neurons, 0 elsewhere); upper line: u_slope, u_int.
+        # With d = u_slope - ls (non-zero only on unstable neurons) and u_int zero off unstable neurons:
+        #   lower pass: A*ls + min(A,0)*d,  bias <A, li> + <min(A,0), u_int>
+        #   upper pass: A*u_slope - max(A,0)*d,  bias <A, li> + <max(A,0), u_int>
+        # which touches each big A-sized tensor a few times only.
         lb = ub = 0
         la = ua = None
         for side in ("l", "u"):
             A = lA if side == "l" else uA
             if A is None:
                 continue
-            # lower slope: the optimized alpha on unstable neurons when given, the adaptive choice otherwise
-            ls = l_slope.unsqueeze(1)
-            if alpha is not None and alpha.get(side) is not None:
-                ls = torch.where(unstable.unsqueeze(1), alpha[side], ls)
-            li = torch.zeros_like(ls)
+            ls = l_slope
             if self.mask is not None:
                 ls = torch.where(self.mask, self.a, ls)
-                li = torch.where(self.mask, self.b, li)
-            Ap, An = pos(A), neg(A)
+            ls = ls.unsqueeze(1)
+            if alpha is not None and alpha.get(side) is not None:
+                ls = torch.where(unstable.unsqueeze(1), alpha[side], ls)
+            d = u_slope.unsqueeze(1) - ls
+            S = A.shape[1]
             if side == "l":
-                la = Ap * ls + An * u_slope
-                lb = sum_trailing(Ap * li + An * u_int)
+                An = A.clamp(max=0)
+                out = A * ls + An * d
+                bias = _dot(An, u_int)
             else:
-                ua = Ap * u_slope + An * ls
-                ub = sum_trailing(Ap * u_int + An * li)
+                Ap = A.clamp(min=0)
+                out = A * u_slope.unsqueeze(1) - Ap * d
+                bias = _dot(Ap, u_int)
+            if self.mask is not None:
+                bias = bias + _dot(A, self.b.expand(B, *self.shape))
+            if side == "l":
+                la, lb = out, bias
+            else:
+                ua, ub = out, bias
         return [(la, ua)], lb, ub
 
     def describe(self):
         return f"ReLU({'x'.join(map(str, self.shape))}" + (f", grafted={self.num_grafted})" if self.mask is not None else ")")
+
+
+def _dot(A: Tensor, v: Tensor) -> Tensor:
+    """<A[b, s], v[b]> over the neuron dims: A [B, S, *shape], v [B, *shape] -> [B, S]."""
+    B, S = A.shape[:2]
+    return torch.bmm(A.reshape(B, S, -1), v.reshape(B, -1, 1)).squeeze(-1)

@@ -1,0 +1,1 @@
+"""The ``lingraft`` command line: thin click commands over the library (one module per command group)."""

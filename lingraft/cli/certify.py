@@ -1,0 +1,156 @@
+"""``lingraft certify``: clean accuracy, PGD accuracy and certified accuracy of a model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..config import config_option
+from ..errors import LingraftError, UsageError
+from .options import (common_options, emit_json, gate_fail, json_option, pick_device, progress_bar, table,
+                      versions)
+
+SCHEMA_VERSION = 1
+
+
+@click.command("certify", epilog="Examples:\n\n\b\n  lingraft certify\n"
+               "  lingraft certify grafted.pt --eps 0.1 --method alpha-crown -n 500 --json result.json\n"
+               "  lingraft certify model.onnx --dataset mnist --eps 0.02 --min-certified-acc 0.8")
+@click.argument("model", required=False, type=click.Path(dir_okay=True))
+@config_option()
+@click.option("--eps", type=float, default=None, help="L-inf (or L2) radius in [0,1] pixel space. "
+              "Default: the eps recorded in the checkpoint, else 0.1.")
+@click.option("--norm", type=click.Choice(["inf", "2"]), default="inf", show_default=True)
+@click.option("--method", type=click.Choice(["ibp", "crown", "alpha-crown"]), default="crown", show_default=True)
+@click.option("-n", "--num-samples", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="First N test images (official order).")
+@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--dataset", default=None, help="mnist, cifar10 or digits (default: the checkpoint's dataset).")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Folder with MNIST/CIFAR-10 files.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--pgd-steps", type=click.IntRange(min=0), default=20, show_default=True)
+@click.option("--pgd-restarts", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Wall-clock budget (s) for the run.")
+@click.option("--min-certified-acc", type=click.FloatRange(0, 1), default=None,
+              help="Gate: exit 3 when certified accuracy is below this.")
+@click.option("--min-clean-acc", type=click.FloatRange(0, 1), default=None, help="Gate: exit 3 when clean accuracy is below.")
+@click.option("--baseline", type=click.Path(dir_okay=False), default=None,
+              help="Gate: a stored certify JSON result to compare against (with --max-drop).")
+@click.option("--max-drop", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Allowed drop in certified accuracy vs --baseline.")
+@click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None, help="Per-sample results as CSV.")
+@json_option
+@common_options
+def command(model, config_path, eps, norm, method, num_samples, offset, dataset, data_dir, batch_size, pgd_steps,
+            pgd_restarts, timeout, min_certified_acc, min_clean_acc, baseline, max_drop, csv_out, json_out, verbose,
+            quiet, seed, no_progress, device):
+    """Certify MODEL (.pt checkpoint or .onnx; default: the shipped MNIST CNN-B) on test images.
+
+    Each image is first checked clean, then attacked with PGD (a found adversarial example means the image is
+    never counted as certified), then bounded with IBP, CROWN or alpha-CROWN.
+    """
+    import torch
+
+    from ..certify import certify, check_eps
+    from ..config import config_hash, load_config
+    from ..data import dataset_info, load_dataset, subset
+    from ..loader import load_model
+
+    torch.manual_seed(seed)
+    dev = pick_device(device)
+    base = None
+    if baseline:
+        base = _load_baseline(baseline)
+    lm = load_model(model, dataset=dataset)
+    ds = dataset or lm.dataset
+    if ds is None:
+        raise UsageError("the model does not record its dataset; pass --dataset (mnist, cifar10, digits)")
+    info = dataset_info(ds)
+    if eps is None:
+        eps = float(lm.meta.get("eps", lm.meta.get("config", {}).get("eps", 0.1)) or 0.1)
+    eps = check_eps(eps)
+    x, y = load_dataset(ds, "test", data_dir)
+    if offset >= x.shape[0]:
+        raise UsageError(f"--offset {offset} is past the end of the {ds} test set ({x.shape[0]} images)")
+    x, y = subset(x, y, num_samples, offset)
+    if int(torch.tensor(lm.in_shape).prod()) != int(torch.tensor(x.shape[1:]).prod()):
+        raise UsageError(f"model input {lm.in_shape} does not match dataset {ds} images {tuple(x.shape[1:])}")
+    x = x.reshape(x.shape[0], *lm.in_shape)
+    model_ = lm.model.to(dev)
+    with progress_bar(x.shape[0], "certify", no_progress or quiet) as bar:
+        rep = certify(model_, x, y, eps, in_shape=lm.in_shape, method=method, norm=norm, batch_size=batch_size,
+                      pgd_steps=pgd_steps, pgd_restarts=pgd_restarts, seed=seed, timeout=timeout,
+                      indices=range(offset, offset + x.shape[0]), progress=bar.update, device=dev)
+    cfg = {"model": lm.path, "dataset": ds, "eps": eps, "norm": norm, "method": method, "num_samples": num_samples,
+           "offset": offset, "batch_size": batch_size, "pgd_steps": pgd_steps, "pgd_restarts": pgd_restarts,
+           "seed": seed, "timeout": timeout}
+    result = {"schema_version": SCHEMA_VERSION, "command": "certify", "config": cfg, "config_hash": config_hash(cfg),
+              "versions": versions(), "device": str(dev), **rep.to_dict()}
+    if json_out == "-":
+        emit_json(result, "-")
+    else:
+        if not quiet:
+            click.echo(render_report(rep, lm.path, ds, verbose))
+        emit_json(result, json_out)
+    if csv_out:
+        _write_csv(csv_out, rep.samples)
+    _gates(rep, min_certified_acc, min_clean_acc, base, max_drop)
+
+
+def render_report(rep, model_path, ds, verbose=0) -> str:
+    lines = [f"model {model_path}  dataset {ds}  eps {rep.eps:g} (L{rep.norm})  method {rep.method}  "
+             f"samples {rep.num_samples}"]
+    rows = [["clean accuracy", f"{100 * rep.clean_acc:.1f}%"], ["PGD accuracy", f"{100 * rep.pgd_acc:.1f}%"],
+            ["certified accuracy", f"{100 * rep.certified_acc:.1f}%"],
+            ["time per bounded sample", f"{rep.time_per_sample_s * 1000:.1f} ms"],
+            ["total time", f"{rep.total_time_s:.1f} s"]]
+    lines.append(table(rows, ["metric", "value"]))
+    lines.append("")
+    urows = [[k, v["neurons"], v["grafted"], round(rep.unstable_per_layer.get(k, 0.0), 1)]
+             for k, v in rep.neurons_per_layer.items()]
+    if urows:
+        lines.append(table(urows, ["relu layer", "neurons", "grafted", "unstable/img"]))
+        lines.append("")
+    lines.append("status counts: " + ", ".join(f"{k} {v}" for k, v in rep.counts.items()))
+    if verbose:
+        lines.append(table([[s["index"], s["label"], s["prediction"], s["status"],
+                             "" if s["margin_lower"] is None else f"{s['margin_lower']:.4f}"] for s in rep.samples],
+                           ["index", "label", "pred", "status", "margin lb"]))
+    return "\n".join(lines)
+
+
+def _load_baseline(path):
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text())
+        return float(d["certified_acc"])
+    except FileNotFoundError:
+        raise LingraftError(f"baseline file not found: {p}") from None
+    except (ValueError, KeyError, TypeError):
+        raise LingraftError(f"baseline {p} is not a lingraft certify JSON result (needs 'certified_acc'); "
+                            "write one with 'lingraft certify ... --json FILE'") from None
+
+
+def _gates(rep, min_cert, min_clean, base, max_drop):
+    if min_clean is not None and rep.clean_acc < min_clean:
+        gate_fail(f"clean accuracy {rep.clean_acc:.4f} < --min-clean-acc {min_clean}")
+    if min_cert is not None and rep.certified_acc < min_cert:
+        gate_fail(f"certified accuracy {rep.certified_acc:.4f} < --min-certified-acc {min_cert}")
+    if base is not None and rep.certified_acc < base - max_drop - 1e-12:
+        gate_fail(f"certified accuracy {rep.certified_acc:.4f} dropped more than {max_drop} below the baseline {base:.4f}")
+
+
+def _write_csv(path, samples):
+    import csv
+    import io
+
+    from ..io import atomic_write_text
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["index", "label", "prediction", "status", "margin_lower", "time_s"])
+    w.writeheader()
+    for s in samples:
+        w.writerow(s)
+    atomic_write_text(path, buf.getvalue())

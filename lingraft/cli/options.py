@@ -1,0 +1,122 @@
+"""Shared click options, output helpers and error handling for every command."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+
+import click
+
+from ..errors import EXIT_GATE, LingraftError
+
+
+def common_options(fn):
+    """-v/-q, --seed, --no-progress, --device."""
+    fn = click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto (CUDA when present).")(fn)
+    fn = click.option("--no-progress", is_flag=True, help="Disable progress bars (off anyway when stderr is not a TTY).")(fn)
+    fn = click.option("--seed", type=int, default=0, show_default=True, help="Random seed (attacks, sampling, training).")(fn)
+    fn = click.option("-q", "--quiet", is_flag=True, help="Print only errors (and --json output).")(fn)
+    fn = click.option("-v", "--verbose", count=True, help="More detail (repeatable).")(fn)
+    return fn
+
+
+def json_option(fn):
+    return click.option("--json", "json_out", metavar="FILE|-", default=None,
+                        help="Also write the full result as JSON to FILE ('-' = stdout instead of the table).")(fn)
+
+
+def handle_errors(fn):
+    """Turn LingraftError into one line on stderr and its exit code; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LingraftError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except MemoryError:
+            click.echo("error: out of memory; lower --batch-size", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def pick_device(device: str):
+    import torch
+
+    from ..errors import UsageError
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but no CUDA device is available; use --device cpu")
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"unknown --device {device!r}; use cpu, cuda or auto")
+    return torch.device(device)
+
+
+def progress_bar(total: int, desc: str, disabled: bool):
+    """tqdm on stderr; disabled when asked or when stderr is not a TTY."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=disabled or not sys.stderr.isatty(), leave=False)
+
+
+def emit_json(obj, dest: str | None):
+    """Write obj as JSON to dest ('-' = stdout), atomically for files."""
+    if dest is None:
+        return
+    text = json.dumps(_clean(obj), indent=2) + "\n"
+    if dest == "-":
+        click.echo(text, nl=False)
+    else:
+        from ..io import atomic_write_text
+
+        atomic_write_text(dest, text)
+
+
+def _clean(o):
+    if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
+        return None
+    if isinstance(o, dict):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
+def table(rows: list[list], header: list[str]) -> str:
+    """Plain aligned text table."""
+    cells = [[str(h) for h in header]] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(c):
+    if isinstance(c, float):
+        return f"{c:.4g}" if abs(c) < 1e4 else f"{c:.3e}"
+    return str(c)
+
+
+def gate_fail(message: str):
+    click.echo(f"gate failed: {message}", err=True)
+    sys.exit(EXIT_GATE)
+
+
+def versions() -> dict:
+    import numpy
+    import torch
+
+    from .. import __version__
+
+    return {"lingraft": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": sys.version.split()[0]}

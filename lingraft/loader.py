@@ -1,0 +1,87 @@
+"""Load a network from a lingraft checkpoint (.pt), an ONNX file, or the shipped default model."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from .errors import LingraftError, UsageError
+
+DEFAULT_MODEL = "mnist-cnn-b-fgsm.pt"
+
+
+def models_dir() -> Path:
+    """The shipped models folder (``$LINGRAFT_MODELS`` overrides)."""
+    env = os.environ.get("LINGRAFT_MODELS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[1] / "models"
+
+
+def default_model_path() -> Path:
+    return models_dir() / DEFAULT_MODEL
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    in_shape: tuple
+    dataset: str | None
+    source: str            # "checkpoint" or "onnx"
+    path: str
+    arch: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def load_model(path: str | os.PathLike | None, dataset: str | None = None, input_shape=None) -> LoadedModel:
+    """Load ``path`` (None = the shipped default). ``dataset`` overrides/asserts the checkpoint's dataset; for
+    ONNX files it names the data the network expects (its input shape must match)."""
+    if path is None:
+        path = default_model_path()
+        if not path.exists():
+            raise LingraftError(f"the shipped default model {path} is missing; reinstall lingraft or pass a MODEL path")
+    p = Path(path)
+    if not p.exists():
+        raise LingraftError(f"model file not found: {p}")
+    if p.is_dir():
+        raise LingraftError(f"{p} is a directory; pass a .pt checkpoint or an .onnx file")
+    with open(p, "rb") as f:
+        head = f.read(8)
+    if len(head) == 0:
+        raise LingraftError(f"model file {p} is empty")
+    if p.suffix.lower() == ".onnx" or (p.suffix.lower() not in (".pt", ".pth", ".ckpt") and not head.startswith(b"PK")):
+        from .onnx_io import load_onnx
+
+        gm = load_onnx(p)
+        in_shape = tuple(gm.input_shape)
+        if input_shape is not None and tuple(input_shape) != in_shape:
+            raise UsageError(f"--input-shape {tuple(input_shape)} does not match the ONNX input {in_shape}")
+        if dataset is not None:
+            from .data import dataset_info
+
+            info = dataset_info(dataset)
+            if int(_prod(info.in_shape)) != int(_prod(in_shape)):
+                raise UsageError(f"dataset {dataset} has inputs {info.in_shape} but the ONNX model takes {in_shape}")
+        return LoadedModel(gm, in_shape, dataset, "onnx", str(p))
+    from .checkpoint import load_checkpoint
+
+    model, ckpt = load_checkpoint(p)
+    in_shape = tuple(ckpt["arch_kwargs"]["in_shape"])
+    ds = ckpt.get("dataset")
+    if dataset is not None and ds is not None and dataset.lower() != str(ds).lower():
+        from .data import dataset_info
+
+        info = dataset_info(dataset)
+        if tuple(info.in_shape) != in_shape:
+            raise UsageError(f"model {p.name} takes {in_shape} inputs ({ds}) but dataset {dataset} has {info.in_shape}")
+    return LoadedModel(model, in_shape, dataset or ds, "checkpoint", str(p), ckpt.get("arch"), ckpt.get("meta", {}))
+
+
+def _prod(t):
+    out = 1
+    for v in t:
+        out *= int(v)
+    return out

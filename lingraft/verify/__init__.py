@@ -1,0 +1,10 @@
+"""Complete verification (attack + bounds + branch and bound) of VNN-LIB properties, and the VNN-COMP runner.
+
+``python -m lingraft.verify run NET.onnx PROP.vnnlib --timeout 60 --result out.txt`` verifies one instance;
+see :mod:`lingraft.verify.__main__` for the other commands.
+"""
+
+from .core import INPUT_SPLIT_MAX_DIM, STATUSES, VerifyResult, verify_property
+from .problem import PROVE_TOL
+
+__all__ = ["INPUT_SPLIT_MAX_DIM", "PROVE_TOL", "STATUSES", "VerifyResult", "verify_property"]

@@ -1,0 +1,227 @@
+"""Bounding a batch of branch-and-bound domains: CROWN intermediate bounds + alpha/beta-CROWN final bounds.
+
+A domain is the region's input box (or a sub-box) together with ReLU split decisions. Split neurons enter the
+bound computation in two ways (beta-CROWN, Wang et al. 2021):
+
+- their pre-activation bounds are clamped (active: lower = max(lower, 0); inactive: upper = min(upper, 0)) via
+  the engine's ``interm_bounds``, so they are stable in the relaxation and every later layer's bounds tighten;
+- the split constraint ``s * z >= 0`` (s = +1 active, -1 inactive) is added to the final bound with a
+  Lagrange multiplier beta >= 0: for every feasible x, ``f(x) >= f(x) - beta * s * z(x)``, so a lower bound of
+  the right-hand side over the relaxation is a lower bound of f over the domain. The engine adds the term
+  through ``extra_lA`` (coefficient ``-beta * s`` on the pre-activation).
+
+alpha (lower ReLU slopes in [0, 1]) and beta (>= 0) are optimized jointly by projected Adam on the sum of the
+lower bounds; every iterate is a valid bound and the best one per row is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..bounds import BoundedNetwork
+from ..bounds.ops import ReLUOp
+
+#: a domain whose clamped pre-activation bounds cross by more than this is empty (a sound lower bound above
+#: a sound upper bound); smaller crossings are treated as rounding noise and bounded normally
+INFEASIBLE_TOL = 1e-4
+
+
+@dataclass
+class Bounded:
+    """Result of bounding B domains with S specification rows.
+
+    lower: [B, S] lower bounds of C f(x); infeasible: [B] bool (the domain's split decisions are contradictory);
+    bounds: the engine's intermediate bounds (list by node, [B, *shape] pairs); alphas: {ReLU node: [B, S, *shape]}
+    optimized slopes (warm start for children); relu_lA: {ReLU node: [B, S, *shape]} lower-bound coefficients
+    at each ReLU output from the last pass (only when requested; used by the branching heuristic).
+    """
+
+    lower: Tensor
+    infeasible: Tensor
+    bounds: list
+    alphas: dict = field(default_factory=dict)
+    relu_lA: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def record_relu_coefficients(net: BoundedNetwork, store: dict):
+    """While active, every backward pass stores the lower-bound coefficient matrix that reaches each ReLU's
+    output in ``store[relu node index]`` ([B, S, *shape], detached). Wraps the ops' ``backward`` per instance."""
+    wrapped = []
+    for k, nd in enumerate(net.nodes):
+        if isinstance(nd.op, ReLUOp):
+            op = nd.op
+            orig = op.backward
+
+            def backward(lA, uA, input_bounds, _orig=orig, _k=k, **kw):
+                if lA is not None:
+                    store[_k] = lA.detach()
+                return _orig(lA, uA, input_bounds, **kw)
+
+            op.backward = backward
+            wrapped.append(op)
+    try:
+        yield store
+    finally:
+        for op in wrapped:
+            del op.backward  # back to the class method
+
+
+def split_clamps(net: BoundedNetwork, splits: dict[int, Tensor] | None) -> dict | None:
+    """interm_bounds for the engine from split decisions {ReLU node: int8 [B, *shape]} (+1 active, -1 inactive,
+    0 free): the pre-activation gets [0, inf) / (-inf, 0], the ReLU output of an inactive neuron (-inf, 0]."""
+    if not splits:
+        return None
+    pre_of = net.relu_input_nodes()
+    out = {}
+    for k, s in splits.items():
+        if not bool((s != 0).any()):
+            continue
+        s = s.to(net.device)
+        zero = torch.zeros((), device=net.device)
+        inf = torch.tensor(float("inf"), device=net.device)
+        lo = torch.where(s > 0, zero, -inf)
+        up = torch.where(s < 0, zero, inf)
+        out[pre_of[k]] = (lo, up)
+        out[k] = (torch.full_like(lo, float("-inf")), up)  # used only where the engine needs ReLU-output bounds
+    return out or None
+
+
+def infeasible_domains(net: BoundedNetwork, bounds: list, B: int) -> Tensor:
+    """[B] bool: some clamped pre-activation interval is empty (lower > upper + INFEASIBLE_TOL)."""
+    bad = torch.zeros(B, dtype=torch.bool, device=net.device)
+    for pre in net.relu_input_nodes().values():
+        b = bounds[pre]
+        if b is not None:
+            bad |= (b[0] > b[1] + INFEASIBLE_TOL).reshape(B, -1).any(1)
+    return bad
+
+
+def bound_domains(net: BoundedNetwork, x_L: Tensor, x_U: Tensor, C: Tensor, *,
+                  splits: dict[int, Tensor] | None = None, iterations: int = 0,
+                  alpha_init: dict[int, Tensor] | None = None, row_weight: Tensor | None = None,
+                  lr_alpha: float = 0.1, lr_beta: float = 0.05, record_lA: bool = False,
+                  target: Tensor | None = None, deadline: float | None = None) -> Bounded:
+    """Bound C f(x) on B domains.
+
+    x_L, x_U: [B, *in_shape]; C: [B, S, n_out]; splits: {ReLU node: int8 [B, *shape]}; iterations: alpha/beta
+    optimization steps (0 = plain CROWN); alpha_init: {ReLU node: [B, S, *shape]} warm-start slopes;
+    row_weight: [B, S] weights of the rows in the objective (0 = row already settled); target: [B, S] margins
+    that count as done (the optimization stops once every weighted row exceeds them).
+    """
+    B, S = C.shape[:2]
+    dev = net.device
+    x_L, x_U, C = x_L.to(dev), x_U.to(dev), C.to(dev)
+    bounds = net.intermediate_bounds(x_L, x_U, interm_bounds=split_clamps(net, splits))
+    infeasible = infeasible_domains(net, bounds, B)
+    C_out = C.reshape(B, S, *net.out_shape)
+
+    alphas: dict[int, dict] = {}
+    alpha_params = []
+    if iterations > 0:
+        for k, pre in net.relu_input_nodes().items():
+            if bounds[pre] is None:
+                continue
+            _, _, l_slope, unstable = net.nodes[k].op.relaxation(*bounds[pre])
+            if not bool(unstable.any()):
+                continue
+            if alpha_init is not None and k in alpha_init:
+                a = alpha_init[k].to(dev).clone()
+            else:
+                a = l_slope.unsqueeze(1).expand(B, S, *l_slope.shape[1:]).clone()
+            a.requires_grad_(True)
+            alphas[k] = {"l": a}
+            alpha_params.append(a)
+    betas: dict[int, tuple[Tensor, Tensor]] = {}  # pre-activation node -> (beta, sign)
+    if iterations > 0 and splits:
+        pre_of = net.relu_input_nodes()
+        for k, s in splits.items():
+            if not bool((s != 0).any()):
+                continue
+            sign = s.to(dev, torch.float32).unsqueeze(1)  # [B, 1, *shape]
+            beta = torch.zeros(B, S, *s.shape[1:], device=dev, requires_grad=True)
+            betas[pre_of[k]] = (beta, sign)
+
+    def extra():
+        return {p: -beta * sign for p, (beta, sign) in betas.items()} or None
+
+    w = torch.ones(B, S, device=dev) if row_weight is None else row_weight.to(dev, torch.float32)
+    with torch.no_grad():
+        best, _ = net.backward_bound(C_out, x_L, x_U, bounds, alphas=None)
+    if iterations > 0 and (alpha_params or betas):
+        opt = _Adam([(a, lr_alpha) for a in alpha_params] + [(b, lr_beta) for b, _ in betas.values()])
+        for it in range(iterations):
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+            if target is not None and bool(((best > target) | (w == 0)).all()):
+                break
+            lo, _ = net.backward_bound(C_out, x_L, x_U, bounds, alphas=alphas, extra_lA=extra())
+            best = torch.maximum(best, lo.detach())
+            grads = torch.autograd.grad(-(lo * w).sum(), opt.params, allow_unused=True)
+            opt.step(grads)
+            with torch.no_grad():
+                for a in alpha_params:
+                    a.clamp_(0.0, 1.0)
+                for b, _ in betas.values():
+                    b.clamp_(min=0.0)
+    store: dict = {}
+    with torch.no_grad():
+        if record_lA or (iterations > 0 and (alpha_params or betas)):
+            ctx = record_relu_coefficients(net, store) if record_lA else contextlib.nullcontext()
+            with ctx:
+                lo, _ = net.backward_bound(C_out, x_L, x_U, bounds, alphas=alphas or None, extra_lA=extra())
+            best = torch.maximum(best, lo)
+    return Bounded(lower=best, infeasible=infeasible, bounds=bounds,
+                   alphas={k: v["l"].detach() for k, v in alphas.items()}, relu_lA=store)
+
+
+class _Adam:
+    """Plain Adam on a few tensors (torch.optim's first use imports torch._dynamo, ~2 s of start-up)."""
+
+    def __init__(self, params_lr: list[tuple[Tensor, float]], betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params = [p for p, _ in params_lr]
+        self.lr = [lr for _, lr in params_lr]
+        self.b1, self.b2, self.eps = betas[0], betas[1], eps
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self, grads) -> None:
+        self.t += 1
+        c1 = 1 - self.b1 ** self.t
+        c2 = 1 - self.b2 ** self.t
+        for p, g, m, v, lr in zip(self.params, grads, self.m, self.v, self.lr):
+            if g is None:
+                continue
+            m.mul_(self.b1).add_(g, alpha=1 - self.b1)
+            v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+            p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-lr / c1)
+
+
+def input_coefficients(net: BoundedNetwork, x_L: Tensor, x_U: Tensor, C: Tensor, bounds: list,
+                       rows: Tensor, alphas: dict | None = None) -> Tensor:
+    """Input coefficients of the linear lower bound of row ``rows[b]`` for each domain b: lower(x) = a . x + c.
+
+    Read off by differentiating the concretized bound w.r.t. the box (d/dx_L = a+, d/dx_U = a-); the
+    intermediate bounds are constants here. x_L, x_U: [B, *in]; C: [B, S, n_out]; rows: [B] long.
+    Returns a: [B, *in_shape].
+    """
+    B = x_L.shape[0]
+    Cr = C.to(net.device)[torch.arange(B), rows].unsqueeze(1)  # [B, 1, n_out]
+    xl = x_L.to(net.device).clone().requires_grad_(True)
+    xu = x_U.to(net.device).clone().requires_grad_(True)
+    al = None
+    if alphas:
+        al = {k: {"l": a[torch.arange(B), rows].unsqueeze(1)} for k, a in alphas.items()}
+    with torch.enable_grad():
+        lo, _ = net.backward_bound(Cr.reshape(B, 1, *net.out_shape), xl, xu, bounds, alphas=al)
+        gl, gu = torch.autograd.grad(lo.sum(), [xl, xu], allow_unused=True)
+    gl = torch.zeros_like(xl) if gl is None else gl
+    gu = torch.zeros_like(xu) if gu is None else gu
+    return (gl + gu).detach()
