@@ -101,10 +101,11 @@ class _Builder:
         self.index: dict[str, int] = {}  # fx node name -> our node index
         self.aliases: dict[str, str] = {}
         self.unsupported: list[str] = []
+        self.failed: set[str] = set()  # input-dependent nodes that could not be converted
 
     # --- helpers -------------------------------------------------------------------------------------
     def _var(self, a) -> bool:
-        return isinstance(a, fx.Node) and self._resolve(a.name) in self.index
+        return isinstance(a, fx.Node) and (self._resolve(a.name) in self.index or a.name in self.failed)
 
     def _resolve(self, name):
         while name in self.aliases:
@@ -154,6 +155,7 @@ class _Builder:
             v = self.values[n.name]
             if _is_tensor(v) and (v.dim() == 0 or v.shape[0] != 2):
                 self._fail(n, f"{_target_name(n)} mixes the batch dimension")
+                self.failed.add(n.name)
                 continue
             if not _is_tensor(v):
                 # e.g. x.size(0): only used to build shapes, which we take from the recorded values
@@ -162,6 +164,10 @@ class _Builder:
                 self._convert(n)
             except _Unsupported as e:
                 self._fail(n, str(e))
+                self.failed.add(n.name)
+            except KeyError:
+                # an input failed to convert; this node's own op was accepted, keep checking downstream
+                self.failed.add(n.name)
         if self.unsupported:
             raise UnsupportedModelError("unsupported operations: " + "; ".join(self.unsupported) +
                                         f". lingraft supports: {SUPPORTED}")

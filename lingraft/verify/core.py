@@ -2,11 +2,13 @@
 
 Per region of the property (an input box with a disjunction of unsafe output conjunctions):
 
-1. a quick PGD search for a counterexample (all regions first, so ``sat`` comes early);
-2. CROWN, then alpha-CROWN bounds of the specification rows;
-3. branch and bound on what is left: input splitting for networks with at most ``INPUT_SPLIT_MAX_DIM``
-   inputs (:mod:`lingraft.verify.input_bab`), ReLU splitting with beta-CROWN bounds otherwise
-   (:mod:`lingraft.verify.relu_bab`).
+1. CROWN bounds of the specification rows (milliseconds; settles the easy regions before any search);
+2. a quick PGD search for a counterexample on the regions left (all of them before any branch and bound, so
+   ``sat`` comes early);
+3. alpha-CROWN, then branch and bound on what is left: input splitting for networks with at most
+   ``INPUT_SPLIT_MAX_DIM`` inputs (:mod:`lingraft.verify.input_bab`), ReLU
+   splitting with beta-CROWN bounds otherwise (:mod:`lingraft.verify.relu_bab`). Both also search for
+   counterexamples as the domains shrink.
 
 Answers: ``sat`` only with a counterexample re-checked by onnxruntime (or a float64 forward pass for an
 in-memory model) against the property; ``unsat`` only when every region's every (sub)domain is refuted with a
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import gzip
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -51,7 +52,8 @@ _METHOD_RANK = {"none": 0, "attack": 1, "crown": 2, "alpha-crown": 3, "bab-input
 @dataclass
 class VerifyResult:
     """status: one of STATUSES; counterexample: (x [n_in], y [n_out]) float64 for ``sat``, else None;
-    time_s: wall-clock seconds; stats: {"branches": domains bounded, "method": strongest method used, ...}."""
+    time_s: wall-clock seconds; stats: {"branches": domains bounded, "method": the method that decided it (for
+    ``sat`` the search that found the counterexample, otherwise the strongest bounding method used), ...}."""
 
     status: str
     counterexample: tuple[np.ndarray, np.ndarray] | None = None
@@ -59,8 +61,9 @@ class VerifyResult:
     stats: dict = field(default_factory=dict)
 
 
-def _load_model(model_or_path, in_shape, tmpdir: list):
-    """-> (model, in_shape, out_dim, onnx_path or None)."""
+def load_model(model_or_path, in_shape, tmpdir: list):
+    """-> (model, in_shape, out_dim, onnx_path or None). A gzipped ONNX file is unpacked into a new temporary
+    folder appended to ``tmpdir`` (the caller removes it)."""
     if isinstance(model_or_path, nn.Module):
         model = model_or_path.eval()
         shape = in_shape if in_shape is not None else getattr(model, "input_shape", None)
@@ -93,7 +96,8 @@ def _merge_method(a: str, b: str) -> str:
 def verify_property(model_or_path, prop, *, timeout: float = 60.0, in_shape=None, seed: int = 0,
                     device: str | None = None, split: str = "auto", attack_time: float | None = None,
                     root_iterations: int = 30, bab_iterations: int = 8, batch_size: int | None = None,
-                    attack: bool = True, verbose: bool = False, log: Callable[[str], None] | None = None) -> VerifyResult:
+                    attack: bool = True, verbose: bool = False,
+                    log: Callable[[str], None] | None = None) -> VerifyResult:
     """Decide whether the property's unsafe set is reachable.
 
     model_or_path: an ONNX file (plain or .gz) or an nn.Module (then ``in_shape`` or ``model.input_shape``
@@ -119,7 +123,7 @@ def verify_property(model_or_path, prop, *, timeout: float = 60.0, in_shape=None
         return VerifyResult(status, cex, time.perf_counter() - t0, stats)
 
     try:
-        model, shape, n_out, onnx_path = _load_model(model_or_path, in_shape, tmpdir)
+        model, shape, n_out, onnx_path = load_model(model_or_path, in_shape, tmpdir)
         n_in = int(math.prod(shape))
         if not isinstance(prop, VnnlibProperty):
             prop = parse_vnnlib(prop, num_inputs=n_in, num_outputs=n_out)
@@ -143,13 +147,12 @@ def verify_property(model_or_path, prop, *, timeout: float = 60.0, in_shape=None
         for i, spec in enumerate(specs):
             if time.perf_counter() > deadline:
                 return result("timeout")
-            if mode == "relu":
-                stats["method"] = _merge_method(stats["method"], "crown")
-                res = bound_domains(net, spec.x_L, spec.x_U, spec.C.unsqueeze(0), iterations=0)
-                stats["branches"] += 1
-                if bool(spec.refuted(spec.lower_margin(res.lower)).all()):
-                    log(f"region {i}: unsat by CROWN")
-                    continue
+            stats["method"] = _merge_method(stats["method"], "crown")
+            res = bound_domains(net, spec.x_L, spec.x_U, spec.C.unsqueeze(0), iterations=0)
+            stats["branches"] += 1
+            if bool(spec.refuted(spec.lower_margin(res.lower)).all()):
+                log(f"region {i}: unsat by CROWN")
+                continue
             todo.append((i, spec))
 
         # 2. quick counterexample search on the regions left
@@ -165,6 +168,7 @@ def verify_property(model_or_path, prop, *, timeout: float = 60.0, in_shape=None
             cex = check(xs, v)
             if cex is not None:
                 log(f"region {i}: counterexample found by the attack")
+                stats["method"] = "attack"  # the method that decided the instance
                 return result("sat", cex)
 
         # 3. alpha-CROWN, then branch and bound, region by region

@@ -91,6 +91,8 @@ class ReluBaB:
             m = net.nodes[k].op.mask
             masks.append(torch.zeros(n, dtype=torch.bool) if m is None else m.flatten().cpu())
         self.grafted = torch.cat(masks).to(net.device) if masks else torch.zeros(0, dtype=torch.bool)
+        #: [N] bool: every neuron that some domain was split on (for statistics and tests)
+        self.branched = torch.zeros(self.N, dtype=torch.bool, device=net.device)
 
     # ------------------------------------------------------------------------------------------------
     def split_tensors(self, flat: Tensor) -> dict[int, Tensor]:
@@ -156,6 +158,13 @@ class ReluBaB:
         alphas = {k: a[0] for k, a in root.alphas.items()} if root.alphas else None
         heapq.heappush(heap, (pri, next(counter), Domain(pri, zeros[0], open0, alphas, br, 0)))
         out = SearchOutcome("unsat")
+        if self.attack_every != float("inf"):
+            # the root bound's minimizer is a good start (exact for a network without unstable neurons)
+            cex = self._attack(root, spec.x_L, spec.x_U, spec.C.unsqueeze(0), torch.zeros(1, dtype=torch.long,
+                               device=dev), _worst_rows(margin, open0.unsqueeze(0), spec))
+            if cex is not None:
+                out.status, out.counterexample = "sat", cex
+                return out
         stuck = 0
         last_attack = time.perf_counter()
         round_time = 0.0
@@ -179,6 +188,7 @@ class ReluBaB:
             which = torch.tensor([d.branch for d in batch], device=dev).repeat_interleave(2)
             sign = torch.tensor([1, -1], dtype=torch.int8, device=dev).repeat(len(batch))
             flat[torch.arange(B, device=dev), which] = sign
+            self.branched[which] = True
             open_p = torch.stack([d.open_groups for d in batch]).repeat_interleave(2, 0)
             x_L = spec.x_L.expand(B, *spec.x_L.shape[1:])
             x_U = spec.x_U.expand(B, *spec.x_U.shape[1:])

@@ -86,7 +86,14 @@ class ReLUOp(BoundOp):
         return u_slope, u_int, l_slope, unstable
 
     def backward(self, lA, uA, input_bounds, alpha=None, **kw):
-        lo, up = input_bounds[0]
+        if input_bounds[0] is None:
+            # only a fully grafted layer is bounded without its pre-activation bounds: it is exactly linear
+            if not self.fully_grafted:
+                raise RuntimeError("ReLU backward needs pre-activation bounds")
+            A = lA if lA is not None else uA
+            lo = up = torch.zeros(A.shape[0], *self.shape, dtype=A.dtype, device=A.device)
+        else:
+            lo, up = input_bounds[0]
         u_slope, u_int, l_slope, unstable = self.relaxation(lo, up)
         if self.mask is not None:
             u_slope = torch.where(self.mask, self.a, u_slope)

@@ -1,0 +1,82 @@
+"""Run lingraft's complete verifier on the VNN-COMP subset in ../shared/vnncomp and compare with the consensus.
+
+    python benchmarks/vnncomp.py [--benchmarks test mnist_fc verivital] [--out-dir vnncomp_results] [--resume]
+
+Per benchmark it prints verified / falsified / unknown / timeout / error / wrong (answers contradicting
+expected.csv) and the median wall time, next to alpha-beta-CROWN's competition numbers from expected.csv
+(raw times include about 6.7 s of its start-up). test/ has no expected.csv: its verdicts are the ones the
+benchmark README states (test_sat: sat, everything else: unsat). Exit status 1 if any answer is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from lingraft.verify.runner import is_wrong, summarize, verify_instances  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "vnncomp"
+TEST_EXPECTED = {"test_nano.onnx": "unsat", "test_tiny.onnx": "unsat", "test_small.onnx": "unsat",
+                 "test_sat.onnx": "sat", "test_unsat.onnx": "unsat"}
+
+
+def abcrown_median(folder: Path) -> float | None:
+    p = folder / "expected.csv"
+    if not p.is_file():
+        return None
+    with open(p, newline="") as f:
+        times = [float(r["abcrown_runtime_s_raw"]) for r in csv.DictReader(f) if r.get("abcrown_runtime_s_raw")]
+    return statistics.median(times) if times else None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default=str(SHARED), help="folder holding the benchmark folders")
+    ap.add_argument("--benchmarks", nargs="+", default=["test", "mnist_fc", "verivital"])
+    ap.add_argument("--out-dir", default="vnncomp_results", help="JSONL records per benchmark go here")
+    ap.add_argument("--resume", action="store_true", help="keep finished instances from an earlier run")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    root = Path(args.root)
+    if not root.is_dir():
+        print(f"skipped: {root} is absent")
+        return 0
+    table = []
+    wrong_total = 0
+    for bench in args.benchmarks:
+        folder = root / bench
+        if not (folder / "instances.csv").is_file():
+            print(f"skipped {bench}: {folder / 'instances.csv'} is absent")
+            continue
+        recs = verify_instances(folder / "instances.csv", out=Path(args.out_dir) / f"{bench}.jsonl",
+                                resume=args.resume, verbose=args.verbose)
+        if bench == "test":
+            for r in recs:
+                r["expected"] = TEST_EXPECTED.get(Path(r["onnx"]).name)
+                r["wrong"] = is_wrong(r["status"], r["expected"])
+        s = summarize(recs)
+        missed = sum(r["status"] != r["expected"] for r in recs if r.get("expected"))
+        wrong_total += s["wrong"]
+        table.append((bench, s, missed, abcrown_median(folder)))
+    print()
+    print(f"{'benchmark':<10} {'n':>3} {'verified':>8} {'falsified':>9} {'unknown':>7} {'timeout':>7} {'error':>5} "
+          f"{'wrong':>5} {'missed':>6} {'median s':>8} {'abcrown median s (raw)':>23}")
+    for bench, s, missed, ab in table:
+        print(f"{bench:<10} {s['instances']:>3} {s['verified']:>8} {s['falsified']:>9} {s['unknown']:>7} "
+              f"{s['timeout']:>7} {s['error']:>5} {s['wrong']:>5} {missed:>6} {s['median_time_s']:>8.2f} "
+              f"{'' if ab is None else f'{ab:.2f}':>23}")
+    return 1 if wrong_total else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

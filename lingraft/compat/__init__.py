@@ -1,0 +1,1 @@
+"""Compatibility shims for optional third-party tools (auto_LiRPA); imported only on demand."""

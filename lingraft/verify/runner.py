@@ -1,0 +1,135 @@
+"""Running a VNN-COMP benchmark folder and writing competition result files.
+
+A benchmark folder holds ``instances.csv`` (``onnx,vnnlib,timeout_seconds``, paths relative to the folder) and
+optionally ``expected.csv`` (``onnx,vnnlib,consensus,...``; consensus ``sat``/``unsat``). Every finished
+instance is appended to a JSONL file as one line (atomic append), so an interrupted run resumes where it
+stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from pathlib import Path
+from typing import Callable
+
+from ..errors import LingraftError, UsageError
+from ..io import append_jsonl, read_jsonl
+from ..spec.vnnlib import write_counterexample
+from .core import VerifyResult, verify_property
+
+
+def write_result(path, result: VerifyResult) -> None:
+    """VNN-COMP result file: ``sat`` with the counterexample, or the bare status line."""
+    if result.status == "sat" and result.counterexample is not None:
+        write_counterexample(path, result.counterexample[0], result.counterexample[1], "sat")
+    else:
+        write_counterexample(path, None, None, result.status if result.status != "sat" else "unknown")
+
+
+def _base(name: str) -> str:
+    """File name without folders and without a trailing .gz (expected.csv names the plain files)."""
+    n = Path(name).name
+    return n[:-3] if n.endswith(".gz") else n
+
+
+def load_instances(csv_path) -> list[tuple[str, str, float]]:
+    """Rows (onnx, vnnlib, timeout) of an instances.csv (paths as written, relative to its folder)."""
+    p = Path(csv_path)
+    if not p.is_file():
+        raise UsageError(f"instances file not found: {p}; give the benchmark's instances.csv")
+    rows = []
+    with open(p, newline="") as f:
+        for i, row in enumerate(csv.reader(f), 1):
+            if not row or not "".join(row).strip() or row[0].strip().startswith("#"):
+                continue
+            if len(row) < 3:
+                raise LingraftError(f"{p}:{i}: expected 'onnx,vnnlib,timeout' (got {len(row)} fields)")
+            try:
+                t = float(row[2])
+            except ValueError:
+                if i == 1:
+                    continue  # a header line
+                raise LingraftError(f"{p}:{i}: timeout {row[2]!r} is not a number") from None
+            rows.append((row[0].strip(), row[1].strip(), t))
+    return rows
+
+
+def load_expected(folder) -> dict[tuple[str, str], str]:
+    """{(onnx file name, vnnlib file name without .gz): consensus} from the folder's expected.csv ({} if none)."""
+    p = Path(folder) / "expected.csv"
+    if not p.is_file():
+        return {}
+    out = {}
+    with open(p, newline="") as f:
+        for row in csv.DictReader(f):
+            out[(_base(row["onnx"]), _base(row["vnnlib"]))] = row.get("consensus", "").strip()
+    return out
+
+
+def is_wrong(status: str, expected: str | None) -> bool:
+    """A definite answer that contradicts the expected verdict."""
+    return status in ("sat", "unsat") and expected in ("sat", "unsat") and status != expected
+
+
+def summarize(records: list[dict]) -> dict:
+    """Counts per status plus wrong answers and the median time."""
+    s = {"instances": len(records)}
+    for st, key in (("unsat", "verified"), ("sat", "falsified"), ("unknown", "unknown"), ("timeout", "timeout"),
+                    ("error", "error")):
+        s[key] = sum(r["status"] == st for r in records)
+    s["wrong"] = sum(is_wrong(r["status"], r.get("expected")) for r in records)
+    s["median_time_s"] = statistics.median([r["time_s"] for r in records]) if records else 0.0
+    return s
+
+
+def verify_instances(csv_path, *, out=None, resume: bool = True, results_dir=None, timeout: float | None = None,
+                     verbose: bool = False, echo: Callable[[str], None] = print, **verify_kw) -> list[dict]:
+    """Verify every instance of a benchmark's instances.csv; returns one record per instance.
+
+    out: JSONL file of records (default ``vnncomp_results/<folder name>.jsonl`` in the working directory);
+    resume: skip instances already in ``out``; results_dir: also write a VNN-COMP result file per instance;
+    timeout: overrides the per-instance timeouts. Extra keywords go to :func:`verify_property`.
+    Record: {benchmark, onnx, vnnlib, timeout, status, time_s, branches, method, expected, wrong}.
+    """
+    csv_path = Path(csv_path)
+    folder = csv_path.parent
+    rows = load_instances(csv_path)
+    expected = load_expected(folder)
+    out = Path(out) if out is not None else Path.cwd() / "vnncomp_results" / f"{folder.name}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if resume:
+        for r in read_jsonl(out):
+            done[(r.get("onnx"), r.get("vnnlib"))] = r
+    elif out.exists():
+        out.unlink()
+    records = []
+    for n, (onnx, vnnlib, t) in enumerate(rows, 1):
+        key = (onnx, vnnlib)
+        tag = f"[{n}/{len(rows)}] {folder.name} {Path(onnx).name} {Path(vnnlib).name}"
+        if key in done:
+            records.append(done[key])
+            echo(f"{tag}: {done[key]['status']} (resumed)")
+            continue
+        tmo = float(timeout) if timeout is not None else t
+        res = verify_property(folder / onnx, folder / vnnlib, timeout=tmo, verbose=verbose, **verify_kw)
+        exp = expected.get((_base(onnx), _base(vnnlib)))
+        rec = {"benchmark": folder.name, "onnx": onnx, "vnnlib": vnnlib, "timeout": tmo, "status": res.status,
+               "time_s": round(res.time_s, 4), "branches": res.stats.get("branches", 0),
+               "method": res.stats.get("method", ""), "expected": exp, "wrong": is_wrong(res.status, exp)}
+        if "error" in res.stats:
+            rec["error"] = res.stats["error"]
+        if results_dir is not None:
+            write_result(Path(results_dir) / f"{Path(_base(onnx)).stem}_{Path(_base(vnnlib)).stem}.txt", res)
+        append_jsonl(out, rec)
+        records.append(rec)
+        extra = f", expected {exp}" if exp else ""
+        flag = "  WRONG" if rec["wrong"] else ""
+        echo(f"{tag}: {res.status} ({res.time_s:.2f} s, {rec['branches']} branches, {rec['method']}{extra}){flag}"
+             + (f" [{rec['error']}]" if "error" in rec else ""))
+    s = summarize(records)
+    echo(f"{folder.name}: {s['instances']} instances: {s['verified']} verified, {s['falsified']} falsified, "
+         f"{s['unknown']} unknown, {s['timeout']} timeout, {s['error']} error, {s['wrong']} wrong; "
+         f"median {s['median_time_s']:.2f} s")
+    return records

@@ -1,0 +1,199 @@
+"""Soundness of the bound engine: sampled points and PGD never leave the computed bounds, for every registry
+model, every method, random eps; grafted neurons are exact; tightness relations between methods."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lingraft.bounds import BoundedNetwork, input_box, margin_spec
+from lingraft.checkpoint import replace_module
+from lingraft.errors import UnsupportedModelError
+from lingraft.layers import GraftedReLU
+from lingraft.models import create_model, list_models
+
+IN = (1, 12, 12)  # small inputs keep every architecture fast; the engine is size-agnostic
+METHODS = ("ibp", "crown", "alpha-crown")
+TOL = 1e-5
+
+
+def graft_randomly(model, in_shape, ratio, seed=0):
+    """Replace every nn.ReLU by a GraftedReLU with a random mask (a ~ U[-0.5, 1], b ~ U[-0.2, 0.2])."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {}
+    relus = {n: m for n, m in model.named_modules() if isinstance(m, nn.ReLU)}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: shapes.__setitem__(n, tuple(o.shape[1:])))
+             for n, m in relus.items()]
+    with torch.no_grad():
+        model(torch.zeros(1, *in_shape))
+    for h in hooks:
+        h.remove()
+    for n in relus:
+        mask = (torch.rand(shapes[n], generator=g) < ratio).float()
+        gr = GraftedReLU(shapes[n], mask)
+        with torch.no_grad():
+            gr.a.copy_(torch.rand(shapes[n], generator=g) * 1.5 - 0.5)
+            gr.b.copy_(torch.rand(shapes[n], generator=g) * 0.4 - 0.2)
+        replace_module(model, n, gr)
+    return model
+
+
+def pgd_extremes(model, C, xl, xu, steps=30):
+    """PGD minimising and maximising each spec row over the box. Returns (min [B,S], max [B,S]) found."""
+    B, S, _ = C.shape
+    out_min = torch.full((B, S), math.inf)
+    out_max = torch.full((B, S), -math.inf)
+    for sign in (1.0, -1.0):
+        x = ((xl + xu) / 2).unsqueeze(1).repeat(1, S, *([1] * (xl.dim() - 1)))  # [B, S, *in]
+        x = x + (torch.rand_like(x) - 0.5) * (xu - xl).unsqueeze(1)
+        lo, hi = xl.unsqueeze(1).expand_as(x), xu.unsqueeze(1).expand_as(x)
+        step = (xu - xl).unsqueeze(1) / 8
+        for _ in range(steps):
+            x = x.detach().requires_grad_(True)
+            y = model(x.reshape(B * S, *xl.shape[1:])).reshape(B, S, -1)
+            val = (C * y).sum(-1)
+            (g,) = torch.autograd.grad((sign * val).sum(), x)
+            with torch.no_grad():
+                x = torch.min(torch.max(x - step * g.sign(), lo), hi)
+                step = step * 0.9
+        with torch.no_grad():
+            val = (C * model(x.reshape(B * S, *xl.shape[1:])).reshape(B, S, -1)).sum(-1)
+        out_min = torch.minimum(out_min, val)
+        out_max = torch.maximum(out_max, val)
+    return out_min, out_max
+
+
+def check_sound(model, in_shape, eps, method, n_points=1000, batch=2, seed=0):
+    torch.manual_seed(seed)
+    model.eval()
+    net = BoundedNetwork(model, in_shape)
+    x = torch.rand(batch, *in_shape)
+    xl, xu = input_box(x, eps)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    C = margin_spec(y, net.num_outputs)
+    res = net.compute_bounds(xl, xu, method=method, C=C, alpha_iterations=5)
+    lo, up = res.lower, res.upper
+    assert torch.isfinite(lo).all() and torch.isfinite(up).all()
+    assert (lo <= up + TOL).all()
+    with torch.no_grad():
+        u = torch.rand(n_points, *xl.shape)
+        corners = torch.rand(n_points // 5, *xl.shape).round()
+        pts = torch.cat([xl + (xu - xl) * u, xl + (xu - xl) * corners])  # [P, B, *in]
+        P = pts.shape[0]
+        out = model(pts.reshape(P * batch, *in_shape)).reshape(P, batch, -1)
+        vals = torch.einsum("bso,pbo->pbs", C, out)
+    assert (vals >= lo - TOL).all(), f"sampled point below lower bound by {(lo - vals).max():.3g}"
+    assert (vals <= up + TOL).all(), f"sampled point above upper bound by {(vals - up).max():.3g}"
+    pmin, pmax = pgd_extremes(model, C, xl, xu)
+    assert (pmin >= lo - TOL).all(), f"PGD point below lower bound by {(lo - pmin).max():.3g}"
+    assert (pmax <= up + TOL).all(), f"PGD point above upper bound by {(pmax - up).max():.3g}"
+    return res
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", list_models())
+def test_registry_models_sound(name, method):
+    torch.manual_seed(hash(name) % 1000)
+    model = create_model(name, IN)
+    eps = float(torch.empty(1).uniform_(0.002, 0.05))
+    check_sound(model, IN, eps, method)
+
+
+@pytest.mark.parametrize("method", ("crown", "alpha-crown"))
+@pytest.mark.parametrize("name", ["mlp", "cnn-b", "resnet-4b"])
+def test_grafted_models_sound(name, method):
+    torch.manual_seed(1)
+    model = graft_randomly(create_model(name, IN), IN, 0.5)
+    check_sound(model, IN, 0.03, method)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn-b", "resnet-4b"])
+def test_fully_grafted_crown_is_exact(name):
+    """A fully grafted network is affine: CROWN's bounds must equal the closed-form min/max over the box."""
+    torch.manual_seed(2)
+    model = graft_randomly(create_model(name, IN), IN, 1.0).eval()
+    net = BoundedNetwork(model, IN)
+    x = torch.rand(2, *IN)
+    xl, xu = input_box(x, 0.05)
+    C = margin_spec(torch.tensor([3, 7]), 10)
+    res = net.compute_bounds(xl, xu, method="crown", C=C)
+    # f(x) = J x + f(0): exact extremes of C J x over the box
+    J = torch.autograd.functional.jacobian(lambda z: model(z.unsqueeze(0))[0], torch.zeros(*IN)).reshape(10, -1)
+    f0 = model(torch.zeros(1, *IN))[0]
+    W = torch.einsum("bso,on->bsn", C, J)
+    c = ((xl + xu) / 2).reshape(2, -1, 1)
+    r = ((xu - xl) / 2).reshape(2, -1, 1)
+    base = torch.einsum("bso,o->bs", C, f0)
+    exact_lo = base + torch.bmm(W, c).squeeze(-1) - torch.bmm(W.abs(), r).squeeze(-1)
+    exact_up = base + torch.bmm(W, c).squeeze(-1) + torch.bmm(W.abs(), r).squeeze(-1)
+    assert torch.allclose(res.lower, exact_lo, atol=1e-4, rtol=1e-5)
+    assert torch.allclose(res.upper, exact_up, atol=1e-4, rtol=1e-5)
+    assert all(int(v.sum()) == 0 for v in res.unstable.values())
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn-b"])
+def test_alpha_crown_at_least_crown_and_crown_beats_ibp(name):
+    torch.manual_seed(3)
+    model = create_model(name, IN).eval()
+    net = BoundedNetwork(model, IN)
+    x = torch.rand(3, *IN)
+    xl, xu = input_box(x, 0.02)
+    C = margin_spec(model(x).argmax(1), 10)
+    ibp = net.compute_bounds(xl, xu, "ibp", C)
+    cr = net.compute_bounds(xl, xu, "crown", C)
+    al = net.compute_bounds(xl, xu, "alpha-crown", C)
+    assert (al.lower >= cr.lower - 1e-6).all()
+    assert (cr.lower >= ibp.lower - 1e-6).mean(dtype=torch.float) > 0.9
+
+
+def test_graph_forward_matches_model_for_every_registry_model():
+    for name in list_models():
+        model = create_model(name, IN).eval()
+        net = BoundedNetwork(model, IN)
+        x = torch.rand(4, *IN)
+        assert torch.allclose(net.forward(x), model(x), atol=1e-5), name
+
+
+def test_unsupported_ops_are_listed_up_front():
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.sigmoid(self.fc(x)) * torch.tanh(x)
+
+    with pytest.raises(UnsupportedModelError) as e:
+        BoundedNetwork(Bad(), (4,))
+    msg = str(e.value)
+    assert "sigmoid" in msg and "tanh" in msg and "mul" in msg
+
+
+def test_zero_eps_bounds_are_tight():
+    model = create_model("cnn-b", IN).eval()
+    net = BoundedNetwork(model, IN)
+    x = torch.rand(2, *IN)
+    res = net.compute_bounds(x, x, "crown")
+    out = model(x)
+    assert torch.allclose(res.lower, out, atol=1e-4) and torch.allclose(res.upper, out, atol=1e-4)
+
+
+def test_l2_bounds_sound():
+    torch.manual_seed(4)
+    model = create_model("mlp", IN).eval()
+    net = BoundedNetwork(model, IN)
+    x = torch.rand(2, *IN)
+    eps = 0.3
+    xl, xu = input_box(x, eps)
+    C = margin_spec(model(x).argmax(1), 10)
+    res = net.compute_bounds(xl, xu, "crown", C, l2_center=x, l2_eps=eps)
+    box = net.compute_bounds(xl, xu, "crown", C)
+    assert (res.lower >= box.lower - 1e-6).all()
+    d = torch.randn(2000, *x.shape)
+    d = d / d.flatten(2).norm(dim=2).reshape(2000, 2, *([1] * len(IN))) * eps * torch.rand(2000, 2, *([1] * len(IN)))
+    pts = (x + d).clamp(0, 1)
+    with torch.no_grad():
+        vals = torch.einsum("bso,pbo->pbs", C, model(pts.reshape(-1, *IN)).reshape(2000, 2, -1))
+    assert (vals >= res.lower - TOL).all()

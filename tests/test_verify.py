@@ -1,0 +1,286 @@
+"""Complete verification: attack + bounds + branch and bound, result files, the VNN-COMP runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lingraft.bounds import BoundedNetwork
+from lingraft.layers import GraftedReLU
+from lingraft.spec.vnnlib import OutputConstraint, Region, VnnlibProperty, parse_vnnlib, read_counterexample
+from lingraft.verify import PROVE_TOL, verify_property
+from lingraft.verify.bounding import bound_domains
+from lingraft.verify.problem import region_spec
+from lingraft.verify.relu_bab import ReluBaB
+from lingraft.verify.runner import verify_instances, write_result
+from lingraft.verify.witness import confirm
+
+REPO = Path(__file__).resolve().parents[1]
+VNNCOMP = Path(__file__).resolve().parents[2] / "shared" / "vnncomp"
+needs_vnncomp = pytest.mark.skipif(not VNNCOMP.is_dir(), reason="../shared/vnncomp is absent")
+TEST_EXPECTED = {"test_nano.onnx": "unsat", "test_tiny.onnx": "unsat", "test_small.onnx": "unsat",
+                 "test_sat.onnx": "sat", "test_unsat.onnx": "unsat"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_net(seed: int, grafted: bool = False) -> nn.Module:
+    """2 -> 16 -> 16 -> 1 ReLU network (optionally with every other neuron grafted)."""
+    torch.manual_seed(seed)
+    if grafted:
+        mask = torch.zeros(16)
+        mask[::2] = 1
+        acts = [GraftedReLU((16,), mask), GraftedReLU((16,), mask.flip(0))]
+    else:
+        acts = [nn.ReLU(), nn.ReLU()]
+    return nn.Sequential(nn.Linear(2, 16), acts[0], nn.Linear(16, 16), acts[1], nn.Linear(16, 1)).eval()
+
+
+def below(threshold: float) -> VnnlibProperty:
+    """Unsafe iff y <= threshold for some x in [-1, 1]^2."""
+    reg = Region(np.array([-1.0, -1.0]), np.array([1.0, 1.0]), [OutputConstraint(np.array([[1.0]]),
+                                                                                 np.array([threshold]))])
+    return VnnlibProperty(num_inputs=2, num_outputs=1, regions=[reg], path=None)
+
+
+def grid_min(model: nn.Module, n: int = 401) -> tuple[float, float]:
+    """(minimum on an n x n grid of [-1, 1]^2, a certified lower bound of the true minimum via Lipschitz)."""
+    g = torch.linspace(-1, 1, n)
+    X = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    with torch.no_grad():
+        m = float(model(X).min())
+    lip = 1.0
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            lip *= float(torch.linalg.matrix_norm(layer.weight, 2))
+        elif isinstance(layer, GraftedReLU):
+            lip *= max(1.0, float((layer.a * layer.mask).abs().max()))
+    return m, m - lip * (2 / (n - 1)) / 2 * 2 ** 0.5
+
+
+def alpha_lower(model: nn.Module, prop: VnnlibProperty) -> float:
+    spec = region_spec(prop.regions[0], (2,), 1)
+    res = bound_domains(BoundedNetwork(model, (2,)), spec.x_L, spec.x_U, spec.C[None], iterations=50)
+    return float(spec.lower_margin(res.lower))
+
+
+# ---------------------------------------------------------------------------------------------- boxes / spec
+def test_region_boxes_round_outward_for_bounds_and_inward_for_attacks():
+    lo = np.array([0.1, -0.3, 1 / 3])
+    up = np.array([0.2, 0.7, 1 / 3 + 1e-3])
+    reg = Region(lo, up, [OutputConstraint(np.array([[1.0, -1.0]]), np.array([0.1]))])
+    spec = region_spec(reg, (3,), 2)
+    xl, xu = spec.x_L.double().numpy()[0], spec.x_U.double().numpy()[0]
+    al, au = spec.a_L.double().numpy()[0], spec.a_U.double().numpy()[0]
+    assert np.all(xl <= lo) and np.all(xu >= up)  # bounds cover the real box
+    assert np.all(al >= lo) and np.all(au <= up) and np.all(al <= au)  # attack points lie inside it
+    assert spec.b.dtype == torch.float64 and float(spec.b[0]) == 0.1
+
+
+# ---------------------------------------------------------------------------------------------- tiny networks
+def test_relu_bab_proves_what_alpha_crown_cannot():
+    model = tiny_net(5)
+    m, certified = grid_min(model)
+    prop = below(-0.2)
+    assert certified > -0.2 + 0.05  # the property holds ...
+    assert alpha_lower(model, prop) < 0  # ... but alpha-CROWN alone cannot show it
+    res = verify_property(model, prop, in_shape=(2,), split="relu", timeout=30)
+    assert res.status == "unsat", res
+    assert res.stats["method"] == "bab-relu" and res.stats["branches"] > 2
+
+
+def test_input_bab_proves_the_same_property():
+    model = tiny_net(5)
+    res = verify_property(model, below(-0.2), in_shape=(2,), split="input", timeout=30)
+    assert res.status == "unsat" and res.stats["branches"] > 2 and res.stats["method"] == "bab-input"
+
+
+@pytest.mark.parametrize("split", ["relu", "input"])
+def test_sat_counterexample_is_found_and_rechecked(split):
+    model = tiny_net(5)
+    m, _ = grid_min(model)
+    prop = below(m + 0.03)
+    res = verify_property(model, prop, in_shape=(2,), split=split, timeout=30)
+    assert res.status == "sat"
+    x, y = res.counterexample
+    assert prop.is_violated_by(x, y)
+    with torch.no_grad():
+        y_again = model(torch.tensor(x, dtype=torch.float32)[None]).double().numpy()[0]
+    np.testing.assert_allclose(y, y_again, atol=1e-5)
+    assert np.all(x >= -1) and np.all(x <= 1)
+
+
+def test_confirm_rejects_a_candidate_the_reference_pass_does_not_support():
+    model = tiny_net(5)
+    prop = below(-10.0)  # nothing is that low
+    spec = region_spec(prop.regions[0], (2,), 1)
+    x = spec.a_L.expand(3, -1).clone()
+    # the search claims violations, the float64 forward pass disagrees: no counterexample
+    assert confirm(x, torch.full((3,), -1.0), prop, model, None) is None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_branch_and_bound_never_proves_a_violated_property(seed):
+    """Without any attack, BaB must not answer unsat where the grid shows a violation (and must prove the
+    thresholds safely below the certified minimum)."""
+    model = tiny_net(seed)
+    m, certified = grid_min(model)
+    for split in ("relu", "input"):
+        bad = verify_property(model, below(m + 0.01), in_shape=(2,), split=split, attack=False, timeout=3)
+        assert bad.status != "unsat", (seed, split, bad)
+        good = verify_property(model, below(certified - 0.03), in_shape=(2,), split=split, attack=False,
+                               timeout=20)
+        assert good.status == "unsat", (seed, split, good)
+
+
+def test_grafted_neurons_are_never_split():
+    model = tiny_net(3, grafted=True)
+    _, certified = grid_min(model)
+    prop = below(-0.13)
+    assert certified > -0.13 and alpha_lower(model, prop) < 0  # needs branching
+    net = BoundedNetwork(model, (2,))
+    spec = region_spec(prop.regions[0], (2,), 1)
+    root = bound_domains(net, spec.x_L, spec.x_U, spec.C[None], iterations=20, record_lA=True)
+    bab = ReluBaB(net, spec, model, lambda xs, v: None, time.perf_counter() + 30, batch_size=4)
+    assert int(bab.grafted.sum()) == 16
+    sc = bab.scores(root, torch.zeros(1, bab.N, dtype=torch.int8), torch.ones(1, 1))
+    assert torch.isinf(sc[0, bab.grafted]).all() and torch.isfinite(sc[0, ~bab.grafted]).any()
+    out = bab.run(root)
+    assert out.status == "unsat" and out.branches > 2
+    assert bab.branched.any() and not (bab.branched & bab.grafted).any()
+
+
+def test_timeout_is_respected():
+    model = tiny_net(5)
+    m, _ = grid_min(model)
+    # a threshold just below the true minimum: provable, but only with a very deep search
+    t0 = time.perf_counter()
+    res = verify_property(model, below(m - 1e-4), in_shape=(2,), split="relu", attack=False, timeout=1.0,
+                          batch_size=2)
+    wall = time.perf_counter() - t0
+    assert res.status in ("timeout", "unsat")
+    assert res.time_s <= 1.3 and wall <= 1.5
+    res = verify_property(model, below(-0.2), in_shape=(2,), timeout=0.0)
+    assert res.status == "timeout"
+
+
+def test_bad_inputs_give_error_status():
+    model = tiny_net(5)
+    bad = VnnlibProperty(num_inputs=3, num_outputs=1, regions=[], path=None)
+    res = verify_property(model, bad, in_shape=(2,))
+    assert res.status == "error" and "inputs" in res.stats["error"]
+    res = verify_property(REPO / "does-not-exist.onnx", below(0.0))
+    assert res.status == "error" and "not found" in res.stats["error"]
+
+
+def test_result_files(tmp_path):
+    model = tiny_net(5)
+    m, _ = grid_min(model)
+    prop = below(m + 0.03)
+    res = verify_property(model, prop, in_shape=(2,), timeout=30)
+    write_result(tmp_path / "sat.txt", res)
+    assert (tmp_path / "sat.txt").read_text().startswith("sat\n")
+    x, y = read_counterexample(tmp_path / "sat.txt")
+    assert prop.is_violated_by(x, y)
+    res = verify_property(model, below(-0.2), in_shape=(2,), timeout=30)
+    write_result(tmp_path / "unsat.txt", res)
+    assert (tmp_path / "unsat.txt").read_text() == "unsat\n"
+
+
+# ---------------------------------------------------------------------------------------------- VNN-COMP data
+@needs_vnncomp
+@pytest.mark.vnncomp
+def test_vnncomp_test_folder_all_correct(tmp_path):
+    folder = VNNCOMP / "test"
+    out = tmp_path / "test.jsonl"
+    lines = []
+    recs = verify_instances(folder / "instances.csv", out=out, results_dir=tmp_path / "res", echo=lines.append)
+    assert len(recs) == 5
+    for r in recs:
+        assert r["status"] == TEST_EXPECTED[r["onnx"]], r
+        assert r["time_s"] < r["timeout"]
+    # the sat result file holds a counterexample that onnxruntime confirms
+    from lingraft.onnx_io import run_onnxruntime
+
+    x, y = read_counterexample(tmp_path / "res" / "test_sat_test_prop.txt")
+    y_ort = run_onnxruntime(folder / "test_sat.onnx", torch.tensor(x, dtype=torch.float32).reshape(1, 1, 1, 5))
+    np.testing.assert_allclose(y, y_ort.numpy()[0], rtol=0, atol=1e-6)
+    assert parse_vnnlib(folder / "test_prop.vnnlib").is_violated_by(x, y)
+    assert "5 instances: 4 verified, 1 falsified" in lines[-1]
+    # resume: nothing is recomputed
+    lines2 = []
+    again = verify_instances(folder / "instances.csv", out=out, echo=lines2.append)
+    assert [r["status"] for r in again] == [r["status"] for r in recs]
+    assert all("(resumed)" in s for s in lines2[:-1])
+    assert len(out.read_text().splitlines()) == 5
+
+
+@needs_vnncomp
+@pytest.mark.vnncomp
+def test_cli_run_and_shell_scripts(tmp_path):
+    folder = VNNCOMP / "test"
+    env = dict(os.environ, LINGRAFT_PYTHON=sys.executable)
+    res_file = tmp_path / "r.txt"
+    p = subprocess.run(["bash", str(REPO / "vnncomp" / "prepare_instance.sh"), "v1", "test",
+                        str(folder / "test_sat.onnx"), str(folder / "test_prop.vnnlib")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    p = subprocess.run(["bash", str(REPO / "vnncomp" / "run_instance.sh"), "v1", "test",
+                        str(folder / "test_sat.onnx"), str(folder / "test_prop.vnnlib"), str(res_file), "60"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1])["status"] == "sat"
+    x, y = read_counterexample(res_file)
+    assert parse_vnnlib(folder / "test_prop.vnnlib").is_violated_by(x, y)
+    p = subprocess.run([sys.executable, "-m", "lingraft.verify", "run", str(folder / "test_unsat.onnx"),
+                        str(folder / "test_prop.vnnlib"), "--timeout", "60", "--result", str(res_file)],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert res_file.read_text() == "unsat\n"
+    p = subprocess.run([sys.executable, "-m", "lingraft.verify", "run", str(folder / "missing.onnx"),
+                        str(folder / "test_prop.vnnlib"), "--result", str(res_file)],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert p.returncode == 1 and "not found" in p.stderr and res_file.read_text() == "error\n"
+
+
+@needs_vnncomp
+@pytest.mark.vnncomp
+def test_mnist_fc_three_instances():
+    folder = VNNCOMP / "mnist_fc"
+    net = folder / "onnx" / "mnist-net_256x2.onnx"
+    for prop, want in (("prop_1", "sat"), ("prop_6", "unsat"), ("prop_8", "unsat")):
+        res = verify_property(net, folder / "vnnlib" / f"{prop}_0.03.vnnlib.gz", timeout=120)
+        assert res.status == want, (prop, res)
+        if want == "sat":
+            x, y = res.counterexample
+            assert parse_vnnlib(folder / "vnnlib" / f"{prop}_0.03.vnnlib.gz").is_violated_by(x, y)
+        else:
+            assert res.stats["method"] == "bab-relu"  # these two need branch and bound
+
+
+@needs_vnncomp
+@pytest.mark.vnncomp
+@pytest.mark.slow
+@pytest.mark.parametrize("bench", ["mnist_fc", "verivital"])
+def test_benchmark_matches_expected(bench, tmp_path):
+    recs = verify_instances(VNNCOMP / bench / "instances.csv", out=tmp_path / f"{bench}.jsonl", echo=lambda s: None)
+    assert recs and all(r["expected"] in ("sat", "unsat") for r in recs)
+    assert not [r for r in recs if r["wrong"]]
+    assert all(r["status"] == r["expected"] for r in recs), [(r["vnnlib"], r["status"]) for r in recs]
+    assert all(r["time_s"] < r["timeout"] for r in recs)
+    assert PROVE_TOL > 0
