@@ -7,8 +7,9 @@ CROWN computes, node by node in topological order, bounds of every pre-activatio
 needs (a ReLU's input, but only for its non-grafted neurons) by a backward pass of linear relaxations down to
 the input, then the final bounds by one more backward pass from the output. Pre-activations whose value is an
 affine function of the box (input -> elementwise/reshape/pad ops -> at most one Linear/Conv) get interval
-bounds, which are exact there. Intermediate CROWN bounds are intersected with the IBP bounds (both are
-sound, so their intersection is).
+bounds, which are exact there. Intermediate CROWN bounds are intersected with interval references (IBP
+of the node from its inputs' tightest bounds; both are sound, so their intersection is), and neurons that the
+reference already proves stable skip the CROWN pass.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from ..errors import UsageError
 from .graph import GraphNode, build_graph
+from .patches import backward_patches, chain_to_input
 from .ops import ConvOp, LinearOp, ReLUOp
 from .ops.base import pos, neg
 
@@ -47,10 +49,17 @@ class BoundedNetwork:
 
     model: nn.Module built from supported layers (see :mod:`lingraft.bounds.graph`);
     in_shape: per-sample input shape, e.g. (1, 28, 28).
+    mode: "tight" (default) intersects CROWN intermediate bounds with interval references; "autolirpa"
+    reproduces auto_LiRPA 0.3's CROWN exactly (used by the equivalence tests).
     """
 
     def __init__(self, model: nn.Module, in_shape, device: str | torch.device | None = None,
-                 memory_budget_mb: float = 512.0):
+                 memory_budget_mb: float = 512.0, mode: str = "tight"):
+        if mode not in ("tight", "autolirpa"):
+            raise UsageError(f"unknown engine mode {mode!r}; use 'tight' or 'autolirpa'")
+        self.mode = mode
+        self.use_patches = True
+        self._patch_chains: dict = {}
         self.model = model.eval()
         self.in_shape = tuple(in_shape)
         self.device = torch.device(device) if device is not None else next(
@@ -153,10 +162,21 @@ class BoundedNetwork:
         with torch.no_grad():
             ibp = self.ibp_all(x_L, x_U)
         if method == "ibp":
-            out_l, out_u = ibp[-1]
-            out_l, out_u = out_l.reshape(B, -1), out_u.reshape(B, -1)
-            lo = torch.einsum("bso,bo->bs", pos(C), out_l) + torch.einsum("bso,bo->bs", neg(C), out_u)
-            up = torch.einsum("bso,bo->bs", pos(C), out_u) + torch.einsum("bso,bo->bs", neg(C), out_l)
+            last = self.nodes[-1]
+            if isinstance(last.op, LinearOp) and len(self.nodes[last.inputs[0]].shape) == 1:
+                # fold C into the last linear layer (C W) before the interval step: much tighter margins
+                hl, hu = ibp[last.inputs[0]]
+                W = torch.einsum("bso,oi->bsi", C, last.op.weight)
+                bias = 0 if last.op.bias is None else torch.einsum("bso,o->bs", C, last.op.bias)
+                c, r = ((hu + hl) / 2).unsqueeze(-1), ((hu - hl) / 2).unsqueeze(-1)
+                mid = torch.bmm(W, c).squeeze(-1) + bias
+                rad = torch.bmm(W.abs(), r).squeeze(-1)
+                lo, up = mid - rad, mid + rad
+            else:
+                out_l, out_u = ibp[-1]
+                out_l, out_u = out_l.reshape(B, -1), out_u.reshape(B, -1)
+                lo = torch.einsum("bso,bo->bs", pos(C), out_l) + torch.einsum("bso,bo->bs", neg(C), out_u)
+                up = torch.einsum("bso,bo->bs", pos(C), out_u) + torch.einsum("bso,bo->bs", neg(C), out_l)
             res = BoundResult(lo, up if bound_upper else None)
             self._stats(res, ibp)
             res.time_s = time.perf_counter() - t0
@@ -185,51 +205,72 @@ class BoundedNetwork:
 
     # ---------------------------------------------------------------------------------------------
     def _intermediate_bounds(self, x_L, x_U, ibp, interm_bounds=None):
-        """Bounds of every node a nonlinear operator needs: list indexed by node (None = not computed)."""
-        bounds: list = [None] * len(self.nodes)
-        bounds[0] = (x_L, x_U)
+        """Bounds of every node a nonlinear operator needs: list indexed by node (None = not computed).
+
+        Each node also gets a reference interval: IBP of the node from the tightest bounds known for its
+        inputs (CROWN bounds where computed). Neurons stable under the reference need no CROWN pass.
+        """
+        N = len(self.nodes)
+        bounds: list = [None] * N
+        ref: list = [None] * N
+        bounds[0] = ref[0] = (x_L, x_U)
         for i, nd in enumerate(self.nodes):
-            if i == 0 or i not in self._needed:
-                if nd.op is not None and getattr(nd.op, "cuts_backward", False):
-                    bounds[i] = nd.op.ibp(*[bounds[j] for j in nd.inputs])
+            if i == 0:
                 continue
-            il, iu = ibp[i]
+            ref[i] = nd.op.ibp(*[ref[j] for j in nd.inputs])
+            if getattr(nd.op, "cuts_backward", False):
+                bounds[i] = ref[i]
+                continue
+            if i not in self._needed:
+                continue
+            rl, ru = ref[i]
             if self._box_exact[i] <= 1:
-                lo, up = il, iu
+                lo, up = rl, ru
             else:
-                lo, up = self._crown_node(i, x_L, x_U, bounds, il, iu)
+                lo, up = self._crown_node(i, x_L, x_U, bounds, rl, ru)
             if interm_bounds and i in interm_bounds:
                 sl, su = interm_bounds[i]
                 lo, up = torch.maximum(lo, sl), torch.minimum(up, su)
-            bounds[i] = (lo, up)
-            for c in nd.consumers:
-                cop = self.nodes[c].op
-                if getattr(cop, "cuts_backward", False):
-                    bounds[c] = cop.ibp(*[bounds[j] for j in self.nodes[c].inputs])
+            bounds[i] = ref[i] = (lo, up)
         return bounds
 
-    def _crown_node(self, i, x_L, x_U, bounds, ibp_l, ibp_u):
-        """CROWN bounds of node i for the rows that are needed and not already stable under IBP."""
+    def _crown_node(self, i, x_L, x_U, bounds, ref_l, ref_u):
+        """CROWN bounds of node i for the needed rows that are unstable under the reference interval.
+
+        tight mode (default): rows stable under the reference keep it (a stable neuron's relaxation does not
+        depend on the bound values), CROWN results are intersected with the reference (both are sound).
+        autolirpa mode: auto_LiRPA 0.3's rule - CROWN for the reference-unstable rows (union over the batch)
+        without intersection, or for all rows when more than 90% are unstable.
+        """
         nd = self.nodes[i]
         B = x_L.shape[0]
         n = int(math.prod(nd.shape))
-        rows = self._needed.get(i)
-        rows = torch.arange(n, device=self.device) if rows is None else rows.to(self.device)
-        lo = ibp_l.reshape(B, n).clone()
-        up = ibp_u.reshape(B, n).clone()
-        # neurons that IBP already proves stable keep the IBP bounds: intersecting with CROWN cannot make
-        # them unstable, and a stable neuron's relaxation does not depend on the exact bound value
-        unst = ((lo[:, rows] < 0) & (up[:, rows] > 0)).any(0)
-        rows = rows[unst]
+        needed = self._needed.get(i)
+        needed = torch.arange(n, device=self.device) if needed is None else needed.to(self.device)
+        lo = ref_l.reshape(B, n).clone()
+        up = ref_u.reshape(B, n).clone()
+        unst = ((lo[:, needed] < 0) & (up[:, needed] > 0)).any(0)
+        rows = needed[unst]
+        tight = self.mode == "tight"
+        if not tight and rows.numel() > 0.9 * n:
+            rows = needed
         if rows.numel() == 0:
-            return lo.reshape(ibp_l.shape), up.reshape(ibp_u.shape)
-        chunk = self._chunk_size(i, B, rows.numel())
+            return lo.reshape(ref_l.shape), up.reshape(ref_u.shape)
+        chain = self._patch_chains.get(i, False)
+        if chain is False:
+            chain = self._patch_chains[i] = chain_to_input(self.nodes, i) if self.use_patches else None
+        chunk = self._chunk_size(i, B, rows.numel()) if chain is None else max(1, min(rows.numel(), 4096))
         for s in range(0, rows.numel(), chunk):
             r = rows[s:s + chunk]
-            l_r, u_r = self._backward(i, None, x_L, x_U, bounds, True, rows=r)
-            lo[:, r] = torch.maximum(lo[:, r], l_r)
-            up[:, r] = torch.minimum(up[:, r], u_r)
-        return lo.reshape(ibp_l.shape), up.reshape(ibp_u.shape)
+            if chain is not None:
+                l_r, u_r = backward_patches(self.nodes, i, chain, r, x_L, x_U, bounds, self._l2)
+            else:
+                l_r, u_r = self._backward(i, None, x_L, x_U, bounds, True, rows=r)
+            if tight:
+                l_r, u_r = torch.maximum(lo[:, r], l_r), torch.minimum(up[:, r], u_r)
+            lo[:, r] = l_r
+            up[:, r] = u_r
+        return lo.reshape(ref_l.shape), up.reshape(ref_u.shape)
 
     def _chunk_size(self, i, B, R):
         biggest = max(int(math.prod(nd.shape)) for nd in self.nodes[: i + 1])

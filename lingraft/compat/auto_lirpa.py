@@ -318,7 +318,19 @@ def bounded_module(model: nn.Module, example_input: Tensor, conv_mode: str = "pa
     opts.update(bound_opts or {})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer / deprecation noise from torch.jit
-        return lirpa.BoundedModule(model, example_input, bound_opts=opts, device=example_input.device)
+        bm = lirpa.BoundedModule(model, example_input, bound_opts=opts, device=example_input.device)
+    # Bounds are w.r.t. the input only.  In train mode BoundParams.forward switches requires_grad on
+    # for the model's own parameters, and constants computed from them during tracing (mask * a)
+    # keep that autograd graph in `.value`; alpha-CROWN's backward then runs into it and fails
+    # ("modified by an inplace operation", the tracer's load_state_dict bumped the versions).
+    bm.eval()
+    for node in bm._modules.values():
+        if not getattr(node, "from_input", True) and node.inputs:
+            for attr in ("value", "forward_value"):
+                v = getattr(node, attr, None)
+                if isinstance(v, Tensor) and v.requires_grad:
+                    setattr(node, attr, v.detach())
+    return bm
 
 
 def _prepare(model: nn.Module, x_lower: Tensor, x_upper: Tensor, method: str):

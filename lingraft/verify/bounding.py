@@ -102,14 +102,27 @@ def infeasible_domains(net: BoundedNetwork, bounds: list, B: int) -> Tensor:
     return bad
 
 
+def clamp_bounds(net: BoundedNetwork, base: list, splits: dict[int, Tensor] | None, B: int) -> list:
+    """Intermediate bounds for B domains from fixed ``base`` bounds (list by node of [1 or B, *shape] pairs or
+    None, e.g. the root's) with the split neurons' pre-activation intervals clamped as in :func:`split_clamps`."""
+    out = [None if b is None else (b[0].expand(B, *b[0].shape[1:]), b[1].expand(B, *b[1].shape[1:]))
+           for b in base]
+    for node, (lo_c, up_c) in (split_clamps(net, splits) or {}).items():
+        if out[node] is not None:
+            out[node] = (torch.maximum(out[node][0], lo_c), torch.minimum(out[node][1], up_c))
+    return out
+
+
 def bound_domains(net: BoundedNetwork, x_L: Tensor, x_U: Tensor, C: Tensor, *,
-                  splits: dict[int, Tensor] | None = None, iterations: int = 0,
+                  splits: dict[int, Tensor] | None = None, base_bounds: list | None = None, iterations: int = 0,
                   alpha_init: dict[int, Tensor] | None = None, row_weight: Tensor | None = None,
                   lr_alpha: float = 0.1, lr_beta: float = 0.05, record_lA: bool = False,
                   target: Tensor | None = None, deadline: float | None = None) -> Bounded:
     """Bound C f(x) on B domains.
 
-    x_L, x_U: [B, *in_shape]; C: [B, S, n_out]; splits: {ReLU node: int8 [B, *shape]}; iterations: alpha/beta
+    x_L, x_U: [B, *in_shape]; C: [B, S, n_out]; splits: {ReLU node: int8 [B, *shape]}; base_bounds: if given,
+    intermediate bounds are NOT recomputed: these fixed bounds (e.g. the root's, valid on every sub-domain) are
+    used with the split neurons clamped (much cheaper on large networks, looser); iterations: alpha/beta
     optimization steps (0 = plain CROWN); alpha_init: {ReLU node: [B, S, *shape]} warm-start slopes;
     row_weight: [B, S] weights of the rows in the objective (0 = row already settled); target: [B, S] margins
     that count as done (the optimization stops once every weighted row exceeds them).
@@ -117,7 +130,10 @@ def bound_domains(net: BoundedNetwork, x_L: Tensor, x_U: Tensor, C: Tensor, *,
     B, S = C.shape[:2]
     dev = net.device
     x_L, x_U, C = x_L.to(dev), x_U.to(dev), C.to(dev)
-    bounds = net.intermediate_bounds(x_L, x_U, interm_bounds=split_clamps(net, splits))
+    if base_bounds is not None:
+        bounds = clamp_bounds(net, base_bounds, splits, B)
+    else:
+        bounds = net.intermediate_bounds(x_L, x_U, interm_bounds=split_clamps(net, splits))
     infeasible = infeasible_domains(net, bounds, B)
     C_out = C.reshape(B, S, *net.out_shape)
 

@@ -18,6 +18,7 @@ margin > PROVE_TOL; ``timeout`` when the wall-clock budget runs out; ``unknown``
 
 from __future__ import annotations
 
+import copy
 import gzip
 import math
 import shutil
@@ -45,6 +46,8 @@ from .witness import confirm
 #: networks with at most this many inputs are verified by input splitting
 INPUT_SPLIT_MAX_DIM = 10
 STATUSES = ("unsat", "sat", "unknown", "timeout", "error")
+#: ReLU branch and bound recomputes every domain's intermediate bounds when the root CROWN pass takes less
+REFINE_MAX_CROWN_S = 0.05
 # strength order of the methods, for the "method" statistic (the strongest one used)
 _METHOD_RANK = {"none": 0, "attack": 1, "crown": 2, "alpha-crown": 3, "bab-input": 4, "bab-relu": 4}
 
@@ -100,8 +103,9 @@ def verify_property(model_or_path, prop, *, timeout: float = 60.0, in_shape=None
                     log: Callable[[str], None] | None = None) -> VerifyResult:
     """Decide whether the property's unsafe set is reachable.
 
-    model_or_path: an ONNX file (plain or .gz) or an nn.Module (then ``in_shape`` or ``model.input_shape``
-    gives the per-sample input shape); prop: a VnnlibProperty or a VNN-LIB file path; timeout: wall-clock
+    model_or_path: an ONNX file (plain or .gz; bounds run on CUDA when available unless ``device`` says
+    otherwise) or an nn.Module (then ``in_shape`` or ``model.input_shape`` gives the per-sample input shape; it
+    is put in eval mode and used on its own device unless ``device`` is given); prop: a VnnlibProperty or a VNN-LIB file path; timeout: wall-clock
     seconds for the whole call (loading included); split: "auto" (input splitting for <= 10 inputs, ReLU
     splitting otherwise), "input" or "relu"; attack_time: seconds of the first counterexample search per region
     (default min(2 s, 5% of the timeout)); root/bab_iterations: alpha(-beta) optimization steps at the root /
@@ -133,10 +137,17 @@ def verify_property(model_or_path, prop, *, timeout: float = 60.0, in_shape=None
         stats["regions"] = len(prop.regions)
         if not prop.regions:
             return result("unsat")
-        dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = model.to(dev).eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
+        if onnx_path is not None:  # our own copy: move it and freeze it
+            dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            model = model.to(dev).eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+        else:  # the caller's module: leave it where it is unless a device is asked for
+            here = next((p.device for p in model.parameters()), torch.device("cpu"))
+            dev = torch.device(device) if device else here
+            if dev != here:
+                model = copy.deepcopy(model).to(dev)
+            model.eval()
         net = BoundedNetwork(model, shape, device=dev)
         specs = [region_spec(r, shape, n_out).to(dev) for r in prop.regions]
         mode = split if split != "auto" else ("input" if n_in <= INPUT_SPLIT_MAX_DIM else "relu")
@@ -207,7 +218,9 @@ def _verify_region(net: BoundedNetwork, model, spec: RegionSpec, check, deadline
         return out.status, out.counterexample
 
     C = spec.C.unsqueeze(0)
+    t_crown = time.perf_counter()
     res = bound_domains(net, spec.x_L, spec.x_U, C, iterations=0)
+    t_crown = time.perf_counter() - t_crown
     ref = spec.refuted(spec.lower_margin(res.lower))
     stats["method"] = _merge_method(stats["method"], "alpha-crown")
     rw = (~ref)[:, spec.group].float()
@@ -220,8 +233,12 @@ def _verify_region(net: BoundedNetwork, model, spec: RegionSpec, check, deadline
     if time.perf_counter() > deadline:
         return "timeout", None
     stats["method"] = _merge_method(stats["method"], "bab-relu")
+    # recomputing intermediate bounds per domain is what makes deep/convolutional networks slow: do it only when
+    # one CROWN pass is cheap, else keep the root's bounds with the split neurons clamped
+    refine = t_crown < REFINE_MAX_CROWN_S
+    stats["refine_intermediate"] = refine
     bab = ReluBaB(net, spec, model, check, deadline, batch_size=batch_size or 64, iterations=bab_iterations,
-                  seed=seed, attack_every=2.0 if attack else float("inf"), log=log)
+                  seed=seed, attack_every=2.0 if attack else float("inf"), refine_intermediate=refine, log=log)
     out = bab.run(res)
     stats["branches"] += out.branches
     stats["max_depth"] = max(stats.get("max_depth", 0), out.max_depth)

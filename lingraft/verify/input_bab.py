@@ -90,8 +90,9 @@ class InputBaB:
         pri = group_max(m, spec.group, spec.G).masked_fill(~open_c, float("inf")).min(1).values
         heapq.heappush(heap, (float(pri[0]), next(counter), x_L[0], x_U[0], open_c[0], int(dim[0]), 0))
         round_time = 0.0
+        per_box = 0.0  # seconds per popped box in the last round: predicts the next round's length
         while heap:
-            if time.perf_counter() + round_time > self.deadline:
+            if time.perf_counter() + per_box * min(self.batch_size, len(heap)) > self.deadline:
                 out.status = "timeout"
                 return out
             t0 = time.perf_counter()
@@ -127,6 +128,7 @@ class InputBaB:
                     heapq.heappush(heap, (float(pri[i]), next(counter), lo2[i], up2[i], open_c[i], int(dim[i]),
                                           int(dep[i])))
             round_time = time.perf_counter() - t0
+            per_box = round_time / n
             if out.rounds % 20 == 1:
                 self.log(f"  input-bab round {out.rounds}: {len(heap)} boxes left, worst margin "
                          f"{heap[0][0] if heap else float('nan'):.4f}, {round_time:.2f}s/round")

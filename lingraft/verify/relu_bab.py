@@ -65,18 +65,23 @@ class ReluBaB:
     net: the bound engine's network; spec: the region's tensors; model: the PyTorch model (for attacks);
     confirm: callable(x [N, *in], violation [N]) -> (x, y) or None (the independent re-check);
     deadline: time.perf_counter() value to stop at; batch_size: domains popped per round (each gives 2 children);
-    iterations: alpha/beta steps per round.
+    iterations: alpha/beta steps per round; refine_intermediate: recompute every domain's intermediate bounds with
+    CROWN (tighter; costly on large networks) or keep the root's with the split neurons clamped.
     """
 
     def __init__(self, net: BoundedNetwork, spec: RegionSpec, model, confirm: Callable, deadline: float, *,
                  batch_size: int = 64, iterations: int = 8, attack_every: float = 2.0, seed: int = 0,
-                 alpha_memory_mb: float = 1024.0, log: Callable[[str], None] | None = None):
+                 refine_intermediate: bool = True, alpha_memory_mb: float = 1024.0,
+                 log: Callable[[str], None] | None = None):
         self.net, self.spec, self.model, self.confirm = net, spec, model, confirm
         self.deadline = deadline
         self.batch_size = max(1, int(batch_size))
         self.iterations = iterations
         self.attack_every = attack_every
         self.seed = seed
+        # False: keep the root's intermediate bounds (split neurons clamped) instead of recomputing them per domain
+        self.refine = refine_intermediate
+        self.base_bounds = None
         self.log = log or (lambda s: None)
         self.relus = list(net.relu_input_nodes().keys())
         self.shapes = [tuple(net.nodes[k].shape) for k in self.relus]
@@ -144,6 +149,7 @@ class ReluBaB:
     # ------------------------------------------------------------------------------------------------
     def run(self, root: Bounded) -> SearchOutcome:
         spec, dev = self.spec, self.net.device
+        self.base_bounds = root.bounds
         margin = spec.lower_margin(root.lower)  # [1, S]
         open0 = ~spec.refuted(margin)[0]
         if not bool(open0.any()) or bool(root.infeasible[0]):
@@ -168,9 +174,10 @@ class ReluBaB:
         stuck = 0
         last_attack = time.perf_counter()
         round_time = 0.0
+        per_domain = 0.0  # seconds per popped domain in the last round: predicts the next round's length
         while heap:
             now = time.perf_counter()
-            if now + round_time > self.deadline:
+            if now + per_domain * min(self.batch_size, len(heap)) > self.deadline:
                 out.status = "timeout"
                 return out
             batch = []
@@ -198,18 +205,34 @@ class ReluBaB:
             if keys and all(d.alphas is not None and set(d.alphas) == keys for d in batch):
                 alpha_init = {k: torch.stack([d.alphas[k] for d in batch]).repeat_interleave(2, 0) for k in keys}
             rw = self._row_weight(open_p)
-            res = bound_domains(self.net, x_L, x_U, C, splits=self.split_tensors(flat), iterations=self.iterations,
-                                alpha_init=alpha_init, row_weight=rw, record_lA=True,
-                                target=spec.b.float().unsqueeze(0) + 2 * 1e-5, deadline=self.deadline)
+            # bound only the rows of conjunctions still open somewhere in the batch (the others are refuted on
+            # every parent, hence on every child); their lower bounds read -inf below and are never used
+            rows = torch.nonzero(rw.any(0)).flatten()
+            res = bound_domains(self.net, x_L, x_U, C[:, rows], splits=self.split_tensors(flat),
+                                iterations=self.iterations, base_bounds=None if self.refine else self.base_bounds,
+                                alpha_init=None if alpha_init is None else {k: v[:, rows] for k, v in
+                                                                            alpha_init.items()},
+                                row_weight=rw[:, rows], record_lA=True,
+                                target=spec.b[rows].float().unsqueeze(0) + 2e-5, deadline=self.deadline)
+            lower = torch.full((B, spec.S), float("-inf"), device=dev)
+            lower[:, rows] = res.lower
+            alphas = {}
+            for k, a in res.alphas.items():  # back to all S rows (unused rows keep the parent's slopes)
+                full = a[:, :1].expand(B, spec.S, *a.shape[2:]).clone()
+                if alpha_init is not None and k in alpha_init:
+                    full.copy_(alpha_init[k])
+                full[:, rows] = a
+                alphas[k] = full
             out.branches += B
             out.rounds += 1
-            m = spec.lower_margin(res.lower)
+            m = spec.lower_margin(lower)
             gm = group_max(m, spec.group, spec.G)
             open_c = open_p & ~spec.refuted(m)
             done = res.infeasible | ~open_c.any(1)
             live = torch.nonzero(~done).flatten()
+            res.alphas = alphas
             if live.numel():
-                sc = self.scores(res, flat, self._row_weight(open_c))
+                sc = self.scores(res, flat, self._row_weight(open_c)[:, rows])
                 best = sc.max(1)
                 pri = gm.masked_fill(~open_c, float("inf")).min(1).values
                 keep_alpha = len(heap) + live.numel() <= self.max_alpha_domains
@@ -220,6 +243,7 @@ class ReluBaB:
                     out.max_depth = max(out.max_depth, d.depth)
                     heapq.heappush(heap, (d.priority, next(counter), d))
             round_time = time.perf_counter() - t0
+            per_domain = round_time / len(batch)
             if out.rounds % 10 == 1:
                 self.log(f"  relu-bab round {out.rounds}: {len(heap)} domains left, worst margin "
                          f"{heap[0][0] if heap else float('nan'):.4f}, {round_time:.2f}s/round")

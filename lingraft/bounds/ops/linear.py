@@ -85,7 +85,7 @@ class ConvOp(BoundOp):
             return None, 0
         B, S = A.shape[:2]
         Af = A.reshape(B * S, *self.out_shape)
-        Ax = F.conv_transpose2d(Af, self.weight, None, self.stride, self.padding, self.output_padding, self.groups)
+        Ax = conv_backward(Af, self.weight, self.stride, self.padding, self.groups, self.in_shape[1:])
         Ax = Ax.reshape(B, S, *self.in_shape)
         bias = 0 if self.bias is None else (A.sum((3, 4)) * self.bias).sum(-1)
         return Ax, bias
@@ -124,3 +124,19 @@ class ConvOp(BoundOp):
 
     def describe(self):
         return f"Conv2d({self.weight.shape[1] * self.groups}->{self.weight.shape[0]}, k={tuple(self.weight.shape[2:])}, s={self.stride}, p={self.padding})"
+
+
+def conv_backward(A: Tensor, weight: Tensor, stride, padding, groups: int, out_hw) -> Tensor:
+    """Transposed convolution of coefficient maps A [N, C_out, h, w] -> [N, C_in, *out_hw].
+
+    For few input channels (the first layers) a matmul + col2im (F.fold) is much faster on CPU than
+    conv_transpose2d; otherwise conv_transpose2d.
+    """
+    N, C_out, h, w = A.shape
+    C_in_g, kh, kw = weight.shape[1:]
+    stride, padding = tuple(stride), tuple(padding)
+    if groups == 1 and C_in_g <= 4:
+        cols = torch.matmul(A.reshape(N, C_out, h * w).transpose(1, 2), weight.reshape(C_out, C_in_g * kh * kw))
+        return F.fold(cols.transpose(1, 2), tuple(out_hw), (kh, kw), padding=padding, stride=stride)
+    out_pad = tuple(int(out_hw[i]) - ((( h, w)[i] - 1) * stride[i] - 2 * padding[i] + (kh, kw)[i]) for i in range(2))
+    return F.conv_transpose2d(A, weight, None, stride, padding, out_pad, groups)

@@ -101,7 +101,7 @@ class ReLUOp(BoundOp):
         # lower line: slope ls, intercept li (li = b on grafted neurons, 0 elsewhere); upper line: u_slope, u_int.
         # With d = u_slope - ls (non-zero only on unstable neurons) and u_int zero off unstable neurons:
         #   lower pass: A*ls + min(A,0)*d,  bias <A, li> + <min(A,0), u_int>
-        #   upper pass: A*u_slope - max(A,0)*d,  bias <A, li> + <max(A,0), u_int>
+        #   upper pass: A*ls + max(A,0)*d,  bias <A, li> + <max(A,0), u_int>
         # which touches each big A-sized tensor a few times only.
         lb = ub = 0
         la = ua = None
@@ -123,7 +123,7 @@ class ReLUOp(BoundOp):
                 bias = _dot(An, u_int)
             else:
                 Ap = A.clamp(min=0)
-                out = A * u_slope.unsqueeze(1) - Ap * d
+                out = A * ls + Ap * d
                 bias = _dot(Ap, u_int)
             if self.mask is not None:
                 bias = bias + _dot(A, self.b.expand(B, *self.shape))

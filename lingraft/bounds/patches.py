@@ -1,0 +1,186 @@
+"""Patch-mode backward pass for intermediate bounds of convolutional layers.
+
+The intermediate bound of a conv neuron depends only on a small window of the input. Starting from the
+neuron's kernel, the backward pass keeps, per bound row, a dense patch [C, kh, kw] plus its top-left position
+in the current node's coordinates, instead of a full [C, H, W] coefficient map. Conv layers grow the patch
+((kh - 1) * stride + k), ReLU / elementwise layers multiply it by values gathered at the patch positions,
+zero padding shifts it. Positions outside a node's extent hold zero coefficients (they stand for zero padding).
+
+Used for chains input -> (Conv | ReLU | elementwise affine | zero Pad)* -> Conv; the engine falls back to the
+dense pass for anything else. Results equal the dense pass up to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .ops import ConvOp, ElementwiseAffineOp, PadOp, ReLUOp
+from .ops.linear import conv_backward
+
+
+class Patches:
+    """Coefficients of R bound rows: values [B, R, C, kh, kw] at top-left (y0 [R], x0 [R]) in a node's plane."""
+
+    def __init__(self, values: Tensor, y0: Tensor, x0: Tensor):
+        self.values, self.y0, self.x0 = values, y0, x0
+
+    @property
+    def kh(self):
+        return self.values.shape[-2]
+
+    @property
+    def kw(self):
+        return self.values.shape[-1]
+
+
+def chain_to_input(nodes, start: int):
+    """Node indices from ``start``'s input down to the input node if the path qualifies, else None."""
+    if not isinstance(nodes[start].op, ConvOp) or nodes[start].op.groups != 1:
+        return None
+    chain = []
+    k = nodes[start].inputs[0]
+    while k != 0:
+        nd = nodes[k]
+        op = nd.op
+        if len(nd.inputs) != 1 or len(nd.shape) != 3:
+            return None
+        if isinstance(op, PadOp):
+            if op.value != 0.0 or len(op.pads) != 4 or any(p < 0 for p in op.pads):
+                return None
+        elif not isinstance(op, (ConvOp, ReLUOp, ElementwiseAffineOp)):
+            return None
+        chain.append(k)
+        k = nd.inputs[0]
+    if len(nodes[0].shape) != 3:
+        return None
+    return chain
+
+
+def gather(values: Tensor, y0: Tensor, x0: Tensor, kh: int, kw: int) -> Tensor:
+    """values [B, C, H, W] -> [B, R, C, kh, kw]: the window at each (y0, x0), zeros outside the plane."""
+    B, C, H, W = values.shape
+    my = int(max(0, -int(y0.min()), int(y0.max()) + kh - H))
+    mx = int(max(0, -int(x0.min()), int(x0.max()) + kw - W))
+    v = F.pad(values, (mx, mx, my, my))
+    Hp, Wp = H + 2 * my, W + 2 * mx
+    # build row-wise index grids: [R, kh, kw] flat positions into the padded plane
+    dy = torch.arange(kh, device=values.device)
+    dx = torch.arange(kw, device=values.device)
+    rows = (y0 + my).view(-1, 1, 1) + dy.view(1, -1, 1)
+    cols = (x0 + mx).view(-1, 1, 1) + dx.view(1, 1, -1)
+    flat = (rows * Wp + cols).reshape(-1)  # [R*kh*kw]
+    out = v.reshape(B, C, Hp * Wp)[:, :, flat]  # [B, C, R*kh*kw]
+    R = y0.numel()
+    return out.reshape(B, C, R, kh, kw).permute(0, 2, 1, 3, 4)
+
+
+def valid_mask(y0, x0, kh, kw, H, W, device):
+    """[R, 1, kh, kw] 1 where the patch position lies inside the H x W plane."""
+    dy = torch.arange(kh, device=device)
+    dx = torch.arange(kw, device=device)
+    ry = y0.view(-1, 1) + dy.view(1, -1)
+    rx = x0.view(-1, 1) + dx.view(1, -1)
+    vy = (ry >= 0) & (ry < H)
+    vx = (rx >= 0) & (rx < W)
+    return (vy.unsqueeze(2) & vx.unsqueeze(1)).unsqueeze(1).float()
+
+
+def start_patches(op: ConvOp, rows: Tensor, batch: int) -> tuple[Patches, Tensor]:
+    """Kernel patches of the selected output neurons of ``op`` (flat indices), at its input. Bias [1, R]."""
+    C_out, H_out, W_out = op.out_shape
+    c = rows // (H_out * W_out)
+    i = (rows // W_out) % H_out
+    j = rows % W_out
+    vals = op.weight[c].unsqueeze(0)  # [1, R, C_in, k, k] (shared by the batch until a ReLU multiplies)
+    y0 = i * op.stride[0] - op.padding[0]
+    x0 = j * op.stride[1] - op.padding[1]
+    bias = torch.zeros(1, rows.numel(), device=vals.device) if op.bias is None else op.bias[c].unsqueeze(0)
+    return Patches(vals, y0, x0), bias
+
+
+def _sum(P: Tensor) -> Tensor:
+    return P.flatten(2).sum(-1)
+
+
+def backward_patches(nodes, start: int, chain, rows: Tensor, x_L: Tensor, x_U: Tensor, bounds, l2=None):
+    """Lower and upper bounds [B, R] of the rows of node ``start`` by the patch-mode backward pass."""
+    B = x_L.shape[0]
+    P, bias = start_patches(nodes[start].op, rows, B)
+    lP, uP = P.values, P.values
+    y0, x0 = P.y0, P.x0
+    lb = bias.expand(B, -1).clone()
+    ub = lb.clone()
+    for k in chain:
+        nd = nodes[k]
+        op = nd.op
+        C, H, W = nd.shape
+        kh, kw = lP.shape[-2:]
+        mask = valid_mask(y0, x0, kh, kw, H, W, lP.device)
+        lP, uP = lP * mask, uP * mask
+        if isinstance(op, ReLUOp):
+            lo, up = bounds[nd.inputs[0]] if bounds[nd.inputs[0]] is not None else (None, None)
+            if lo is None:  # fully grafted layer: exact linear
+                lo = up = torch.zeros(B, *op.shape, device=lP.device)
+            u_slope, u_int, l_slope, _ = op.relaxation(lo, up)
+            if op.mask is not None:
+                m = op.mask.unsqueeze(0).float()
+                l_slope = l_slope * (1 - m) + op.a.unsqueeze(0) * m
+                u_slope = u_slope * (1 - m) + op.a.unsqueeze(0) * m
+            g_ls = gather(l_slope, y0, x0, kh, kw)
+            g_d = gather(u_slope - l_slope, y0, x0, kh, kw)
+            g_ui = gather(u_int, y0, x0, kh, kw)
+            lPn = lP.clamp(max=0)
+            uPp = uP.clamp(min=0)
+            lb = lb + _sum(lPn * g_ui)
+            ub = ub + _sum(uPp * g_ui)
+            if op.mask is not None:
+                g_b = gather(op.b.unsqueeze(0).expand(B, *op.shape), y0, x0, kh, kw)
+                lb = lb + _sum(lP * g_b)
+                ub = ub + _sum(uP * g_b)
+            lP = lP * g_ls + lPn * g_d
+            uP = uP * g_ls + uPp * g_d
+        elif isinstance(op, ElementwiseAffineOp):
+            sc = gather(op.scale.unsqueeze(0), y0, x0, kh, kw)
+            sh = gather(op.shift.unsqueeze(0), y0, x0, kh, kw)
+            lb = lb + _sum(lP * sh)
+            ub = ub + _sum(uP * sh)
+            lP, uP = lP * sc, uP * sc
+        elif isinstance(op, PadOp):
+            left, _, top, _ = op.pads
+            y0, x0 = y0 - top, x0 - left
+        elif isinstance(op, ConvOp):
+            if op.bias is not None:
+                lb = lb + (lP.sum((-1, -2)) * op.bias).sum(-1)
+                ub = ub + (uP.sum((-1, -2)) * op.bias).sum(-1)
+            lP = _conv_back(lP, op)
+            uP = _conv_back(uP, op) if uP is not lP else lP
+            y0 = y0 * op.stride[0] - op.padding[0]
+            x0 = x0 * op.stride[1] - op.padding[1]
+    # concretize over the input box
+    C, H, W = nodes[0].shape
+    kh, kw = lP.shape[-2:]
+    mask = valid_mask(y0, x0, kh, kw, H, W, lP.device)
+    lP, uP = lP * mask, uP * mask
+    c = gather((x_U + x_L) / 2, y0, x0, kh, kw)
+    r = gather((x_U - x_L) / 2, y0, x0, kh, kw)
+    lower = lb + _sum(lP * c) - _sum(lP.abs() * r)
+    upper = ub + _sum(uP * c) + _sum(uP.abs() * r)
+    if l2 is not None:
+        x0c, eps = l2
+        xc = gather(x0c, y0, x0, kh, kw)
+        lower = torch.maximum(lower, lb + _sum(lP * xc) - eps * lP.flatten(2).norm(dim=-1))
+        upper = torch.minimum(upper, ub + _sum(uP * xc) + eps * uP.flatten(2).norm(dim=-1))
+    return lower, upper
+
+
+def _conv_back(P: Tensor, op: ConvOp) -> Tensor:
+    """[B, R, C_out, kh, kw] -> [B, R, C_in, (kh-1)*s + k, (kw-1)*s + k]."""
+    Bp, R, _, kh, kw = P.shape
+    k = op.weight.shape[2:]
+    out_hw = ((kh - 1) * op.stride[0] + k[0], (kw - 1) * op.stride[1] + k[1])
+    out = conv_backward(P.reshape(Bp * R, *P.shape[2:]), op.weight, op.stride, (0, 0), op.groups, out_hw)
+    return out.reshape(Bp, R, *out.shape[1:])

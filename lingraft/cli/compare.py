@@ -1,0 +1,65 @@
+"""``lingraft compare``: train, graft and certify every baseline of a YAML file into one table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .options import common_options, emit_json, json_option, pick_device, table, versions
+
+
+@click.command("compare", epilog="Examples:\n\n\b\n  lingraft compare examples/compare-mnist.yaml --out-dir runs/compare-mnist\n"
+               "  lingraft compare examples/compare-mnist.yaml --out-dir runs/compare-mnist --only ce,fgsm\n"
+               "  lingraft compare my.yaml --json - --threads 2 > result.json\n\n"
+               "Rerunning the same command reuses finished training, grafting and certification "
+               "(results.jsonl); Ctrl-C is safe.")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--out-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for checkpoints, results.jsonl and the tables (default: runs/compare-<config name>).")
+@click.option("--only", default=None, metavar="NAME,...",
+              help="Run only these entries (their teachers are trained too); the table keeps earlier rows.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads (default: torch's choice).")
+@click.option("--no-plot", is_flag=True, help="Do not write cert_vs_eps.png.")
+@json_option
+@common_options
+def command(config, out_dir, only, threads, no_plot, json_out, verbose, quiet, seed, no_progress, device):
+    """Train each entry of CONFIG, graft it, certify both versions, and write table.md/csv/json and a plot.
+
+    Each (entry, plain|grafted, eps, method) result is one line of OUT/results.jsonl; a changed entry is
+    retrained (with its students) and only its results are recomputed.
+    """
+    import torch
+
+    from ..compare import load_compare, run_compare
+    from ..errors import UsageError
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    spec = load_compare(config)
+    names = None
+    if only is not None:
+        names = [n.strip() for n in only.split(",") if n.strip()]
+        if not names:
+            raise UsageError("--only needs entry names, e.g. --only ce,fgsm")
+    out = Path(out_dir) if out_dir else Path("runs") / f"compare-{Path(config).stem}"
+    log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
+    res = run_compare(spec, out, only=names, seed=seed, device=pick_device(device), log=log,
+                      progress=not (no_progress or quiet), plot=not no_plot)
+    res["versions"] = versions()
+    if json_out:
+        emit_json(res, json_out)
+    if quiet or json_out == "-":
+        return
+    click.echo(render_text(res))
+
+
+def render_text(res: dict) -> str:
+    """The terminal version of table.md."""
+    from ..compare import table_columns
+
+    header, body = table_columns(res)
+    if not body:
+        return "no finished rows yet"
+    return table(body, header)
