@@ -93,6 +93,32 @@ def test_region_boxes_round_outward_for_bounds_and_inward_for_attacks():
 
 
 # ---------------------------------------------------------------------------------------------- tiny networks
+def hand_built() -> nn.Module:
+    """y = -2 relu(-2 x1 - 2 x2) - 2 relu(-x1 + 2 x2 + 1) on [-1, 1]^2.
+
+    h1 + h2 is convex, so its maximum is at a corner: 4 (at (-1, -1) and at (-1, 1)), hence min y = -8. The two
+    neurons peak at DIFFERENT corners, but the relaxation lets both sit at their upper lines at once (each
+    unstable: z1 in [-4, 4], z2 in [-2, 4]): (alpha-)CROWN only gets y >= -12. One split separates the corners.
+    """
+    m = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+    with torch.no_grad():
+        m[0].weight.copy_(torch.tensor([[-2.0, -2.0], [-1.0, 2.0]]))
+        m[0].bias.copy_(torch.tensor([0.0, 1.0]))
+        m[2].weight.copy_(torch.tensor([[-2.0, -2.0]]))
+        m[2].bias.zero_()
+    return m.eval()
+
+
+def test_hand_built_network_needs_branching():
+    model = hand_built()
+    prop = below(-10.0)  # unsafe iff y <= -10: never (min y = -8)
+    assert alpha_lower(model, prop) < -1.5  # alpha-CROWN: y >= about -12, no proof
+    res = verify_property(model, prop, in_shape=(2,), split="relu", timeout=30)
+    assert res.status == "unsat" and res.stats["method"] == "bab-relu" and res.stats["branches"] >= 2
+    res = verify_property(model, below(-7.9), in_shape=(2,), split="relu", timeout=30)  # -8 is reachable
+    assert res.status == "sat" and res.counterexample[1][0] <= -7.9
+
+
 def test_relu_bab_proves_what_alpha_crown_cannot():
     model = tiny_net(5)
     m, certified = grid_min(model)

@@ -6,5 +6,7 @@ see :mod:`lingraft.verify.__main__` for the other commands.
 
 from .core import INPUT_SPLIT_MAX_DIM, STATUSES, VerifyResult, verify_property
 from .problem import PROVE_TOL
+from .runner import verify_instances, write_result
 
-__all__ = ["INPUT_SPLIT_MAX_DIM", "PROVE_TOL", "STATUSES", "VerifyResult", "verify_property"]
+__all__ = ["INPUT_SPLIT_MAX_DIM", "PROVE_TOL", "STATUSES", "VerifyResult", "verify_property", "verify_instances",
+           "write_result"]

@@ -5,6 +5,7 @@ run NET VNNLIB [--timeout T] [--result FILE] [--started-at EPOCH]: verify one in
     epoch when the caller started) makes the timeout count from then, start-up included.
 prepare NET VNNLIB: load and check the network and the property (nothing is cached between calls).
 instances CSV [--out JSONL] [--results-dir DIR] [--no-resume]: run a benchmark folder.
+run/instances take --threads N (default 1 or $LINGRAFT_THREADS): torch intra-op threads.
 Exit status: 0 when an answer was produced (any verdict), 1 for an error, 2 for bad usage.
 """
 

@@ -25,6 +25,9 @@ from .bounding import bound_domains, input_coefficients
 from .problem import RegionSpec, group_max
 from .relu_bab import SearchOutcome, _worst_rows
 
+#: the search gives up (``unknown``) when more sub-boxes than this wait in the queue
+MAX_BOXES = 2_000_000
+
 
 class InputBaB:
     """Input-splitting branch and bound for one region (see the module docstring).
@@ -129,6 +132,10 @@ class InputBaB:
                                           int(dep[i])))
             round_time = time.perf_counter() - t0
             per_box = round_time / n
+            if len(heap) > MAX_BOXES:
+                self.log(f"  input-bab: {len(heap)} boxes exceed the queue limit; giving up")
+                out.status = "unknown"
+                return out
             if out.rounds % 20 == 1:
                 self.log(f"  input-bab round {out.rounds}: {len(heap)} boxes left, worst margin "
                          f"{heap[0][0] if heap else float('nan'):.4f}, {round_time:.2f}s/round")

@@ -4,7 +4,10 @@ A domain is a set of split decisions (neuron i active: z_i >= 0, or inactive: z_
 Domains wait in a priority queue ordered by their worst open margin (most negative first); each round pops a
 batch, splits every domain on one neuron, bounds all children in ONE batched call
 (:func:`lingraft.verify.bounding.bound_domains`: clamped intermediate bounds + joint alpha/beta optimization,
-slopes warm-started from the parent) and queues the children that are not yet refuted.
+slopes warm-started from the parent) and queues the children that are not yet refuted. Intermediate bounds are
+recomputed per domain with CROWN when that is cheap (small networks: tighter), otherwise the root's bounds are
+kept with the split neurons clamped and the split constraints act through beta only (large networks: a round
+costs a few final backward passes instead of a full CROWN pass per domain).
 
 Branching ("intercept score"): the lower bound loses, at an unstable neuron with bounds l < 0 < u whose
 output coefficient lambda is negative, the intercept term ``lambda * (-u l / (u - l))`` of the upper
@@ -66,12 +69,14 @@ class ReluBaB:
     confirm: callable(x [N, *in], violation [N]) -> (x, y) or None (the independent re-check);
     deadline: time.perf_counter() value to stop at; batch_size: domains popped per round (each gives 2 children);
     iterations: alpha/beta steps per round; refine_intermediate: recompute every domain's intermediate bounds with
-    CROWN (tighter; costly on large networks) or keep the root's with the split neurons clamped.
+    CROWN (tighter; costly on large networks) or keep the root's with the split neurons clamped;
+    alpha_memory_mb / queue_memory_mb: memory for warm-start slopes / for the queued domains (the search ends
+    ``unknown`` when the queue outgrows it).
     """
 
     def __init__(self, net: BoundedNetwork, spec: RegionSpec, model, confirm: Callable, deadline: float, *,
                  batch_size: int = 64, iterations: int = 8, attack_every: float = 2.0, seed: int = 0,
-                 refine_intermediate: bool = True, alpha_memory_mb: float = 1024.0,
+                 refine_intermediate: bool = True, alpha_memory_mb: float = 1024.0, queue_memory_mb: float = 2048.0,
                  log: Callable[[str], None] | None = None):
         self.net, self.spec, self.model, self.confirm = net, spec, model, confirm
         self.deadline = deadline
@@ -90,6 +95,8 @@ class ReluBaB:
         self.N = self.offsets[-1]
         per_domain = sum(self.sizes) * spec.S * 4
         self.max_alpha_domains = int(alpha_memory_mb * 2 ** 20 // max(per_domain, 1))
+        # the queue itself (int8 split vectors) is capped at about queue_memory_mb: beyond it the search gives up
+        self.max_domains = int(min(2_000_000, queue_memory_mb * 2 ** 20 // max(self.N + 64, 1)))
         # grafted neurons are exact linear functions: never split them
         masks = []
         for k, n in zip(self.relus, self.sizes):
@@ -109,6 +116,8 @@ class ReluBaB:
     def scores(self, res: Bounded, splits: Tensor, row_w: Tensor) -> Tensor:
         """Branching scores [B, N] (-inf where a neuron may not be split). row_w: [B, S] weights of open rows."""
         B = splits.shape[0]
+        if not self.relus:
+            return torch.full((B, 0), float("-inf"), device=splits.device)
         parts = []
         for i, k in enumerate(self.relus):
             pre = self.net.relu_input_nodes()[k]
@@ -244,6 +253,10 @@ class ReluBaB:
                     heapq.heappush(heap, (d.priority, next(counter), d))
             round_time = time.perf_counter() - t0
             per_domain = round_time / len(batch)
+            if len(heap) > self.max_domains:
+                self.log(f"  relu-bab: {len(heap)} domains exceed the queue limit; giving up")
+                out.status = "unknown"
+                return out
             if out.rounds % 10 == 1:
                 self.log(f"  relu-bab round {out.rounds}: {len(heap)} domains left, worst margin "
                          f"{heap[0][0] if heap else float('nan'):.4f}, {round_time:.2f}s/round")

@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""CROWN speed and agreement: lingraft's engine vs auto_LiRPA 0.3 on the same model and images.
+
+Prints one table: per model, total CROWN time over N MNIST test images (margin specification, batches of
+--batch-size) for auto_LiRPA (patches mode), lingraft in auto_LiRPA-compatible mode (identical bounds), and
+lingraft's default tight mode; the speed-up; the max bound difference; certified counts.
+Both run in the same process, interleaved per batch, so machine noise hits both alike.
+
+    python benchmarks/certify_speed.py                          # shipped cnn-b, 200 images
+    python benchmarks/certify_speed.py --model runs/fc.pt -n 200 --eps 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from lingraft.bounds import BoundedNetwork, input_box, margin_spec
+from lingraft.compat import auto_lirpa
+from lingraft.data import load_dataset, subset
+from lingraft.loader import default_model_path, load_model
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", action="append", help="checkpoint(s); default: the shipped model")
+    ap.add_argument("-n", "--num-samples", type=int, default=200)
+    ap.add_argument("--eps", type=float, default=None, help="default: the checkpoint's training eps")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not auto_lirpa.available():
+        raise SystemExit(f"auto_LiRPA unavailable: {auto_lirpa.import_error()}")
+    rows = []
+    for path in args.model or [str(default_model_path())]:
+        lm = load_model(path)
+        eps = args.eps if args.eps is not None else float(lm.meta.get("config", {}).get("eps", 0.1))
+        x, y = subset(*load_dataset(lm.dataset, "test"), args.num_samples)
+        x = x.reshape(-1, *lm.in_shape)
+        model = lm.model.eval()
+        compat = BoundedNetwork(model, lm.in_shape, mode="autolirpa")
+        tight = BoundedNetwork(model, lm.in_shape)
+        t = {"lirpa": 0.0, "compat": 0.0, "tight": 0.0}
+        cert = {"lirpa": 0, "compat": 0, "tight": 0}
+        maxdiff = 0.0
+        for s in range(0, x.shape[0], args.batch_size):
+            xb, yb = x[s:s + args.batch_size], y[s:s + args.batch_size]
+            xl, xu = input_box(xb, eps)
+            C = margin_spec(yb, 10)
+            t0 = time.perf_counter()
+            la, _ = auto_lirpa.autolirpa_bounds(model, xl, xu, "crown", C)
+            t["lirpa"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            rc = compat.compute_bounds(xl, xu, "crown", C)
+            t["compat"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            rt = tight.compute_bounds(xl, xu, "crown", C)
+            t["tight"] += time.perf_counter() - t0
+            maxdiff = max(maxdiff, float((rc.lower - la).abs().max()))
+            for k, lo in (("lirpa", la), ("compat", rc.lower), ("tight", rt.lower)):
+                cert[k] += int((lo.min(1).values > 0).sum())
+        rows.append([path, lm.arch, eps, x.shape[0], t["lirpa"], t["compat"], t["tight"], t["lirpa"] / t["compat"],
+                     t["lirpa"] / t["tight"], maxdiff, cert["lirpa"], cert["compat"], cert["tight"]])
+    hdr = ["model", "arch", "eps", "n", "auto_LiRPA s", "lingraft(compat) s", "lingraft(tight) s", "speed-up compat",
+           "speed-up tight", "max |lb diff|", "cert auto_LiRPA", "cert compat", "cert tight"]
+    print("| " + " | ".join(hdr) + " |")
+    print("|" + "---|" * len(hdr))
+    for r in rows:
+        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r) + " |")
+    print(f"\ntorch threads: {torch.get_num_threads()}; batch size {args.batch_size}; bounds: CROWN, margin spec")
+
+
+if __name__ == "__main__":
+    main()
