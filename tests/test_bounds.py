@@ -197,3 +197,25 @@ def test_l2_bounds_sound():
     with torch.no_grad():
         vals = torch.einsum("bso,pbo->pbs", C, model(pts.reshape(-1, *IN)).reshape(2000, 2, -1))
     assert (vals >= res.lower - TOL).all()
+
+
+@pytest.mark.parametrize("w_out", [1.0, -1.0])
+def test_single_relu_triangle_relaxation(w_out):
+    """y = w_out * relu(x), x in [-1, 3]: the upper line through (-1, 0) and (3, 3), the adaptive lower line."""
+    fc1, fc2 = nn.Linear(1, 1), nn.Linear(1, 1)
+    with torch.no_grad():
+        fc1.weight.fill_(1.0)
+        fc1.bias.zero_()
+        fc2.weight.fill_(w_out)
+        fc2.bias.zero_()
+    model = nn.Sequential(fc1, nn.ReLU(), fc2).eval()
+    net = BoundedNetwork(model, (1,))
+    xl, xu = torch.tensor([[-1.0]]), torch.tensor([[3.0]])
+    res = net.compute_bounds(xl, xu, "crown")
+    # relu over [-1, 3]: max 3 (upper line at x=3), min of lower line x (slope 1 since u > -l) over the box = -1
+    if w_out > 0:
+        assert torch.allclose(res.upper, torch.tensor([[3.0]])) and torch.allclose(res.lower, torch.tensor([[-1.0]]))
+    else:
+        assert torch.allclose(res.lower, torch.tensor([[-3.0]])) and torch.allclose(res.upper, torch.tensor([[1.0]]))
+    ibp = net.compute_bounds(xl, xu, "ibp")
+    assert torch.allclose(ibp.lower, torch.tensor([[min(0.0, 3 * w_out)]]))
