@@ -25,10 +25,20 @@ After importing:
      constants; an input computed from buffers/params (``mean.reshape(..)``, ``1 - mask``,
      ``mask * a``) was relaxed as a bilinear product and CROWN crashed.  Any unperturbed input
      that does not depend on the model input is now a constant (checked after graph build).
+     IBP of a Mul/Div with BOTH operands constant returned x*x (GraftedReLU's t = mask * a came
+     out as mask): unsound IBP, and unsound sparse-CROWN references; now the exact product.
   P10 ``BoundMul._multiply_by_const`` in patches mode only handled per-channel [B, C, 1, 1]
      constants; scalars and element-wise [C, H, W] constants (GraftedReLU) are now unfolded.
-Options (not patches): ``sparse_features_alpha=False`` (0.3 crashes in alpha-CROWN when most ReLUs
-of a layer are unstable); everything else is auto_LiRPA's default, see ``DEFAULT_BOUND_OPTS``.
+  P11 a constant operand of Add/Sub (Normalize's mean, GraftedReLU's c) reached by a Patches A
+     was turned into a bias by summing whole patches, zero-padding positions included: unsound
+     CROWN on cnn-b (ZeroPad2d/conv padding after Normalize) in patches mode.  The constant is
+     now broadcast to the consumer's shape and unfolded (padding contributes 0).
+  (+) ``bounded_module`` puts the BoundedModule in eval mode and detaches constants traced with
+     autograd history (else alpha-CROWN fails: "modified by an inplace operation").
+Options (not patches): ``sparse_features_alpha=False`` (with True, 0.3's alpha-CROWN crashes on
+cnn-b once many ReLUs are unstable, e.g. eps=0.02: "shape mismatch: value tensor of shape
+[10, 1, 250] cannot be broadcast ..."); everything else is auto_LiRPA's default, see
+``DEFAULT_BOUND_OPTS``.
 ReLU relaxation option ``relu='adaptive'`` (the default).  Importing auto_LiRPA also calls
 ``torch._C._jit_set_profiling_executor(False)`` (auto_LiRPA's own import side effect).
 
@@ -57,14 +67,18 @@ File:line refs are to site-packages/auto_LiRPA/.  ``compute_bounds(method='CROWN
    b. unstable set U = {j : r_l[b, j] < 0 < r_u[b, j] for SOME batch element b}
       (backward_bound.py:670 ``get_unstable_locations``; the union over the batch, so a sample's
       bounds depend on the other samples in the batch).
-   c. if 0 < |U| <= 0.9 * dim (``minimum_sparsity``; backward_bound.py:289 Linear, :314 Conv patches, :344 Add/Sub
-      patches, :386 other nodes e.g. Conv in matrix mode or GraftedReLU's Mul): CROWN is
-      run only for neurons in U; every neuron outside U gets r (restore_sparse_bounds,
+   c. if 0 < |U| <= 0.9 * dim (``minimum_sparsity``; backward_bound.py:289 Linear, :314 Conv
+      patches, :344 Add/Sub patches, :386 other nodes, e.g. Conv in matrix mode, GraftedReLU's
+      Mul): CROWN is run only for neurons in U; every neuron outside U gets r (restore_sparse_bounds,
       backward_bound.py:405).  If |U| = 0, all neurons get r and no CROWN is run.
       If |U| > 0.9 * dim: CROWN for ALL neurons and r is discarded (no intersection at all).
    d. CROWN results are NOT intersected with r (no max/min) -- only user ``reference_bounds``
       would be (bound_general.py:962, empty by default).  So a neuron in U keeps its CROWN bounds
       even when r is tighter on one side; a neuron outside U keeps r even if CROWN is tighter.
+   For the final bounds only the resulting relaxation matters: a stable neuron's relaxation does
+   not depend on its bound values, so (c)/(d) change final bounds only through (i) neurons in U
+   whose CROWN bounds are looser than r (no intersection) and (ii) dense layers (|U| > 0.9 dim) in
+   which CROWN finds a neuron unstable that r proves stable.
    Conv layers in patches mode use the same rule (``sparse_conv_intermediate_bounds=True``), with U
    as (c, h, w) positions; Add/Sub (residual) pre-activations likewise.
 3. ReLU relaxation for the backward pass (operators/activation.py:510 ``_relu_upper_bound``, :532
@@ -231,11 +245,17 @@ def _patch_auto_lirpa(lirpa) -> None:
     BM.__init__ = _bm_init
 
     # IBP of a constant product tells the constant operand by `lower is upper`; a computed constant
-    # (e.g. 1 - mask) has equal but distinct lower/upper tensors.
+    # (e.g. 1 - mask) has equal but distinct lower/upper tensors.  A product of two constants
+    # (GraftedReLU's t = mask * a) came out as mask * mask: unsound IBP (and sparse CROWN references).
     def _wrap_interval(cls):
         orig = cls.interval_propagate
 
         def interval_propagate(self, *v):
+            if len(v) == 2 and all(_check_const_input(i) for i in self.inputs):
+                # both operands constant: 0.3's code would return x * x (it takes x as the
+                # constant and, since y is constant too, x again as the variable)
+                r = self.forward(v[0][0], v[1][0])
+                return r, r
             if self.is_constant_op and len(v) == 2:
                 v = tuple((iv[0], iv[0]) if _check_const_input(inp) and iv[0] is not iv[1] else iv
                           for inp, iv in zip(self.inputs, v))
@@ -265,6 +285,54 @@ def _patch_auto_lirpa(lirpa) -> None:
         return orig_mul_const(x, const)
 
     BoundMul._multiply_by_const = staticmethod(_multiply_by_const)
+
+    # P11: a constant operand of Add/Sub (Normalize's mean, GraftedReLU's c) reached with a Patches A
+    # was turned into a bias by summing whole patches (Bound.get_bias, batch_dim == -1), counting
+    # the zero-padding positions outside the image: unsound bounds (seen on cnn-b: ZeroPad2d and
+    # conv padding after Normalize).  Tag such A with the consumer's full shape and unfold the
+    # broadcast constant instead, so that padding positions contribute 0.
+    from auto_LiRPA.operators.base import Bound
+    from auto_LiRPA.operators.bivariate import BoundAdd, BoundSub
+    from auto_LiRPA.patches import inplace_unfold
+
+    def _wrap_add_sub(cls):
+        orig = cls.bound_backward
+
+        def bound_backward(self, last_lA, last_uA, *inputs, **kw):
+            As, lbias, ubias = orig(self, last_lA, last_uA, *inputs, **kw)
+            shape = getattr(self, "output_shape", None)
+            if shape is None or len(shape) != 4:
+                return As, lbias, ubias
+            out = []
+            for inp, pair in zip(self.inputs, As):
+                if _check_const_input(inp):
+                    pair = tuple(A.create_similar(input_shape=tuple(shape))
+                                 if isinstance(A, Patches) and A.patches is not None else A for A in pair)
+                out.append(pair)
+            return out, lbias, ubias
+
+        cls.bound_backward = bound_backward
+
+    _wrap_add_sub(BoundAdd)
+    _wrap_add_sub(BoundSub)
+
+    orig_get_bias = Bound.get_bias
+
+    def get_bias(self, A, bias):
+        full = getattr(A, "input_shape", None) if isinstance(A, Patches) else None
+        if (full is None or A.patches is None or self.batch_dim != -1 or not isinstance(bias, Tensor)
+                or len(full) != 4):
+            return orig_get_bias(self, A, bias)
+        b = torch.broadcast_to(bias.to(A.patches), tuple(full))  # [B, C, H, W]
+        # [B, out_h, out_w, C, kh, kw]; positions in the padding are 0
+        b = inplace_unfold(b, kernel_size=A.patches.shape[-2:], stride=A.stride, padding=A.padding,
+                           inserted_zeros=A.inserted_zeros, output_padding=A.output_padding)
+        if A.unstable_idx is not None:  # sparse patches [U, B, C, kh, kw] -> [U, B]
+            b = b[:, A.unstable_idx[1], A.unstable_idx[2]]
+            return torch.einsum("bschw,sbchw->sb", b, A.patches)
+        return torch.einsum("bijchw,sbijchw->sbij", b, A.patches)  # -> [S, B, out_h, out_w]
+
+    Bound.get_bias = get_bias
     BM._lingraft_patched = True
 
 
@@ -276,7 +344,14 @@ def _load() -> None:
         _patch_torch_onnx()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            import auto_LiRPA
+            # auto_LiRPA calls warnings.simplefilter('once') at import (a global side effect that
+            # would also re-enable torch.jit.script's deprecation noise); keep our filters instead
+            real_simplefilter = warnings.simplefilter
+            warnings.simplefilter = lambda *a, **k: None
+            try:
+                import auto_LiRPA
+            finally:
+                warnings.simplefilter = real_simplefilter
         _patch_auto_lirpa(auto_LiRPA)
         _lirpa = auto_LiRPA
     except Exception as e:  # noqa: BLE001 -- any failure means "oracle not available"
