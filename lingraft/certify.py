@@ -137,6 +137,9 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, in_shape=None
                                         per_time if st in ("verified", "unknown") else 0.0))
         if progress:
             progress(B)
+    if not neurons:  # nothing was bounded: still report the layers (and grafted counts) from the graph
+        neurons = {name: {"neurons": int(math.prod(op.shape)), "grafted": op.num_grafted}
+                   for name, op in net.relu_layers()}
     counts = {st: sum(1 for r in samples if r.status == st) for st in STATUSES}
     n = max(len(samples), 1)
     clean = sum(1 for r in samples if r.status not in ("misclassified", "timeout")) / n

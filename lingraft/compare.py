@@ -31,13 +31,13 @@ import math
 import re
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
 
 from .config import config_hash, load_config, normalize_keys, validate_keys
-from .errors import LingraftError, UsageError
+from .errors import UsageError
 from .io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 
 __all__ = ["CompareSpec", "Entry", "TOP_KEYS", "GRAFT_KEYS", "CERTIFY_KEYS", "load_compare", "parse_compare",
@@ -325,7 +325,8 @@ def step_hashes(spec: CompareSpec, seed: int) -> dict[str, dict[str, str]]:
 
 def unit_key(model_hash: str, eps: float, method: str, num_samples: int, spec: CompareSpec, seed: int) -> str:
     """Identity of one certification unit: the model's step hash plus everything certify() depends on."""
-    opts = {k: spec.certify[k] for k in ("batch_size", "pgd_steps", "pgd_restarts", "alpha_iterations")}
+    keys = ("batch_size", "pgd_steps", "pgd_restarts") + (("alpha_iterations",) if method == "alpha-crown" else ())
+    opts = {k: spec.certify[k] for k in keys}
     return config_hash({"v": _HASH_VERSION, "model": model_hash, "eps": eps, "method": method, "n": num_samples,
                         "dataset": spec.dataset, "opts": opts, "seed": seed})
 
@@ -462,22 +463,20 @@ def run_compare(spec: CompareSpec, out_dir, *, only: list[str] | None = None, se
         if e.name in need and e.teacher_entry:
             need.add(e.teacher)
     t_all = time.perf_counter()
-    for e in spec.entries:
-        if e.name in need:
-            _ensure_trained(spec, e, out, hashes, seed, str(dev), log, progress)
-    for e in spec.entries:
-        if e.name in selected:
-            _ensure_grafted(spec, e, out, hashes, seed, dev, log)
-
     results_path = out / "results.jsonl"
     have = {r.get("unit") for r in read_jsonl(results_path)}
     n_max = max(spec.certify["num_samples"], spec.certify["grid_num_samples"])
     x_all, y_all = load_dataset(spec.dataset, "test", spec.data_dir)
     x_all, y_all = subset(x_all, y_all, min(n_max, len(x_all)))
     c = spec.certify
+    # one entry at a time (teachers come first), refreshing the tables after each, so a long run shows progress
     for e in spec.entries:
-        if e.name not in selected:
+        if e.name not in need:
             continue
+        _ensure_trained(spec, e, out, hashes, seed, str(dev), log, progress)
+        if e.name not in selected:
+            continue  # a teacher that was not asked for: trained only
+        _ensure_grafted(spec, e, out, hashes, seed, dev, log)
         units = [u for u in _units(spec, hashes, e.name, seed) if u["unit"] not in have]
         if not units:
             log(f"[{e.name}] all certification units already in {results_path.name}")
@@ -489,12 +488,12 @@ def run_compare(spec: CompareSpec, out_dir, *, only: list[str] | None = None, se
                 models[u["variant"]] = load_checkpoint(path, map_location=dev)[0]
             rep = _certify_unit(models[u["variant"]], x_all[:u["num_samples"]], y_all[:u["num_samples"]], u, c,
                                 seed, dev)
-            rec = {**u, **rep, "finished_at": _now()}
-            append_jsonl(results_path, rec)
+            append_jsonl(results_path, {**u, **rep, "finished_at": _now()})
             have.add(u["unit"])
             log(f"[{e.name}] {u['variant']:7s} {u['method']:11s} eps {u['eps']:g}: clean {rep['clean_acc']:.3f} "
                 f"pgd {rep['pgd_acc']:.3f} certified {rep['certified_acc']:.3f} "
                 f"({_num(rep['time_per_sample_s'], 1000)} ms/img, unstable {_num(rep['unstable'])})")
+        write_outputs(build_result(spec, out, hashes, seed), out, log=lambda s: None, plot=False)
     result = build_result(spec, out, hashes, seed)
     result["wall_s"] = round(time.perf_counter() - t_all, 1)
     write_outputs(result, out, log=log, plot=plot)
@@ -647,7 +646,7 @@ def plot_cert_vs_eps(result: dict, path) -> bool:
                       stacklevel=2)
         return False
     grid = result["config"]["eps_grid"]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     entries = list(dict.fromkeys(r["entry"] for r in result["rows"]))
     for r in result["rows"]:
@@ -657,14 +656,14 @@ def plot_cert_vs_eps(result: dict, path) -> bool:
             continue
         i = entries.index(r["entry"])
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
-                linestyle="-" if r["variant"] == "plain" else "--", color=colors[i % len(colors)],
+                linestyle="-" if r["variant"] == "plain" else (0, (4, 2)), color=colors[i % len(colors)],
                 label=f"{r['entry']}" + (" (grafted)" if r["variant"] == "grafted" else ""))
     ax.set_xlabel("eps (L-inf, pixel space)")
     ax.set_ylabel("CROWN certified accuracy (%)")
     ax.set_ylim(-2, 102)
     ax.set_title(f"{result['config']['dataset']}: certified accuracy vs eps (solid plain, dashed grafted)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # outside: lines stay visible
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -48,8 +48,11 @@ def load_model(path: str | os.PathLike | None, dataset: str | None = None, input
         raise LingraftError(f"model file not found: {p}")
     if p.is_dir():
         raise LingraftError(f"{p} is a directory; pass a .pt checkpoint or an .onnx file")
-    with open(p, "rb") as f:
-        head = f.read(8)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise LingraftError(f"cannot read model file {p}: {e.strerror}; check its permissions") from None
     if len(head) == 0:
         raise LingraftError(f"model file {p} is empty")
     if p.suffix.lower() == ".onnx" or (p.suffix.lower() not in (".pt", ".pth", ".ckpt") and not head.startswith(b"PK")):

@@ -96,6 +96,11 @@ def _read_model(path) -> Any:
     except Exception as e:  # DecodeError, bad external data, ...
         raise LingraftError(f"cannot parse {p} as ONNX ({type(e).__name__}: {_first_line(e)}); "
                             "is it an ONNX model file?") from None
+    max_opset = onnx.defs.onnx_opset_version()
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx") and not 7 <= imp.version <= max_opset:
+            raise LingraftError(f"{p} uses ONNX opset {imp.version}; lingraft reads opsets 7..{max_opset}: "
+                                "re-export it (e.g. opset 13)")
     if len(model.graph.node) == 0 or len(model.graph.output) == 0:
         raise LingraftError(f"{p} is not a usable ONNX model (no graph nodes/outputs); is it an ONNX model file?")
     try:

@@ -387,6 +387,8 @@ def train(config: TrainConfig, out_path, *, progress: bool = True, log: Callable
         raise UsageError("train() needs a TrainConfig")
     cfg = config
     out_path = Path(out_path)
+    if out_path.suffix.lower() == ".json":
+        raise UsageError(f"--out {out_path} would clash with the checkpoint's JSON sidecar; use a .pt file name")
     state_path = _state_path(out_path)
     device = pick_device(cfg.device)
     info = dataset_info(cfg.dataset)
@@ -420,7 +422,11 @@ def train(config: TrainConfig, out_path, *, progress: bool = True, log: Callable
         model = create_model(cfg.arch, **arch_kwargs).to(device)
     teacher = None
     if cfg.teacher:
-        teacher, _ = load_checkpoint(cfg.teacher, map_location=device)
+        teacher, teacher_ck = load_checkpoint(cfg.teacher, map_location=device)
+        t_shape = tuple(teacher_ck.get("arch_kwargs", {}).get("in_shape", ()))
+        if t_shape != tuple(info.in_shape):
+            raise UsageError(f"teacher {cfg.teacher} takes inputs {t_shape} but dataset {cfg.dataset} has "
+                             f"{tuple(info.in_shape)}; use a teacher trained on {cfg.dataset}")
         teacher.requires_grad_(False)
     plugin = loss_plugin if loss_plugin is not None else make_loss_plugin(cfg.loss, cfg.loss_kwargs)
     extra_params = plugin.setup(model, in_shape=info.in_shape, num_classes=info.num_classes, device=device,

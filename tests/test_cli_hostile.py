@@ -26,21 +26,8 @@ from lingraft.cli.main import cli
 torch.set_num_threads(1)
 
 # Row ids that currently fail; see the report to the lead for the exact fixes.
-KNOWN_BUGS = {
-    "certify-json-is-dir",      # cli/options.py emit_json: os.replace onto a directory -> traceback
-    "inspect-json-is-dir",
-    "export-json-is-dir",
-    "train-json-is-dir",
-    "certify-unreadable",       # loader.py load_model: open(p) for the header is not guarded -> PermissionError
-    "export-unreadable",
-    "certify-opset-99",         # onnx_io: future opset reaches onnxruntime; message truncated, never says 'opset 99'
-    "export-tol-nan",           # cli/export.py: --tol nan / negative accepted, reported as a failed check (exit 1)
-    "graft-gammas-nan",         # cli/graft.py: non-finite --gammas accepted
-    "graft-lr-nan",             # cli/graft.py: --lr/--lr-graft not validated (nan, <= 0 run)
-    "graft-lr-negative",
-    "train-teacher-shape",      # train.py: teacher with other input shape -> RuntimeError traceback mid-training
-    "train-out-json",           # train.py: '--out x.json' rejected only after training; leaves x.json.state
-}
+KNOWN_BUGS: set = set()  # rows that fail today (xfail strict); all fixed so far
+
 
 EVIL_MARK = "EVIL_RAN"
 
@@ -135,6 +122,15 @@ def hd(tmp_path_factory) -> Path:
     (d / "bad-baseline.json").write_text('{"clean_acc": 1.0}')
     (d / "not-json.mask").write_text("this is not json")
     (d / "adir").mkdir()
+    (d / "compare-typo.yaml").write_text("epz: 0.1\n")
+    # VNN-LIB: one for good.onnx (64 inputs in [0.5, 0.51], 10 outputs), a truncated one, a 1-input one
+    xs = [f"(declare-const X_{i} Real)" for i in range(64)] + [f"(declare-const Y_{i} Real)" for i in range(10)]
+    box = [f"(assert (<= X_{i} 0.51))\n(assert (>= X_{i} 0.5))" for i in range(64)]
+    (d / "p64.vnnlib").write_text("\n".join(xs + box + ["(assert (>= Y_0 Y_1))"]) + "\n")
+    (d / "bad.vnnlib").write_text("(declare-const X_0 Real)\n(assert (<= X_0 1.0)\n")
+    (d / "one-input.vnnlib").write_text("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n"
+                                        "(assert (<= X_0 1.0))\n(assert (>= X_0 0.0))\n(assert (<= Y_0 0.0))\n")
+    (d / "instances-bad.csv").write_text("just-one-field\n")
     return d
 
 
@@ -380,26 +376,71 @@ def test_unreadable_chmod(hd, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ commands added later
+# compare/verify are written by others; their rows run only when the command is registered.
+COMPARE_ROWS = [
+    ("compare-missing", "compare {o}/nope.yaml --out-dir {o}/cmp", 1, "not found"),
+    ("compare-malformed", "compare {d}/bad.yaml --out-dir {o}/cmp", 1, "malformed YAML at"),
+    ("compare-top-level-list", "compare {d}/list.yaml --out-dir {o}/cmp", 1, "must be a mapping"),
+    ("compare-duplicate-key", "compare {d}/dup.yaml --out-dir {o}/cmp", 1, "duplicate key"),
+    ("compare-unknown-key", "compare {d}/compare-typo.yaml --out-dir {o}/cmp", 2, "did you mean 'eps'"),
+    ("compare-threads-zero", "compare {d}/compare-typo.yaml --threads 0 --out-dir {o}/cmp", 2, "--threads"),
+]
 
-def _late_commands() -> list[str]:
-    return [c for c in ("verify", "compare") if c in cli.commands]
+
+def _late(rows, command):
+    if command in cli.commands:
+        return _params(rows)
+    return [pytest.param(*rows[0], marks=pytest.mark.skip(reason=f"no '{command}' command yet"))]
 
 
-@pytest.mark.parametrize("name", _late_commands() or [pytest.param("verify", marks=pytest.mark.skip(
-    reason="no verify/compare command yet"))])
-def test_late_commands_missing_input(hd, tmp_path, monkeypatch, name):
-    """verify/compare (when present): a missing input file is one error line, exit 1 or 2, no traceback."""
-    monkeypatch.chdir(tmp_path)
-    res = _invoke([name, str(tmp_path / "nope.onnx"), str(tmp_path / "nope.vnnlib")])
-    assert "Traceback" not in res.output
-    assert res.exit_code in (1, 2), res.output
-    assert _listing(tmp_path) == set()
+@pytest.mark.parametrize("rid,argv,code,needle", _late(COMPARE_ROWS, "compare"))
+def test_hostile_compare(hd, tmp_path, monkeypatch, rid, argv, code, needle):
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    res = _invoke(shlex.split(argv.format(d=hd, o=out)))
+    _check(res, code, needle, out, set(), hd)
+
+
+VERIFY_ROWS = [
+    ("verify-onnx-missing", "verify {d}/nope.onnx {d}/p64.vnnlib --result {o}/r.txt", 1, "not found"),
+    ("verify-vnnlib-missing", "verify {d}/good.onnx {d}/nope.vnnlib --result {o}/r.txt", 1, "not found"),
+    ("verify-vnnlib-malformed", "verify {d}/good.onnx {d}/bad.vnnlib --result {o}/r.txt", 1, "unclosed '('"),
+    ("verify-vnnlib-mismatch", "verify {d}/good.onnx {d}/one-input.vnnlib --result {o}/r.txt", 1,
+     "declares 1 inputs but 64 were expected"),
+    ("verify-random-onnx", "verify {d}/rand.onnx {d}/p64.vnnlib --result {o}/r.txt", 1, "cannot parse"),
+    ("verify-unsupported-ops", "verify {d}/unsupported.onnx {d}/p64.vnnlib --result {o}/r.txt", 1, "Sigmoid"),
+    ("verify-dynamic-onnx", "verify {d}/dynamic.onnx {d}/p64.vnnlib --result {o}/r.txt", 1, "dynamic"),
+    ("verify-timeout-negative", "verify {d}/good.onnx {d}/p64.vnnlib --timeout -1", 2, "--timeout"),
+    ("verify-timeout-nan", "verify {d}/good.onnx {d}/p64.vnnlib --timeout nan --result {o}/r.txt", 2, "--timeout"),
+    ("verify-no-args", "verify", 2, "missing MODEL and PROP"),
+    ("verify-instances-missing", "verify --instances {d}/nope.csv --out {o}/r.jsonl", 1, "not found"),
+    ("verify-instances-malformed", "verify --instances {d}/instances-bad.csv --out {o}/r.jsonl", 1,
+     "expected 'onnx,vnnlib,timeout'"),
+    ("verify-json-is-dir", "verify {d}/good.onnx {d}/p64.vnnlib --json {d}/adir", 2, "is a directory"),
+]
+KNOWN_BUGS |= set()  # verify rows: all fixed
+
+
+
+@pytest.mark.parametrize("rid,argv,code,needle", _late(VERIFY_ROWS, "verify"))
+def test_hostile_verify(hd, tmp_path, monkeypatch, rid, argv, code, needle):
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    res = _invoke(shlex.split(argv.format(d=hd, o=out)))
+    # VNN-COMP convention: a failed instance still gets a complete result file saying 'error'
+    result = out / "r.txt"
+    if result.exists():
+        assert result.read_text().strip() == "error"
+        result.unlink()
+    _check(res, code, needle, out, set(), hd)
 
 
 def test_rows_cover_every_command():
-    covered = {r[1].split()[0] for r in ROWS} | {"run"}
-    assert {"certify", "inspect", "export", "graft", "train", "run"} <= covered
-    assert not (KNOWN_BUGS - {r[0] for r in ROWS + RUN_ROWS + UNREADABLE}), "stale KNOWN_BUGS ids"
+    covered = {r[1].split()[0] for r in ROWS + COMPARE_ROWS + VERIFY_ROWS} | {"run"}
+    assert set(cli.commands) <= covered, f"commands without hostile rows: {set(cli.commands) - covered}"
+    assert not (KNOWN_BUGS - {r[0] for r in ROWS + RUN_ROWS + UNREADABLE + COMPARE_ROWS + VERIFY_ROWS}), "stale KNOWN_BUGS ids"
 
 
 def test_fixture_checks_itself(hd):

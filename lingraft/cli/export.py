@@ -22,8 +22,14 @@ def command(model, out_path, opset, dynamic_batch, tol, data_dir, json_out, verb
     After writing, the file is run in onnxruntime on random inputs and on 16 real test images; the export fails
     (and the file is removed) if the max absolute difference to PyTorch exceeds --tol.
     """
+    import math
+
     from ..data import load_dataset, subset
+    from ..errors import UsageError
     from ..loader import load_model
+
+    if not math.isfinite(tol) or tol < 0:
+        raise UsageError(f"--tol must be a finite number >= 0, got {tol}")
     from ..onnx_io import export_onnx
 
     lm = load_model(model)

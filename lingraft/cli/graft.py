@@ -58,10 +58,21 @@ def command(model, config_path, ratio, eps, out_path, rule, scope, gammas, signi
 
     if scores_only is None and out_path is None:
         raise UsageError("pass --out FILE for the grafted checkpoint (or --scores-only FILE)")
+    import math
+
     try:
         gam = tuple(float(g) for g in gammas.split(","))
     except ValueError:
         raise UsageError(f"--gammas must be comma-separated numbers, got {gammas!r}") from None
+    if not gam or not all(math.isfinite(g) for g in gam):
+        raise UsageError(f"--gammas must be finite numbers, got {gammas!r}")
+    for name, v in (("--lr", lr), ("--lr-graft", lr_graft)):
+        if not math.isfinite(v) or v <= 0:
+            raise UsageError(f"{name} must be a finite number > 0, got {v}")
+    if math.isnan(ratio):
+        raise UsageError("--ratio must be a number in [0, 1], got nan")
+    if out_path and str(out_path).lower().endswith(".json"):
+        raise UsageError(f"--out {out_path} would clash with the checkpoint's JSON sidecar; use a .pt file name")
     meths = [m.strip() for m in methods.split(",") if m.strip()]
     for m in meths:
         if m not in ("ibp", "crown", "alpha-crown"):

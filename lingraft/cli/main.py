@@ -23,6 +23,11 @@ class LingraftGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+        except OSError as e:
+            # a file problem the library did not anticipate: still one line, never a traceback
+            where = f" {e.filename}" if getattr(e, "filename", None) else ""
+            click.echo(f"error: cannot access{where}: {e.strerror or e}", err=True)
+            ctx.exit(1)
 
 
 @click.group(cls=LingraftGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},

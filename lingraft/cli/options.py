@@ -23,8 +23,17 @@ def common_options(fn):
     return fn
 
 
+def _check_out_file(ctx, param, value):
+    """Reject output paths that are directories before any work is done."""
+    if value and value != "-" and os.path.isdir(value):
+        from ..errors import UsageError
+
+        raise UsageError(f"{param.opts[0]} {value} is a directory; give a file name like result.json")
+    return value
+
+
 def json_option(fn):
-    return click.option("--json", "json_out", metavar="FILE|-", default=None,
+    return click.option("--json", "json_out", metavar="FILE|-", default=None, callback=_check_out_file,
                         help="Also write the full result as JSON to FILE ('-' = stdout instead of the table).")(fn)
 
 
@@ -79,7 +88,10 @@ def emit_json(obj, dest: str | None):
     else:
         from ..io import atomic_write_text
 
-        atomic_write_text(dest, text)
+        try:
+            atomic_write_text(dest, text)
+        except OSError as e:
+            raise LingraftError(f"cannot write {dest}: {e.strerror}") from None
 
 
 def _clean(o):

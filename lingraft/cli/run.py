@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..config import config_option
+from ..config import config_hash, config_option
 from ..errors import LingraftError
 from .options import common_options, emit_json, json_option, pick_device, progress_bar, table, versions
 
@@ -50,7 +50,8 @@ def command(sweep, config_path, results, retry_errors, dry_run, csv_out, json_ou
         raise LingraftError(f"sweep file {p} not found; check the path")
     spec = load_sweep(p, allowed_methods=METHODS, allowed_options=RUN_OPTIONS)
     ctx = click.get_current_context()
-    if ctx.get_parameter_source("seed") not in (click.core.ParameterSource.DEFAULT, None):
+    if (ctx.get_parameter_source("seed") not in (click.core.ParameterSource.DEFAULT, None)
+            and seed != spec.extra.get("seed", RUN_OPTIONS["seed"])):
         spec.extra = {**spec.extra, "seed": seed}  # part of every job id: results of another seed are not reused
     where = str(p)
     opts = resolve_options(spec.extra, where, spec.base_dir)
@@ -62,7 +63,7 @@ def command(sweep, config_path, results, retry_errors, dry_run, csv_out, json_ou
         j["model"] = resolve_model_entry(j["model"], where)
     by_id = {j["job_id"]: j for j in jobs}
     latest = latest_records(read_results(results))
-    done = [jid for jid in by_id if jid in latest and (latest[jid].get("status") != "error" or not retry_errors)]
+    done = {jid for jid in by_id if jid in latest and (latest[jid].get("status") != "error" or not retry_errors)}
 
     if dry_run:
         rows = [[_short(j["model"]), j["method"], j["ratio"], j["eps"],
@@ -77,7 +78,7 @@ def command(sweep, config_path, results, retry_errors, dry_run, csv_out, json_ou
 
     dev = pick_device(device)
     runner = JobRunner(opts, work_dir=work_dir_for(results), device=dev, where=where)
-    runner.preflight(jobs)
+    runner.preflight([j for j in jobs if j["job_id"] not in done])  # finished jobs need no model any more
 
     with progress_bar(len(jobs), "run", no_progress or quiet) as bar:
         bar.update(len(done))
@@ -106,15 +107,12 @@ def command(sweep, config_path, results, retry_errors, dry_run, csv_out, json_ou
     summary = {"schema_version": 1, "command": "run", "sweep": str(p), "results": str(results),
                "config": {"sweep": str(p), "options": opts, "models": spec.models, "methods": spec.methods,
                           "ratios": spec.ratios, "eps": spec.eps},
-               "versions": versions(), "jobs": len(jobs), "failed": len(failed),
-               "rows": [dict(zip(_SUMMARY_KEYS, r)) for r in rows]}
-    from ..config import config_hash
-
+               "versions": versions(), "jobs": len(jobs), "failed": len(failed), "rows": rows}
     summary["config_hash"] = config_hash(summary["config"])
     if json_out:
         emit_json(summary, json_out)
     if json_out != "-" and not quiet:
-        click.echo(table(rows, _SUMMARY_HEADER))
+        click.echo(table([_fmt_row(r) for r in rows], _SUMMARY_HEADER))
         click.echo(f"{len(records)} jobs, {len(failed)} failed; results in {results}")
     if csv_out:
         _write_csv(csv_out, rows)
@@ -124,42 +122,50 @@ def command(sweep, config_path, results, retry_errors, dry_run, csv_out, json_ou
                             f"{first['job']['method']}: {first.get('error')}); fix it and rerun with --retry-errors")
 
 
-_SUMMARY_KEYS = ["model", "method", "ratio", "eps", "status", "clean_acc", "pgd_acc", "certified_acc", "grafted",
-                 "ms_per_img", "elapsed_s"]
+_SUMMARY_KEYS = ["model", "method", "ratio", "eps", "status", "clean_acc", "pgd_acc", "certified_acc",
+                 "grafted_neurons", "relu_neurons", "time_per_sample_s", "elapsed_s", "error"]
 
 
 def _short(model: str) -> str:
     return Path(model).name
 
 
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
-
-
-def summary_rows(records: list[dict]) -> list[list]:
-    """One row per job record (latest per job): model, method, ratio, eps, status, accuracies, grafted, timing."""
+def summary_rows(records: list[dict]) -> list[dict]:
+    """One plain dict per job record (keys :data:`_SUMMARY_KEYS`; numbers stay numbers, missing ones None)."""
     rows = []
     for rec in records:
         job = rec.get("job") or {}
         res = rec.get("result") or {}
         g = res.get("graft") or {}
-        grafted = f"{g['grafted_neurons']}/{g['relu_neurons']}" if "grafted_neurons" in g else "-"
-        ms = res.get("time_per_sample_s")
-        rows.append([_short(str(job.get("model", "?"))), job.get("method"), job.get("ratio"), job.get("eps"),
-                     rec.get("status", "?"), _pct(res.get("clean_acc")), _pct(res.get("pgd_acc")),
-                     _pct(res.get("certified_acc")), grafted, "-" if ms is None else f"{1000 * ms:.1f}",
-                     f"{rec.get('elapsed_s', 0.0):.1f}"])
+        rows.append({"model": job.get("model"), "method": job.get("method"), "ratio": job.get("ratio"),
+                     "eps": job.get("eps"), "status": rec.get("status"), "clean_acc": res.get("clean_acc"),
+                     "pgd_acc": res.get("pgd_acc"), "certified_acc": res.get("certified_acc"),
+                     "grafted_neurons": g.get("grafted_neurons"), "relu_neurons": g.get("relu_neurons"),
+                     "time_per_sample_s": res.get("time_per_sample_s"), "elapsed_s": rec.get("elapsed_s"),
+                     "error": rec.get("error")})
     return rows
 
 
-def _write_csv(path, rows) -> None:
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _fmt_row(r: dict) -> list:
+    grafted = "-" if r["grafted_neurons"] is None else f"{r['grafted_neurons']}/{r['relu_neurons']}"
+    ms = r["time_per_sample_s"]
+    return [_short(str(r["model"])), r["method"], r["ratio"], r["eps"], r["status"], _pct(r["clean_acc"]),
+            _pct(r["pgd_acc"]), _pct(r["certified_acc"]), grafted, "-" if ms is None else f"{1000 * ms:.2f}",
+            f"{r['elapsed_s'] or 0.0:.1f}"]
+
+
+def _write_csv(path, rows: list[dict]) -> None:
     import csv
     import io
 
     from ..io import atomic_write_text
 
     buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(_SUMMARY_KEYS)
+    w = csv.DictWriter(buf, fieldnames=_SUMMARY_KEYS)
+    w.writeheader()
     w.writerows(rows)
     atomic_write_text(path, buf.getvalue())

@@ -29,8 +29,13 @@ def command(model, prop, timeout, result_path, split, instances, out_path, resul
             no_progress, device):
     """Decide MODEL.onnx against PROP.vnnlib: unsat (property holds), sat (counterexample, re-checked in
     onnxruntime), unknown or timeout. Grafted neurons are never branched on."""
+    import math
+
     from ..errors import UsageError
     from ..verify import verify_instances, verify_property, write_result
+
+    if not math.isfinite(timeout):
+        raise UsageError(f"--timeout must be a finite number of seconds, got {timeout}")
 
     if instances:
         if model or prop:

@@ -37,7 +37,7 @@ def load_instances(csv_path) -> list[tuple[str, str, float]]:
     """Rows (onnx, vnnlib, timeout) of an instances.csv (paths as written, relative to its folder)."""
     p = Path(csv_path)
     if not p.is_file():
-        raise UsageError(f"instances file not found: {p}; give the benchmark's instances.csv")
+        raise LingraftError(f"instances file not found: {p}; give the benchmark's instances.csv")
     rows = []
     with open(p, newline="") as f:
         for i, row in enumerate(csv.reader(f), 1):
