@@ -249,16 +249,34 @@ class BoundedNetwork:
         needed = torch.arange(n, device=self.device) if needed is None else needed.to(self.device)
         lo = ref_l.reshape(B, n).clone()
         up = ref_u.reshape(B, n).clone()
-        unst = ((lo[:, needed] < 0) & (up[:, needed] > 0)).any(0)
-        rows = needed[unst]
-        tight = self.mode == "tight"
-        if not tight and rows.numel() > 0.9 * n:
-            rows = needed
-        if rows.numel() == 0:
-            return lo.reshape(ref_l.shape), up.reshape(ref_u.shape)
         chain = self._patch_chains.get(i, False)
         if chain is False:
             chain = self._patch_chains[i] = chain_to_input(self.nodes, i) if self.use_patches else None
+        tight = self.mode == "tight"
+        if tight:
+            # pair mode: bound only the (sample, neuron) pairs that the reference leaves unstable
+            unst = (lo[:, needed] < 0) & (up[:, needed] > 0)  # [B, n_needed]
+            b_idx, col = torch.nonzero(unst, as_tuple=True)
+            if b_idx.numel() == 0:
+                return lo.reshape(ref_l.shape), up.reshape(ref_u.shape)
+            pair_rows = needed[col]
+            chunk = self._chunk_size(i, 1, pair_rows.numel()) if chain is None else max(1, min(pair_rows.numel(), 8192))
+            for s in range(0, pair_rows.numel(), chunk):
+                r, bi = pair_rows[s:s + chunk], b_idx[s:s + chunk]
+                if chain is not None:
+                    l_r, u_r = backward_patches(self.nodes, i, chain, r, x_L, x_U, bounds, self._l2_sub(None), b_idx=bi)
+                    l_r, u_r = l_r[0], u_r[0]
+                else:
+                    l_r, u_r = self._backward_pairs(i, r, bi, x_L, x_U, bounds)
+                lo[bi, r] = torch.maximum(lo[bi, r], l_r)
+                up[bi, r] = torch.minimum(up[bi, r], u_r)
+            return lo.reshape(ref_l.shape), up.reshape(ref_u.shape)
+        unst = ((lo[:, needed] < 0) & (up[:, needed] > 0)).any(0)
+        rows = needed[unst]
+        if rows.numel() > 0.9 * n:
+            rows = needed
+        if rows.numel() == 0:
+            return lo.reshape(ref_l.shape), up.reshape(ref_u.shape)
         chunk = self._chunk_size(i, B, rows.numel()) if chain is None else max(1, min(rows.numel(), 4096))
         for s in range(0, rows.numel(), chunk):
             r = rows[s:s + chunk]
@@ -266,11 +284,30 @@ class BoundedNetwork:
                 l_r, u_r = backward_patches(self.nodes, i, chain, r, x_L, x_U, bounds, self._l2)
             else:
                 l_r, u_r = self._backward(i, None, x_L, x_U, bounds, True, rows=r)
-            if tight:
-                l_r, u_r = torch.maximum(lo[:, r], l_r), torch.minimum(up[:, r], u_r)
             lo[:, r] = l_r
             up[:, r] = u_r
         return lo.reshape(ref_l.shape), up.reshape(ref_u.shape)
+
+    def _l2_sub(self, b_idx):
+        return self._l2
+
+    def _backward_pairs(self, i, rows, b_idx, x_L, x_U, bounds):
+        """Dense backward pass where pair p bounds neuron rows[p] of node i for sample b_idx[p], one sample at a
+        time (slices of the bounds are views, so each pass only touches that sample). Returns ([P], [P])."""
+        lo_out = torch.empty(rows.numel(), device=self.device)
+        up_out = torch.empty(rows.numel(), device=self.device)
+        saved = self._l2
+        try:
+            for b in torch.unique(b_idx).tolist():
+                sel = torch.nonzero(b_idx == b, as_tuple=True)[0]
+                sub = [None if bb is None else (bb[0][b:b + 1], bb[1][b:b + 1]) for bb in bounds]
+                if saved is not None:
+                    self._l2 = (saved[0][b:b + 1], saved[1])
+                lo, up = self._backward(i, None, x_L[b:b + 1], x_U[b:b + 1], sub, True, rows=rows[sel])
+                lo_out[sel], up_out[sel] = lo[0], up[0]
+        finally:
+            self._l2 = saved
+        return lo_out, up_out
 
     def _chunk_size(self, i, B, R):
         biggest = max(int(math.prod(nd.shape)) for nd in self.nodes[: i + 1])

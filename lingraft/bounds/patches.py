@@ -60,8 +60,11 @@ def chain_to_input(nodes, start: int):
     return chain
 
 
-def gather(values: Tensor, y0: Tensor, x0: Tensor, kh: int, kw: int) -> Tensor:
-    """values [B, C, H, W] -> [B, R, C, kh, kw]: the window at each (y0, x0), zeros outside the plane."""
+def gather(values: Tensor, y0: Tensor, x0: Tensor, kh: int, kw: int, b_idx: Tensor | None = None) -> Tensor:
+    """values [B, C, H, W] -> [B, R, C, kh, kw]: the window at each (y0, x0), zeros outside the plane.
+
+    With ``b_idx`` [R] (pair mode: row r belongs to sample b_idx[r]) the result is [1, R, C, kh, kw].
+    """
     B, C, H, W = values.shape
     my = int(max(0, -int(y0.min()), int(y0.max()) + kh - H))
     mx = int(max(0, -int(x0.min()), int(x0.max()) + kw - W))
@@ -72,9 +75,14 @@ def gather(values: Tensor, y0: Tensor, x0: Tensor, kh: int, kw: int) -> Tensor:
     dx = torch.arange(kw, device=values.device)
     rows = (y0 + my).view(-1, 1, 1) + dy.view(1, -1, 1)
     cols = (x0 + mx).view(-1, 1, 1) + dx.view(1, 1, -1)
+    R = y0.numel()
+    if b_idx is not None:
+        flat = (rows * Wp + cols).reshape(R, kh * kw)
+        bi = b_idx if B > 1 else torch.zeros_like(b_idx)
+        out = v.reshape(B, C, Hp * Wp).permute(0, 2, 1)[bi.unsqueeze(1), flat]  # [R, kh*kw, C]
+        return out.permute(0, 2, 1).reshape(1, R, C, kh, kw)
     flat = (rows * Wp + cols).reshape(-1)  # [R*kh*kw]
     out = v.reshape(B, C, Hp * Wp)[:, :, flat]  # [B, C, R*kh*kw]
-    R = y0.numel()
     return out.reshape(B, C, R, kh, kw).permute(0, 2, 1, 3, 4)
 
 
@@ -106,9 +114,14 @@ def _sum(P: Tensor) -> Tensor:
     return P.flatten(2).sum(-1)
 
 
-def backward_patches(nodes, start: int, chain, rows: Tensor, x_L: Tensor, x_U: Tensor, bounds, l2=None):
-    """Lower and upper bounds [B, R] of the rows of node ``start`` by the patch-mode backward pass."""
-    B = x_L.shape[0]
+def backward_patches(nodes, start: int, chain, rows: Tensor, x_L: Tensor, x_U: Tensor, bounds, l2=None,
+                     b_idx: Tensor | None = None):
+    """Lower and upper bounds [B, R] of the rows of node ``start`` by the patch-mode backward pass.
+
+    Pair mode (``b_idx`` [R]): row r is bounded for sample b_idx[r] only; returns [1, R].
+    """
+    B = x_L.shape[0] if b_idx is None else 1
+    Bfull = x_L.shape[0]
     P, bias = start_patches(nodes[start].op, rows, B)
     lP, uP = P.values, P.values
     y0, x0 = P.y0, P.x0
@@ -124,28 +137,28 @@ def backward_patches(nodes, start: int, chain, rows: Tensor, x_L: Tensor, x_U: T
         if isinstance(op, ReLUOp):
             lo, up = bounds[nd.inputs[0]] if bounds[nd.inputs[0]] is not None else (None, None)
             if lo is None:  # fully grafted layer: exact linear
-                lo = up = torch.zeros(B, *op.shape, device=lP.device)
+                lo = up = torch.zeros(Bfull, *op.shape, device=lP.device)
             u_slope, u_int, l_slope, _ = op.relaxation(lo, up)
             if op.mask is not None:
                 m = op.mask.unsqueeze(0).float()
                 l_slope = l_slope * (1 - m) + op.a.unsqueeze(0) * m
                 u_slope = u_slope * (1 - m) + op.a.unsqueeze(0) * m
-            g_ls = gather(l_slope, y0, x0, kh, kw)
-            g_d = gather(u_slope - l_slope, y0, x0, kh, kw)
-            g_ui = gather(u_int, y0, x0, kh, kw)
+            g_ls = gather(l_slope, y0, x0, kh, kw, b_idx)
+            g_d = gather(u_slope - l_slope, y0, x0, kh, kw, b_idx)
+            g_ui = gather(u_int, y0, x0, kh, kw, b_idx)
             lPn = lP.clamp(max=0)
             uPp = uP.clamp(min=0)
             lb = lb + _sum(lPn * g_ui)
             ub = ub + _sum(uPp * g_ui)
             if op.mask is not None:
-                g_b = gather(op.b.unsqueeze(0).expand(B, *op.shape), y0, x0, kh, kw)
+                g_b = gather(op.b.unsqueeze(0), y0, x0, kh, kw, b_idx)
                 lb = lb + _sum(lP * g_b)
                 ub = ub + _sum(uP * g_b)
             lP = lP * g_ls + lPn * g_d
             uP = uP * g_ls + uPp * g_d
         elif isinstance(op, ElementwiseAffineOp):
-            sc = gather(op.scale.unsqueeze(0), y0, x0, kh, kw)
-            sh = gather(op.shift.unsqueeze(0), y0, x0, kh, kw)
+            sc = gather(op.scale.unsqueeze(0), y0, x0, kh, kw, b_idx)
+            sh = gather(op.shift.unsqueeze(0), y0, x0, kh, kw, b_idx)
             lb = lb + _sum(lP * sh)
             ub = ub + _sum(uP * sh)
             lP, uP = lP * sc, uP * sc
@@ -165,13 +178,13 @@ def backward_patches(nodes, start: int, chain, rows: Tensor, x_L: Tensor, x_U: T
     kh, kw = lP.shape[-2:]
     mask = valid_mask(y0, x0, kh, kw, H, W, lP.device)
     lP, uP = lP * mask, uP * mask
-    c = gather((x_U + x_L) / 2, y0, x0, kh, kw)
-    r = gather((x_U - x_L) / 2, y0, x0, kh, kw)
+    c = gather((x_U + x_L) / 2, y0, x0, kh, kw, b_idx)
+    r = gather((x_U - x_L) / 2, y0, x0, kh, kw, b_idx)
     lower = lb + _sum(lP * c) - _sum(lP.abs() * r)
     upper = ub + _sum(uP * c) + _sum(uP.abs() * r)
     if l2 is not None:
         x0c, eps = l2
-        xc = gather(x0c, y0, x0, kh, kw)
+        xc = gather(x0c, y0, x0, kh, kw, b_idx)
         lower = torch.maximum(lower, lb + _sum(lP * xc) - eps * lP.flatten(2).norm(dim=-1))
         upper = torch.minimum(upper, ub + _sum(uP * xc) + eps * uP.flatten(2).norm(dim=-1))
     return lower, upper
