@@ -21,7 +21,7 @@ SCHEMA_VERSION = 1
 @click.argument("model", required=False, type=click.Path(dir_okay=True))
 @config_option()
 @click.option("--eps", type=float, default=None, help="L-inf (or L2) radius in [0,1] pixel space. "
-              "Default: the eps recorded in the checkpoint, else 0.1.")
+              "Default: the checkpoint's certify_eps, else its training eps, else 0.1.")
 @click.option("--norm", type=click.Choice(["inf", "2"]), default="inf", show_default=True)
 @click.option("--method", type=click.Choice(["ibp", "crown", "alpha-crown"]), default="crown", show_default=True)
 @click.option("-n", "--num-samples", type=click.IntRange(min=1), default=1000, show_default=True,
@@ -69,7 +69,7 @@ def command(model, config_path, eps, norm, method, num_samples, offset, dataset,
         raise UsageError("the model does not record its dataset; pass --dataset (mnist, cifar10, digits)")
     info = dataset_info(ds)
     if eps is None:
-        eps = float(lm.meta.get("eps", lm.meta.get("config", {}).get("eps", 0.1)) or 0.1)
+        eps = default_eps(lm.meta)
     eps = check_eps(eps)
     x, y = load_dataset(ds, "test", data_dir)
     if offset >= x.shape[0]:
@@ -97,6 +97,15 @@ def command(model, config_path, eps, norm, method, num_samples, offset, dataset,
     if csv_out:
         _write_csv(csv_out, rep.samples)
     _gates(rep, min_certified_acc, min_clean_acc, base, max_drop)
+
+
+def default_eps(meta: dict) -> float:
+    """certify_eps recorded in the checkpoint, else the graft/training eps, else 0.1."""
+    meta = meta or {}
+    for v in (meta.get("certify_eps"), meta.get("eps"), (meta.get("config") or {}).get("eps")):
+        if isinstance(v, (int, float)) and v == v:
+            return float(v)
+    return 0.1
 
 
 def render_report(rep, model_path, ds, verbose=0) -> str:
