@@ -26,7 +26,7 @@ _CACHE = {}
 
 
 def _scores(model, n=20, eps=0.02):
-    key = (tuple(tuple(p.shape) for p in model.parameters()), float(sum(p.sum() for p in model.parameters())), n, eps)
+    key = (tuple(tuple(p.shape) for p in model.parameters()), float(sum(p.detach().sum() for p in model.parameters())), n, eps)
     if key in _CACHE:
         return _CACHE[key]
     torch.manual_seed(1)
