@@ -663,7 +663,7 @@ def plot_cert_vs_eps(result: dict, path) -> bool:
     ax.set_ylim(-2, 102)
     ax.set_title(f"{result['config']['dataset']}: certified accuracy vs eps (solid plain, dashed grafted)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # outside: lines stay visible
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, handlelength=3.5)  # outside: lines stay visible
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -186,7 +186,7 @@ def test_every_command_is_covered():
 
 
 # Commands whose help does not end with an example yet (xfail strict: remove the entry once fixed).
-HELP_KNOWN = {"compare": "cli/compare.py epilog ends with a prose paragraph after the examples"}
+HELP_KNOWN: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", [None, *[pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=HELP_KNOWN[n]))

@@ -9,11 +9,11 @@ import click
 from .options import common_options, emit_json, json_option, pick_device, table, versions
 
 
-@click.command("compare", epilog="Examples:\n\n\b\n  lingraft compare examples/compare-mnist.yaml --out-dir runs/compare-mnist\n"
+@click.command("compare", epilog="Rerunning the same command reuses finished training, grafting and certification "
+               "(results.jsonl); Ctrl-C is safe.\n\nExamples:\n\n\b\n"
+               "  lingraft compare examples/compare-mnist.yaml --out-dir runs/compare-mnist\n"
                "  lingraft compare examples/compare-mnist.yaml --out-dir runs/compare-mnist --only ce,fgsm\n"
-               "  lingraft compare my.yaml --json - --threads 2 > result.json\n\n"
-               "Rerunning the same command reuses finished training, grafting and certification "
-               "(results.jsonl); Ctrl-C is safe.")
+               "  lingraft compare my.yaml --json - --threads 2 > result.json\n")
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None,
               help="Folder for checkpoints, results.jsonl and the tables (default: runs/compare-<config name>).")
