@@ -3,8 +3,9 @@
 A sample is, in this order of precedence:
   misclassified  - the clean input is already wrong;
   falsified      - PGD found an adversarial example inside the ball (never counted as certified);
-  verified       - the lower bound of every margin f_y - f_j over the ball is > 0;
-  unknown        - neither;
+  verified       - the lower bound of every margin f_y - f_j over the ball is > 0 (or, with ``bab_timeout``,
+                   branch and bound proved it: field ``bab`` is "unsat");
+  unknown        - neither (with ``bab_timeout``: branch and bound also ran out of time);
   timeout        - the run's time budget ran out before the sample was bounded.
 """
 
@@ -30,8 +31,9 @@ class SampleResult:
     label: int
     prediction: int
     status: str
-    margin_lower: float | None  # min over j of the certified lower bound of f_y - f_j (None if not bounded)
+    margin_lower: float | None  # min over j of the bound method's lower bound of f_y - f_j (None if not bounded)
     time_s: float
+    bab: str | None = None  # branch-and-bound outcome (unsat/sat/timeout/unknown/error) when it ran on this sample
 
 
 @dataclass
@@ -49,6 +51,8 @@ class CertifyReport:
     time_per_sample_s: float  # mean bound-propagation time per bounded sample
     total_time_s: float
     samples: list = field(default_factory=list)
+    # with bab_timeout: {"timeout_per_sample_s", "attempted", "verified", "falsified", "undecided", "time_s"}
+    bab: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -68,15 +72,23 @@ def check_eps(eps: float) -> float:
 def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, in_shape=None, method: str = "crown",
             norm: str = "inf", batch_size: int = 32, pgd_steps: int = 20, pgd_restarts: int = 1, seed: int = 0,
             timeout: float | None = None, indices=None, progress=None, alpha_iterations: int = 20,
-            device=None, net: BoundedNetwork | None = None) -> CertifyReport:
+            device=None, net: BoundedNetwork | None = None, bab_timeout: float = 0.0,
+            bab_progress=None) -> CertifyReport:
     """Certify ``model`` on samples x [N, *in_shape] (values in [0, 1]) with labels y [N] at radius eps.
 
     progress: optional callable(n_done) for progress bars. timeout: wall-clock budget in seconds for the run.
+    bab_timeout: > 0 runs branch and bound (:mod:`lingraft.complete`) on every sample left ``unknown``, at most
+    that many seconds each (L-inf only); bab_progress: optional callable(sample_index, outcome dict).
     """
     eps = check_eps(eps)
     norm = str(norm).lower().replace("l", "")
     if norm not in ("inf", "2"):
         raise UsageError(f"unknown norm {norm!r}; use 'inf' or '2'")
+    bab_timeout = float(bab_timeout or 0.0)
+    if math.isnan(bab_timeout) or bab_timeout < 0:
+        raise UsageError(f"bab_timeout must be >= 0 seconds, got {bab_timeout}")
+    if bab_timeout > 0 and norm != "inf":
+        raise UsageError("branch and bound (--bab-timeout) splits boxes: it works with --norm inf only")
     t_start = time.perf_counter()
     model = model.eval()
     dev = torch.device(device) if device else next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -137,16 +149,49 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, in_shape=None
                                         per_time if st in ("verified", "unknown") else 0.0))
         if progress:
             progress(B)
+    bab = None
+    if bab_timeout > 0:
+        bab = _complete_unknowns(model, x, samples, eps, in_shape, net.num_outputs, bab_timeout, seed, dev,
+                                 t_start, timeout, bab_progress)
     if not neurons:  # nothing was bounded: still report the layers (and grafted counts) from the graph
         neurons = {name: {"neurons": int(math.prod(op.shape)), "grafted": op.num_grafted}
                    for name, op in net.relu_layers()}
     counts = {st: sum(1 for r in samples if r.status == st) for st in STATUSES}
     n = max(len(samples), 1)
     clean = sum(1 for r in samples if r.status not in ("misclassified", "timeout")) / n
-    pgd = sum(1 for r in samples if r.status in ("verified", "unknown")) / n
+    # PGD accuracy: robust to the PGD attack (a counterexample found later by branch and bound does not count)
+    pgd = sum(1 for r in samples if r.status in ("verified", "unknown") or r.bab == "sat") / n
     return CertifyReport(
         method=method, eps=eps, norm=norm, num_samples=len(samples), clean_acc=clean, pgd_acc=pgd,
         certified_acc=counts["verified"] / n, counts=counts,
         unstable_per_layer={k: v / max(bounded, 1) for k, v in unstable_sum.items()},
         neurons_per_layer=neurons, time_per_sample_s=bound_time / max(bounded, 1),
-        total_time_s=time.perf_counter() - t_start, samples=[asdict(r) for r in samples])
+        total_time_s=time.perf_counter() - t_start, samples=[asdict(r) for r in samples], bab=bab)
+
+
+def _complete_unknowns(model, x, samples: list[SampleResult], eps, in_shape, num_outputs, bab_timeout, seed, dev,
+                       t_start, timeout, bab_progress) -> dict:
+    """Branch and bound on each ``unknown`` sample (in place); returns the summary dict of CertifyReport.bab."""
+    from .complete import decide_sample
+
+    summary = {"timeout_per_sample_s": bab_timeout, "attempted": 0, "verified": 0, "falsified": 0, "undecided": 0,
+               "time_s": 0.0}
+    for i, r in enumerate(samples):
+        if r.status != "unknown":
+            continue
+        budget = bab_timeout
+        if timeout is not None:
+            budget = min(budget, timeout - (time.perf_counter() - t_start))
+            if budget <= 0:
+                break  # the run's budget is spent: the rest stay unknown
+        out = decide_sample(model, x[i].to(dev), r.label, eps, in_shape=in_shape, num_outputs=num_outputs,
+                            timeout=budget, seed=seed + i, device=dev)
+        r.status, r.bab = out["status"], out["bab"]
+        r.time_s += out["time_s"]
+        summary["attempted"] += 1
+        summary["time_s"] += out["time_s"]
+        key = r.status if r.status in ("verified", "falsified") else "undecided"
+        summary[key] += 1
+        if bab_progress:
+            bab_progress(r.index, out)
+    return summary

@@ -33,6 +33,9 @@ SCHEMA_VERSION = 1
 @click.option("--pgd-steps", type=click.IntRange(min=0), default=20, show_default=True)
 @click.option("--pgd-restarts", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Wall-clock budget (s) for the run.")
+@click.option("--bab-timeout", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Seconds of branch and bound (as in 'lingraft verify') per sample the bounds leave unknown, "
+              "to decide it; 0 = off. L-inf only.")
 @click.option("--min-certified-acc", type=click.FloatRange(0, 1), default=None,
               help="Gate: exit 3 when certified accuracy is below this.")
 @click.option("--min-clean-acc", type=click.FloatRange(0, 1), default=None, help="Gate: exit 3 when clean accuracy is below.")
@@ -44,12 +47,13 @@ SCHEMA_VERSION = 1
 @json_option
 @common_options
 def command(model, config_path, eps, norm, method, num_samples, offset, dataset, data_dir, batch_size, pgd_steps,
-            pgd_restarts, timeout, min_certified_acc, min_clean_acc, baseline, max_drop, csv_out, json_out, verbose,
+            pgd_restarts, timeout, bab_timeout, min_certified_acc, min_clean_acc, baseline, max_drop, csv_out, json_out, verbose,
             quiet, seed, no_progress, device):
     """Certify MODEL (.pt checkpoint or .onnx; default: the shipped MNIST CNN-B) on test images.
 
     Each image is first checked clean, then attacked with PGD (a found adversarial example means the image is
-    never counted as certified), then bounded with IBP, CROWN or alpha-CROWN.
+    never counted as certified), then bounded with IBP, CROWN or alpha-CROWN. With --bab-timeout, the images
+    still unknown go to branch and bound, which proves them (verified) or finds a counterexample (falsified).
     """
     import torch
 
@@ -71,6 +75,8 @@ def command(model, config_path, eps, norm, method, num_samples, offset, dataset,
     if eps is None:
         eps = default_eps(lm.meta)
     eps = check_eps(eps)
+    if bab_timeout > 0 and norm != "inf":
+        raise UsageError("--bab-timeout works with --norm inf only (branch and bound splits boxes)")
     x, y = load_dataset(ds, "test", data_dir)
     if offset >= x.shape[0]:
         raise UsageError(f"--offset {offset} is past the end of the {ds} test set ({x.shape[0]} images)")
@@ -82,10 +88,11 @@ def command(model, config_path, eps, norm, method, num_samples, offset, dataset,
     with progress_bar(x.shape[0], "certify", no_progress or quiet) as bar:
         rep = certify(model_, x, y, eps, in_shape=lm.in_shape, method=method, norm=norm, batch_size=batch_size,
                       pgd_steps=pgd_steps, pgd_restarts=pgd_restarts, seed=seed, timeout=timeout,
-                      indices=range(offset, offset + x.shape[0]), progress=bar.update, device=dev)
+                      indices=range(offset, offset + x.shape[0]), progress=bar.update, device=dev,
+                      bab_timeout=bab_timeout, bab_progress=_bab_logger(verbose and not quiet))
     cfg = {"model": lm.path, "dataset": ds, "eps": eps, "norm": norm, "method": method, "num_samples": num_samples,
            "offset": offset, "batch_size": batch_size, "pgd_steps": pgd_steps, "pgd_restarts": pgd_restarts,
-           "seed": seed, "timeout": timeout}
+           "seed": seed, "timeout": timeout, "bab_timeout": bab_timeout}
     result = {"schema_version": SCHEMA_VERSION, "command": "certify", "config": cfg, "config_hash": config_hash(cfg),
               "versions": versions(), "device": str(dev), **rep.to_dict()}
     if json_out == "-":
@@ -123,11 +130,26 @@ def render_report(rep, model_path, ds, verbose=0) -> str:
         lines.append(table(urows, ["relu layer", "neurons", "grafted", "unstable/img"]))
         lines.append("")
     lines.append("status counts: " + ", ".join(f"{k} {v}" for k, v in rep.counts.items()))
+    if rep.bab is not None:
+        b = rep.bab
+        lines.append(f"branch and bound ({b['timeout_per_sample_s']:g} s per sample) on {b['attempted']} unknown: "
+                     f"verified {b['verified']}, falsified {b['falsified']}, undecided {b['undecided']} "
+                     f"({b['time_s']:.1f} s)")
     if verbose:
         lines.append(table([[s["index"], s["label"], s["prediction"], s["status"],
                              "" if s["margin_lower"] is None else f"{s['margin_lower']:.4f}"] for s in rep.samples],
                            ["index", "label", "pred", "status", "margin lb"]))
     return "\n".join(lines)
+
+
+def _bab_logger(on: bool):
+    if not on:
+        return None
+
+    def log(index, out):
+        click.echo(f"bab sample {index}: {out['bab']} -> {out['status']} ({out['time_s']:.1f} s, "
+                   f"{out['branches']} domains)", err=True)
+    return log
 
 
 def _load_baseline(path):
@@ -158,7 +180,7 @@ def _write_csv(path, samples):
     from ..io import atomic_write_text
 
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["index", "label", "prediction", "status", "margin_lower", "time_s"])
+    w = csv.DictWriter(buf, fieldnames=["index", "label", "prediction", "status", "margin_lower", "time_s", "bab"])
     w.writeheader()
     for s in samples:
         w.writerow(s)

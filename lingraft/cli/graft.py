@@ -11,7 +11,7 @@ from ..config import config_option
 from .options import common_options, emit_json, json_option, pick_device, table, versions
 
 
-@click.command("graft", epilog="Examples:\n\n\b\n  lingraft graft models/mnist-cnn-b-fgsm.pt --ratio 0.5 --eps 0.1 --out grafted.pt\n"
+@click.command("graft", epilog="Examples:\n\n\b\n  lingraft graft models/mnist-cnn-b-fgsm.pt --ratio 0.5 --eps 0.06 --out grafted.pt\n"
                "  lingraft graft model.pt --eps 0.1 --scores-only scores.json\n"
                "  lingraft graft model.pt --mask mask.json --eps 0.1 --out grafted.pt --epochs 0")
 @click.argument("model", required=False, type=click.Path())
