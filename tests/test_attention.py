@@ -365,3 +365,28 @@ def test_zoo_net_exports_to_onnx(name):
     (y,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         assert abs(y - net(x).numpy()).max() < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["sasa-s", "acmix-s"])
+def test_exact_interval_nodes_skip_crown_and_keep_the_bounds(arch):
+    """A grafted ReLU right after the first conv has exact interval bounds (each neuron is a monotone function of one
+    exactly bounded pre-activation). The attention block needs them; tight mode must not spend CROWN passes there,
+    and skipping them must not change any bound."""
+    from lingraft.bounds import BoundedNetwork, input_box, margin_spec
+    from lingraft.bounds.ops import ReLUOp
+    from test_bounds import graft_randomly
+
+    torch.manual_seed(0)
+    shape = (1, 12, 12)
+    model = graft_randomly(create_model(arch, shape).eval(), shape, 0.5, seed=0).eval()
+    net = BoundedNetwork(model, shape)
+    first_relu = next(i for i, nd in enumerate(net.nodes) if isinstance(nd.op, ReLUOp))
+    assert first_relu in net._ibp_exact and first_relu in net._needed
+    x = torch.rand(3, *shape)
+    xl, xu = input_box(x, 0.02)
+    with torch.no_grad():
+        C = margin_spec(model(x).argmax(1), 10)
+    skipped = net.compute_bounds(xl, xu, "crown", C)
+    net._ibp_exact = set()  # force the CROWN passes the skip avoids
+    full = net.compute_bounds(xl, xu, "crown", C)
+    assert torch.allclose(skipped.lower, full.lower, atol=1e-5) and torch.allclose(skipped.upper, full.upper, atol=1e-5)

@@ -72,6 +72,7 @@ class BoundedNetwork:
         self.num_outputs = int(math.prod(self.out_shape))
         self.memory_budget = memory_budget_mb * 2 ** 20
         self._box_exact = self._find_box_exact()
+        self._ibp_exact = self._find_ibp_exact()
         self._needed = self._find_needed_bounds()
 
     # ---------------------------------------------------------------------------------------------
@@ -89,6 +90,18 @@ class BoundedNetwork:
             else:
                 level.append(2)
         return level
+
+    def _find_ibp_exact(self) -> set[int]:
+        """Nodes whose interval (IBP) bounds are the exact range of every neuron: box-exact nodes (level <= 1) and
+        elementwise ops (ReLU, grafted ReLU, diagonal ops) of them, since each output neuron is a monotone function
+        of one exactly-bounded input neuron. No linear bound can be tighter there, so CROWN is skipped."""
+        exact: set[int] = set()
+        for i, nd in enumerate(self.nodes):
+            if self._box_exact[i] <= 1:
+                exact.add(i)
+            elif (isinstance(nd.op, ReLUOp) or nd.op.diagonal) and len(nd.inputs) == 1 and nd.inputs[0] in exact:
+                exact.add(i)
+        return exact
 
     def _find_needed_bounds(self) -> dict[int, Optional[Tensor]]:
         """Node index -> flat neuron rows whose bounds some nonlinear consumer needs (None = all)."""
@@ -224,7 +237,8 @@ class BoundedNetwork:
             if i not in self._needed:
                 continue
             rl, ru = ref[i]
-            if self._box_exact[i] <= 1:
+            # autolirpa mode keeps auto_LiRPA 0.3's rule (CROWN unless the node is one affine map of the box)
+            if self._box_exact[i] <= 1 or (self.mode == "tight" and i in self._ibp_exact):
                 lo, up = rl, ru
             else:
                 lo, up = self._crown_node(i, x_L, x_U, bounds, rl, ru)
