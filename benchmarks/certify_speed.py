@@ -17,6 +17,7 @@ import argparse
 import time
 
 import torch
+from _table import markdown_table  # benchmarks/_table.py (the script's folder is on sys.path)
 
 from lingraft.bounds import BoundedNetwork, input_box, margin_spec
 from lingraft.compat import auto_lirpa
@@ -70,10 +71,7 @@ def main():
                      t["lirpa"] / t["tight"], maxdiff, tight_gain, cert["lirpa"], cert["compat"], cert["tight"]])
     hdr = ["model", "arch", "eps", "n", "auto_LiRPA s", "lingraft(compat) s", "lingraft(tight) s", "speed-up compat",
            "speed-up tight", "max |lb diff| compat", "min (tight - auto_LiRPA) lb", "cert auto_LiRPA", "cert compat", "cert tight"]
-    print("| " + " | ".join(hdr) + " |")
-    print("|" + "---|" * len(hdr))
-    for r in rows:
-        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r) + " |")
+    print(markdown_table(hdr, rows))
     print(f"\ntorch threads: {torch.get_num_threads()}; batch size {args.batch_size}; bounds: CROWN, margin spec")
 
 

@@ -17,6 +17,7 @@ import argparse
 import time
 
 import torch
+from _table import markdown_table  # benchmarks/_table.py (the script's folder is on sys.path)
 
 from lingraft.certify import certify
 from lingraft.data import load_dataset, subset
@@ -50,10 +51,7 @@ def main():
                      100 * rep.certified_acc, b["falsified"], b["undecided"], sum(rep.unstable_per_layer.values()),
                      b["time_s"] / max(b["attempted"], 1), total])
         print(f"done {path}", flush=True)
-    print("| " + " | ".join(hdr) + " |")
-    print("|" + "---|" * len(hdr))
-    for r in rows:
-        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r) + " |")
+    print(markdown_table(hdr, rows))
     print(f"\ntorch threads: {torch.get_num_threads()}; branch and bound: {args.bab_timeout:g} s per unknown image")
 
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from _table import markdown_table  # benchmarks/_table.py (the script's folder is on sys.path)
 
 from lingraft.certify import certify
 from lingraft.data import load_dataset, subset
@@ -89,13 +90,13 @@ def main():
                       f"{r['crown']['ms_per_img']:.1f}/{r['alpha-crown']['ms_per_img']:.1f} ms", flush=True)
     hdr = ["model", "eps", "graft ratio", "clean", "PGD", "CROWN cert", "alpha-CROWN cert", "unstable/img",
            "CROWN ms/img", "alpha-CROWN ms/img"]
-    lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+    body = []
     for r in rows:
         c, a = r["crown"], r["alpha-crown"]
-        lines.append(f"| {r['arch']} | {r['eps']:g} | {r['ratio']:g} | {100 * c['clean']:.1f} | {100 * c['pgd']:.1f} | "
-                     f"{100 * c['cert']:.1f} | {100 * a['cert']:.1f} | {c['unstable']:.1f} | {c['ms_per_img']:.1f} | "
-                     f"{a['ms_per_img']:.1f} |")
-    table = "\n".join(lines)
+        body.append([r["arch"], f"{r['eps']:g}", f"{r['ratio']:g}"]
+                    + [f"{v:.1f}" for v in (100 * c["clean"], 100 * c["pgd"], 100 * c["cert"], 100 * a["cert"],
+                                            c["unstable"], c["ms_per_img"], a["ms_per_img"])])
+    table = markdown_table(hdr, body)
     print(table)
     if args.md:
         cmd = "python benchmarks/graft_effect.py " + " ".join(
