@@ -155,6 +155,54 @@ def test_roundtrip_registry_models(name, grafted, tmp_path):
     assert {"Sub", "Div"} <= ops  # normalization baked in
     if grafted:
         assert "Mul" in ops and "Relu" in ops
+        # the importer's Mul/Relu/Mul/Add/Add chains fuse back into grafted ReLUs with the same masks
+        from lingraft.bounds import BoundedNetwork
+        orig = [op.num_grafted for _, op in BoundedNetwork(model, in_shape).relu_layers()]
+        back = [op.num_grafted for _, op in BoundedNetwork(gm, in_shape).relu_layers()]
+        assert back == orig and sum(back) > 0
+
+
+class _ManualGraft(nn.Module):
+    """conv -> relu(s*x) + t*x + c -> linear, written out by hand (as an ONNX import arrives)."""
+
+    def __init__(self, s, t, c):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 4, 3, stride=2)
+        self.fc = nn.Linear(4 * 3 * 3, 3)
+        self.register_buffer("s", s)
+        self.register_buffer("t", t)
+        self.register_buffer("c", c)
+
+    def forward(self, x):
+        h = self.conv(x)
+        h = torch.relu(h * self.s) + h * self.t + self.c
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["fused", "not-fused"])
+def test_grafted_relu_pattern_fusion(binary):
+    from lingraft.bounds import BoundedNetwork, input_box
+
+    g = torch.Generator().manual_seed(0)
+    shape = (4, 3, 3)
+    mask = torch.rand(shape, generator=g) < 0.5
+    s = (~mask).float() if binary else torch.rand(shape, generator=g) + 0.1
+    t = torch.where(mask, torch.rand(shape, generator=g) - 0.5, torch.zeros(shape))
+    c = torch.where(mask, torch.rand(shape, generator=g) * 0.2, torch.zeros(shape))
+    model = _ManualGraft(s, t, c).eval()
+    net = BoundedNetwork(model, (1, 7, 7))
+    (_, relu), = net.relu_layers()
+    assert relu.num_grafted == (int(mask.sum()) if binary else 0)
+    x = torch.rand(5, 1, 7, 7, generator=g)
+    with torch.no_grad():
+        close(net.forward(x), model(x))
+    xl, xu = input_box(x, 0.05)
+    res = net.compute_bounds(xl, xu, "crown")
+    pts = xl + (xu - xl) * torch.rand(200, *xl.shape, generator=g)
+    with torch.no_grad():
+        out = model(pts.reshape(-1, 1, 7, 7)).reshape(200, 5, 3)
+    assert bool((out >= res.lower - 1e-5).all() and (out <= res.upper + 1e-5).all())
 
 
 def test_export_ungrafted_graftedrelu_is_plain_relu(tmp_path):
