@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
@@ -75,6 +76,9 @@ def command(model, config_path, eps, norm, method, num_samples, offset, dataset,
     if eps is None:
         eps = default_eps(lm.meta)
     eps = check_eps(eps)
+    for flag, v in (("--timeout", timeout), ("--bab-timeout", bab_timeout)):
+        if v is not None and not math.isfinite(v):
+            raise UsageError(f"{flag} must be a finite number of seconds, got {v}")
     if bab_timeout > 0 and norm != "inf":
         raise UsageError("--bab-timeout works with --norm inf only (branch and bound splits boxes)")
     x, y = load_dataset(ds, "test", data_dir)
