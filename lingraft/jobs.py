@@ -41,6 +41,7 @@ RUN_OPTIONS: dict[str, Any] = {
     "pgd_restarts": 1,
     "alpha_iterations": 20,
     "timeout": None,            # seconds per job (samples not reached are 'timeout')
+    "bab_timeout": 0.0,         # seconds of branch and bound per sample the bounds leave unknown (0 = off)
     "seed": 0,
     "keep_samples": True,       # store per-sample status/margin/time in each result line
     # grafting (jobs with ratio > 0)
@@ -113,6 +114,9 @@ def resolve_options(raw: dict | None, where: str = "the sweep file", base_dir: s
         opts[k] = _finite(k, opts[k], where, lo=0.0, open_lo=True)
     if opts["timeout"] is not None:
         opts["timeout"] = _finite("timeout", opts["timeout"], where, lo=0.0, open_lo=True)
+    opts["bab_timeout"] = _finite("bab_timeout", opts["bab_timeout"], where, lo=0.0)
+    if opts["bab_timeout"] > 0 and opts["norm"] != "inf":
+        raise _bad("bab_timeout", opts["bab_timeout"], "branch and bound works with norm inf only", where)
     if opts["train_eps"] is not None:
         opts["train_eps"] = _finite("train_eps", opts["train_eps"], where, lo=0.0, hi=1.0)
     g = opts["gammas"]
@@ -327,7 +331,7 @@ class JobRunner:
         rep = certify(lm.model.to(dev), x, y, job["eps"], in_shape=lm.in_shape, method=job["method"], norm=o["norm"],
                       batch_size=o["batch_size"], pgd_steps=o["pgd_steps"], pgd_restarts=o["pgd_restarts"],
                       seed=o["seed"], timeout=o["timeout"], indices=range(o["offset"], o["offset"] + x.shape[0]),
-                      alpha_iterations=o["alpha_iterations"], device=dev)
+                      alpha_iterations=o["alpha_iterations"], device=dev, bab_timeout=o["bab_timeout"])
         d = rep.to_dict()
         if not o["keep_samples"]:
             d.pop("samples")

@@ -237,3 +237,18 @@ def test_torn_and_corrupt_results_file(model_pt, tmp_path):
     res = CliRunner().invoke(cli, ["run", str(sweep), "--no-progress"])
     assert res.exit_code == 1 and "line 1 is not valid JSON" in res.stderr and "Traceback" not in res.output
     assert results.read_text() == first[:20] + "\n" + second + "\n"
+
+
+def test_sweep_option_bab_timeout(model_pt, tmp_path):
+    """options: {bab-timeout: S} runs branch and bound on each job's unknown samples; L2 + bab is rejected."""
+    sweep = write_sweep(tmp_path, model_pt, methods=["ibp"], ratios=[0], eps=[0.05],
+                        options={"num-samples": 20, "pgd-steps": 5, "bab-timeout": 2})
+    res = invoke("run", str(sweep), "--no-progress")
+    assert res.exit_code == 0, res.output
+    (rec,) = records(tmp_path / "out" / "results.jsonl")
+    out = rec["result"]
+    assert out["config"]["options"]["bab_timeout"] == 2.0
+    assert out["bab"]["attempted"] == out["bab"]["verified"] + out["bab"]["falsified"] + out["bab"]["undecided"]
+    bad = write_sweep(tmp_path / "l2", model_pt, options={"norm": 2, "bab-timeout": 1})
+    res = invoke("run", str(bad), "--no-progress")
+    assert res.exit_code == 2 and "norm inf only" in res.output
