@@ -153,13 +153,20 @@ def test_roundtrip_registry_models(name, grafted, tmp_path):
         close(gm(x), model(x))
     ops = {n.op_type for n in proto.graph.node}
     assert {"Sub", "Div"} <= ops  # normalization baked in
+    from lingraft.bounds import BoundedNetwork, input_box
+    net_orig, net_back = BoundedNetwork(model, in_shape), BoundedNetwork(gm, in_shape)
     if grafted:
         assert "Mul" in ops and "Relu" in ops
         # the importer's Mul/Relu/Mul/Add/Add chains fuse back into grafted ReLUs with the same masks
-        from lingraft.bounds import BoundedNetwork
-        orig = [op.num_grafted for _, op in BoundedNetwork(model, in_shape).relu_layers()]
-        back = [op.num_grafted for _, op in BoundedNetwork(gm, in_shape).relu_layers()]
+        orig = [op.num_grafted for _, op in net_orig.relu_layers()]
+        back = [op.num_grafted for _, op in net_back.relu_layers()]
         assert back == orig and sum(back) > 0
+    # the same CROWN bounds through the imported graph
+    xl, xu = input_box(real[:1], 0.01)
+    ref = net_orig.compute_bounds(xl, xu, "crown")
+    got = net_back.compute_bounds(xl, xu, "crown")
+    close(got.lower, ref.lower)
+    close(got.upper, ref.upper)
 
 
 class _ManualGraft(nn.Module):
