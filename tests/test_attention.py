@@ -390,3 +390,40 @@ def test_exact_interval_nodes_skip_crown_and_keep_the_bounds(arch):
     net._ibp_exact = set()  # force the CROWN passes the skip avoids
     full = net.compute_bounds(xl, xu, "crown", C)
     assert torch.allclose(skipped.lower, full.lower, atol=1e-5) and torch.allclose(skipped.upper, full.upper, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_bilinear_logit_bounds_sound_and_tighter_for_small_radius(bias):
+    """Sampled inputs stay inside the centred bilinear logit bounds, which beat channel-wise interval products."""
+    from lingraft.models.attention import bilinear_logit_bounds, product_bounds
+
+    g = torch.Generator().manual_seed(0)
+    B, C, h, d, K, P = 2, 6, 2, 3, 5, 4
+    wq, wk = torch.randn(h, d, C, generator=g), torch.randn(h, d, C, generator=g)
+    bq = torch.randn(h, d, generator=g) if bias else None
+    bk = torch.randn(h, d, generator=g) if bias else None
+    kb = torch.randn(1, h, d, K, 1, generator=g)
+    cq, ck = torch.rand(B, C, P, generator=g), torch.rand(B, C, K, P, generator=g)
+    rq, rk = 0.02 * torch.rand(B, C, P, generator=g), 0.02 * torch.rand(B, C, K, P, generator=g)
+    lo, hi = bilinear_logit_bounds(cq, rq, ck, rk, wq, bq, wk, bk, kb, scale=0.7)
+
+    def logits(xq, xk):
+        q = torch.einsum("hdc,bcp->bhdp", wq, xq) + (0 if bq is None else bq[None, :, :, None])
+        k = torch.einsum("hdc,bckp->bhdkp", wk, xk) + kb + (0 if bk is None else bk[None, :, :, None, None])
+        return 0.7 * (q.unsqueeze(3) * k).sum(2)
+
+    for _ in range(300):
+        xq = cq + rq * (2 * torch.rand(cq.shape, generator=g) - 1)
+        xk = ck + rk * (2 * torch.rand(ck.shape, generator=g) - 1)
+        z = logits(xq, xk)
+        assert bool((z >= lo - 1e-5).all() and (z <= hi + 1e-5).all())
+    # channel-wise products of exact q and k intervals are looser
+    ql = torch.einsum("hdc,bcp->bhdp", wq, cq) - torch.einsum("hdc,bcp->bhdp", wq.abs(), rq)
+    qu = torch.einsum("hdc,bcp->bhdp", wq, cq) + torch.einsum("hdc,bcp->bhdp", wq.abs(), rq)
+    kl = torch.einsum("hdc,bckp->bhdkp", wk, ck) - torch.einsum("hdc,bckp->bhdkp", wk.abs(), rk) + kb
+    ku = torch.einsum("hdc,bckp->bhdkp", wk, ck) + torch.einsum("hdc,bckp->bhdkp", wk.abs(), rk) + kb
+    if bias:
+        ql, qu = ql + bq[None, :, :, None], qu + bq[None, :, :, None]
+        kl, ku = kl + bk[None, :, :, None, None], ku + bk[None, :, :, None, None]
+    pl, pu = product_bounds(0.7 * ql.unsqueeze(3), 0.7 * qu.unsqueeze(3), kl, ku)
+    assert float((hi - lo).mean()) < float((pu.sum(2) - pl.sum(2)).mean())

@@ -188,11 +188,46 @@ def _local_attention(q: Tensor, kb: Tensor, v: Tensor, valid: Tensor) -> Tensor:
 
 
 def _local_attention_bounds(ql: Tensor, qu: Tensor, kl: Tensor, ku: Tensor, vl: Tensor, vu: Tensor,
-                            valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Interval version of :func:`_local_attention` (same shapes, each input given as a box)."""
+                            valid: Tensor, logit_box: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Interval version of :func:`_local_attention` (same shapes, each input given as a box).
+
+    logit_box: optional second sound box of the logits [B, h, K, P] (e.g. :func:`bilinear_logit_bounds`); the
+    logits are bounded by the intersection of it with the channel-wise product bounds.
+    """
     pl, pu = product_bounds(ql.unsqueeze(3), qu.unsqueeze(3), kl, ku)
-    wl, wu = softmax_bounds(pl.sum(2), pu.sum(2), valid, dim=2)  # [B, h, K, P]
+    ll, lu = pl.sum(2), pu.sum(2)
+    if logit_box is not None:
+        ll, lu = torch.maximum(ll, logit_box[0]), torch.minimum(lu, logit_box[1])
+        lu = torch.maximum(lu, ll)  # both are sound, so they intersect; guard float rounding
+    wl, wu = softmax_bounds(ll, lu, valid, dim=2)  # [B, h, K, P]
     return convex_combination_bounds(wl.unsqueeze(2), wu.unsqueeze(2), vl, vu, valid, dim=3)
+
+
+def bilinear_logit_bounds(c_q: Tensor, r_q: Tensor, c_k: Tensor, r_k: Tensor, wq: Tensor, bq: Tensor | None,
+                          wk: Tensor, bk: Tensor | None, key_bias: Tensor | float = 0.0,
+                          scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Bounds of the logits s * (Wq x_p + bq) . (Wk x_j + bk + key_bias) per head, from the INPUT boxes.
+
+    c_q, r_q [B, C_in, P]: centre / radius of the input at each query pixel p; c_k, r_k [B, C_in, K, P]: the same
+    at each window position j; wq, wk [h, d, C_in]; bq, bk [h, d] or None; key_bias broadcastable to
+    [B, h, d, K, P]. With x = c + delta (|delta| <= r) the logit is
+        q_c . k_c + (Wk^T q_c) . delta_j + (Wq^T k_c) . delta_p + delta_p^T (Wq^T Wk) delta_j,
+    bounded term by term (the last with |Wq^T Wk|). Unlike intervals of q and k multiplied channel by channel,
+    this keeps the correlation between a vector's channels, so it is much tighter for small radii; it is sound
+    also when p = j (the two deltas are then treated as independent). Returns (lo, hi) [B, h, K, P].
+    """
+    wq = wq * scale
+    qc = torch.einsum("hdc,bcp->bhdp", wq, c_q)
+    if bq is not None:
+        qc = qc + (bq * scale)[None, :, :, None]
+    kc = torch.einsum("hdc,bckp->bhdkp", wk, c_k) + key_bias
+    if bk is not None:
+        kc = kc + bk[None, :, :, None, None]
+    centre = (qc.unsqueeze(3) * kc).sum(2)
+    rad = torch.einsum("bhcp,bckp->bhkp", torch.einsum("hdc,bhdp->bhcp", wk, qc).abs(), r_k)
+    rad = rad + torch.einsum("bhckp,bcp->bhkp", torch.einsum("hdc,bhdkp->bhckp", wq, kc).abs(), r_q)
+    rad = rad + torch.einsum("bcp,hce,bekp->bhkp", r_q, torch.einsum("hdc,hde->hce", wq, wk).abs(), r_k)
+    return centre - rad, centre + rad
 
 
 def _windows_bounds(lower: Tensor, upper: Tensor, idx: Tensor, heads: int) -> tuple[Tensor, Tensor]:
@@ -349,7 +384,13 @@ class ACmix(nn.Module):
         delta = self._pe_delta(h, w, idx, lower)
         kl, ku = _windows_bounds(kl, ku, idx, nh)
         vl, vu = _windows_bounds(vl, vu, idx, nh)
-        al, au = _local_attention_bounds(ql, qu, kl + delta, ku + delta, vl, vu, valid)
+        c, rad = (upper + lower) / 2, (upper - lower) / 2
+        logit_box = bilinear_logit_bounds(
+            self._query_positions(c, h_out, w_out), self._query_positions(rad, h_out, w_out),
+            gather_windows(c, idx), gather_windows(rad, idx),
+            self.conv1.weight.view(nh, hd, -1), self.conv1.bias.view(nh, hd),
+            self.conv2.weight.view(nh, hd, -1), self.conv2.bias.view(nh, hd), delta, scale=scaling)
+        al, au = _local_attention_bounds(ql, qu, kl + delta, ku + delta, vl, vu, valid, logit_box)
         al, au = al.reshape(b, self.out_planes, h_out, w_out), au.reshape(b, self.out_planes, h_out, w_out)
 
         # conv path: an affine map of x
@@ -442,7 +483,13 @@ class SASA(nn.Module):
         kl, ku = _windows_bounds(kl, ku, idx, nh)
         vl, vu = _windows_bounds(vl, vu, idx, nh)
         r = self._key_bias()
-        lo, hi = _local_attention_bounds(ql, qu, kl + r, ku + r, vl, vu, valid)
+        c, rad = (upper + lower) / 2, (upper - lower) / 2
+        hd = self.out_channels // nh
+        logit_box = bilinear_logit_bounds(
+            c.flatten(2), rad.flatten(2), gather_windows(c, idx), gather_windows(rad, idx),
+            self.query.weight.view(nh, hd, -1), None if self.query.bias is None else self.query.bias.view(nh, hd),
+            self.key.weight.view(nh, hd, -1), None if self.key.bias is None else self.key.bias.view(nh, hd), r)
+        lo, hi = _local_attention_bounds(ql, qu, kl + r, ku + r, vl, vu, valid, logit_box)
         return lo.reshape(b, self.out_channels, h, w), hi.reshape(b, self.out_channels, h, w)
 
 
