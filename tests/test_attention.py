@@ -427,3 +427,32 @@ def test_bilinear_logit_bounds_sound_and_tighter_for_small_radius(bias):
         kl, ku = kl + bk[None, :, :, None, None], ku + bk[None, :, :, None, None]
     pl, pu = product_bounds(0.7 * ql.unsqueeze(3), 0.7 * qu.unsqueeze(3), kl, ku)
     assert float((hi - lo).mean()) < float((pu.sum(2) - pl.sum(2)).mean())
+
+
+def test_logit_difference_softmax_bounds_sound_and_tighter():
+    """Softmax weights of sampled inputs stay inside the difference-based bounds, which beat softmax_bounds of the
+    logit box; invalid window positions get [0, 0]."""
+    from lingraft.models.attention import bilinear_logit_bounds, logit_difference_softmax_bounds
+
+    g = torch.Generator().manual_seed(1)
+    B, C, h, d, K, P = 3, 5, 2, 3, 9, 4
+    wq, wk = torch.randn(h, d, C, generator=g), torch.randn(h, d, C, generator=g)
+    bq, bk = torch.randn(h, d, generator=g), torch.randn(h, d, generator=g)
+    kb = torch.randn(1, h, d, K, 1, generator=g)
+    valid = torch.rand(K, P, generator=g) > 0.2
+    valid[K // 2] = True
+    cq, ck = torch.rand(B, C, P, generator=g), torch.rand(B, C, K, P, generator=g)
+    rq, rk = 0.05 * torch.rand(B, C, P, generator=g), 0.05 * torch.rand(B, C, K, P, generator=g)
+    wl, wu = logit_difference_softmax_bounds(cq, rq, ck, rk, wq, bq, wk, kb, valid, scale=0.6, chunk=2)
+    assert bool((wl[..., ~valid] == 0).all() and (wu[..., ~valid] == 0).all())
+    for _ in range(300):
+        xq = cq + rq * (2 * torch.rand(cq.shape, generator=g) - 1)
+        xk = ck + rk * (2 * torch.rand(ck.shape, generator=g) - 1)
+        q = torch.einsum("hdc,bcp->bhdp", wq, xq) + bq[None, :, :, None]
+        k = torch.einsum("hdc,bckp->bhdkp", wk, xk) + kb + bk[None, :, :, None, None]
+        z = (0.6 * (q.unsqueeze(3) * k).sum(2)).masked_fill(~valid, float("-inf"))
+        w = z.softmax(2)
+        assert bool((w >= wl - 1e-6).all() and (w <= wu + 1e-6).all())
+    ll, lu = bilinear_logit_bounds(cq, rq, ck, rk, wq, bq, wk, bk, kb, scale=0.6)
+    sl, su = softmax_bounds(ll, lu, valid, dim=2)
+    assert float((wu - wl)[..., valid].mean()) < float((su - sl)[..., valid].mean())

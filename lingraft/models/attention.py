@@ -188,11 +188,13 @@ def _local_attention(q: Tensor, kb: Tensor, v: Tensor, valid: Tensor) -> Tensor:
 
 
 def _local_attention_bounds(ql: Tensor, qu: Tensor, kl: Tensor, ku: Tensor, vl: Tensor, vu: Tensor,
-                            valid: Tensor, logit_box: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+                            valid: Tensor, logit_box: tuple[Tensor, Tensor] | None = None,
+                            weight_box: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Interval version of :func:`_local_attention` (same shapes, each input given as a box).
 
     logit_box: optional second sound box of the logits [B, h, K, P] (e.g. :func:`bilinear_logit_bounds`); the
-    logits are bounded by the intersection of it with the channel-wise product bounds.
+    logits are bounded by the intersection of it with the channel-wise product bounds. weight_box: optional
+    second sound box of the softmax weights [B, h, K, P] (:func:`logit_difference_softmax_bounds`), intersected too.
     """
     pl, pu = product_bounds(ql.unsqueeze(3), qu.unsqueeze(3), kl, ku)
     ll, lu = pl.sum(2), pu.sum(2)
@@ -200,7 +202,50 @@ def _local_attention_bounds(ql: Tensor, qu: Tensor, kl: Tensor, ku: Tensor, vl: 
         ll, lu = torch.maximum(ll, logit_box[0]), torch.minimum(lu, logit_box[1])
         lu = torch.maximum(lu, ll)  # both are sound, so they intersect; guard float rounding
     wl, wu = softmax_bounds(ll, lu, valid, dim=2)  # [B, h, K, P]
+    if weight_box is not None:
+        wl, wu = torch.maximum(wl, weight_box[0]), torch.minimum(wu, weight_box[1])
+        wu = torch.maximum(wu, wl)
     return convex_combination_bounds(wl.unsqueeze(2), wu.unsqueeze(2), vl, vu, valid, dim=3)
+
+
+def logit_difference_softmax_bounds(c_q: Tensor, r_q: Tensor, c_k: Tensor, r_k: Tensor, wq: Tensor, bq: Tensor | None,
+                                    wk: Tensor, key_bias: Tensor | float, valid: Tensor, scale: float = 1.0,
+                                    chunk: int = 4) -> tuple[Tensor, Tensor]:
+    """Softmax weight bounds from bounds on logit DIFFERENCES, which share the query and so cancel its uncertainty.
+
+    softmax_j = 1 / sum_i exp(l_i - l_j), so with D_ij in [dl_ij, du_ij] bounding l_i - l_j (D_jj = 0):
+    w_j >= exp(-LSE_i du_ij) and w_j <= exp(-LSE_i dl_ij). Each difference is s * q_p . (Wk (x_i - x_j) + kb_i - kb_j)
+    (the key bias bk cancels), bounded like :func:`bilinear_logit_bounds`; x_i and x_j are treated as
+    independent (sound also when they are the same pixel). Shapes as there; valid [K, P]. Returns (wl, wu)
+    [B, h, K, P] with invalid positions [0, 0]. Batched in chunks of ``chunk`` samples ([K, K] pairs per pixel).
+    """
+    wq = wq * scale
+    m_abs = torch.einsum("hdc,hde->hce", wq, wk).abs()
+    pair_valid = valid.unsqueeze(0) & valid.unsqueeze(1)  # [K(j), K(i), P]
+    eye = torch.eye(valid.shape[0], dtype=torch.bool, device=valid.device).unsqueeze(-1)
+    los, his = [], []
+    for s0 in range(0, c_q.shape[0], chunk):
+        cq, rq, ck, rk = (t[s0:s0 + chunk] for t in (c_q, r_q, c_k, r_k))
+        qc = torch.einsum("hdc,bcp->bhdp", wq, cq)
+        if bq is not None:
+            qc = qc + (bq * scale)[None, :, :, None]
+        kc = torch.einsum("hdc,bckp->bhdkp", wk, ck) + key_bias  # [b, h, d, K, P]
+        t = torch.einsum("hdc,bhdkp->bhckp", wq, kc)  # Wq^T k_c per position
+        base = torch.einsum("bhdp,bhdkp->bhkp", qc, kc)  # q_c . k_c per position
+        centre = base.unsqueeze(2) - base.unsqueeze(3)  # [b, h, K(j), K(i), P]: i minus j
+        a = torch.einsum("hdc,bhdp->bhcp", wk, qc).abs()  # |Wk^T q_c|
+        lin_k = torch.einsum("bhcp,bckp->bhkp", a, rk)  # |Wk^T q_c| . r_k per position
+        quad = torch.einsum("bcp,hce,bekp->bhkp", rq, m_abs, rk)  # r_q^T |M| r_k per position
+        lin_q = torch.einsum("bhcjip,bcp->bhjip", (t.unsqueeze(3) - t.unsqueeze(4)).abs(), rq)
+        rad = (lin_k + quad).unsqueeze(2) + (lin_k + quad).unsqueeze(3) + lin_q
+        dl, du = centre - rad, centre + rad
+        dl = dl.masked_fill(eye, 0.0).masked_fill(~pair_valid, _NEG_INF)
+        du = du.masked_fill(eye, 0.0).masked_fill(~pair_valid, _NEG_INF)
+        wl = torch.exp(-torch.logsumexp(du, dim=3))
+        wu = torch.exp(-torch.logsumexp(dl, dim=3)).clamp(max=1.0)
+        los.append(wl.masked_fill(~valid, 0.0))
+        his.append(wu.masked_fill(~valid, 0.0))
+    return torch.cat(los), torch.cat(his)
 
 
 def bilinear_logit_bounds(c_q: Tensor, r_q: Tensor, c_k: Tensor, r_k: Tensor, wq: Tensor, bq: Tensor | None,
@@ -390,7 +435,11 @@ class ACmix(nn.Module):
             gather_windows(c, idx), gather_windows(rad, idx),
             self.conv1.weight.view(nh, hd, -1), self.conv1.bias.view(nh, hd),
             self.conv2.weight.view(nh, hd, -1), self.conv2.bias.view(nh, hd), delta, scale=scaling)
-        al, au = _local_attention_bounds(ql, qu, kl + delta, ku + delta, vl, vu, valid, logit_box)
+        weight_box = logit_difference_softmax_bounds(
+            self._query_positions(c, h_out, w_out), self._query_positions(rad, h_out, w_out),
+            gather_windows(c, idx), gather_windows(rad, idx), self.conv1.weight.view(nh, hd, -1),
+            self.conv1.bias.view(nh, hd), self.conv2.weight.view(nh, hd, -1), delta, valid, scale=scaling)
+        al, au = _local_attention_bounds(ql, qu, kl + delta, ku + delta, vl, vu, valid, logit_box, weight_box)
         al, au = al.reshape(b, self.out_planes, h_out, w_out), au.reshape(b, self.out_planes, h_out, w_out)
 
         # conv path: an affine map of x
@@ -489,7 +538,11 @@ class SASA(nn.Module):
             c.flatten(2), rad.flatten(2), gather_windows(c, idx), gather_windows(rad, idx),
             self.query.weight.view(nh, hd, -1), None if self.query.bias is None else self.query.bias.view(nh, hd),
             self.key.weight.view(nh, hd, -1), None if self.key.bias is None else self.key.bias.view(nh, hd), r)
-        lo, hi = _local_attention_bounds(ql, qu, kl + r, ku + r, vl, vu, valid, logit_box)
+        weight_box = logit_difference_softmax_bounds(
+            c.flatten(2), rad.flatten(2), gather_windows(c, idx), gather_windows(rad, idx),
+            self.query.weight.view(nh, hd, -1), None if self.query.bias is None else self.query.bias.view(nh, hd),
+            self.key.weight.view(nh, hd, -1), r, valid)
+        lo, hi = _local_attention_bounds(ql, qu, kl + r, ku + r, vl, vu, valid, logit_box, weight_box)
         return lo.reshape(b, self.out_channels, h, w), hi.reshape(b, self.out_channels, h, w)
 
 
