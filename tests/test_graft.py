@@ -237,3 +237,13 @@ def test_graft_cli_scores_only(digits_ckpt, tmp_path):
     assert r.exit_code == 0, r.output
     d = json.loads((tmp_path / "s.json").read_text())
     assert d["format"] == "lingraft-graft-scores" and "instability" in d["scores"]
+
+
+def test_clean_drop_warning():
+    from lingraft.graft import _clean_drop_warning
+
+    ev = {"before": {"crown": {"clean_acc": 0.95}}, "after": {"crown": {"clean_acc": 0.88}}}
+    (w,) = _clean_drop_warning(ev)
+    assert "95.0% to 88.0%" in w and "--epochs" in w
+    assert _clean_drop_warning({"before": {"crown": {"clean_acc": 0.95}}, "after": {"crown": {"clean_acc": 0.93}}}) == []
+    assert _clean_drop_warning({"before": {}, "after": {}}) == []
