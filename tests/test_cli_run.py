@@ -24,15 +24,8 @@ VOLATILE = ("elapsed_s", "finished_at", "total_time_s", "time_per_sample_s", "ti
 
 
 @pytest.fixture(scope="module")
-def model_pt(tmp_path_factory) -> Path:
-    """A tiny MLP trained 2 epochs (FGSM) on sklearn digits: ~90% clean accuracy, some certified at eps 0.01."""
-    from lingraft.train import TrainConfig, train
-
-    d = tmp_path_factory.mktemp("model")
-    cfg = TrainConfig(arch="mlp", dataset="digits", epochs=2, batch_size=64, method="fgsm", eps=0.05, val_size=200,
-                      device="cpu")
-    train(cfg, d / "mlp.pt", progress=False, log=lambda s: None)
-    return d / "mlp.pt"
+def model_pt(digits_mlp_pt) -> Path:
+    return digits_mlp_pt  # conftest: trained once per session
 
 
 def write_sweep(folder: Path, model: Path, **extra) -> Path:

@@ -24,18 +24,13 @@ EPS_CEX = 0.12  # larger: some unknown samples have counterexamples that PGD mis
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(model, x [N, 1, 8, 8], y [N], checkpoint path): a small MLP trained 2 epochs on sklearn digits."""
+def trained(digits_mlp_pt):
+    """(model, x [N, 1, 8, 8], y [N], checkpoint path) for the conftest digits MLP."""
     from lingraft.loader import load_model
-    from lingraft.train import TrainConfig, train
 
-    d = tmp_path_factory.mktemp("bab")
-    cfg = TrainConfig(arch="mlp", dataset="digits", epochs=2, batch_size=64, method="fgsm", eps=0.05, val_size=200,
-                      device="cpu")
-    train(cfg, d / "mlp.pt", progress=False, log=lambda s: None)
-    lm = load_model(d / "mlp.pt")
+    lm = load_model(digits_mlp_pt)
     x, y = subset(*load_dataset("digits", "test"), 60)
-    return lm.model.eval(), x.reshape(-1, *lm.in_shape), y, d / "mlp.pt"
+    return lm.model.eval(), x.reshape(-1, *lm.in_shape), y, digits_mlp_pt
 
 
 def test_robustness_property_is_the_certify_box():

@@ -18,7 +18,8 @@ SCHEMA_VERSION = 1
 
 @click.command("certify", epilog="Examples:\n\n\b\n  lingraft certify\n"
                "  lingraft certify grafted.pt --eps 0.1 --method alpha-crown -n 500 --json result.json\n"
-               "  lingraft certify model.onnx --dataset mnist --eps 0.02 --min-certified-acc 0.8")
+               "  lingraft certify model.onnx --dataset mnist --eps 0.02 --min-certified-acc 0.8\n"
+               "  lingraft certify big.pt -n 10000 --bab-timeout 30 --state run.state --json result.json")
 @click.argument("model", required=False, type=click.Path(dir_okay=True))
 @config_option()
 @click.option("--eps", type=float, default=None, help="L-inf (or L2) radius in [0,1] pixel space. "
@@ -44,11 +45,15 @@ SCHEMA_VERSION = 1
               help="Gate: a stored certify JSON result to compare against (with --max-drop).")
 @click.option("--max-drop", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Allowed drop in certified accuracy vs --baseline.")
+@click.option("--state", type=click.Path(dir_okay=False), default=None,
+              help="Resume file: finished batches are appended to it, and a rerun with the same settings skips "
+              "them (an interrupted run loses at most one batch).")
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None, help="Per-sample results as CSV.")
 @json_option
 @common_options
 def command(model, config_path, eps, norm, method, num_samples, offset, dataset, data_dir, batch_size, pgd_steps,
-            pgd_restarts, timeout, bab_timeout, min_certified_acc, min_clean_acc, baseline, max_drop, csv_out, json_out, verbose,
+            pgd_restarts, timeout, bab_timeout, min_certified_acc, min_clean_acc, baseline, max_drop, state, csv_out,
+            json_out, verbose,
             quiet, seed, no_progress, device):
     """Certify MODEL (.pt checkpoint or .onnx; default: the shipped MNIST CNN-B) on test images.
 
@@ -89,14 +94,23 @@ def command(model, config_path, eps, norm, method, num_samples, offset, dataset,
         raise UsageError(f"model input {lm.in_shape} does not match dataset {ds} images {tuple(x.shape[1:])}")
     x = x.reshape(x.shape[0], *lm.in_shape)
     model_ = lm.model.to(dev)
-    with progress_bar(x.shape[0], "certify", no_progress or quiet) as bar:
-        rep = certify(model_, x, y, eps, in_shape=lm.in_shape, method=method, norm=norm, batch_size=batch_size,
-                      pgd_steps=pgd_steps, pgd_restarts=pgd_restarts, seed=seed, timeout=timeout,
-                      indices=range(offset, offset + x.shape[0]), progress=bar.update, device=dev,
-                      bab_timeout=bab_timeout, bab_progress=_bab_logger(verbose and not quiet))
     cfg = {"model": lm.path, "dataset": ds, "eps": eps, "norm": norm, "method": method, "num_samples": num_samples,
            "offset": offset, "batch_size": batch_size, "pgd_steps": pgd_steps, "pgd_restarts": pgd_restarts,
            "seed": seed, "timeout": timeout, "bab_timeout": bab_timeout}
+    kw = dict(in_shape=lm.in_shape, method=method, norm=norm, batch_size=batch_size, pgd_steps=pgd_steps,
+              pgd_restarts=pgd_restarts, seed=seed, timeout=timeout, indices=range(offset, offset + x.shape[0]),
+              device=dev, bab_timeout=bab_timeout, bab_progress=_bab_logger(verbose and not quiet))
+    with progress_bar(x.shape[0], "certify", no_progress or quiet) as bar:
+        if state:
+            from ..certify_state import certify_resumable
+            # everything but the time budget decides the results; the model by content, not by path
+            settings = {k: v for k, v in cfg.items() if k != "timeout"}
+            settings["model_sha256"] = _file_sha256(lm.path) if Path(lm.path).is_file() else None
+            rep = certify_resumable(model_, x, y, eps, state_path=state, settings_hash=config_hash(settings),
+                                    progress=bar.update, log=None if quiet else (lambda m: click.echo(m, err=True)),
+                                    **kw)
+        else:
+            rep = certify(model_, x, y, eps, progress=bar.update, **kw)
     result = {"schema_version": SCHEMA_VERSION, "command": "certify", "config": cfg, "config_hash": config_hash(cfg),
               "versions": versions(), "device": str(dev), **rep.to_dict()}
     if json_out == "-":
@@ -144,6 +158,16 @@ def render_report(rep, model_path, ds, verbose=0) -> str:
                              "" if s["margin_lower"] is None else f"{s['margin_lower']:.4f}"] for s in rep.samples],
                            ["index", "label", "pred", "status", "margin lb"]))
     return "\n".join(lines)
+
+
+def _file_sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _bab_logger(on: bool):

@@ -1,0 +1,107 @@
+"""Resumable certification: ``lingraft certify --state FILE``.
+
+The samples are certified in chunks (one bound batch each); after every chunk its report is appended to FILE as
+one JSON line (single write + fsync, see :func:`lingraft.io.append_jsonl`). The first line holds the hash of the
+settings the results depend on. A rerun with the same settings skips the finished chunks, so an interrupted run
+(Ctrl-C, a killed CI job) loses at most the chunk in flight; a rerun with other settings is refused instead of
+mixing results. The merged report equals the one of an uninterrupted run, except for the wall-clock times.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from .certify import STATUSES, CertifyReport, certify
+from .errors import LingraftError
+from .io import append_jsonl, read_jsonl
+
+STATE_FORMAT = "lingraft-certify-state"
+
+
+def certify_resumable(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, state_path, settings_hash: str,
+                      indices=None, batch_size: int = 32, seed: int = 0, timeout: float | None = None,
+                      progress=None, log=None, **kw) -> CertifyReport:
+    """:func:`lingraft.certify.certify` over x [N, *in_shape], y [N], chunk by chunk, recording each chunk in
+    ``state_path``. ``settings_hash`` identifies everything the results depend on (model, data, eps, method...).
+    Chunk k gets seed + its first sample's position, as inside one certify call, so a resumed run attacks with
+    the same seeds. ``timeout``: seconds for this invocation. ``kw`` goes to certify. Returns the merged report."""
+    t0 = time.perf_counter()
+    path = Path(state_path)
+    not_state = LingraftError(f"{path} is not a lingraft certify state file; remove it or pick another --state")
+    try:
+        records = read_jsonl(path)
+    except (ValueError, UnicodeDecodeError):
+        raise not_state from None
+    except OSError as e:
+        raise LingraftError(f"cannot read the state file {path} ({e.strerror or e}); check its permissions") from None
+    if records:
+        head = records[0]
+        if not isinstance(head, dict) or head.get("format") != STATE_FORMAT or not all(
+                isinstance(r, dict) for r in records):
+            raise not_state
+        if head.get("settings_hash") != settings_hash:
+            raise LingraftError(f"{path} holds results for other settings (hash {head.get('settings_hash')}, now "
+                                f"{settings_hash}); remove it to start over or pick another --state")
+    elif path.exists() and path.stat().st_size > 0:
+        raise not_state  # never overwrite a file that is not ours
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        append_jsonl(path, {"format": STATE_FORMAT, "settings_hash": settings_hash})
+    done = {int(r["start"]): r["report"] for r in records[1:] if "start" in r}
+    N = x.shape[0]
+    indices = list(range(N)) if indices is None else list(indices)
+    if done and log:
+        log(f"resuming from {path}: {len(done)} of {(N + batch_size - 1) // batch_size} batches done")
+    parts = []
+    for s in range(0, N, batch_size):
+        if s in done:
+            parts.append(done[s])
+            if progress:
+                progress(min(batch_size, N - s))
+            continue
+        left = None if timeout is None else max(timeout - (time.perf_counter() - t0), 1e-9)
+        rep = certify(model, x[s:s + batch_size], y[s:s + batch_size], eps, indices=indices[s:s + batch_size],
+                      batch_size=batch_size, seed=seed + s, timeout=left, progress=progress, **kw)
+        d = rep.to_dict()
+        if any(smp["status"] == "timeout" for smp in d["samples"]):
+            parts.append(d)  # ran out of time: report it, but do not record it as finished
+            continue
+        append_jsonl(path, {"start": s, "report": d})
+        parts.append(d)
+    return merge_reports(parts)
+
+
+def merge_reports(parts: list[dict]) -> CertifyReport:
+    """One report from the reports (``to_dict()`` form) of consecutive chunks of the same run."""
+    if not parts:
+        raise LingraftError("nothing to merge: no samples were certified")
+    samples = [smp for p in parts for smp in p["samples"]]
+    n = max(len(samples), 1)
+    counts = {st: sum(1 for smp in samples if smp["status"] == st) for st in STATUSES}
+
+    def bounded(p):
+        return sum(1 for smp in p["samples"] if smp["margin_lower"] is not None)
+
+    nb = sum(bounded(p) for p in parts)
+    unstable: dict = {}
+    for p in parts:
+        for k, v in p["unstable_per_layer"].items():
+            unstable[k] = unstable.get(k, 0.0) + v * bounded(p)
+    neurons = next((p["neurons_per_layer"] for p in parts if p["neurons_per_layer"]), {})
+    bab = None
+    if any(p.get("bab") for p in parts):
+        keys = ("attempted", "verified", "falsified", "undecided", "time_s")
+        bab = {k: sum((p.get("bab") or {}).get(k, 0) for p in parts) for k in keys}
+        bab["timeout_per_sample_s"] = next(p["bab"]["timeout_per_sample_s"] for p in parts if p.get("bab"))
+    first = parts[0]
+    return CertifyReport(
+        method=first["method"], eps=first["eps"], norm=first["norm"], num_samples=len(samples),
+        clean_acc=sum(1 for smp in samples if smp["status"] not in ("misclassified", "timeout")) / n,
+        pgd_acc=sum(1 for smp in samples if smp["status"] in ("verified", "unknown") or smp.get("bab") == "sat") / n,
+        certified_acc=counts["verified"] / n, counts=counts,
+        unstable_per_layer={k: v / max(nb, 1) for k, v in unstable.items()}, neurons_per_layer=neurons,
+        time_per_sample_s=sum(p["time_per_sample_s"] * bounded(p) for p in parts) / max(nb, 1),
+        total_time_s=sum(p["total_time_s"] for p in parts), samples=samples, bab=bab)
