@@ -8,6 +8,7 @@ from .options import common_options, emit_json, json_option, table
 
 
 @click.command("verify", epilog="Examples:\n\n\b\n  lingraft verify net.onnx prop.vnnlib --timeout 60 --result out.txt\n"
+               "  lingraft verify grafted.pt prop.vnnlib --timeout 30\n"
                "  lingraft verify --instances ../shared/vnncomp/mnist_fc/instances.csv --out results.jsonl")
 @click.argument("model", required=False, type=click.Path())
 @click.argument("prop", required=False, type=click.Path())
@@ -27,8 +28,9 @@ from .options import common_options, emit_json, json_option, table
 @common_options
 def command(model, prop, timeout, result_path, split, instances, out_path, results_dir, json_out, verbose, quiet, seed,
             no_progress, device):
-    """Decide MODEL.onnx against PROP.vnnlib: unsat (property holds), sat (counterexample, re-checked in
-    onnxruntime), unknown or timeout. Grafted neurons are never branched on."""
+    """Decide MODEL (.onnx, or a lingraft .pt checkpoint) against PROP.vnnlib: unsat (property holds), sat
+    (counterexample, re-checked by a forward pass: onnxruntime for ONNX, PyTorch for a checkpoint), unknown or
+    timeout. Grafted neurons are never branched on."""
     import math
 
     from ..errors import UsageError

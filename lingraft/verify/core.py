@@ -81,6 +81,11 @@ def load_model(model_or_path, in_shape, tmpdir: list):
     from ..onnx_io import load_onnx
 
     path = Path(model_or_path)
+    if path.suffix in (".pt", ".pth"):  # a lingraft checkpoint (grafted or not): no ONNX involved
+        from ..loader import load_model as load_checkpoint
+
+        lm = load_checkpoint(path)
+        return load_model(lm.model, lm.in_shape, tmpdir)
     if path.suffix == ".gz":  # VNN-COMP ships some networks gzipped
         d = tempfile.mkdtemp(prefix="lingraft-verify-")
         tmpdir.append(d)
