@@ -204,6 +204,7 @@ ROWS = [
     ("export-opset-3", "export {d}/good.pt --out {o}/m.onnx --opset 3", 2, "opset 3"),
     ("export-out-is-dir", "export {d}/good.pt --out {d}/adir", 2, "is a directory"),
     ("export-tol-nan", "export {d}/good.pt --out {o}/m.onnx --tol nan", 2, "--tol"),
+    ("export-vnnlib-eps-nan", "export {d}/good.pt --out {o}/m.onnx --vnnlib-samples 2 --vnnlib-eps nan", 2, "finite"),
     ("export-json-is-dir", "export {d}/good.pt --out {o}/m.onnx --json {d}/adir", 2, "is a directory"),
     # --- graft
     ("graft-missing", f"graft {{d}}/nope.pt {GRAFT}", 1, "not found"),

@@ -471,3 +471,39 @@ def test_two_inputs_rejected(tmp_path):
     onnx.save(model, str(tmp_path / "two.onnx"))
     with pytest.raises(UnsupportedModelError, match="2 inputs"):
         load_onnx(tmp_path / "two.onnx")
+
+
+def test_export_writes_a_vnncomp_benchmark(digits_mlp_pt, tmp_path):
+    """export --vnnlib-samples: properties whose box is certify's box, an instances.csv that verify runs, and
+    answers that agree with certify (verified -> unsat, falsified -> sat)."""
+    import json as _json
+
+    from click.testing import CliRunner
+
+    from lingraft.bounds import input_box
+    from lingraft.cli.main import cli
+    from lingraft.data import load_dataset, subset
+    from lingraft.spec.vnnlib import parse_vnnlib
+
+    out = tmp_path / "bench" / "net.onnx"
+    res = CliRunner().invoke(cli, ["export", str(digits_mlp_pt), "--out", str(out), "--vnnlib-samples", "12",
+                                   "--vnnlib-eps", "0.05", "--json", "-"])
+    assert res.exit_code == 0, res.output
+    info = _json.loads(res.stdout)["vnnlib"]
+    rows = (out.parent / "instances.csv").read_text().splitlines()
+    assert len(rows) == len(info["properties"]) == 12 - info["skipped_misclassified"] > 0
+    x, y = subset(*load_dataset("digits", "test"), 12)
+    first = int(rows[0].split(",")[1].split("_")[1])
+    prop = parse_vnnlib(out.parent / rows[0].split(",")[1], num_inputs=64, num_outputs=10)
+    xl, xu = input_box(x[first:first + 1], 0.05)
+    (reg,) = prop.regions
+    assert np.array_equal(reg.lower, xl.flatten().double().numpy()) and np.array_equal(reg.upper, xu.flatten().double().numpy())
+    assert len(reg.outputs) == 9
+    cert = CliRunner().invoke(cli, ["certify", str(digits_mlp_pt), "-n", "12", "--eps", "0.05", "--json", "-"])
+    status = {s["index"]: s["status"] for s in _json.loads(cert.stdout)["samples"]}
+    ver = CliRunner().invoke(cli, ["verify", "--instances", str(out.parent / "instances.csv"), "--json", "-"])
+    assert ver.exit_code == 0, ver.output
+    for r in _json.loads(ver.stdout)["instances"]:
+        idx = int(Path(r["vnnlib"]).name.split("_")[1])
+        want = {"verified": "unsat", "falsified": "sat"}.get(status[idx])
+        assert want is None or r["status"] == want, (idx, status[idx], r["status"])

@@ -7,22 +7,34 @@ import click
 from .options import common_options, emit_json, json_option
 
 
-@click.command("export", epilog="Example:\n\n\b\n  lingraft export grafted.pt --out grafted.onnx --opset 13")
+@click.command("export", epilog="Examples:\n\n\b\n  lingraft export grafted.pt --out grafted.onnx --opset 13\n"
+               "  lingraft export grafted.pt --out bench/net.onnx --vnnlib-samples 50 --vnnlib-eps 0.06")
 @click.argument("model", required=False, type=click.Path())
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
 @click.option("--opset", type=int, default=13, show_default=True)
 @click.option("--dynamic-batch", is_flag=True, help="Symbolic batch dimension instead of a batch of 1.")
 @click.option("--tol", type=float, default=1e-5, show_default=True, help="Max |onnxruntime - torch| allowed.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--vnnlib-samples", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also write VNN-LIB robustness properties for the correctly classified ones of the first N test "
+              "images, and instances.csv, next to the ONNX file (a VNN-COMP-style benchmark for "
+              "'lingraft verify --instances' or any VNN-COMP verifier).")
+@click.option("--vnnlib-eps", type=float, default=None,
+              help="L-inf radius of those properties (default: the checkpoint's certify eps).")
+@click.option("--vnnlib-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="Timeout column of instances.csv (seconds).")
 @json_option
 @common_options
-def command(model, out_path, opset, dynamic_batch, tol, data_dir, json_out, verbose, quiet, seed, no_progress, device):
+def command(model, out_path, opset, dynamic_batch, tol, data_dir, vnnlib_samples, vnnlib_eps, vnnlib_timeout, json_out,
+            verbose, quiet, seed, no_progress, device):
     """Export MODEL (.pt; default: the shipped model) to ONNX with normalization baked in.
 
     After writing, the file is run in onnxruntime on random inputs and on 16 real test images; the export fails
     (and the file is removed) if the max absolute difference to PyTorch exceeds --tol.
     """
     import math
+
+    import torch
 
     from ..data import load_dataset, subset
     from ..errors import UsageError
@@ -37,10 +49,39 @@ def command(model, out_path, opset, dynamic_batch, tol, data_dir, json_out, verb
     if lm.dataset:
         x, y = subset(*load_dataset(lm.dataset, "test", data_dir), 16)
         check = x.reshape(x.shape[0], *lm.in_shape)
+    eps = None
+    if vnnlib_samples:
+        from ..certify import check_eps
+        from .certify import default_eps
+
+        if not lm.dataset:
+            raise UsageError("--vnnlib-samples needs the model's dataset (a lingraft checkpoint records it)")
+        if vnnlib_timeout is not None and not math.isfinite(vnnlib_timeout):
+            raise UsageError(f"--vnnlib-timeout must be a finite number of seconds, got {vnnlib_timeout}")
+        eps = check_eps(default_eps(lm.meta) if vnnlib_eps is None else vnnlib_eps)
     info = export_onnx(lm.model, out_path, lm.in_shape, opset=opset, check_inputs=check, tol=tol,
                        dynamic_batch=dynamic_batch)
+    if vnnlib_samples:
+        from pathlib import Path
+
+        from ..spec.benchmark import correctly_classified, write_benchmark
+
+        x, y = subset(*load_dataset(lm.dataset, "test", data_dir), vnnlib_samples)
+        x = x.reshape(x.shape[0], *lm.in_shape)
+        ok = correctly_classified(lm.model, x, y)
+        idx = [i for i in range(x.shape[0]) if bool(ok[i])]
+        out = Path(out_path)
+        with torch.no_grad():
+            n_out = int(lm.model(x[:1]).numel())
+        props = write_benchmark(out.parent, out.name, x[idx], y[idx], idx, eps, n_out, vnnlib_timeout)
+        info["vnnlib"] = {"eps": eps, "properties": props, "instances": str(out.parent / "instances.csv"),
+                          "skipped_misclassified": x.shape[0] - len(idx)}
     if json_out:
         emit_json(info, json_out)
     if not quiet and json_out != "-":
         click.echo(f"wrote {info['path']} (opset {info['opset']}, {info['num_nodes']} nodes); "
                    f"max |onnxruntime - torch| = {info['max_abs_diff']:.2e}")
+        if "vnnlib" in info:
+            v = info["vnnlib"]
+            click.echo(f"wrote {len(v['properties'])} VNN-LIB properties (eps {v['eps']:g}; "
+                       f"{v['skipped_misclassified']} misclassified images skipped) and {v['instances']}")

@@ -42,7 +42,8 @@ def command(model, prop, timeout, result_path, split, instances, out_path, resul
     if instances:
         if model or prop:
             raise UsageError("give either MODEL PROP or --instances CSV, not both")
-        echo = (lambda s: None) if quiet else click.echo
+        # with --json - stdout carries only the JSON document: progress lines go to stderr
+        echo = (lambda s: None) if quiet else (lambda s: click.echo(s, err=json_out == "-"))
         recs = verify_instances(instances, out=out_path, results_dir=results_dir, echo=echo, seed=seed, split=split)
         counts = {}
         for r in recs:
