@@ -106,6 +106,7 @@ def command(model, config_path, eps, norm, method, num_samples, offset, dataset,
             # everything but the time budget decides the results; the model by content, not by path
             settings = {k: v for k, v in cfg.items() if k != "timeout"}
             settings["model_sha256"] = _file_sha256(lm.path) if Path(lm.path).is_file() else None
+            settings["data_dir"] = None if data_dir is None else str(Path(data_dir).resolve())
             rep = certify_resumable(model_, x, y, eps, state_path=state, settings_hash=config_hash(settings),
                                     progress=bar.update, log=None if quiet else (lambda m: click.echo(m, err=True)),
                                     **kw)
