@@ -156,17 +156,24 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, in_shape=None
     if not neurons:  # nothing was bounded: still report the layers (and grafted counts) from the graph
         neurons = {name: {"neurons": int(math.prod(op.shape)), "grafted": op.num_grafted}
                    for name, op in net.relu_layers()}
-    counts = {st: sum(1 for r in samples if r.status == st) for st in STATUSES}
-    n = max(len(samples), 1)
-    clean = sum(1 for r in samples if r.status not in ("misclassified", "timeout")) / n
-    # PGD accuracy: robust to the PGD attack (a counterexample found later by branch and bound does not count)
-    pgd = sum(1 for r in samples if r.status in ("verified", "unknown") or r.bab == "sat") / n
+    rows = [asdict(r) for r in samples]
+    counts, clean, pgd, cert = summarize_samples(rows)
     return CertifyReport(
-        method=method, eps=eps, norm=norm, num_samples=len(samples), clean_acc=clean, pgd_acc=pgd,
-        certified_acc=counts["verified"] / n, counts=counts,
+        method=method, eps=eps, norm=norm, num_samples=len(rows), clean_acc=clean, pgd_acc=pgd,
+        certified_acc=cert, counts=counts,
         unstable_per_layer={k: v / max(bounded, 1) for k, v in unstable_sum.items()},
         neurons_per_layer=neurons, time_per_sample_s=bound_time / max(bounded, 1),
-        total_time_s=time.perf_counter() - t_start, samples=[asdict(r) for r in samples], bab=bab)
+        total_time_s=time.perf_counter() - t_start, samples=rows, bab=bab)
+
+
+def summarize_samples(samples: list[dict]) -> tuple[dict, float, float, float]:
+    """(count per status, clean accuracy, PGD accuracy, certified accuracy) of per-sample result dicts."""
+    counts = {st: sum(1 for s in samples if s["status"] == st) for st in STATUSES}
+    n = max(len(samples), 1)
+    clean = sum(1 for s in samples if s["status"] not in ("misclassified", "timeout")) / n
+    # PGD accuracy: robust to the PGD attack (a counterexample found later by branch and bound does not count)
+    pgd = sum(1 for s in samples if s["status"] in ("verified", "unknown") or s.get("bab") == "sat") / n
+    return counts, clean, pgd, counts["verified"] / n
 
 
 def _complete_unknowns(model, x, samples: list[SampleResult], eps, in_shape, num_outputs, bab_timeout, seed, dev,

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from .certify import STATUSES, CertifyReport, certify
+from .bounds import BoundedNetwork
+from .certify import CertifyReport, certify, summarize_samples
 from .errors import LingraftError
 from .io import append_jsonl, read_jsonl
 
@@ -53,6 +54,8 @@ def certify_resumable(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, sta
     done = {int(r["start"]): r["report"] for r in records[1:] if "start" in r}
     N = x.shape[0]
     indices = list(range(N)) if indices is None else list(indices)
+    if kw.get("net") is None:  # trace the model once, not once per chunk
+        kw["net"] = BoundedNetwork(model.eval(), tuple(kw.get("in_shape") or x.shape[1:]), device=kw.get("device"))
     if done and log:
         log(f"resuming from {path}: {len(done)} of {(N + batch_size - 1) // batch_size} batches done")
     parts = []
@@ -79,8 +82,7 @@ def merge_reports(parts: list[dict]) -> CertifyReport:
     if not parts:
         raise LingraftError("nothing to merge: no samples were certified")
     samples = [smp for p in parts for smp in p["samples"]]
-    n = max(len(samples), 1)
-    counts = {st: sum(1 for smp in samples if smp["status"] == st) for st in STATUSES}
+    counts, clean, pgd, cert = summarize_samples(samples)
 
     def bounded(p):
         return sum(1 for smp in p["samples"] if smp["margin_lower"] is not None)
@@ -99,9 +101,7 @@ def merge_reports(parts: list[dict]) -> CertifyReport:
     first = parts[0]
     return CertifyReport(
         method=first["method"], eps=first["eps"], norm=first["norm"], num_samples=len(samples),
-        clean_acc=sum(1 for smp in samples if smp["status"] not in ("misclassified", "timeout")) / n,
-        pgd_acc=sum(1 for smp in samples if smp["status"] in ("verified", "unknown") or smp.get("bab") == "sat") / n,
-        certified_acc=counts["verified"] / n, counts=counts,
+        clean_acc=clean, pgd_acc=pgd, certified_acc=cert, counts=counts,
         unstable_per_layer={k: v / max(nb, 1) for k, v in unstable.items()}, neurons_per_layer=neurons,
         time_per_sample_s=sum(p["time_per_sample_s"] * bounded(p) for p in parts) / max(nb, 1),
         total_time_s=sum(p["total_time_s"] for p in parts), samples=samples, bab=bab)

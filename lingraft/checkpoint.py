@@ -14,7 +14,6 @@ the sha256 of the ``.pt`` file, so a checkpoint can be inspected (and verified) 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -27,7 +26,7 @@ from torch import nn
 
 from . import __version__
 from .errors import LingraftError, UsageError
-from .io import _json_default, atomic_write, atomic_write_json
+from .io import _json_default, atomic_write, atomic_write_json, file_sha256
 from .layers import GraftedReLU
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "replace_module", "sidecar_path",
@@ -81,16 +80,8 @@ def save_checkpoint(path, model: nn.Module, *, arch: str, arch_kwargs: dict, dat
     side = {k: v for k, v in ckpt.items() if k != "state_dict"}
     side["lingraft_version"] = __version__
     side["checkpoint_file"] = path.name
-    side["sha256"] = _sha256(path)
+    side["sha256"] = file_sha256(path)
     atomic_write_json(sidecar_path(path), side)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:

@@ -25,7 +25,6 @@ import csv
 import dataclasses
 import datetime as _dt
 import difflib
-import hashlib
 import io
 import math
 import re
@@ -38,7 +37,7 @@ from typing import Any, Callable
 
 from .config import config_hash, load_config, normalize_keys, validate_keys
 from .errors import UsageError
-from .io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from .io import append_jsonl, atomic_write_json, atomic_write_text, file_sha256, read_jsonl
 
 __all__ = ["CompareSpec", "Entry", "TOP_KEYS", "GRAFT_KEYS", "CERTIFY_KEYS", "load_compare", "parse_compare",
            "run_compare", "build_rows", "table_columns", "render_markdown", "render_csv", "plot_cert_vs_eps"]
@@ -298,14 +297,6 @@ def _training_order(entries: list[Entry]) -> list[Entry]:
 
 # ----------------------------------------------------------------------------------------------- hashing
 
-def _file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def step_hashes(spec: CompareSpec, seed: int) -> dict[str, dict[str, str]]:
     """{entry: {"train": hash, "graft": hash}}; a student's train hash includes its teacher's."""
     out: dict[str, dict[str, str]] = {}
@@ -315,7 +306,7 @@ def step_hashes(spec: CompareSpec, seed: int) -> dict[str, dict[str, str]]:
         elif e.teacher_entry:
             teacher = out[e.teacher]["train"]
         else:
-            teacher = _file_sha256(e.teacher)
+            teacher = file_sha256(e.teacher)[:16]
         th = config_hash({"v": _HASH_VERSION, "arch": e.arch, "dataset": spec.dataset, "train": e.train,
                           "teacher": teacher, "seed": seed})
         gh = config_hash({"v": _HASH_VERSION, "parent": th, "graft": spec.graft, "eps": spec.eps, "seed": seed})

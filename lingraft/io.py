@@ -1,10 +1,11 @@
 """Atomic file writes: write to a temp file in the same folder, fsync, then rename over the target.
 
-An interrupted run never leaves a half-written result or checkpoint behind.
+An interrupted run never leaves a half-written result or checkpoint behind. Also JSONL appends/reads and file hashes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -88,3 +89,12 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -11,7 +11,6 @@ Per-job settings come from the sweep file's ``options:`` mapping (see :data:`RUN
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import sys
@@ -21,6 +20,7 @@ from typing import Any, Callable
 
 from .config import config_hash
 from .errors import LingraftError, UsageError
+from .io import file_sha256
 
 __all__ = ["SCHEMA_VERSION", "METHODS", "RUN_OPTIONS", "resolve_options", "work_dir_for", "resolve_model_entry",
            "JobRunner"]
@@ -172,14 +172,6 @@ def resolve_model_entry(model: str, where: str = "the sweep file") -> str:
                      "(train one with 'lingraft train'), an .onnx file, or 'default'")
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _versions() -> dict:
     import numpy
     import torch
@@ -259,7 +251,7 @@ class JobRunner:
         if ds is None:
             raise UsageError(f"{self.where}: model {model} does not record its dataset; add "
                              "'dataset: mnist' (or cifar10, digits) under options")
-        f = _ModelFacts(lm.path, lm.source, str(ds).lower(), tuple(lm.in_shape), _sha256(lm.path))
+        f = _ModelFacts(lm.path, lm.source, str(ds).lower(), tuple(lm.in_shape), file_sha256(lm.path))
         self._facts[model] = f
         return f
 

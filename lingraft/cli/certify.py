@@ -84,8 +84,6 @@ def command(model, config_path, eps, norm, method, num_samples, offset, dataset,
     for flag, v in (("--timeout", timeout), ("--bab-timeout", bab_timeout)):
         if v is not None and not math.isfinite(v):
             raise UsageError(f"{flag} must be a finite number of seconds, got {v}")
-    if bab_timeout > 0 and norm != "inf":
-        raise UsageError("--bab-timeout works with --norm inf only (branch and bound splits boxes)")
     x, y = load_dataset(ds, "test", data_dir)
     if offset >= x.shape[0]:
         raise UsageError(f"--offset {offset} is past the end of the {ds} test set ({x.shape[0]} images)")
@@ -103,9 +101,10 @@ def command(model, config_path, eps, norm, method, num_samples, offset, dataset,
     with progress_bar(x.shape[0], "certify", no_progress or quiet) as bar:
         if state:
             from ..certify_state import certify_resumable
+            from ..io import file_sha256
             # everything but the time budget decides the results; the model by content, not by path
             settings = {k: v for k, v in cfg.items() if k != "timeout"}
-            settings["model_sha256"] = _file_sha256(lm.path) if Path(lm.path).is_file() else None
+            settings["model_sha256"] = file_sha256(lm.path) if Path(lm.path).is_file() else None
             settings["data_dir"] = None if data_dir is None else str(Path(data_dir).resolve())
             rep = certify_resumable(model_, x, y, eps, state_path=state, settings_hash=config_hash(settings),
                                     progress=bar.update, log=None if quiet else (lambda m: click.echo(m, err=True)),
@@ -159,16 +158,6 @@ def render_report(rep, model_path, ds, verbose=0) -> str:
                              "" if s["margin_lower"] is None else f"{s['margin_lower']:.4f}"] for s in rep.samples],
                            ["index", "label", "pred", "status", "margin lb"]))
     return "\n".join(lines)
-
-
-def _file_sha256(path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _bab_logger(on: bool):
