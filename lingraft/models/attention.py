@@ -208,6 +208,26 @@ def _local_attention_bounds(ql: Tensor, qu: Tensor, kl: Tensor, ku: Tensor, vl: 
     return convex_combination_bounds(wl.unsqueeze(2), wu.unsqueeze(2), vl, vu, valid, dim=3)
 
 
+def _centred_logit_terms(c_q: Tensor, r_q: Tensor, c_k: Tensor, r_k: Tensor, wq: Tensor, bq: Tensor | None,
+                         wk: Tensor, key_bias: Tensor | float, scale: float):
+    """Shared pieces of :func:`bilinear_logit_bounds` and :func:`logit_difference_softmax_bounds` (without bk).
+
+    With k_c = Wk c_k + key_bias and q_c = s (Wq c_q + bq) returns
+      base = q_c . k_c [B, h, K, P], t = s Wq^T k_c [B, h, C_in, K, P],
+      key_rad = |Wk^T q_c| . r_k + r_q^T |s Wq^T Wk| r_k [B, h, K, P].
+    """
+    wq = wq * scale
+    qc = torch.einsum("hdc,bcp->bhdp", wq, c_q)
+    if bq is not None:
+        qc = qc + (bq * scale)[None, :, :, None]
+    kc = torch.einsum("hdc,bckp->bhdkp", wk, c_k) + key_bias
+    base = torch.einsum("bhdp,bhdkp->bhkp", qc, kc)
+    t = torch.einsum("hdc,bhdkp->bhckp", wq, kc)
+    key_rad = torch.einsum("bhcp,bckp->bhkp", torch.einsum("hdc,bhdp->bhcp", wk, qc).abs(), r_k)
+    key_rad = key_rad + torch.einsum("bcp,hce,bekp->bhkp", r_q, torch.einsum("hdc,hde->hce", wq, wk).abs(), r_k)
+    return base, t, key_rad
+
+
 def logit_difference_softmax_bounds(c_q: Tensor, r_q: Tensor, c_k: Tensor, r_k: Tensor, wq: Tensor, bq: Tensor | None,
                                     wk: Tensor, key_bias: Tensor | float, valid: Tensor, scale: float = 1.0,
                                     chunk: int = 4) -> tuple[Tensor, Tensor]:
@@ -219,25 +239,15 @@ def logit_difference_softmax_bounds(c_q: Tensor, r_q: Tensor, c_k: Tensor, r_k: 
     independent (sound also when they are the same pixel). Shapes as there; valid [K, P]. Returns (wl, wu)
     [B, h, K, P] with invalid positions [0, 0]. Batched in chunks of ``chunk`` samples ([K, K] pairs per pixel).
     """
-    wq = wq * scale
-    m_abs = torch.einsum("hdc,hde->hce", wq, wk).abs()
     pair_valid = valid.unsqueeze(0) & valid.unsqueeze(1)  # [K(j), K(i), P]
     eye = torch.eye(valid.shape[0], dtype=torch.bool, device=valid.device).unsqueeze(-1)
     los, his = [], []
     for s0 in range(0, c_q.shape[0], chunk):
         cq, rq, ck, rk = (t[s0:s0 + chunk] for t in (c_q, r_q, c_k, r_k))
-        qc = torch.einsum("hdc,bcp->bhdp", wq, cq)
-        if bq is not None:
-            qc = qc + (bq * scale)[None, :, :, None]
-        kc = torch.einsum("hdc,bckp->bhdkp", wk, ck) + key_bias  # [b, h, d, K, P]
-        t = torch.einsum("hdc,bhdkp->bhckp", wq, kc)  # Wq^T k_c per position
-        base = torch.einsum("bhdp,bhdkp->bhkp", qc, kc)  # q_c . k_c per position
+        base, t, key_rad = _centred_logit_terms(cq, rq, ck, rk, wq, bq, wk, key_bias, scale)
         centre = base.unsqueeze(2) - base.unsqueeze(3)  # [b, h, K(j), K(i), P]: i minus j
-        a = torch.einsum("hdc,bhdp->bhcp", wk, qc).abs()  # |Wk^T q_c|
-        lin_k = torch.einsum("bhcp,bckp->bhkp", a, rk)  # |Wk^T q_c| . r_k per position
-        quad = torch.einsum("bcp,hce,bekp->bhkp", rq, m_abs, rk)  # r_q^T |M| r_k per position
         lin_q = torch.einsum("bhcjip,bcp->bhjip", (t.unsqueeze(3) - t.unsqueeze(4)).abs(), rq)
-        rad = (lin_k + quad).unsqueeze(2) + (lin_k + quad).unsqueeze(3) + lin_q
+        rad = key_rad.unsqueeze(2) + key_rad.unsqueeze(3) + lin_q
         dl, du = centre - rad, centre + rad
         dl = dl.masked_fill(eye, 0.0).masked_fill(~pair_valid, _NEG_INF)
         du = du.masked_fill(eye, 0.0).masked_fill(~pair_valid, _NEG_INF)
@@ -261,17 +271,10 @@ def bilinear_logit_bounds(c_q: Tensor, r_q: Tensor, c_k: Tensor, r_k: Tensor, wq
     this keeps the correlation between a vector's channels, so it is much tighter for small radii; it is sound
     also when p = j (the two deltas are then treated as independent). Returns (lo, hi) [B, h, K, P].
     """
-    wq = wq * scale
-    qc = torch.einsum("hdc,bcp->bhdp", wq, c_q)
-    if bq is not None:
-        qc = qc + (bq * scale)[None, :, :, None]
-    kc = torch.einsum("hdc,bckp->bhdkp", wk, c_k) + key_bias
     if bk is not None:
-        kc = kc + bk[None, :, :, None, None]
-    centre = (qc.unsqueeze(3) * kc).sum(2)
-    rad = torch.einsum("bhcp,bckp->bhkp", torch.einsum("hdc,bhdp->bhcp", wk, qc).abs(), r_k)
-    rad = rad + torch.einsum("bhckp,bcp->bhkp", torch.einsum("hdc,bhdkp->bhckp", wq, kc).abs(), r_q)
-    rad = rad + torch.einsum("bcp,hce,bekp->bhkp", r_q, torch.einsum("hdc,hde->hce", wq, wk).abs(), r_k)
+        key_bias = key_bias + bk[None, :, :, None, None]
+    centre, t, key_rad = _centred_logit_terms(c_q, r_q, c_k, r_k, wq, bq, wk, key_bias, scale)
+    rad = key_rad + torch.einsum("bhckp,bcp->bhkp", t.abs(), r_q)
     return centre - rad, centre + rad
 
 
@@ -429,16 +432,13 @@ class ACmix(nn.Module):
         delta = self._pe_delta(h, w, idx, lower)
         kl, ku = _windows_bounds(kl, ku, idx, nh)
         vl, vu = _windows_bounds(vl, vu, idx, nh)
+        # second bounds of logits and weights from the input box (centre/radius at queries and windows)
         c, rad = (upper + lower) / 2, (upper - lower) / 2
-        logit_box = bilinear_logit_bounds(
-            self._query_positions(c, h_out, w_out), self._query_positions(rad, h_out, w_out),
-            gather_windows(c, idx), gather_windows(rad, idx),
-            self.conv1.weight.view(nh, hd, -1), self.conv1.bias.view(nh, hd),
-            self.conv2.weight.view(nh, hd, -1), self.conv2.bias.view(nh, hd), delta, scale=scaling)
-        weight_box = logit_difference_softmax_bounds(
-            self._query_positions(c, h_out, w_out), self._query_positions(rad, h_out, w_out),
-            gather_windows(c, idx), gather_windows(rad, idx), self.conv1.weight.view(nh, hd, -1),
-            self.conv1.bias.view(nh, hd), self.conv2.weight.view(nh, hd, -1), delta, valid, scale=scaling)
+        box = (self._query_positions(c, h_out, w_out), self._query_positions(rad, h_out, w_out),
+               gather_windows(c, idx), gather_windows(rad, idx))
+        wq, bq, wk = self.conv1.weight.view(nh, hd, -1), self.conv1.bias.view(nh, hd), self.conv2.weight.view(nh, hd, -1)
+        logit_box = bilinear_logit_bounds(*box, wq, bq, wk, self.conv2.bias.view(nh, hd), delta, scale=scaling)
+        weight_box = logit_difference_softmax_bounds(*box, wq, bq, wk, delta, valid, scale=scaling)
         al, au = _local_attention_bounds(ql, qu, kl + delta, ku + delta, vl, vu, valid, logit_box, weight_box)
         al, au = al.reshape(b, self.out_planes, h_out, w_out), au.reshape(b, self.out_planes, h_out, w_out)
 
@@ -532,16 +532,15 @@ class SASA(nn.Module):
         kl, ku = _windows_bounds(kl, ku, idx, nh)
         vl, vu = _windows_bounds(vl, vu, idx, nh)
         r = self._key_bias()
+        # second bounds of logits and weights from the input box (centre/radius at queries and windows)
         c, rad = (upper + lower) / 2, (upper - lower) / 2
+        box = (c.flatten(2), rad.flatten(2), gather_windows(c, idx), gather_windows(rad, idx))
         hd = self.out_channels // nh
-        logit_box = bilinear_logit_bounds(
-            c.flatten(2), rad.flatten(2), gather_windows(c, idx), gather_windows(rad, idx),
-            self.query.weight.view(nh, hd, -1), None if self.query.bias is None else self.query.bias.view(nh, hd),
-            self.key.weight.view(nh, hd, -1), None if self.key.bias is None else self.key.bias.view(nh, hd), r)
-        weight_box = logit_difference_softmax_bounds(
-            c.flatten(2), rad.flatten(2), gather_windows(c, idx), gather_windows(rad, idx),
-            self.query.weight.view(nh, hd, -1), None if self.query.bias is None else self.query.bias.view(nh, hd),
-            self.key.weight.view(nh, hd, -1), r, valid)
+        wq, wk = self.query.weight.view(nh, hd, -1), self.key.weight.view(nh, hd, -1)
+        bq = None if self.query.bias is None else self.query.bias.view(nh, hd)
+        bk = None if self.key.bias is None else self.key.bias.view(nh, hd)
+        logit_box = bilinear_logit_bounds(*box, wq, bq, wk, bk, r)
+        weight_box = logit_difference_softmax_bounds(*box, wq, bq, wk, r, valid)
         lo, hi = _local_attention_bounds(ql, qu, kl + r, ku + r, vl, vu, valid, logit_box, weight_box)
         return lo.reshape(b, self.out_channels, h, w), hi.reshape(b, self.out_channels, h, w)
 
