@@ -16,33 +16,13 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-import torch
 from torch import Tensor, nn
 
-from .bounds import input_box
-from .spec.vnnlib import OutputConstraint, Region, VnnlibProperty
+from .spec.benchmark import robustness_property
 
 #: VerifyResult status -> certify status
 STATUS_FROM_BAB = {"unsat": "verified", "sat": "falsified", "timeout": "unknown", "unknown": "unknown",
                    "error": "unknown"}
-
-
-def robustness_property(x: Tensor, label: int, eps: float, num_outputs: int) -> VnnlibProperty:
-    """The unsafe set of "x is classified as label everywhere in the L-inf ball of radius eps (clipped to [0,1])".
-
-    x: one sample [*in_shape] in [0, 1]; returns a one-region property over the flattened input.
-    """
-    xl, xu = input_box(x.unsqueeze(0).float().cpu(), eps)
-    outputs = []
-    for j in range(num_outputs):
-        if j == label:
-            continue
-        row = np.zeros((1, num_outputs))
-        row[0, label], row[0, j] = 1.0, -1.0  # unsafe: y_label - y_j <= 0
-        outputs.append(OutputConstraint(A=row, b=np.zeros(1)))
-    region = Region(lower=xl.reshape(-1).double().numpy(), upper=xu.reshape(-1).double().numpy(), outputs=outputs)
-    return VnnlibProperty(num_inputs=int(x.numel()), num_outputs=num_outputs, regions=[region], path=None)
 
 
 def decide_sample(model: nn.Module, x: Tensor, label: int, eps: float, *, in_shape, num_outputs: int,

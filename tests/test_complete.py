@@ -14,9 +14,10 @@ from lingraft.attack import pgd_attack
 from lingraft.bounds import input_box
 from lingraft.certify import certify
 from lingraft.cli.main import cli
-from lingraft.complete import decide_sample, robustness_property
+from lingraft.complete import decide_sample
 from lingraft.data import load_dataset, subset
 from lingraft.errors import UsageError
+from lingraft.spec.benchmark import robustness_property
 
 torch.set_num_threads(1)
 EPS = 0.08  # the digits MLP below leaves ~11 of 60 samples unknown under CROWN here; BaB decides most of them

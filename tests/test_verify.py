@@ -309,16 +309,6 @@ def test_benchmark_matches_expected(bench, tmp_path):
     assert PROVE_TOL > 0
 
 
-def _robustness_vnnlib(x: torch.Tensor, label: int, eps: float, n_out: int) -> str:
-    lo, hi = (x - eps).clamp(0, 1).flatten(), (x + eps).clamp(0, 1).flatten()
-    lines = [f"(declare-const X_{i} Real)" for i in range(lo.numel())]
-    lines += [f"(declare-const Y_{j} Real)" for j in range(n_out)]
-    for i in range(lo.numel()):
-        lines += [f"(assert (>= X_{i} {float(lo[i])!r}))", f"(assert (<= X_{i} {float(hi[i])!r}))"]
-    ors = " ".join(f"(and (>= Y_{j} Y_{label}))" for j in range(n_out) if j != label)
-    return "\n".join(lines + [f"(assert (or {ors}))"]) + "\n"
-
-
 def test_cli_verify_accepts_checkpoints_like_their_onnx(digits_mlp_pt, tmp_path):
     """A .pt checkpoint verifies directly (no ONNX), with the same answers as its ONNX export."""
     from click.testing import CliRunner
@@ -326,6 +316,7 @@ def test_cli_verify_accepts_checkpoints_like_their_onnx(digits_mlp_pt, tmp_path)
     from lingraft.cli.main import cli
     from lingraft.data import load_dataset, subset
     from lingraft.loader import load_model
+    from lingraft.spec.benchmark import robustness_vnnlib
 
     lm = load_model(digits_mlp_pt)
     onnx_path = tmp_path / "mlp.onnx"
@@ -334,7 +325,7 @@ def test_cli_verify_accepts_checkpoints_like_their_onnx(digits_mlp_pt, tmp_path)
     answers = []
     for k in range(6):
         prop = tmp_path / f"p{k}.vnnlib"
-        prop.write_text(_robustness_vnnlib(x[k], int(y[k]), 0.05, 10))
+        prop.write_text(robustness_vnnlib(x[k], int(y[k]), 0.05, 10))
         got = []
         for model in (digits_mlp_pt, onnx_path):
             res = CliRunner().invoke(cli, ["verify", str(model), str(prop), "--timeout", "20", "--json", "-"])

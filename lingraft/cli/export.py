@@ -34,8 +34,6 @@ def command(model, out_path, opset, dynamic_batch, tol, data_dir, vnnlib_samples
     """
     import math
 
-    import torch
-
     from ..data import load_dataset, subset
     from ..errors import UsageError
     from ..loader import load_model
@@ -45,37 +43,29 @@ def command(model, out_path, opset, dynamic_batch, tol, data_dir, vnnlib_samples
     from ..onnx_io import export_onnx
 
     lm = load_model(model)
+    test = load_dataset(lm.dataset, "test", data_dir) if lm.dataset else None
     check = None
-    if lm.dataset:
-        x, y = subset(*load_dataset(lm.dataset, "test", data_dir), 16)
+    if test is not None:
+        x, _ = subset(*test, 16)
         check = x.reshape(x.shape[0], *lm.in_shape)
     eps = None
-    if vnnlib_samples:
+    if vnnlib_samples:  # validate before anything is written
         from ..certify import check_eps
         from .certify import default_eps
 
-        if not lm.dataset:
+        if test is None:
             raise UsageError("--vnnlib-samples needs the model's dataset (a lingraft checkpoint records it)")
-        if vnnlib_timeout is not None and not math.isfinite(vnnlib_timeout):
+        if not math.isfinite(vnnlib_timeout):
             raise UsageError(f"--vnnlib-timeout must be a finite number of seconds, got {vnnlib_timeout}")
         eps = check_eps(default_eps(lm.meta) if vnnlib_eps is None else vnnlib_eps)
     info = export_onnx(lm.model, out_path, lm.in_shape, opset=opset, check_inputs=check, tol=tol,
                        dynamic_batch=dynamic_batch)
     if vnnlib_samples:
-        from pathlib import Path
+        from ..spec.benchmark import write_benchmark
 
-        from ..spec.benchmark import correctly_classified, write_benchmark
-
-        x, y = subset(*load_dataset(lm.dataset, "test", data_dir), vnnlib_samples)
-        x = x.reshape(x.shape[0], *lm.in_shape)
-        ok = correctly_classified(lm.model, x, y)
-        idx = [i for i in range(x.shape[0]) if bool(ok[i])]
-        out = Path(out_path)
-        with torch.no_grad():
-            n_out = int(lm.model(x[:1]).numel())
-        props = write_benchmark(out.parent, out.name, x[idx], y[idx], idx, eps, n_out, vnnlib_timeout)
-        info["vnnlib"] = {"eps": eps, "properties": props, "instances": str(out.parent / "instances.csv"),
-                          "skipped_misclassified": x.shape[0] - len(idx)}
+        x, y = subset(*test, vnnlib_samples)
+        info["vnnlib"] = write_benchmark(lm.model, x.reshape(x.shape[0], *lm.in_shape), y, eps, out_path,
+                                         vnnlib_timeout)
     if json_out:
         emit_json(info, json_out)
     if not quiet and json_out != "-":
