@@ -366,11 +366,10 @@ def fuse_grafted_relus(nodes: list[GraphNode]) -> list[GraphNode]:
     bounds and are never branched on, and the patch-mode conv passes apply again. Only the exact pattern is
     fused: s in {0, 1} per neuron, t = c = 0 where s = 1, every intermediate node used once.
     """
-    def affine(i, shift_zero=True):
+    def scale_only(i):
+        """nodes[i]'s op when it is x * scale (no shift) used once, else None."""
         op = nodes[i].op
-        if not isinstance(op, ElementwiseAffineOp) or len(nodes[i].consumers) != 1:
-            return None
-        if shift_zero and bool(op.shift.any()):
+        if not isinstance(op, ElementwiseAffineOp) or len(nodes[i].consumers) != 1 or bool(op.shift.any()):
             return None
         return op
 
@@ -384,7 +383,7 @@ def fuse_grafted_relus(nodes: list[GraphNode]) -> list[GraphNode]:
             if not isinstance(rop, ReLUOp) or rop.mask is not None or len(nodes[r].consumers) != 1:
                 continue
             m1 = nodes[r].inputs[0]
-            op1, op2 = affine(m1), affine(m2)
+            op1, op2 = scale_only(m1), scale_only(m2)
             if op1 is None or op2 is None or nodes[m1].inputs != nodes[m2].inputs or m1 in removed or m2 in removed:
                 continue
             sc, t = op1.scale, op2.scale
