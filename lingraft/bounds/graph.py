@@ -20,15 +20,16 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..layers import GraftedReLU, Normalize
 from .ops import (AddOp, CatOp, ConvOp, ElementwiseAffineOp, LinearOp, MaxPoolOp, OpaqueOp, PadOp, PermuteOp,
-                  ReLUOp, ReshapeOp, SubOp)
+                  ReLUOp, ReshapeOp)
 from .ops.base import BoundOp
 
 LEAF_TYPES = (nn.Linear, nn.Conv2d, nn.ReLU, GraftedReLU, Normalize, nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool2d,
               nn.MaxPool2d, nn.Flatten, nn.ZeroPad2d, nn.ConstantPad2d, nn.Identity, nn.Dropout)
 
 SUPPORTED = ("Linear, Conv2d, ReLU, GraftedReLU, Normalize, BatchNorm (eval), AvgPool2d, MaxPool2d (no padding), "
-             "Flatten/Reshape/View/Squeeze/Unsqueeze, Permute/Transpose, constant Pad, Concat, Add/Sub of two tensors, "
-             "Add/Sub/Mul/Div by constants, MatMul by a constant, modules with interval_bounds()")
+             "Flatten/Reshape/View/Squeeze/Unsqueeze, Permute/Transpose, constant Pad, Concat, Add/Sub of two tensors "
+             "(alpha too), Add/Sub/Mul/Div by constants (no rounding_mode), MatMul/linear by a constant, "
+             "modules with interval_bounds()")
 
 
 @dataclass
@@ -158,7 +159,11 @@ class _Builder:
                 self.failed.add(n.name)
                 continue
             if not _is_tensor(v):
-                # e.g. x.size(0): only used to build shapes, which we take from the recorded values
+                if isinstance(v, (tuple, list)) and any(_is_tensor(t) for t in v):
+                    what = f"module '{n.target}'" if n.op == "call_module" else _target_name(n)
+                    self._fail(n, f"{what} returning several tensors")
+                    self.failed.add(n.name)
+                # else e.g. x.size(0): only used to build shapes, which we take from the recorded values
                 continue
             try:
                 self._convert(n)
@@ -193,92 +198,96 @@ class _Builder:
         if n.op == "call_module":
             return self._module(n, self.modules[n.target])
         fn = n.target
-        args = list(n.args)
-        x = args[0] if args else None
-        in_shape = self._shape(x) if isinstance(x, fx.Node) and self._var(x) else None
+        name = fn if n.op == "call_method" else getattr(fn, "__name__", str(fn))
         out_shape = self._shape(n)
-        if n.op == "call_method":
-            name = fn
-        else:
-            name = getattr(fn, "__name__", str(fn))
-        reshape_like = {"flatten", "reshape", "view", "squeeze", "unsqueeze", "contiguous", "view_as", "reshape_as"}
-        if name in reshape_like:
+        if name in _RESHAPE_LIKE:
+            # the output shape is read from the recorded values, so any shape arguments are modelled
+            x = n.args[0] if n.args else n.kwargs.get("input")
+            if not self._var(x):
+                raise _Unsupported(f"{name} whose input is not the input-dependent tensor")
+            in_shape = self._shape(x)
             if in_shape == out_shape:
                 return self._alias(n, x)
             return self._add(n, ReshapeOp(in_shape, out_shape), [x])
+        if name not in _SIGNATURES:
+            raise _Unsupported(_target_name(n))
+        a = _bind(n, name)
         if name in ("relu", "relu_"):
-            return self._add(n, ReLUOp(out_shape), [x])
-        if name in ("add", "iadd", "sub", "isub", "mul", "imul", "truediv", "div", "neg", "__neg__"):
-            return self._arith(n, name, args)
+            return self._add(n, ReLUOp(out_shape), [a["input"]])
+        if name in _ARITH:
+            return self._arith(n, name, a)
+        x = a.get("input")
+        in_shape = self._shape(x) if self._var(x) else None
         if name in ("permute", "transpose"):
             nd = len(in_shape) + 1
             if name == "permute":
-                dims = args[1:] if len(args) > 2 or not isinstance(args[1], (list, tuple)) else args[1]
-                dims = [d % nd for d in dims]
+                dims = a["dims"]
+                dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else dims
+                dims = [int(d) % nd for d in dims]
             else:
-                d0, d1 = args[1] % nd, args[2] % nd
+                d0, d1 = int(a["dim0"]) % nd, int(a["dim1"]) % nd
                 dims = list(range(nd))
                 dims[d0], dims[d1] = dims[d1], dims[d0]
             if dims[0] != 0:
                 raise _Unsupported(f"{name} that moves the batch dimension")
             return self._add(n, PermuteOp([d - 1 for d in dims[1:]]), [x])
-        if fn is F.pad or name == "pad":
-            pads = args[1] if len(args) > 1 else n.kwargs["pad"]
-            mode = n.kwargs.get("mode", args[2] if len(args) > 2 else "constant")
-            value = n.kwargs.get("value", args[3] if len(args) > 3 else 0.0) or 0.0
-            if mode != "constant":
-                raise _Unsupported(f"pad mode {mode!r}")
-            return self._add(n, PadOp(pads, value, in_shape), [x])
-        if name == "cat":
-            tensors = args[0]
-            dim = n.kwargs.get("dim", args[1] if len(args) > 1 else 0)
+        if name == "pad":
+            if a["mode"] != "constant":
+                raise _Unsupported(f"pad mode {a['mode']!r}")
+            return self._add(n, PadOp(a["pad"], a["value"] or 0.0, in_shape), [x])
+        if name in ("cat", "concat", "concatenate"):
+            tensors = a["tensors"]
             if not all(self._var(t) for t in tensors):
-                raise _Unsupported("cat of a constant with the input-dependent tensor")
-            dim = dim % (len(out_shape) + 1)
+                raise _Unsupported(f"{name} of a constant with the input-dependent tensor")
+            dim = int(a["dim"]) % (len(out_shape) + 1)
             if dim == 0:
-                raise _Unsupported("cat along the batch dimension")
+                raise _Unsupported(f"{name} along the batch dimension")
             sizes = [self._shape(t)[dim - 1] for t in tensors]
             return self._add(n, CatOp(dim - 1, sizes), list(tensors))
-        if name in ("matmul", "linear"):
-            w = self._const(args[1])
-            if not _is_tensor(w) or self._var(args[1]):
-                raise _Unsupported(f"{name} of two input-dependent tensors")
-            if name == "matmul":
-                if w.dim() != 2:
-                    raise _Unsupported("matmul with a constant that is not a matrix")
-                return self._add(n, LinearOp(w.t().contiguous(), None), [x])
-            b = self._const(args[2]) if len(args) > 2 else n.kwargs.get("bias")
-            return self._add(n, LinearOp(w, b), [x])
-        raise _Unsupported(_target_name(n))
+        # matmul / linear: the input-dependent tensor times a constant matrix
+        w_arg = a["other"] if name == "matmul" else a["weight"]
+        if in_shape is None or self._var(w_arg) or (name == "linear" and self._var(a["bias"])):
+            raise _Unsupported(f"{name} with an input-dependent right operand, weight or bias")
+        w = self._const(w_arg)
+        if not _is_tensor(w) or w.dim() != 2:
+            raise _Unsupported(f"{name} with a constant that is not a matrix")
+        if name == "matmul":
+            return self._add(n, LinearOp(w.t().contiguous(), None), [x])
+        return self._add(n, LinearOp(w, self._const(a["bias"])), [x])
 
-    def _arith(self, n, name, args):
-        a = args[0]
-        b = args[1] if len(args) > 1 else None
-        if name in ("neg", "__neg__"):
-            return self._add(n, ElementwiseAffineOp(-1.0, 0.0, self._shape(n)), [a])
-        va, vb = self._var(a), self._var(b)
+    def _arith(self, n, name, a):
+        """+, -, *, / and negation where at least one operand depends on the input."""
         out_shape = self._shape(n)
-        if va and vb:
-            if self._shape(a) != out_shape or self._shape(b) != out_shape:
+        if name in ("neg", "__neg__"):
+            return self._add(n, ElementwiseAffineOp(-1.0, 0.0, out_shape), [a["input"]])
+        p, q = a["input"], a["other"]
+        alpha = a.get("alpha", 1)
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+            raise _Unsupported(f"{name} with a non-numeric alpha")
+        if a.get("rounding_mode") is not None:
+            raise _Unsupported(f"{name} with rounding_mode={a['rounding_mode']!r}")
+        kind = _ARITH[name]
+        vp, vq = self._var(p), self._var(q)
+        if vp and vq:
+            if self._shape(p) != out_shape or self._shape(q) != out_shape:
                 raise _Unsupported(f"{name} with broadcasting between input-dependent tensors")
-            if name in ("add", "iadd"):
-                return self._add(n, AddOp(), [a, b])
-            if name in ("sub", "isub"):
-                return self._add(n, SubOp(), [a, b])
+            if kind in ("add", "sub"):
+                return self._add(n, AddOp(alpha if kind == "add" else -alpha), [p, q])
             raise _Unsupported(f"{name} of two input-dependent tensors (bilinear)")
-        x, c, x_first = (a, self._const(b), True) if va else (b, self._const(a), False)
+        x, c, x_first = (p, self._const(q), True) if vp else (q, self._const(p), False)
         if self._shape(x) != out_shape:
             raise _Unsupported(f"{name} with a constant that broadcasts the input to a larger shape")
-        c = torch.as_tensor(c, dtype=torch.float32)
-        if c.dim() > len(out_shape):  # constant carries a batch dim of 1
-            c = c.reshape(c.shape[-len(out_shape):]) if c.shape[0] == 1 else None
-            if c is None:
+        if _is_tensor(c) and c.dim() > len(out_shape):  # constant carries a batch dim of 1
+            if any(d != 1 for d in c.shape[:c.dim() - len(out_shape)]):
                 raise _Unsupported(f"{name} with a batch-sized constant")
-        if name in ("add", "iadd"):
-            op = ElementwiseAffineOp(1.0, c, out_shape)
-        elif name in ("sub", "isub"):
-            op = ElementwiseAffineOp(1.0, -c, out_shape) if x_first else ElementwiseAffineOp(-1.0, c, out_shape)
-        elif name in ("mul", "imul"):
+            c = c.reshape(c.shape[c.dim() - len(out_shape):])
+        c = torch.as_tensor(c, dtype=torch.float32)
+        # y = p + alpha*q (add), p - alpha*q (sub), p*q (mul), p/q (div), with exactly one of p, q constant
+        if kind == "add":
+            op = ElementwiseAffineOp(1.0, alpha * c, out_shape) if x_first else ElementwiseAffineOp(alpha, c, out_shape)
+        elif kind == "sub":
+            op = ElementwiseAffineOp(1.0, -alpha * c, out_shape) if x_first else ElementwiseAffineOp(-alpha, c, out_shape)
+        elif kind == "mul":
             op = ElementwiseAffineOp(c, 0.0, out_shape)
         else:
             if not x_first:
@@ -287,25 +296,35 @@ class _Builder:
         return self._add(n, op, [x])
 
     def _module(self, n, m: nn.Module):
+        t = n.target
+        if len(n.args) != 1 or n.kwargs or not self._var(n.args[0]):
+            raise _Unsupported(f"module call '{t}' with other arguments than the input-dependent tensor")
+        if m._forward_hooks or m._forward_pre_hooks:
+            raise _Unsupported(f"module '{t}' with forward hooks (they may change what it computes)")
         x = n.args[0]
         in_shape, out_shape = self._shape(x), self._shape(n)
-        t = n.target
         if isinstance(m, nn.Linear):
             return self._add(n, LinearOp(m.weight, m.bias), [x], t)
         if isinstance(m, nn.Conv2d):
-            if m.padding_mode != "zeros" or tuple(m.dilation) != (1, 1) or isinstance(m.padding, str):
-                if isinstance(m.padding, str):
-                    pad = tuple((k - 1) // 2 for k in m.kernel_size) if m.padding == "same" else (0, 0)
-                    if m.padding == "same" and any(k % 2 == 0 for k in m.kernel_size):
-                        raise _Unsupported("Conv2d padding='same' with an even kernel")
-                else:
-                    raise _Unsupported("Conv2d with dilation or non-zero padding mode")
+            if m.padding_mode != "zeros":
+                raise _Unsupported(f"Conv2d ('{t}') with padding_mode={m.padding_mode!r}")
+            if tuple(m.dilation) != (1, 1):
+                raise _Unsupported(f"Conv2d ('{t}') with dilation={tuple(m.dilation)}")
+            if m.padding == "same":
+                if any(k % 2 == 0 for k in m.kernel_size):
+                    raise _Unsupported(f"Conv2d ('{t}') with padding='same' and an even kernel")
+                pad = tuple((k - 1) // 2 for k in m.kernel_size)
+            elif m.padding == "valid":
+                pad = (0, 0)
             else:
                 pad = tuple(m.padding)
             return self._add(n, ConvOp(m.weight, m.bias, m.stride, pad, m.groups, in_shape, out_shape), [x], t)
         if isinstance(m, nn.ReLU):
             return self._add(n, ReLUOp(out_shape), [x], t)
         if isinstance(m, GraftedReLU):
+            if not bool(((m.mask == 0) | (m.mask == 1)).all()):
+                raise _Unsupported(f"GraftedReLU ('{t}') whose mask is not 0/1 (a damaged or hand-edited "
+                                   "checkpoint: re-run lingraft graft)")
             return self._add(n, ReLUOp(out_shape, m.mask.reshape(out_shape) > 0.5, m.a.reshape(out_shape),
                                        m.b.reshape(out_shape)), [x], t)
         if isinstance(m, Normalize):
@@ -335,12 +354,10 @@ class _Builder:
             return self._add(n, ConvOp(w, None, s, p, C, in_shape, out_shape), [x], t)
         if isinstance(m, nn.MaxPool2d):
             k, s, p = _pair(m.kernel_size), _pair(m.stride if m.stride is not None else m.kernel_size), _pair(m.padding)
-            if p != (0, 0) or _pair(m.dilation) != (1, 1) or m.ceil_mode:
-                raise _Unsupported("MaxPool2d with padding, dilation or ceil_mode")
+            if p != (0, 0) or _pair(m.dilation) != (1, 1) or m.ceil_mode or m.return_indices:
+                raise _Unsupported(f"MaxPool2d ('{t}') with padding, dilation, ceil_mode or return_indices")
             return self._add(n, MaxPoolOp(k, s, in_shape, out_shape), [x], t)
         if isinstance(m, nn.Flatten):
-            if m.start_dim not in (1, -len(in_shape) - 1):
-                pass
             if in_shape == out_shape:
                 return self._alias(n, x)
             return self._add(n, ReshapeOp(in_shape, out_shape), [x], t)
@@ -356,6 +373,65 @@ class _Builder:
 
 class _Unsupported(Exception):
     pass
+
+
+_RESHAPE_LIKE = {"flatten", "reshape", "view", "squeeze", "unsqueeze", "contiguous", "view_as", "reshape_as"}
+
+#: function/method name -> operand kind for the elementwise arithmetic the builder models
+_ARITH = {"add": "add", "iadd": "add", "sub": "sub", "isub": "sub", "mul": "mul", "imul": "mul",
+          "truediv": "div", "div": "div", "neg": "neg", "__neg__": "neg"}
+
+#: function/method name -> (parameter names in call order, defaults of the ones that may be left out).
+#: A ``*`` name takes the remaining positional arguments. Arguments are bound by these names, so positional
+#: and keyword calls are read alike, and a keyword the builder does not model is refused by name.
+_SIGNATURES: dict[str, tuple[tuple[str, ...], dict]] = {
+    "relu": (("input", "inplace"), {"inplace": False}),
+    "relu_": (("input",), {}),
+    "add": (("input", "other", "alpha"), {"alpha": 1}),
+    "sub": (("input", "other", "alpha"), {"alpha": 1}),
+    "iadd": (("input", "other"), {}),
+    "isub": (("input", "other"), {}),
+    "mul": (("input", "other"), {}),
+    "imul": (("input", "other"), {}),
+    "truediv": (("input", "other"), {}),
+    "div": (("input", "other", "rounding_mode"), {"rounding_mode": None}),
+    "neg": (("input",), {}),
+    "__neg__": (("input",), {}),
+    "permute": (("input", "*dims"), {}),
+    "transpose": (("input", "dim0", "dim1"), {}),
+    "pad": (("input", "pad", "mode", "value"), {"mode": "constant", "value": None}),
+    "cat": (("tensors", "dim"), {"dim": 0}),
+    "concat": (("tensors", "dim"), {"dim": 0}),
+    "concatenate": (("tensors", "dim"), {"dim": 0}),
+    "matmul": (("input", "other"), {}),
+    "linear": (("input", "weight", "bias"), {"bias": None}),
+}
+
+
+def _bind(n: fx.Node, name: str) -> dict:
+    """Map a call's positional and keyword arguments onto the names in :data:`_SIGNATURES`."""
+    params, defaults = _SIGNATURES[name]
+    args, out = list(n.args), dict(defaults)
+    for i, p in enumerate(params):
+        if p.startswith("*"):
+            out[p[1:]] = tuple(args[i:])
+            args = args[:i]
+            break
+        if i < len(args):
+            out[p] = args[i]
+    if len(args) > len([p for p in params if not p.startswith("*")]):
+        raise _Unsupported(f"{_target_name(n)} with {len(args)} positional arguments")
+    for k, v in n.kwargs.items():
+        key = k
+        if key == "self" or (key == "x" and "input" in params):  # method receivers / F.relu(x=...)
+            key = "input"
+        if key not in params and f"*{key}" not in params:
+            raise _Unsupported(f"{_target_name(n)} with keyword argument {k}=")
+        out[key] = tuple(v) if f"*{key}" in params else v
+    missing = [p.lstrip("*") for p in params if p.lstrip("*") not in out]
+    if missing:
+        raise _Unsupported(f"{_target_name(n)} without {', '.join(missing)}")
+    return out
 
 
 def fuse_grafted_relus(nodes: list[GraphNode]) -> list[GraphNode]:
@@ -376,7 +452,7 @@ def fuse_grafted_relus(nodes: list[GraphNode]) -> list[GraphNode]:
     replaced: dict[int, GraphNode] = {}  # index of the pattern's last node -> fused node
     removed: set[int] = set()
     for k, nd in enumerate(nodes):
-        if not isinstance(nd.op, AddOp) or len(set(nd.inputs)) != 2:
+        if not isinstance(nd.op, AddOp) or nd.op.alpha != 1.0 or len(set(nd.inputs)) != 2:
             continue
         for r, m2 in (nd.inputs, nd.inputs[::-1]):
             rop = nodes[r].op

@@ -50,26 +50,30 @@ class ElementwiseAffineOp(BoundOp):
 
 
 class AddOp(BoundOp):
-    """y = x1 + x2 (two variable inputs, e.g. a residual connection). Shapes equal: [B, *shape]."""
+    """y = x1 + alpha * x2 for two variable inputs (a residual connection; alpha = -1 is a subtraction).
+
+    x1, x2: [B, *shape] -> y: [B, *shape].  Linear, so each input's coefficients are the output's, scaled:
+    the lower-bound coefficients of the output stay lower-bound coefficients of each input (a negative
+    alpha flips the sign of the coefficients, never the side they bound).
+    """
+
+    def __init__(self, alpha: float = 1.0):
+        self.alpha = float(alpha)
 
     def forward(self, a, b):
-        return a + b
+        return a + self.alpha * b if self.alpha != 1.0 else a + b
 
     def ibp(self, b1, b2):
-        return b1[0] + b2[0], b1[1] + b2[1]
+        if self.alpha >= 0:
+            return b1[0] + self.alpha * b2[0], b1[1] + self.alpha * b2[1]
+        return b1[0] + self.alpha * b2[1], b1[1] + self.alpha * b2[0]
 
     def backward(self, lA, uA, input_bounds, **kw):
-        return [(lA, uA), (lA, uA)], 0, 0
+        if self.alpha == 1.0:
+            return [(lA, uA), (lA, uA)], 0, 0
+        scaled = tuple(None if A is None else A * self.alpha for A in (lA, uA))
+        return [(lA, uA), scaled], 0, 0
 
+    def describe(self):
+        return "Add" if self.alpha == 1.0 else ("Sub" if self.alpha == -1.0 else f"Add(alpha={self.alpha:g})")
 
-class SubOp(BoundOp):
-    """y = x1 - x2 (two variable inputs)."""
-
-    def forward(self, a, b):
-        return a - b
-
-    def ibp(self, b1, b2):
-        return b1[0] - b2[1], b1[1] - b2[0]
-
-    def backward(self, lA, uA, input_bounds, **kw):
-        return [(lA, uA), (None if uA is None else -uA, None if lA is None else -lA)], 0, 0
