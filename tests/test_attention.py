@@ -374,7 +374,7 @@ def test_exact_interval_nodes_skip_crown_and_keep_the_bounds(arch):
     and skipping them must not change any bound."""
     from lingraft.bounds import BoundedNetwork, input_box, margin_spec
     from lingraft.bounds.ops import ReLUOp
-    from test_bounds import graft_randomly
+    from _soundness import graft_randomly
 
     torch.manual_seed(0)
     shape = (1, 12, 12)

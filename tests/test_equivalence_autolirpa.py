@@ -15,7 +15,7 @@ lirpa = pytest.importorskip("lingraft.compat.auto_lirpa")
 if not lirpa.available():  # pragma: no cover
     pytest.skip(f"auto_LiRPA unavailable: {lirpa.import_error()}", allow_module_level=True)
 
-from test_bounds import graft_randomly  # noqa: E402
+from _soundness import graft_randomly  # noqa: E402
 
 CASES = [("mlp", (1, 28, 28), 0.02), ("fc-8x200", (1, 12, 12), 0.01), ("cnn-b", (1, 16, 16), 0.01),
          ("resnet-4b", (1, 12, 12), 0.005)]
@@ -60,7 +60,7 @@ def test_alpha_crown_at_least_crown(name, shape, eps):
 
 @pytest.mark.parametrize("name,shape,eps", CASES[2:])
 def test_grafted_conv_nets_contain_pgd_points(name, shape, eps):
-    from test_bounds import pgd_extremes
+    from _soundness import pgd_extremes
 
     model, xl, xu, C = _setup(name, shape, eps, True)
     ours = BoundedNetwork(model, shape).compute_bounds(xl, xu, "crown", C)
