@@ -5,10 +5,15 @@ one JSON line (single write + fsync, see :func:`lingraft.io.append_jsonl`). The 
 settings the results depend on. A rerun with the same settings skips the finished chunks, so an interrupted run
 (Ctrl-C, a killed CI job) loses at most the chunk in flight; a rerun with other settings is refused instead of
 mixing results. The merged report equals the one of an uninterrupted run, except for the wall-clock times.
+A run killed in the middle of an append leaves a torn last line; the rerun truncates it away (that batch reruns)
+before appending, via :func:`lingraft.io.read_jsonl` with ``repair=True``. A damaged line elsewhere is an error.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import time
 from pathlib import Path
 
@@ -17,7 +22,7 @@ from torch import Tensor, nn
 from .bounds import BoundedNetwork
 from .certify import CertifyReport, certify, summarize_samples
 from .errors import LingraftError
-from .io import append_jsonl, read_jsonl
+from .io import JsonlError, append_jsonl, ensure_parent, read_jsonl
 
 STATE_FORMAT = "lingraft-certify-state"
 
@@ -33,11 +38,19 @@ def certify_resumable(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, sta
     path = Path(state_path)
     not_state = LingraftError(f"{path} is not a lingraft certify state file; remove it or pick another --state")
     try:
-        records = read_jsonl(path)
+        # a torn last line (a run killed mid-append) is skipped here and truncated below, once the file is known
+        # to be ours: appending after the fragment would make the whole file unreadable
+        records = read_jsonl(path, what="certify state file",
+                             fix="delete that line (its batch reruns) or remove the file to start over")
+    except JsonlError as e:
+        if _starts_like_state(path):
+            raise LingraftError(str(e)) from None  # ours, damaged in the middle: say where
+        raise not_state from None
     except (ValueError, UnicodeDecodeError):
         raise not_state from None
     except OSError as e:
         raise LingraftError(f"cannot read the state file {path} ({e.strerror or e}); check its permissions") from None
+    header = {"format": STATE_FORMAT, "settings_hash": settings_hash}
     if records:
         head = records[0]
         if not isinstance(head, dict) or head.get("format") != STATE_FORMAT or not all(
@@ -46,11 +59,17 @@ def certify_resumable(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, sta
         if head.get("settings_hash") != settings_hash:
             raise LingraftError(f"{path} holds results for other settings (hash {head.get('settings_hash')}, now "
                                 f"{settings_hash}); remove it to start over or pick another --state")
+        read_jsonl(path, repair=True, log=log)  # ours: drop a torn last line before appending
     elif path.exists() and path.stat().st_size > 0:
-        raise not_state  # never overwrite a file that is not ours
+        if not _is_torn_header(path):
+            raise not_state  # never overwrite a file that is not ours
+        if log:
+            log(f"{path} holds only a torn first line (a run killed as it started); starting over")
+        os.truncate(path, 0)
+        append_jsonl(path, header)
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        append_jsonl(path, {"format": STATE_FORMAT, "settings_hash": settings_hash})
+        ensure_parent(path)
+        append_jsonl(path, header)
     done = {int(r["start"]): r["report"] for r in records[1:] if "start" in r}
     N = x.shape[0]
     indices = list(range(N)) if indices is None else list(indices)
@@ -75,6 +94,31 @@ def certify_resumable(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, sta
         append_jsonl(path, {"start": s, "report": d})
         parts.append(d)
     return merge_reports(parts)
+
+
+def _head_prefix() -> bytes:
+    """The bytes every state file starts with (json.dumps of the header up to its settings hash)."""
+    return json.dumps({"format": STATE_FORMAT, "settings_hash": ""}).encode()[:-2]
+
+
+def _is_torn_header(path: Path) -> bool:
+    """True when ``path`` holds nothing but a prefix of a state header without its newline: a run killed while
+    writing its first line (no batch was recorded, so starting over loses nothing)."""
+    data = path.read_bytes()
+    if b"\n" in data:
+        return False
+    pre = _head_prefix()
+    n = min(len(data), len(pre))
+    return data[:n] == pre[:n] and re.fullmatch(rb'[0-9a-f]*"?', data[len(pre):]) is not None
+
+
+def _starts_like_state(path: Path) -> bool:
+    """Whether the file's first bytes are those of a state header (so damage further down is reported as such)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(_head_prefix())) == _head_prefix()
+    except OSError:
+        return False
 
 
 def merge_reports(parts: list[dict]) -> CertifyReport:

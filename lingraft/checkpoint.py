@@ -10,6 +10,18 @@ Format (``format_version`` 1)::
 
 Next to ``model.pt`` a sidecar ``model.json`` holds everything except the weights, plus the lingraft version and
 the sha256 of the ``.pt`` file, so a checkpoint can be inspected (and verified) without torch.
+
+Integrity and crash safety. The ``.pt`` is authoritative: it holds all the metadata itself, and loading never
+takes anything from the sidecar. The sidecar is derived data that is trusted only while its ``sha256`` matches
+the ``.pt``. :func:`save_checkpoint` writes, in this order: (1) the new ``.pt`` to a temp file, synced;
+(2) the sidecar, atomically, with the sha256 of that temp file and ``previous_sha256``, the sha256 of the
+``.pt`` it is about to replace (when that one matched its own sidecar); (3) the rename of the temp file over
+``model.pt``. A kill before (2) leaves the old pair intact (plus a temp file, removed by the next write of
+``model.pt``); a kill between (2) and (3) leaves the old ``.pt`` beside a sidecar whose ``previous_sha256`` is that
+``.pt``'s hash: :func:`load_checkpoint` recognizes this, loads the old checkpoint with its own metadata, warns,
+and rewrites the sidecar from it; after (3) the pair is consistent. Any other mismatch (flipped bytes, a ``.pt``
+replaced by hand) is an error naming the file; a ``.pt`` without a sidecar (or beside a JSON file that is not a
+lingraft sidecar) loads unchecked. So a kill at any point never yields silently wrong metadata.
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ from torch import nn
 from . import __version__
 from .errors import LingraftError, UsageError
 from .io import _json_default, atomic_write, atomic_write_json, file_sha256
-from .layers import GraftedReLU
+from .layers import GraftedReLU, first_non_binary, is_binary_mask
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "replace_module", "sidecar_path",
            "grafted_modules"]
@@ -76,12 +88,89 @@ def save_checkpoint(path, model: nn.Module, *, arch: str, arch_kwargs: dict, dat
         "grafted": grafted_modules(model),
         "meta": meta,
     }
-    atomic_write(path, lambda f: torch.save(ckpt, f))
+    previous = _verified_sha256(path)
+
+    def write_sidecar(tmp: Path) -> None:  # runs after the temp .pt is synced, before it is renamed
+        atomic_write_json(sidecar_path(path), _sidecar(ckpt, path, file_sha256(tmp), previous))
+
+    atomic_write(path, lambda f: torch.save(ckpt, f), before_replace=write_sidecar)
+
+
+def _sidecar(ckpt: dict, path: Path, sha256: str, previous_sha256: str | None) -> dict:
     side = {k: v for k, v in ckpt.items() if k != "state_dict"}
     side["lingraft_version"] = __version__
     side["checkpoint_file"] = path.name
-    side["sha256"] = file_sha256(path)
-    atomic_write_json(sidecar_path(path), side)
+    side["sha256"] = sha256
+    side["previous_sha256"] = previous_sha256
+    return side
+
+
+def _read_sidecar(path: Path) -> dict | None:
+    """The lingraft sidecar next to checkpoint ``path``, or None when there is none (a JSON file there that is not
+    a lingraft sidecar, e.g. a certify result written as ``--json model.json``, does not count)."""
+    side = sidecar_path(path)
+    if side == path:
+        return None
+    try:
+        d = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) and d.get("format") == FORMAT else None
+
+
+def _verified_sha256(path: Path) -> str | None:
+    """sha256 of the existing ``path`` if it is safe to name as ``previous_sha256`` (it matches its sidecar, or
+    has none), else None, so that an interrupted save can never make a damaged old file look intact."""
+    if not path.is_file():
+        return None
+    try:
+        sha = file_sha256(path)
+    except OSError:
+        return None
+    side = _read_sidecar(path)
+    if side is not None and side.get("sha256") != sha:
+        return None
+    return sha
+
+
+def _check_sidecar(path: Path) -> dict | None:
+    """Compare checkpoint ``path`` with its sidecar before anything is unpickled. Returns the sidecar when it is
+    stale from an interrupted save (the ``.pt`` is the previous, intact checkpoint), else None; raises
+    LingraftError when the bytes do not match."""
+    side = _read_sidecar(path)
+    if side is None:
+        return None
+    recorded = side.get("sha256")
+    sp = sidecar_path(path)
+    if not isinstance(recorded, str):
+        warnings.warn(f"sidecar {sp} records no sha256, so {path} cannot be checked against it; re-save the "
+                      "checkpoint to rewrite it", stacklevel=3)
+        return None
+    try:
+        actual = file_sha256(path)
+    except OSError as e:
+        raise LingraftError(f"cannot read checkpoint {path} ({e.strerror}); check its permissions") from None
+    if actual == recorded:
+        return None
+    if actual == side.get("previous_sha256"):
+        return side
+    raise LingraftError(
+        f"checkpoint {path} does not match its sidecar {sp.name} (sha256 {actual[:12]}..., the sidecar records "
+        f"{recorded[:12]}...): the .pt is corrupted or was replaced; re-copy both files or re-create the "
+        f"checkpoint (if you replaced the .pt on purpose, delete {sp})")
+
+
+def _rewrite_stale_sidecar(path: Path, ckpt: dict) -> None:
+    sp = sidecar_path(path)
+    what = (f"{sp} belongs to a save of {path.name} that was interrupted before the .pt was replaced; loaded "
+            f"{path}, the previous intact checkpoint, with its own metadata")
+    try:
+        atomic_write_json(sp, _sidecar(ckpt, path, file_sha256(path), None))
+    except (OSError, LingraftError) as e:
+        warnings.warn(f"{what}; could not rewrite the sidecar ({e}): delete it or re-save the checkpoint",
+                      stacklevel=3)
+        return
+    warnings.warn(f"{what}, and rewrote the sidecar to match", stacklevel=3)
 
 
 def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
@@ -97,7 +186,8 @@ def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
 
 
 def _torch_load(path: Path, map_location):
-    """torch.load with weights_only=True, mapping every failure to one clear line."""
+    """torch.load with weights_only=True, mapping every failure to one clear line; the file is first checked
+    against its sidecar. Returns (the loaded object, the sidecar if it is stale from an interrupted save)."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -113,10 +203,11 @@ def _torch_load(path: Path, map_location):
     is_zip = head[:2] == b"PK"
     if not is_zip and head[:1] != b"\x80":  # neither torch's zip format nor a (legacy) pickle stream
         raise LingraftError(f"checkpoint {path} is not a PyTorch file; pass a .pt written by 'lingraft train'")
+    stale = _check_sidecar(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": we report failures ourselves
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True), stale
     except pickle.UnpicklingError as e:
         msg = str(e)
         if "Weights only load failed" in msg or "Unsupported" in msg or "global" in msg.lower():
@@ -140,7 +231,7 @@ def load_checkpoint(path, map_location="cpu") -> tuple[nn.Module, dict]:
     Returns (model in eval mode, the checkpoint dict without ``state_dict``). Never executes pickled code.
     """
     path = Path(os.fspath(path))
-    ckpt = _torch_load(path, map_location)
+    ckpt, stale_sidecar = _torch_load(path, map_location)
     if not isinstance(ckpt, dict):
         raise LingraftError(f"{path} holds a {type(ckpt).__name__}, not a lingraft checkpoint; "
                             "re-save the model with lingraft.checkpoint.save_checkpoint")
@@ -176,6 +267,13 @@ def load_checkpoint(path, map_location="cpu") -> tuple[nn.Module, dict]:
         replace_module(model, name, GraftedReLU(shape))
 
     state = ckpt["state_dict"]
+    for name in (ckpt.get("grafted") or {}):
+        m = state.get(f"{name}.mask")
+        if isinstance(m, torch.Tensor) and not is_binary_mask(m):
+            raise LingraftError(
+                f"{path}: GraftedReLU {name!r} mask holds values other than 0/1 (e.g. {first_non_binary(m):g}); "
+                "a mask marks each neuron grafted (1) or not (0), so the checkpoint is damaged or was edited: "
+                "re-create it with 'lingraft graft' (or round the mask to 0/1 and re-save)")
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -196,4 +294,6 @@ def load_checkpoint(path, map_location="cpu") -> tuple[nn.Module, dict]:
         model.to(map_location)  # buffers created by the constructor (e.g. GraftedReLU masks) follow too
     model.eval()
     info = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    if stale_sidecar is not None:
+        _rewrite_stale_sidecar(path, ckpt)
     return model, info

@@ -455,7 +455,7 @@ def run_compare(spec: CompareSpec, out_dir, *, only: list[str] | None = None, se
             need.add(e.teacher)
     t_all = time.perf_counter()
     results_path = out / "results.jsonl"
-    have = {r.get("unit") for r in read_jsonl(results_path)}
+    have = {r.get("unit") for r in read_jsonl(results_path, repair=True)}  # a torn tail (kill) is cut
     n_max = max(spec.certify["num_samples"], spec.certify["grid_num_samples"])
     x_all, y_all = load_dataset(spec.dataset, "test", spec.data_dir)
     x_all, y_all = subset(x_all, y_all, min(n_max, len(x_all)))

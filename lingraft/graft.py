@@ -356,6 +356,8 @@ def load_masks(path) -> dict[str, Tensor]:
     try:
         for n, v in d["masks"].items():
             m = torch.zeros(int(math.prod(v["shape"])), dtype=torch.bool)
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in v["grafted"]):
+                raise ValueError  # 2.7 is no neuron index: refuse instead of truncating
             idx = torch.tensor(v["grafted"], dtype=torch.long)
             if idx.numel() and (idx.min() < 0 or idx.max() >= m.numel()):
                 raise ValueError
@@ -393,7 +395,7 @@ def run_graft(model_path, *, out_path, ratio, eps, rule="lg", scope="global", ga
     from .checkpoint import save_checkpoint
     from .data import load_dataset, subset
     from .io import atomic_write_json
-    from .loader import load_model
+    from .loader import check_input_matches_dataset, load_model
 
     torch.manual_seed(seed)
     lm = load_model(model_path, dataset=dataset)
@@ -409,6 +411,7 @@ def run_graft(model_path, *, out_path, ratio, eps, rule="lg", scope="global", ga
     eps = check_eps(eps)
     train_eps = eps if train_eps is None else check_eps(train_eps)
     dev = device or torch.device("cpu")
+    check_input_matches_dataset(lm, ds)
     model = lm.model.to(dev).eval()
     x_tr, y_tr = load_dataset(ds, "train", data_dir)
     g = torch.Generator().manual_seed(seed)

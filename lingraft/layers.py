@@ -35,6 +35,18 @@ class Normalize(nn.Module):
         return f"mean={self.mean.tolist()}, std={self.std.tolist()}"
 
 
+def is_binary_mask(mask: torch.Tensor) -> bool:
+    """Whether every entry of ``mask`` is exactly 0 or 1 (NaN is not)."""
+    return bool(torch.all((mask == 0) | (mask == 1)))
+
+
+def first_non_binary(mask: torch.Tensor) -> float:
+    """The first entry of ``mask`` that is neither 0 nor 1 (for error messages)."""
+    flat = mask.detach().reshape(-1)
+    bad = ~((flat == 0) | (flat == 1))
+    return float(flat[bad][0]) if bool(bad.any()) else 0.0
+
+
 class GraftedReLU(nn.Module):
     """A ReLU layer in which some neurons are replaced by learnable linear functions.
 
@@ -51,11 +63,23 @@ class GraftedReLU(nn.Module):
         shape = tuple(int(s) for s in shape)
         self.shape = shape
         m = torch.zeros(shape) if mask is None else mask.detach().float().reshape(shape).clone()
-        if not torch.all((m == 0) | (m == 1)):
+        if not is_binary_mask(m):
             raise ValueError("GraftedReLU: mask must be 0/1")
         self.register_buffer("mask", m)
         self.a = nn.Parameter(torch.full(shape, float(init_a)))
         self.b = nn.Parameter(torch.full(shape, float(init_b)))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # load_state_dict copies buffers without the constructor's check; a mask that is not 0/1 would make the
+        # module compute relu((1-m)x) + m(ax+b) while the bound engine bounds a*x+b wherever m > 0.5
+        m = state_dict.get(prefix + "mask")
+        if isinstance(m, torch.Tensor) and not is_binary_mask(m):
+            error_msgs.append(f"GraftedReLU {prefix.rstrip('.') or '(root)'!r}: mask holds values other than 0/1 "
+                              f"(e.g. {first_non_binary(m):g}); a mask must be 0/1 (1 = grafted)")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @property
     def num_grafted(self) -> int:

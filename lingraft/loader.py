@@ -83,6 +83,24 @@ def load_model(path: str | os.PathLike | None, dataset: str | None = None, input
     return LoadedModel(model, in_shape, dataset or ds, "checkpoint", str(p), ckpt.get("arch"), ckpt.get("meta", {}))
 
 
+def check_input_matches_dataset(lm: LoadedModel, dataset: str | None = None) -> None:
+    """Raise LingraftError (exit 1) when the model's input shape cannot hold the images of ``dataset`` (default:
+    the dataset the checkpoint records), e.g. a checkpoint that records 28x28 inputs but the 8x8 digits data:
+    its in_shape or dataset entry is wrong. Unknown dataset names are not checked here."""
+    ds = dataset or lm.dataset
+    if not ds:
+        return
+    from .data import DATASETS, dataset_info
+
+    if str(ds).lower() not in DATASETS:
+        return
+    info = dataset_info(ds)
+    if _prod(info.in_shape) != _prod(lm.in_shape):
+        raise LingraftError(f"{lm.source} {lm.path} takes inputs {tuple(lm.in_shape)} but its dataset {ds} has "
+                            f"{tuple(info.in_shape)} images; its in_shape or dataset entry is wrong: "
+                            "re-create it with the right ones")
+
+
 def _prod(t):
     out = 1
     for v in t:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from lingraft.config import config_hash, load_config, normalize_keys, validate_keys
 from lingraft.errors import LingraftError, UsageError
-from lingraft.io import append_jsonl
+from lingraft.io import append_jsonl, read_jsonl
 
 __all__ = [
     "SweepSpec",
@@ -241,63 +241,20 @@ def _repair_tail(path: Path, log: Callable[[str], Any]) -> None:
     """Make ``path`` end on a complete JSON line so that appending cannot glue onto a torn line.
 
     A crash mid-append can leave a partial last line; it is dropped (that job reruns). A complete last
-    line that only lacks its newline gets one.
+    line that only lacks its newline gets one. (:func:`lingraft.io.read_jsonl` with ``repair=True``.)
     """
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if not data:
-        return
-    stripped = data.rstrip(b"\r\n \t")
-    start = stripped.rfind(b"\n") + 1
-    last = stripped[start:]
-    if not last:
-        return
-    try:
-        json.loads(last.decode("utf-8"))
-        ok = True
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        ok = False
-    if ok:
-        if not data.endswith(b"\n"):
-            with open(path, "ab") as f:
-                f.write(b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-        return
-    log(f"dropping a torn last line from {path} (an interrupted write); that job will rerun")
-    # Truncate in place (one syscall, keeps the inode that _exclusive holds the lock on).
-    os.truncate(path, start)
+    read_jsonl(path, repair=True, what="results file", log=lambda msg: log(f"{msg}; that job will rerun"))
 
 
 def read_results(path: str | os.PathLike) -> list[dict]:
     """All records of a results file in file order, tolerating a torn last line.
 
-    Raises LingraftError naming the line when a line other than the last is not valid JSON.
+    Raises LingraftError naming the line when a line other than a torn last line is not valid JSON.
     """
     p = Path(path)
-    if not p.exists():
-        return []
     if p.is_dir():
         raise LingraftError(f"results path {p} is a directory; give a .jsonl file")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise LingraftError(f"results file {p} is not UTF-8 JSON lines; move it away or pick another file") from None
-    last_nonempty = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
-    out = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            if i == last_nonempty:
-                break  # torn by an interrupted append
-            raise LingraftError(f"results file {p} line {i + 1} is not valid JSON; delete that line and rerun") from None
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
+    return [rec for rec in read_jsonl(p, what="results file") if isinstance(rec, dict)]
 
 
 def latest_records(records: Iterable[dict]) -> dict[str, dict]:

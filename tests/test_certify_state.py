@@ -48,6 +48,43 @@ def test_state_run_equals_plain_run_and_resumes(model_pt, tmp_path):
     assert res.exit_code == 0, res.output
     assert "resuming from" in res.output and "2 of 5 batches done" in res.output
     assert result(tmp_path / "resumed.json") == result(tmp_path / "plain.json")
+    # the torn fragment was dropped, not glued onto: every line is whole and a further resume finds all 5 batches
+    after = state.read_text()
+    assert after.endswith("\n") and [json.loads(ln) for ln in after.splitlines()][:3] == [json.loads(ln)
+                                                                                          for ln in lines[:3]]
+    assert len(after.splitlines()) == 1 + 5
+    res = run(model_pt, *ARGS, "--state", state, "--json", tmp_path / "again.json")
+    assert res.exit_code == 0, res.output
+    assert "5 of 5 batches done" in res.output
+    assert result(tmp_path / "again.json") == result(tmp_path / "plain.json")
+
+
+def test_state_torn_header_starts_over(model_pt, tmp_path):
+    """Killed while writing the very first line: nothing was certified yet, so the run starts over."""
+    state = tmp_path / "run.state"
+    assert run(model_pt, *ARGS, "--state", state).exit_code == 0
+    header = state.read_text().splitlines()[0]
+    for cut in (1, 12, len(header) - 1):
+        state.write_text(header[:cut])
+        res = run(model_pt, *ARGS, "--state", state)
+        assert res.exit_code == 0, res.output
+        assert state.read_text().splitlines()[0] == header and len(state.read_text().splitlines()) == 6
+    # a file that merely lacks a newline but is not the start of a state header is still refused
+    state.write_text("notes")
+    res = run(model_pt, *ARGS, "--state", state)
+    assert res.exit_code == 1 and "not a lingraft certify state file" in res.output
+    assert state.read_text() == "notes"
+
+
+def test_state_damaged_middle_line_is_refused_not_repaired(model_pt, tmp_path):
+    state = tmp_path / "run.state"
+    assert run(model_pt, *ARGS, "--state", state).exit_code == 0
+    lines = state.read_text().splitlines()
+    damaged = "\n".join(lines[:2] + [lines[2][:30]] + lines[3:]) + "\n"
+    state.write_text(damaged)
+    res = run(model_pt, *ARGS, "--state", state)
+    assert res.exit_code == 1 and "line 3" in res.output
+    assert state.read_text() == damaged
 
 
 def test_state_refuses_other_settings_and_foreign_files(model_pt, tmp_path):

@@ -131,7 +131,45 @@ def hd(tmp_path_factory) -> Path:
     (d / "one-input.vnnlib").write_text("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n"
                                         "(assert (<= X_0 1.0))\n(assert (>= X_0 0.0))\n(assert (<= Y_0 0.0))\n")
     (d / "instances-bad.csv").write_text("just-one-field\n")
+    (d / "instances-good.csv").write_text("good.onnx,p64.vnnlib,10\n")
+    _integrity_files(d)
     return d
+
+
+def _integrity_files(d: Path) -> None:
+    """flipped.pt: good.pt with 50 bytes of weights flipped (torch still loads it) beside good.pt's sidecar;
+    mask.pt: a grafted checkpoint whose mask holds 0.2 and 0.7; inshape.pt: 28x28 inputs recorded for digits."""
+    from lingraft.checkpoint import replace_module, save_checkpoint
+    from lingraft.data import dataset_info
+    from lingraft.layers import GraftedReLU
+    from lingraft.models import create_model
+
+    raw = bytearray((d / "good.pt").read_bytes())
+    ck = torch.load(d / "good.pt", weights_only=True)
+    w = next(v for k, v in ck["state_dict"].items() if k.endswith("weight")).numpy().tobytes()
+    off = bytes(raw).find(w[:64])
+    for i in range(50):
+        raw[off + 100 + i] ^= 0xFF
+    (d / "flipped.pt").write_bytes(bytes(raw))
+    (d / "flipped.json").write_text((d / "good.json").read_text())
+    torch.load(d / "flipped.pt", weights_only=True)  # loadable: only the sidecar check can tell
+
+    info = dataset_info("digits")
+    kw = dict(in_shape=list(info.in_shape), num_classes=10, mean=list(info.mean), std=list(info.std))
+    m = create_model("mlp", **kw)
+    relu = next(n for n, mod in m.named_modules() if isinstance(mod, torch.nn.ReLU))
+    width = next(mod.out_features for mod in m.modules() if isinstance(mod, torch.nn.Linear))
+    replace_module(m, relu, GraftedReLU((width,), (torch.arange(width) % 3 == 0).float()))
+    save_checkpoint(d / "mask-src.pt", m, arch="mlp", arch_kwargs=kw, dataset="digits", meta={"eps": 0.05})
+    ck = torch.load(d / "mask-src.pt", weights_only=True)
+    mask = ck["state_dict"][f"{relu}.mask"]
+    mask[:2] = torch.tensor([0.2, 0.7])
+    torch.save(ck, d / "mask.pt")
+
+    mk = dataset_info("mnist")
+    kw = dict(in_shape=list(mk.in_shape), num_classes=10, mean=list(mk.mean), std=list(mk.std))
+    save_checkpoint(d / "inshape.pt", create_model("mlp", **kw), arch="mlp", arch_kwargs=kw, dataset="digits",
+                    meta={"eps": 0.05})
 
 
 # ------------------------------------------------------------------------------------------------------ rows
@@ -184,6 +222,12 @@ ROWS = [
     ("certify-offset", f"certify {{d}}/good.pt --offset 100000 {D_OPTS}", 2, "past the end"),
     ("certify-too-many", f"certify {{d}}/good.pt -n 100000 --json {{o}}/r.json", 2, "has only 359"),
     ("certify-json-is-dir", "certify {d}/good.pt -n 3 --pgd-steps 2 --json {d}/adir", 2, "is a directory"),
+    ("certify-state-parent-is-file", "certify {d}/good.pt -n 3 --pgd-steps 2 --state {d}/not-json.mask/s.state", 1,
+     "not-json.mask is not a directory"),
+    ("certify-sidecar-mismatch", f"certify {{d}}/flipped.pt {D_OPTS}", 1, "flipped.pt does not match its sidecar"),
+    ("certify-mask-not-binary", f"certify {{d}}/mask.pt {D_OPTS}", 1, "mask holds values other than 0/1"),
+    ("certify-json-parent-is-file", "certify {d}/good.pt -n 3 --pgd-steps 2 --json {d}/not-json.mask/r.json", 1,
+     "not-json.mask is not a directory"),
     # --- inspect
     ("inspect-missing", "inspect {d}/nope.pt --json {o}/i.json", 1, "not found"),
     ("inspect-empty", "inspect {d}/empty.pt --json {o}/i.json", 1, "is empty"),
@@ -195,6 +239,8 @@ ROWS = [
     ("inspect-bare-state-dict", "inspect {d}/bare.pt --json {o}/i.json", 1, "bare state_dict"),
     ("inspect-evil-pickle", "inspect {d}/evil.pt --json {o}/i.json", 1, "never runs code"),
     ("inspect-json-is-dir", "inspect {d}/good.pt --json {d}/adir", 2, "is a directory"),
+    ("inspect-sidecar-mismatch", "inspect {d}/flipped.pt --json {o}/i.json", 1, "does not match its sidecar"),
+    ("inspect-mask-not-binary", "inspect {d}/mask.pt --json {o}/i.json", 1, "other than 0/1"),
     # --- export
     ("export-missing", "export {d}/nope.pt --out {o}/m.onnx", 1, "not found"),
     ("export-truncated", "export {d}/trunc.pt --out {o}/m.onnx", 1, "truncated or corrupted"),
@@ -206,6 +252,11 @@ ROWS = [
     ("export-tol-nan", "export {d}/good.pt --out {o}/m.onnx --tol nan", 2, "--tol"),
     ("export-vnnlib-eps-nan", "export {d}/good.pt --out {o}/m.onnx --vnnlib-samples 2 --vnnlib-eps nan", 2, "finite"),
     ("export-json-is-dir", "export {d}/good.pt --out {o}/m.onnx --json {d}/adir", 2, "is a directory"),
+    ("export-in-shape-mismatch", "export {d}/inshape.pt --out {o}/m.onnx", 1,
+     "takes inputs (1, 28, 28) but its dataset digits has (1, 8, 8)"),
+    ("export-out-parent-is-file", "export {d}/good.pt --out {d}/not-json.mask/m.onnx", 1,
+     "not-json.mask is not a directory"),
+    ("export-sidecar-mismatch", "export {d}/flipped.pt --out {o}/m.onnx", 1, "does not match its sidecar"),
     # --- graft
     ("graft-missing", f"graft {{d}}/nope.pt {GRAFT}", 1, "not found"),
     ("graft-onnx", f"graft {{d}}/good.onnx {GRAFT}", 2, "ONNX models can be certified but not grafted"),
@@ -224,6 +275,11 @@ ROWS = [
     ("graft-config-unknown-key", f"graft {{d}}/good.pt --config {{d}}/unk.yaml {GRAFT}", 2, "did you mean"),
     ("graft-channel-mismatch", f"graft {{d}}/mnist.pt --dataset cifar10 --data-dir {{d}}/fakecifar {GRAFT}", 2,
      "(3, 32, 32)"),
+    ("graft-out-parent-is-file", "graft {d}/good.pt --score-images 20 --epochs 0 -n 0 --num-train 20 "
+     "--out {d}/not-json.mask/g.pt", 1, "not-json.mask is not a directory"),
+    ("graft-mask-not-binary", f"graft {{d}}/mask.pt {GRAFT}", 1, "other than 0/1"),
+    ("graft-in-shape-mismatch", f"graft {{d}}/inshape.pt {GRAFT}", 1,
+     "takes inputs (1, 28, 28) but its dataset digits has (1, 8, 8)"),
     ("graft-out-json", "graft {d}/good.pt --score-images 20 --epochs 0 -n 0 --out {o}/g.json", 2, "sidecar"),
     # --- train
     ("train-arch-typo", f"train --arch mlpp {TRAIN}", 2, "did you mean 'mlp'"),
@@ -240,6 +296,8 @@ ROWS = [
     ("train-config-unknown-key", f"train --arch mlp {TRAIN} --config {{d}}/unk.yaml", 2, "unknown key 'num-sample'"),
     ("train-out-json", "train --arch mlp --dataset digits --epochs 1 --num-train 64 --val-size 64 --no-progress "
                       "--out {o}/t.json", 2, "sidecar"),
+    ("train-out-parent-is-file", "train --arch mlp --dataset digits --epochs 1 --num-train 64 --val-size 64 "
+     "--no-progress --out {d}/not-json.mask/t.pt", 1, "not-json.mask is not a directory"),
     ("train-json-is-dir", f"train --arch mlp {TRAIN} --json {{d}}/adir", 2, "is a directory"),
 ]
 
@@ -323,6 +381,26 @@ def test_hostile_run(hd, tmp_path, monkeypatch, rid, body, code, needle):
     before = _listing(out)
     res = _invoke(["run", str(out / "sweep.yaml"), "--no-progress"])
     _check(res, code, needle, out, before, hd)
+
+
+@pytest.mark.parametrize("argv", ["export {d}/good.pt --out {o}/m.onnx",
+                                  "certify {d}/good.pt -n 3 --pgd-steps 2 --json {o}/r.json"])
+def test_no_space_left_names_the_file(hd, tmp_path, monkeypatch, argv):
+    """A full disk: one line naming the file that could not be written (it used to be just the strerror)."""
+    import errno
+
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.chdir(out)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    argv = shlex.split(argv.format(d=hd, o=out))
+    res = _invoke(argv)
+    _check(res, 1, "no space left on device", out, set(), hd)
+    assert argv[argv.index("--out" if "--out" in argv else "--json") + 1] in res.stderr
 
 
 def test_run_sweep_file_missing_and_directory(hd, tmp_path, monkeypatch):
@@ -421,6 +499,8 @@ VERIFY_ROWS = [
     ("verify-instances-missing", "verify --instances {d}/nope.csv --out {o}/r.jsonl", 1, "not found"),
     ("verify-instances-malformed", "verify --instances {d}/instances-bad.csv --out {o}/r.jsonl", 1,
      "expected 'onnx,vnnlib,timeout'"),
+    ("verify-instances-out-parent-is-file", "verify --instances {d}/instances-good.csv "
+     "--out {d}/not-json.mask/r.jsonl", 1, "not-json.mask is not a directory"),
     ("verify-json-is-dir", "verify {d}/good.onnx {d}/p64.vnnlib --json {d}/adir", 2, "is a directory"),
 ]
 KNOWN_BUGS |= set()  # verify rows: all fixed

@@ -247,3 +247,15 @@ def test_clean_drop_warning():
     assert "95.0% to 88.0%" in w and "--epochs" in w
     assert _clean_drop_warning({"before": {"crown": {"clean_acc": 0.95}}, "after": {"crown": {"clean_acc": 0.93}}}) == []
     assert _clean_drop_warning({"before": {}, "after": {}}) == []
+
+
+def test_mask_file_with_fractional_indices_is_refused(tmp_path):
+    """[0.5, 2.7] is no list of neuron indices: it was silently truncated to neurons 0 and 2."""
+    import json
+
+    from lingraft.errors import LingraftError
+
+    (tmp_path / "frac.json").write_text(json.dumps(
+        {"format": "lingraft-graft-mask", "masks": {"relu1": {"shape": [4], "grafted": [0.5, 2.7]}}}))
+    with pytest.raises(LingraftError, match="malformed"):
+        load_masks(tmp_path / "frac.json")

@@ -36,13 +36,15 @@ def command(model, out_path, opset, dynamic_batch, tol, data_dir, vnnlib_samples
 
     from ..data import load_dataset, subset
     from ..errors import UsageError
-    from ..loader import load_model
+    from ..loader import check_input_matches_dataset, load_model
 
     if not math.isfinite(tol) or tol < 0:
         raise UsageError(f"--tol must be a finite number >= 0, got {tol}")
     from ..onnx_io import export_onnx
 
     lm = load_model(model)
+    if lm.dataset:
+        check_input_matches_dataset(lm)
     test = load_dataset(lm.dataset, "test", data_dir) if lm.dataset else None
     check = None
     if test is not None:

@@ -25,8 +25,10 @@ class LingraftGroup(click.Group):
             ctx.exit(130)
         except OSError as e:
             # a file problem the library did not anticipate: still one line, never a traceback
+            from ..io import describe_os_error
+
             where = f" {e.filename}" if getattr(e, "filename", None) else ""
-            click.echo(f"error: cannot access{where}: {e.strerror or e}", err=True)
+            click.echo(f"error: cannot access{where}: {describe_os_error(e)}", err=True)
             ctx.exit(1)
 
 

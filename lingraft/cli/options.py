@@ -88,10 +88,7 @@ def emit_json(obj, dest: str | None):
     else:
         from ..io import atomic_write_text
 
-        try:
-            atomic_write_text(dest, text)
-        except OSError as e:
-            raise LingraftError(f"cannot write {dest}: {e.strerror}") from None
+        atomic_write_text(dest, text)  # a failure is one line naming dest and the real cause (FileWriteError)
 
 
 def _clean(o):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import LingraftError, UsageError
-from ..io import append_jsonl, read_jsonl
+from ..io import append_jsonl, ensure_parent, read_jsonl
 from ..spec.vnnlib import write_counterexample
 from .core import VerifyResult, verify_property
 
@@ -97,10 +97,15 @@ def verify_instances(csv_path, *, out=None, resume: bool = True, results_dir=Non
     rows = load_instances(csv_path)
     expected = load_expected(folder)
     out = Path(out) if out is not None else Path.cwd() / "vnncomp_results" / f"{folder.name}.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_parent(out)
     done = {}
     if resume:
-        for r in read_jsonl(out):
+        # repair=True: drop a line torn by a killed run before appending (it would glue onto the fragment)
+        for i, r in enumerate(read_jsonl(out, repair=True, what="results file",
+                                         fix="delete that line (its instance reruns) and rerun"), 1):
+            if not isinstance(r, dict):
+                raise LingraftError(f"results file {out}: record {i} is not a JSON object (a lingraft verify "
+                                    "record); move the file away or pick another --out")
             done[(r.get("onnx"), r.get("vnnlib"))] = r
     elif out.exists():
         out.unlink()
