@@ -3,7 +3,8 @@
 A sample is, in this order of precedence:
   misclassified  - the clean input is already wrong;
   falsified      - PGD found an adversarial example inside the ball (never counted as certified);
-  verified       - the lower bound of every margin f_y - f_j over the ball is > 0 (or, with ``bab_timeout``,
+  verified       - the lower bound of every margin f_y - f_j over the ball clears the float32 proof margin
+                   (:mod:`lingraft.bounds.tolerance`: 1e-5 plus 1e-5 of the logits' size; or, with ``bab_timeout``,
                    branch and bound proved it: field ``bab`` is "unsat");
   unknown        - neither (with ``bab_timeout``: branch and bound also ran out of time);
   timeout        - the run's time budget ran out before the sample was bounded.
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 from .attack import pgd_attack
 from .bounds import BoundedNetwork, margin_spec, input_box
+from .bounds.tolerance import is_proved
 from .errors import UsageError
 
 STATUSES = ("verified", "falsified", "unknown", "misclassified", "timeout")
@@ -113,13 +115,15 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, in_shape=None
                 progress(B)
             continue
         with torch.no_grad():
-            pred = model(xb).argmax(1)
+            logits = model(xb)
+        pred = logits.argmax(1)
         correct = pred == yb
         _, attacked = pgd_attack(model, xb, yb, eps, steps=pgd_steps, restarts=pgd_restarts, norm=norm,
                                  seed=seed + s)
         attacked = attacked & correct
         todo = correct & ~attacked
         margins = torch.full((B,), float("nan"))
+        proved = torch.zeros(B, dtype=torch.bool)
         per_time = 0.0
         if bool(todo.any()):
             xt, yt = xb[todo], yb[todo]
@@ -131,6 +135,9 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, in_shape=None
             res = net.compute_bounds(xl, xu, method=method, C=C, bound_upper=False, alpha_iterations=alpha_iterations,
                                      l2_center=(xt if norm == "2" else None), l2_eps=(eps if norm == "2" else None))
             margins[todo.cpu()] = res.lower.min(1).values.cpu()
+            # float32 rounding grows with the magnitudes involved: |f_y - f_j| is made of logits of this size
+            scale = 2 * logits[todo].abs().amax(1, keepdim=True).double() + res.lower.double().abs()
+            proved[todo.cpu()] = is_proved(res.lower.double(), scale).all(1).cpu()
             bounded += int(todo.sum())
             bound_time += res.time_s
             per_time = res.time_s / int(todo.sum())
@@ -144,7 +151,7 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, in_shape=None
                 st, m = "falsified", None
             else:
                 m = float(margins[k])
-                st = "verified" if m > 0 else "unknown"
+                st = "verified" if bool(proved[k]) else "unknown"
             samples.append(SampleResult(indices[s + k], int(yb[k]), int(pred[k]), st, m,
                                         per_time if st in ("verified", "unknown") else 0.0))
         if progress:

@@ -466,3 +466,44 @@ def test_counterexample_variants_and_errors(tmp_path):
         read_counterexample(f)
     with pytest.raises(Exception, match=r"NaN or infinite"):
         write_counterexample(f, np.array([np.nan]), np.array([1.0]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Empty disjuncts, float32-aware box checks
+# ----------------------------------------------------------------------------------------------
+
+EMPTY_X0 = "(>= X_0 2) (<= X_0 1) (>= X_1 0) (<= X_1 1)"  # X_0 in [2, 1]: no point
+
+
+def test_empty_disjunct_is_dropped_not_an_error():
+    # the property is a union over its disjuncts: an empty one adds nothing to it
+    text = DECL + f"(assert (or (and {EMPTY_X0} (<= Y_0 0)) (and (>= X_0 0) (<= X_0 1) (>= X_1 -1) (<= X_1 2) "
+    text += "(<= Y_1 0))))"
+    prop = parse_vnnlib(text)
+    r = _one_region(prop)
+    (oc,) = r.outputs
+    _check(oc, [[0, 1, 0]], [0])
+
+
+def test_all_disjuncts_empty_is_still_an_error():
+    text = DECL + f"(assert (or (and {EMPTY_X0} (<= Y_0 0)) (and {EMPTY_X0} (<= Y_1 0))))"
+    with pytest.raises(VnnlibError, match=r"empty input box: X_0 lower bound 2.0 > upper bound 1.0"):
+        parse_vnnlib(text)
+
+
+def test_float32_box_check_accepts_the_rounding_of_a_box_point():
+    prop = parse_vnnlib(DECL + "(assert (= X_0 0.1))(assert (>= X_1 -0.3))(assert (<= X_1 -0.3))(assert (<= Y_0 0))")
+    (r,) = prop.regions
+    x32 = np.array([0.1, -0.3], dtype=np.float32).astype(np.float64)  # neither is a float32 number
+    y = np.array([-1.0, 0.0, 0.0])
+    assert not r.contains(x32) and not prop.is_violated_by(x32, y)
+    assert r.contains_float32(x32) and prop.is_violated_by_float32(x32, y)
+    assert not prop.is_violated_by_float32(x32, np.array([1.0, 0.0, 0.0]))  # outputs are checked exactly
+    # one float32 step further is not the rounding of any point of the box
+    far = x32.copy()
+    far[0] = float(np.nextafter(np.float32(far[0]), np.float32(1)))
+    assert not r.contains_float32(far)
+    # a wide box: float32 points just outside it round from no point inside it unless within half a step
+    w = parse_vnnlib(DECL + BOX + "(assert (<= Y_0 0))").regions[0]
+    up = np.float32(2.0)
+    assert w.contains_float32([0.5, 2.0]) and not w.contains_float32([0.5, float(np.nextafter(up, np.float32(3)))])

@@ -7,7 +7,9 @@ produces outputs satisfying the output constraints.
 The asserted formula is expanded into disjunctive normal form. Each disjunct is a conjunction of
 input bounds (which must form a box: one variable per inequality) and linear output inequalities
 ``A @ y <= b``. Disjuncts that share the same box are grouped into one :class:`Region` whose
-``outputs`` are the alternative output conjunctions.
+``outputs`` are the alternative output conjunctions. A disjunct whose box is empty (some lower bound above
+the upper bound) is dropped: it adds nothing to the unsafe set (only a property whose disjuncts are ALL empty
+is an error).
 
 Conventions:
 - ``>=`` is turned into ``<=`` by negation, so every output row reads ``A @ y <= b``.
@@ -108,6 +110,24 @@ class Region:
         x = np.asarray(x, dtype=np.float64).reshape(-1)
         return bool(np.all(x >= self.lower - tol) and np.all(x <= self.upper + tol))
 
+    def contains_float32(self, x: np.ndarray) -> bool:
+        """True iff x is in the box, or x is a float32 vector that is the float32 rounding (to nearest) of a
+        point of the box: each x_i's rounding interval (half a float32 step either side) meets
+        ``[lower_i, upper_i]``. A network run in float32 can only be fed such points: a box that holds no float32
+        number (e.g. the point box X_0 = 0.1) is otherwise impossible to give a counterexample for.
+        x: [num_inputs]."""
+        x = np.asarray(x, dtype=np.float64).reshape(-1)
+        if self.contains(x):
+            return True
+        with np.errstate(over="ignore", invalid="ignore"):
+            x32 = x.astype(np.float32)
+            if not np.array_equal(x32.astype(np.float64), x):  # not float32 numbers
+                return False
+            below = np.nextafter(x32, np.float32(-np.inf)).astype(np.float64)
+            above = np.nextafter(x32, np.float32(np.inf)).astype(np.float64)
+            lo, hi = (x + below) / 2, (x + above) / 2  # exact in float64
+        return bool(np.all(hi >= self.lower) and np.all(lo <= self.upper))
+
 
 @dataclass
 class VnnlibProperty:
@@ -139,6 +159,17 @@ class VnnlibProperty:
             if region.contains(x, tol) and any(oc.holds(y, tol) for oc in region.outputs):
                 return True
         return False
+
+    def is_violated_by_float32(self, x: np.ndarray, y: np.ndarray) -> bool:
+        """Like :meth:`is_violated_by` (zero tolerance on the outputs), but x only has to be the float32 rounding
+        of a point of a region's box (:meth:`Region.contains_float32`): the check for counterexamples of a
+        network that runs in float32. x: [num_inputs]; y: [num_outputs]."""
+        x = np.asarray(x, dtype=np.float64).reshape(-1)
+        y = np.asarray(y, dtype=np.float64).reshape(-1)
+        if x.size != self.num_inputs or y.size != self.num_outputs:
+            return self.is_violated_by(x, y)  # raises the size error
+        return any(region.contains_float32(x) and any(oc.holds(y) for oc in region.outputs)
+                   for region in self.regions)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,7 +585,8 @@ def _apply_bounds(atoms: _Term, lower: np.ndarray, upper: np.ndarray, rows: list
             upper[i] = atom[2]
 
 
-def _check_box(lower: np.ndarray, upper: np.ndarray, common: _Term, term: _Term, p: _Parser) -> None:
+def _check_box(lower: np.ndarray, upper: np.ndarray, common: _Term, term: _Term, p: _Parser) -> VnnlibError | None:
+    """Raise if an input is unbounded; return the error describing an EMPTY box (None if it is not empty)."""
     missing = np.isinf(lower) | np.isinf(upper)
     if missing.any():
         i = int(np.argmax(missing))
@@ -568,11 +600,12 @@ def _check_box(lower: np.ndarray, upper: np.ndarray, common: _Term, term: _Term,
         i = int(np.argmax(bad))
         # report the later of the clashing bounds
         pos = max(a[3] for a in common + term if a[0] != "row" and a[1] == i)
-        raise p.err(
+        return p.err(
             pos,
             f"empty input box: X_{i} lower bound {float(lower[i])!r} > upper bound {float(upper[i])!r} "
             f"(fix the bounds of X_{i})",
         )
+    return None
 
 
 def _rows_to_constraint(rows: list, n_out: int, p: _Parser) -> OutputConstraint:
@@ -630,16 +663,22 @@ def parse_vnnlib(
     _apply_bounds(common, base_lower, base_upper, common_rows, n_in, p)
 
     regions: dict[bytes, Region] = {}  # insertion-ordered; key = box bytes
+    empty: VnnlibError | None = None  # the first disjunct with an empty box
     for term in terms:
         lower, upper = base_lower.copy(), base_upper.copy()
         rows = list(common_rows)
         _apply_bounds(term, lower, upper, rows, n_in, p)
-        _check_box(lower, upper, common, term, p)
+        err = _check_box(lower, upper, common, term, p)
+        if err is not None:  # the property is a union over its disjuncts: an empty one adds nothing
+            empty = empty or err
+            continue
         key = lower.tobytes() + upper.tobytes()
         region = regions.get(key)
         if region is None:
             region = regions[key] = Region(lower=lower, upper=upper, outputs=[])
         region.outputs.append(_rows_to_constraint(rows, n_out, p))
+    if empty is not None and not regions:  # every disjunct is empty: almost certainly a broken file
+        raise empty
     return VnnlibProperty(num_inputs=n_in, num_outputs=n_out, regions=list(regions.values()), path=path)
 
 

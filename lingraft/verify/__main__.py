@@ -80,6 +80,8 @@ def main(argv=None) -> int:
                 write_result(args.result, res)
             line = {"status": res.status, "time_s": round(res.time_s, 3), "branches": res.stats.get("branches", 0),
                     "method": res.stats.get("method", "")}
+            if res.note:
+                line["note"] = res.note
             if "error" in res.stats:
                 line["error"] = res.stats["error"]
                 print(f"error: {res.stats['error']}", file=sys.stderr)

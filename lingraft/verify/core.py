@@ -12,7 +12,8 @@ Per region of the property (an input box with a disjunction of unsafe output con
 
 Answers: ``sat`` only with a counterexample re-checked by onnxruntime (or a float64 forward pass for an
 in-memory model) against the property; ``unsat`` only when every region's every (sub)domain is refuted with a
-margin > PROVE_TOL; ``timeout`` when the wall-clock budget runs out; ``unknown`` when the search gives up;
+margin above the proof margin of :mod:`lingraft.bounds.tolerance` (PROVE_TOL plus a part relative to the
+magnitudes involved); ``timeout`` when the wall-clock budget runs out; ``unknown`` when the search gives up;
 ``error`` for an unusable model or property (the message is in ``stats["error"]``).
 """
 
@@ -41,7 +42,7 @@ from .falsify import spec_attack
 from .input_bab import InputBaB
 from .problem import RegionSpec, region_spec
 from .relu_bab import ReluBaB
-from .witness import confirm
+from .witness import confirm, float32_note
 
 #: networks with at most this many inputs are verified by input splitting
 INPUT_SPLIT_MAX_DIM = 10
@@ -56,12 +57,15 @@ _METHOD_RANK = {"none": 0, "attack": 1, "crown": 2, "alpha-crown": 3, "bab-input
 class VerifyResult:
     """status: one of STATUSES; counterexample: (x [n_in], y [n_out]) float64 for ``sat``, else None;
     time_s: wall-clock seconds; stats: {"branches": domains bounded, "method": the method that decided it (for
-    ``sat`` the search that found the counterexample, otherwise the strongest bounding method used), ...}."""
+    ``sat`` the search that found the counterexample, otherwise the strongest bounding method used), ...};
+    note: "" or a remark on the answer: "counterexample checked to float32 precision" when x is not in the box
+    itself but is the float32 rounding of a point of it (a box thinner than the float32 spacing)."""
 
     status: str
     counterexample: tuple[np.ndarray, np.ndarray] | None = None
     time_s: float = 0.0
     stats: dict = field(default_factory=dict)
+    note: str = ""
 
 
 def load_model(model_or_path, in_shape, tmpdir: list):
@@ -129,7 +133,10 @@ def verify_property(model_or_path, prop, *, timeout: float = 60.0, in_shape=None
     def result(status, cex=None):
         for d in tmpdir:
             shutil.rmtree(d, ignore_errors=True)
-        return VerifyResult(status, cex, time.perf_counter() - t0, stats)
+        note = float32_note(prop, cex) if cex is not None else ""
+        if note:
+            stats["note"] = note
+        return VerifyResult(status, cex, time.perf_counter() - t0, stats, note)
 
     try:
         model, shape, n_out, onnx_path = load_model(model_or_path, in_shape, tmpdir)
@@ -154,7 +161,7 @@ def verify_property(model_or_path, prop, *, timeout: float = 60.0, in_shape=None
                 model = copy.deepcopy(model).to(dev)
             model.eval()
         net = BoundedNetwork(model, shape, device=dev)
-        specs = [region_spec(r, shape, n_out).to(dev) for r in prop.regions]
+        specs = [region_spec(r, shape, n_out).to(dev).set_output_scale(model) for r in prop.regions]
         mode = split if split != "auto" else ("input" if n_in <= INPUT_SPLIT_MAX_DIM else "relu")
         check = lambda xs, v: confirm(xs, v, prop, model, onnx_path)  # noqa: E731
 
@@ -181,7 +188,7 @@ def verify_property(model_or_path, prop, *, timeout: float = 60.0, in_shape=None
             stats["method"] = _merge_method(stats["method"], "attack")
             xs, v = spec_attack(model, spec, seed=seed + i,
                                 deadline=min(deadline, time.perf_counter() + budget / len(todo)))
-            cex = check(xs, v)
+            cex = check(xs, v - spec.confirm_slack)  # near misses in float32 are worth a re-check
             if cex is not None:
                 log(f"region {i}: counterexample found by the attack")
                 stats["method"] = "attack"  # the method that decided the instance
@@ -230,7 +237,7 @@ def _verify_region(net: BoundedNetwork, model, spec: RegionSpec, check, deadline
     stats["method"] = _merge_method(stats["method"], "alpha-crown")
     rw = (~ref)[:, spec.group].float()
     res = bound_domains(net, spec.x_L, spec.x_U, C, iterations=root_iterations, row_weight=rw, record_lA=True,
-                        target=spec.b.float().unsqueeze(0) + 2e-5, deadline=deadline)
+                        target=spec.target(), deadline=deadline)
     margin = spec.lower_margin(res.lower)
     log(f"  alpha-crown margins {np.round(margin[0].cpu().numpy(), 4).tolist()}")
     if bool(spec.refuted(margin).all()):

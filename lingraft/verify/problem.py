@@ -4,7 +4,9 @@ A region is UNSAFE iff some x in its box gives outputs y with ``A_g y <= b_g`` (
 conjunction g. All rows of all conjunctions are stacked into ``C [S, n_out]``, ``b [S]`` with ``group [S]`` naming
 the conjunction of each row. A margin ``m_r = (C y)_r - b_r > 0`` says row r is violated; conjunction g is
 REFUTED on a set of inputs iff some row r of g has ``m_r > 0`` everywhere on it, and the region is safe iff
-every conjunction is refuted.
+every conjunction is refuted. A row counts as violated on a set only when its float32 lower bound clears b by the
+proof margin of :mod:`lingraft.bounds.tolerance` (``ABS_TOL + REL_TOL * scale``, scale = the magnitudes rounded
+on the way: ``max(|lower bound of C y|, |b|, |C| |y(box centre)|)``), so ``unsat`` never rests on rounding.
 
 Boxes: the bound engine works in float32, so the box used for BOUNDS is rounded OUTWARD to float32 (it contains
 the exact float64 box: a proof on it is a proof on the real box), and the box used for ATTACKS is rounded
@@ -19,12 +21,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..bounds.tolerance import ABS_TOL, is_proved, proof_margin
 from ..errors import LingraftError
 from ..spec.vnnlib import Region
 
-#: a row counts as violated (a conjunction refuted) only when its lower bound beats b by more than this:
-#: it absorbs float32 rounding in the bound computation, so ``unsat`` never rests on a rounding error
-PROVE_TOL = 1e-5
+#: the absolute part of the proof margin (see :mod:`lingraft.bounds.tolerance`; the margin a row's lower bound
+#: must clear also grows with the magnitudes involved: :meth:`RegionSpec.refuted`)
+PROVE_TOL = ABS_TOL
 
 
 @dataclass
@@ -35,7 +38,9 @@ class RegionSpec:
     a_L, a_U: [1, *in_shape] float32 inward-rounded box (for attacks; a_L <= a_U unless the box is thinner
     than the float32 spacing, see :func:`region_spec`).
     C: [S, n_out] float32; b: [S] float64 (kept exact: proofs compare float32 bounds with it in float64);
-    group: [S] long conjunction index in 0..G-1.
+    group: [S] long conjunction index in 0..G-1; out_scale: [S] float64 ``|C| |y(box centre)|``, the size of
+    each row's terms at the box centre (part of the proof margin's scale; None = unknown, taken as 0; set by
+    :meth:`set_output_scale`).
     """
 
     region: Region
@@ -47,15 +52,50 @@ class RegionSpec:
     b: Tensor
     group: Tensor
     G: int
+    out_scale: Tensor | None = None
 
     @property
     def S(self) -> int:
         return int(self.C.shape[0])
 
     def to(self, device) -> "RegionSpec":
-        for k in ("x_L", "x_U", "a_L", "a_U", "C", "b", "group"):
-            setattr(self, k, getattr(self, k).to(device))
+        for k in ("x_L", "x_U", "a_L", "a_U", "C", "b", "group", "out_scale"):
+            if getattr(self, k) is not None:
+                setattr(self, k, getattr(self, k).to(device))
         return self
+
+    def set_output_scale(self, model) -> "RegionSpec":
+        """Record ``|C| |y(c)|`` at the centre c of the box (model: the network, on the spec's device)."""
+        with torch.no_grad():
+            y = model((self.x_L + self.x_U) / 2).reshape(1, -1).double()
+        # a non-finite output at the centre leaves the magnitudes unknown: nothing may be proved by a margin
+        self.out_scale = torch.nan_to_num((y.abs() @ self.C.double().abs().T)[0], nan=float("inf"))
+        return self
+
+    def _base_scale(self) -> Tensor:
+        """[S] float64: max(|b|, out_scale)."""
+        s = self.b.abs()
+        return s if self.out_scale is None else torch.maximum(s, self.out_scale.to(s))
+
+    def scale(self, lower_margin: Tensor) -> Tensor:
+        """Magnitude of the numbers behind each row's bound: lower_margin [B, S] -> [B, S] float64
+        ``max(|lower bound of C y|, |b|, out_scale)`` (the scale of :func:`lingraft.bounds.tolerance.proof_margin`)."""
+        return torch.maximum((lower_margin.double() + self.b).abs(), self._base_scale())
+
+    def target(self, rows: Tensor | None = None) -> Tensor:
+        """[1, S] (or [1, len(rows)]) float32 lower bounds of C y at which the bound optimization may stop: b plus
+        twice the proof margin (enough for :meth:`refuted`)."""
+        base = self._base_scale()
+        t = self.b + 2 * proof_margin(base)
+        return (t if rows is None else t[rows]).float().unsqueeze(0)
+
+    @property
+    def confirm_slack(self) -> float:
+        """A float32 forward pass that misses the unsafe set by less than this (the largest proof margin of a row)
+        may still be unsafe in the reference pass: such candidates are worth re-checking."""
+        pm = proof_margin(self._base_scale())
+        pm = pm[torch.isfinite(pm)]
+        return float(pm.max()) if pm.numel() else 0.0
 
     def margins(self, y: Tensor) -> Tensor:
         """Row margins (C y - b): y [N, n_out] -> [N, S]; a row is violated where > 0."""
@@ -72,8 +112,10 @@ class RegionSpec:
 
     def refuted(self, lower_margin: Tensor) -> Tensor:
         """Which conjunctions the lower bounds refute: lower_margin [B, S] (from :meth:`lower_margin`)
-        -> [B, G] bool (True = no input of that domain satisfies the conjunction)."""
-        return group_max(lower_margin, self.group, self.G) > PROVE_TOL
+        -> [B, G] bool (True = no input of that domain satisfies the conjunction): some row of the conjunction
+        has a margin above its proof margin (:func:`lingraft.bounds.tolerance.is_proved`, scale :meth:`scale`)."""
+        proved = is_proved(lower_margin.double(), self.scale(lower_margin))
+        return group_max(proved.double(), self.group, self.G) > 0
 
 
 def group_max(m: Tensor, group: Tensor, G: int) -> Tensor:

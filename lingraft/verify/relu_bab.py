@@ -17,8 +17,9 @@ the lower relaxation's gap (so neurons that only enter through the lower line st
 neurons (``ReLUOp.mask``), already split neurons and stable neurons are never chosen.
 
 Soundness: the region is reported safe only when the queue is empty, i.e. every domain was refuted (all its
-conjunctions have a row whose lower-bound margin is > PROVE_TOL) or shown infeasible. A domain that has no
-unstable neuron left but is not refuted cannot be split further: the search then ends ``unknown``.
+conjunctions have a row whose lower-bound margin clears the proof margin, see :meth:`RegionSpec.refuted`) or
+shown infeasible. A domain that has no unstable neuron left but is not refuted cannot be split further: the
+search then ends ``unknown``.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ class ReluBaB:
         self.seed += 1
         xs, v = spec_attack(self.model, self.spec, starts=x0.shape[0] + 8, steps=20, odi_steps=2, seed=self.seed,
                             x_init=x0, deadline=self.deadline)
-        return self.confirm(xs, v)
+        return self.confirm(xs, v - self.spec.confirm_slack)  # float32 near misses are re-checked too
 
     # ------------------------------------------------------------------------------------------------
     def run(self, root: Bounded) -> SearchOutcome:
@@ -222,7 +223,7 @@ class ReluBaB:
                                 alpha_init=None if alpha_init is None else {k: v[:, rows] for k, v in
                                                                             alpha_init.items()},
                                 row_weight=rw[:, rows], record_lA=True,
-                                target=spec.b[rows].float().unsqueeze(0) + 2e-5, deadline=self.deadline)
+                                target=spec.target(rows), deadline=self.deadline)
             lower = torch.full((B, spec.S), float("-inf"), device=dev)
             lower[:, rows] = res.lower
             alphas = {}

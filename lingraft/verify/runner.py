@@ -125,6 +125,8 @@ def verify_instances(csv_path, *, out=None, resume: bool = True, results_dir=Non
                "method": res.stats.get("method", ""), "expected": exp, "wrong": is_wrong(res.status, exp)}
         if "error" in res.stats:
             rec["error"] = res.stats["error"]
+        if res.note:
+            rec["note"] = res.note  # e.g. a counterexample checked to float32 precision
         if results_dir is not None:
             write_result(Path(results_dir) / f"{Path(_base(onnx)).stem}_{Path(_base(vnnlib)).stem}.txt", res)
         append_jsonl(out, rec)
