@@ -354,3 +354,21 @@ def test_verify_never_unsat_when_onnxruntime_violates_the_property(seed, tmp_pat
     for attack in (True, False):
         res = verify_property(path, prop, timeout=20, attack=attack, split="relu")
         assert res.status != "unsat", (attack, res)
+
+
+def test_certify_needs_the_proof_margin_at_large_logits():
+    """Logits near 1e4 differ by 1e-3: a float32 bound of that margin is within rounding of the logits' size, so
+    it is no certificate (before the shared proof margin, any positive lower bound was 'verified')."""
+    from lingraft.certify import certify
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(2, 2)).eval()
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([1e4 + 1e-3, 1e4]))
+    x, y = torch.rand(3, 1, 2), torch.zeros(3, dtype=torch.long)
+    rep = certify(model, x, y, 0.01, method="crown").to_dict()
+    assert all(0 < s["margin_lower"] < 0.01 for s in rep["samples"])
+    assert rep["counts"]["verified"] == 0 and rep["counts"]["unknown"] == 3
+    with torch.no_grad():
+        model[1].bias.copy_(torch.tensor([1.0 + 1e-3, 1.0]))  # the same margin at ordinary scale is a proof
+    assert certify(model, x, y, 0.01, method="crown").to_dict()["counts"]["verified"] == 3
