@@ -21,8 +21,8 @@ from _table import markdown_table  # benchmarks/_table.py (the script's folder i
 
 from lingraft.bounds import BoundedNetwork, input_box, margin_spec
 from lingraft.compat import auto_lirpa
-from lingraft.data import load_dataset, subset
-from lingraft.loader import default_model_path, load_model
+from lingraft.data.datasets import load_dataset, subset
+from lingraft.io.loader import default_model_path, load_model
 
 
 def main():

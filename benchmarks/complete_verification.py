@@ -2,7 +2,7 @@
 """Complete verification with and without grafting: how many images branch and bound decides, and how fast.
 
 For each model: `certify` the first N MNIST test images at eps with CROWN, then give every image left unknown
-up to --bab-timeout seconds of branch and bound (lingraft.complete, the pipeline of `lingraft verify`).
+up to --bab-timeout seconds of branch and bound (lingraft.certify.complete, the pipeline of `lingraft verify`).
 Prints one Markdown table: clean, PGD, CROWN certified, certified after branch and bound, falsified by branch and
 bound, still undecided, and the mean branch-and-bound time per attempted image. Grafted neurons are linear, so a
 grafted network has fewer neurons to split on: the Linearity Grafting paper's claim is that it is verified faster.
@@ -19,9 +19,9 @@ import time
 import torch
 from _table import markdown_table  # benchmarks/_table.py (the script's folder is on sys.path)
 
-from lingraft.certify import certify
-from lingraft.data import load_dataset, subset
-from lingraft.loader import load_model
+from lingraft.certify.pipeline import certify
+from lingraft.data.datasets import load_dataset, subset
+from lingraft.io.loader import load_model
 
 
 def main():

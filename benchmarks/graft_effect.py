@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from _table import markdown_table  # benchmarks/_table.py (the script's folder is on sys.path)
 
-from lingraft.certify import certify
-from lingraft.data import load_dataset, subset
-from lingraft.graft import run_graft
-from lingraft.io import append_jsonl, atomic_write_text, read_jsonl
-from lingraft.loader import load_model
+from lingraft.certify.pipeline import certify
+from lingraft.data.datasets import load_dataset, subset
+from lingraft.graft.pipeline import run_graft
+from lingraft.io.files import append_jsonl, atomic_write_text, read_jsonl
+from lingraft.io.loader import load_model
 
 
 def key(*parts) -> str:

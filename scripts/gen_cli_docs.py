@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     sys.path.insert(0, str(REPO))
-    from lingraft.io import atomic_write_text
+    from lingraft.io.files import atomic_write_text
 
     atomic_write_text(args.out, text)
     print(f"wrote {args.out}")

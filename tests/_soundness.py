@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from lingraft.bounds import BoundedNetwork, input_box, margin_spec
-from lingraft.checkpoint import replace_module
-from lingraft.layers import GraftedReLU
+from lingraft.io.checkpoint import replace_module
+from lingraft.models.layers import GraftedReLU
 
 TOL = 1e-5
 

@@ -22,7 +22,7 @@ def vnncomp_dir():
 def digits_mlp_pt(tmp_path_factory):
     """A tiny MLP trained 2 epochs (FGSM, eps 0.05) on sklearn digits, shared by the CLI tests (trained once):
     ~90% clean accuracy, some certified at eps 0.01, a good share unknown under CROWN at eps 0.06-0.1."""
-    from lingraft.train import TrainConfig, train
+    from lingraft.train.loop import TrainConfig, train
 
     d = tmp_path_factory.mktemp("digits-mlp")
     cfg = TrainConfig(arch="mlp", dataset="digits", epochs=2, batch_size=64, method="fgsm", eps=0.05, val_size=200,

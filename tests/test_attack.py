@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lingraft.attack import fgsm, margin_loss, pgd_attack, pgd_attack_spec
-from lingraft.data import DATASETS, load_dataset
+from lingraft.train.attack import fgsm, margin_loss, pgd_attack, pgd_attack_spec
+from lingraft.data.datasets import DATASETS, load_dataset
 from lingraft.errors import UsageError
 from lingraft.models import create_model
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lingraft.layers import Normalize
+from lingraft.models.layers import Normalize
 from lingraft.models import create_model
 from lingraft.models.attention import (ACmix, SASA, convex_combination_bounds, position_grid, softmax_bounds,
                                        window_index)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lingraft.errors import UsageError
-from lingraft.layers import GraftedReLU
+from lingraft.models.layers import GraftedReLU
 from lingraft.models import create_model
 
 lirpa = pytest.importorskip("lingraft.compat.auto_lirpa")

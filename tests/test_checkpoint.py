@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from lingraft.checkpoint import load_checkpoint, replace_module, save_checkpoint, sidecar_path
+from lingraft.io.checkpoint import load_checkpoint, replace_module, save_checkpoint, sidecar_path
 from lingraft.errors import LingraftError, UsageError
-from lingraft.layers import GraftedReLU
+from lingraft.models.layers import GraftedReLU
 from lingraft.models import create_model
 
 MNIST_KW = {"in_shape": [1, 28, 28], "num_classes": 10, "mean": [0.1307], "std": [0.3081]}
@@ -249,8 +249,7 @@ def test_a_kill_during_save_never_leaves_wrong_metadata(tmp_path, monkeypatch, k
     """Kill the second save of a checkpoint at each file-system step (each rename and each fsync): the next load
     either gets the old checkpoint or the new one, and the metadata it returns and the sidecar both describe that
     file; a stale sidecar is repaired with a warning, never trusted."""
-    import lingraft.io as lio
-
+    import lingraft.io.files as lio
     path, _ = _grafted_ckpt(tmp_path, "m.pt")
     model2 = _model("mlp", seed=5).eval()
     _graft(model2, "3", torch.rand(4, 1, 28, 28), seed=7)

@@ -74,10 +74,10 @@ def _onnx_files(d: Path, good_onnx: Path) -> None:
 @pytest.fixture(scope="module")
 def hd(tmp_path_factory) -> Path:
     """A folder of hostile (and a few good) inputs."""
-    from lingraft.checkpoint import save_checkpoint
-    from lingraft.data import dataset_info
+    from lingraft.io.checkpoint import save_checkpoint
+    from lingraft.data.datasets import dataset_info
     from lingraft.models import create_model
-    from lingraft.onnx_io import export_onnx
+    from lingraft.io.onnx import export_onnx
 
     d = tmp_path_factory.mktemp("hostile")
     torch.manual_seed(0)
@@ -139,9 +139,9 @@ def hd(tmp_path_factory) -> Path:
 def _integrity_files(d: Path) -> None:
     """flipped.pt: good.pt with 50 bytes of weights flipped (torch still loads it) beside good.pt's sidecar;
     mask.pt: a grafted checkpoint whose mask holds 0.2 and 0.7; inshape.pt: 28x28 inputs recorded for digits."""
-    from lingraft.checkpoint import replace_module, save_checkpoint
-    from lingraft.data import dataset_info
-    from lingraft.layers import GraftedReLU
+    from lingraft.io.checkpoint import replace_module, save_checkpoint
+    from lingraft.data.datasets import dataset_info
+    from lingraft.models.layers import GraftedReLU
     from lingraft.models import create_model
 
     raw = bytearray((d / "good.pt").read_bytes())

@@ -13,11 +13,11 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from lingraft.checkpoint import load_checkpoint
+from lingraft.io.checkpoint import load_checkpoint
 from lingraft.cli.main import cli
-from lingraft.compare import load_compare, parse_compare, plot_cert_vs_eps
+from lingraft.experiments.compare import load_compare, parse_compare, plot_cert_vs_eps
 from lingraft.errors import UsageError
-from lingraft.io import read_jsonl
+from lingraft.io.files import read_jsonl
 
 HAVE_SKLEARN = importlib.util.find_spec("sklearn") is not None
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -62,12 +62,11 @@ class Counter:
     """Wrap lingraft.train.train / lingraft.graft.run_graft / lingraft.certify.certify and count calls."""
 
     def __init__(self, monkeypatch):
-        import lingraft.certify
-        import lingraft.graft
-        import lingraft.train
-
+        import lingraft.certify.pipeline as certify_mod
+        import lingraft.graft.pipeline as graft_mod
+        import lingraft.train.loop as train_mod
         self.calls = {"train": [], "graft": [], "certify": 0}
-        orig_train, orig_graft, orig_cert = lingraft.train.train, lingraft.graft.run_graft, lingraft.certify.certify
+        orig_train, orig_graft, orig_cert = train_mod.train, graft_mod.run_graft, certify_mod.certify
 
         def train(cfg, out_path, **kw):
             self.calls["train"].append(str(out_path))
@@ -81,9 +80,9 @@ class Counter:
             self.calls["certify"] += 1
             return orig_cert(*a, **kw)
 
-        monkeypatch.setattr(lingraft.train, "train", train)
-        monkeypatch.setattr(lingraft.graft, "run_graft", run_graft)
-        monkeypatch.setattr(lingraft.certify, "certify", certify)
+        monkeypatch.setattr(train_mod, "train", train)
+        monkeypatch.setattr(graft_mod, "run_graft", run_graft)
+        monkeypatch.setattr(certify_mod, "certify", certify)
 
     def trained(self) -> list[str]:
         return sorted(p.split("/")[-2] for p in self.calls["train"])

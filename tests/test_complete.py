@@ -1,4 +1,4 @@
-"""Branch and bound inside certify (lingraft.complete, certify --bab-timeout): it only ever decides samples the
+"""Branch and bound inside certify (lingraft.certify.complete, certify --bab-timeout): it only ever decides samples the
 bounds left unknown, its "verified" survives a strong attack, and its counterexamples are real."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lingraft.attack import pgd_attack
+from lingraft.train.attack import pgd_attack
 from lingraft.bounds import input_box
-from lingraft.certify import certify
+from lingraft.certify.pipeline import certify
 from lingraft.cli.main import cli
-from lingraft.complete import decide_sample
-from lingraft.data import load_dataset, subset
+from lingraft.certify.complete import decide_sample
+from lingraft.data.datasets import load_dataset, subset
 from lingraft.errors import UsageError
 from lingraft.spec.benchmark import robustness_property
 
@@ -27,7 +27,7 @@ EPS_CEX = 0.12  # larger: some unknown samples have counterexamples that PGD mis
 @pytest.fixture(scope="module")
 def trained(digits_mlp_pt):
     """(model, x [N, 1, 8, 8], y [N], checkpoint path) for the conftest digits MLP."""
-    from lingraft.loader import load_model
+    from lingraft.io.loader import load_model
 
     lm = load_model(digits_mlp_pt)
     x, y = subset(*load_dataset("digits", "test"), 60)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from lingraft.data import DATASETS, dataset_info, load_dataset, subset
+from lingraft.data.datasets import DATASETS, dataset_info, load_dataset, subset
 from lingraft.errors import LingraftError, UsageError
 
 VNNCOMP = Path(__file__).resolve().parents[2] / "shared" / "vnncomp"
@@ -182,8 +182,7 @@ def test_digits_split_values_and_stats():
 
 
 def test_digits_without_sklearn_is_a_clear_error(monkeypatch):
-    import lingraft.data as data
-
+    import lingraft.data.datasets as data
     data._digits_arrays.cache_clear()
     monkeypatch.setitem(__import__("sys").modules, "sklearn.datasets", None)
     try:

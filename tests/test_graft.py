@@ -7,11 +7,11 @@ import torch
 from click.testing import CliRunner
 
 from lingraft.bounds import BoundedNetwork, input_box, margin_spec
-from lingraft.checkpoint import load_checkpoint, save_checkpoint
-from lingraft.graft import (FinetuneConfig, NeuronScores, apply_graft, compute_scores, finetune, load_masks,
+from lingraft.io.checkpoint import load_checkpoint, save_checkpoint
+from lingraft.graft.pipeline import (FinetuneConfig, NeuronScores, apply_graft, compute_scores, finetune, load_masks,
                             relu_modules, save_masks, select_neurons, check_masks_fit)
 from lingraft.errors import UsageError
-from lingraft.layers import GraftedReLU
+from lingraft.models.layers import GraftedReLU
 from lingraft.models import create_model
 
 IN = (1, 12, 12)
@@ -191,7 +191,7 @@ def test_grafted_checkpoint_roundtrip(tmp_path):
 @pytest.fixture(scope="module")
 def digits_ckpt(tmp_path_factory):
     pytest.importorskip("sklearn")
-    from lingraft.train import TrainConfig, train
+    from lingraft.train.loop import TrainConfig, train
 
     out = tmp_path_factory.mktemp("g") / "mlp.pt"
     train(TrainConfig(arch="mlp", dataset="digits", epochs=2, batch_size=32, optimizer="adam", lr=3e-3,
@@ -240,7 +240,7 @@ def test_graft_cli_scores_only(digits_ckpt, tmp_path):
 
 
 def test_clean_drop_warning():
-    from lingraft.graft import _clean_drop_warning
+    from lingraft.graft.pipeline import _clean_drop_warning
 
     ev = {"before": {"crown": {"clean_acc": 0.95}}, "after": {"crown": {"clean_acc": 0.88}}}
     (w,) = _clean_drop_warning(ev)

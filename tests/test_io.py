@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lingraft.errors import LingraftError
-from lingraft.io import append_jsonl, atomic_write, atomic_write_text, read_jsonl
+from lingraft.io.files import append_jsonl, atomic_write, atomic_write_text, read_jsonl
 
 RECS = [{"k": i, "v": "x" * i} for i in range(4)]
 

@@ -1,4 +1,4 @@
-"""Tests for lingraft.losses: hand-computed values (explicit numpy arithmetic), invariances, gradients, taps."""
+"""Tests for lingraft.train.losses: hand-computed values (explicit numpy arithmetic), invariances, gradients, taps."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from lingraft.errors import UsageError
-from lingraft.layers import GraftedReLU
-from lingraft.losses import (LOSSES, competition_rank, dense_logits_from_head, get_loss, kd_loss,
+from lingraft.models.layers import GraftedReLU
+from lingraft.train.losses import (LOSSES, competition_rank, dense_logits_from_head, get_loss, kd_loss,
                              label_smoothing_loss, ce_loss, needs_features, needs_teacher, nkd_loss, non_target,
                              split_at_flatten, uskd_feature_layer, uskd_loss, uskd_non_target_label, zipf_loss,
                              zipf_soft_label, zipf_votes)

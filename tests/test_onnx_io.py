@@ -1,4 +1,4 @@
-"""Tests for lingraft.onnx_io: ONNX import (real VNN-COMP files, synthetic graphs), export round trips, errors."""
+"""Tests for lingraft.io.onnx: ONNX import (real VNN-COMP files, synthetic graphs), export round trips, errors."""
 
 from __future__ import annotations
 
@@ -14,16 +14,16 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from lingraft.errors import LingraftError, UnsupportedModelError
-from lingraft.layers import GraftedReLU, Normalize
+from lingraft.models.layers import GraftedReLU, Normalize
 from lingraft.models import create_model, list_models
-from lingraft.onnx_io import export_onnx, list_unsupported_ops, load_onnx, run_onnxruntime
+from lingraft.io.onnx import export_onnx, list_unsupported_ops, load_onnx, run_onnxruntime
 
 torch.set_num_threads(1)
 
 VNNCOMP = Path(__file__).resolve().parents[2] / "shared" / "vnncomp"
 VNN_FILES = sorted(VNNCOMP.glob("**/*.onnx")) if VNNCOMP.is_dir() else []
 
-# What the bound engine understands (see the brief / lingraft.onnx_io docstring).
+# What the bound engine understands (see the brief / lingraft.io.onnx docstring).
 _MODULES = (nn.Linear, nn.Conv2d, nn.ReLU, nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool2d, nn.MaxPool2d, nn.Flatten,
             nn.ZeroPad2d, nn.ConstantPad2d, nn.Identity, Normalize)
 _FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.flatten, torch.reshape,
@@ -482,7 +482,7 @@ def test_export_writes_a_vnncomp_benchmark(digits_mlp_pt, tmp_path):
 
     from lingraft.bounds import input_box
     from lingraft.cli.main import cli
-    from lingraft.data import load_dataset, subset
+    from lingraft.data.datasets import load_dataset, subset
     from lingraft.spec.vnnlib import parse_vnnlib
 
     out = tmp_path / "bench" / "net.onnx"

@@ -17,7 +17,7 @@ from torch import nn
 
 from lingraft.bounds import BoundedNetwork
 from lingraft.errors import UnsupportedModelError
-from lingraft.layers import GraftedReLU, Normalize
+from lingraft.models.layers import GraftedReLU, Normalize
 
 from _soundness import check_sound, graft_randomly
 
@@ -231,7 +231,7 @@ def test_non_binary_graft_mask_is_refused():
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
 
-from lingraft.onnx_io import SUPPORTED_ONNX_OPS, load_onnx  # noqa: E402
+from lingraft.io.onnx import SUPPORTED_ONNX_OPS, load_onnx  # noqa: E402
 
 
 def _r(*shape, seed, scale=0.5):
@@ -337,7 +337,7 @@ def _gemm_sub_net(tmp_path, seed):
 def test_verify_never_unsat_when_onnxruntime_violates_the_property(seed, tmp_path):
     """A property violated at a point of the box (checked in onnxruntime) must never come back unsat; with the
     swapped Sub coefficients CROWN's lower bound passed the threshold and verify said unsat."""
-    from lingraft.onnx_io import run_onnxruntime
+    from lingraft.io.onnx import run_onnxruntime
     from lingraft.verify import verify_property
 
     path = _gemm_sub_net(tmp_path, seed)
@@ -359,7 +359,7 @@ def test_verify_never_unsat_when_onnxruntime_violates_the_property(seed, tmp_pat
 def test_certify_needs_the_proof_margin_at_large_logits():
     """Logits near 1e4 differ by 1e-3: a float32 bound of that margin is within rounding of the logits' size, so
     it is no certificate (before the shared proof margin, any positive lower bound was 'verified')."""
-    from lingraft.certify import certify
+    from lingraft.certify.pipeline import certify
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(2, 2)).eval()
     with torch.no_grad():

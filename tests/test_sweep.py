@@ -1,4 +1,4 @@
-"""Tests for lingraft.sweep: loading, job expansion, resume after interruption (incl. real signals)."""
+"""Tests for lingraft.experiments.sweep: loading, job expansion, resume after interruption (incl. real signals)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lingraft.errors import LingraftError, UsageError
-from lingraft.sweep import (
+from lingraft.experiments.sweep import (
     SweepSpec,
     expand_jobs,
     format_table,
@@ -258,8 +258,7 @@ def test_corrupt_middle_line_is_a_clear_error(tmp_path):
 
 
 def test_signal_during_write_is_deferred(tmp_path, monkeypatch):
-    import lingraft.sweep as sweep_mod
-
+    import lingraft.experiments.sweep as sweep_mod
     real_append = sweep_mod.append_jsonl
     n = []
 
@@ -316,7 +315,7 @@ def test_second_concurrent_sweep_refused(tmp_path):
 
 _CHILD = """
 import sys, time
-from lingraft.sweep import SweepSpec, run_sweep
+from lingraft.experiments.sweep import SweepSpec, run_sweep
 sys.path.insert(0, {tests!r})
 from test_sweep import _fake_job
 

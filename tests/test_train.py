@@ -7,10 +7,10 @@ import importlib.util
 import pytest
 import torch
 
-from lingraft.checkpoint import load_checkpoint
-from lingraft.data import load_dataset
+from lingraft.io.checkpoint import load_checkpoint
+from lingraft.data.datasets import load_dataset
 from lingraft.errors import LingraftError, UsageError
-from lingraft.train import (LossPlugin, TrainConfig, config_from_dict, evaluate, grad_align_reg, pick_device, train)
+from lingraft.train.loop import (LossPlugin, TrainConfig, config_from_dict, evaluate, grad_align_reg, pick_device, train)
 
 HAVE_SKLEARN = importlib.util.find_spec("sklearn") is not None
 HAVE_MNIST = importlib.util.find_spec("mnist") is not None
@@ -163,7 +163,7 @@ def test_grad_align_regulariser():
 
 
 @needs_digits
-@pytest.mark.skipif(importlib.util.find_spec("lingraft.losses") is None, reason="lingraft.losses not present")
+@pytest.mark.skipif(importlib.util.find_spec("lingraft.train.losses") is None, reason="lingraft.train.losses not present")
 @pytest.mark.parametrize("arch,loss", [("mlp", "ls"), ("mlp", "zipf"), ("mlp", "uskd"), ("cnn-b", "zipf"),
                                        ("cnn-b", "uskd")])
 def test_registry_losses_train(tmp_path, arch, loss):
@@ -175,7 +175,7 @@ def test_registry_losses_train(tmp_path, arch, loss):
 
 
 @needs_digits
-@pytest.mark.skipif(importlib.util.find_spec("lingraft.losses") is None, reason="lingraft.losses not present")
+@pytest.mark.skipif(importlib.util.find_spec("lingraft.train.losses") is None, reason="lingraft.train.losses not present")
 def test_distillation_with_teacher(tmp_path):
     teacher = tmp_path / "teacher.pt"
     train(_cfg(num_train=512), teacher, log=_quiet)

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from lingraft.bounds import BoundedNetwork
-from lingraft.layers import GraftedReLU
+from lingraft.models.layers import GraftedReLU
 from lingraft.spec.vnnlib import OutputConstraint, Region, VnnlibProperty, parse_vnnlib, read_counterexample
 from lingraft.verify import PROVE_TOL, verify_property
 from lingraft.verify.bounding import bound_domains
-from lingraft.verify.problem import region_spec
+from lingraft.spec.region import region_spec
 from lingraft.verify.relu_bab import ReluBaB
 from lingraft.verify.runner import verify_instances, write_result
 from lingraft.verify.witness import confirm
@@ -244,7 +244,7 @@ def test_vnncomp_test_folder_all_correct(tmp_path):
         assert r["status"] == TEST_EXPECTED[r["onnx"]], r
         assert r["time_s"] < r["timeout"]
     # the sat result file holds a counterexample that onnxruntime confirms
-    from lingraft.onnx_io import run_onnxruntime
+    from lingraft.io.onnx import run_onnxruntime
 
     x, y = read_counterexample(tmp_path / "res" / "test_sat_test_prop.txt")
     y_ort = run_onnxruntime(folder / "test_sat.onnx", torch.tensor(x, dtype=torch.float32).reshape(1, 1, 1, 5))
@@ -315,8 +315,8 @@ def test_cli_verify_accepts_checkpoints_like_their_onnx(digits_mlp_pt, tmp_path)
     from click.testing import CliRunner
 
     from lingraft.cli.main import cli
-    from lingraft.data import load_dataset, subset
-    from lingraft.loader import load_model
+    from lingraft.data.datasets import load_dataset, subset
+    from lingraft.io.loader import load_model
     from lingraft.spec.benchmark import robustness_vnnlib
 
     lm = load_model(digits_mlp_pt)

@@ -1,7 +1,7 @@
 """The bound engine: IBP, CROWN and alpha-CROWN over a graph of operators.
 
 Inputs are boxes x_L <= x <= x_U ([B, *in_shape]); the quantity bounded is C @ f(x) with C [B, S, n_out]
-(for robustness: the margins f_y - f_j, see :func:`lingraft.bounds.spec.margin_spec`).
+(for robustness: the margins f_y - f_j, see :func:`lingraft.spec.margin.margin_spec`).
 
 CROWN computes, node by node in topological order, bounds of every pre-activation that a nonlinear operator
 needs (a ReLU's input, but only for its non-grafted neurons) by a backward pass of linear relaxations down to
@@ -22,11 +22,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..errors import UsageError
-from .graph import GraphNode, build_graph
-from .patches import backward_patches, chain_to_input
-from .ops import ConvOp, LinearOp, ReLUOp
-from .ops.base import pos, neg
+from lingraft.errors import UsageError
+from lingraft.bounds.graph import GraphNode, build_graph
+from lingraft.bounds.patches import backward_patches, chain_to_input
+from lingraft.bounds.ops import ConvOp, LinearOp, ReLUOp
+from lingraft.bounds.ops.base import pos, neg
 
 METHODS = ("ibp", "crown", "alpha-crown")
 

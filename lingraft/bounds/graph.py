@@ -17,11 +17,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UnsupportedModelError
-from ..layers import GraftedReLU, Normalize
-from .ops import (AddOp, CatOp, ConvOp, ElementwiseAffineOp, LinearOp, MaxPoolOp, OpaqueOp, PadOp, PermuteOp,
+from lingraft.errors import UnsupportedModelError
+from lingraft.models.layers import GraftedReLU, Normalize
+from lingraft.bounds.ops import (AddOp, CatOp, ConvOp, ElementwiseAffineOp, LinearOp, MaxPoolOp, OpaqueOp, PadOp, PermuteOp,
                   ReLUOp, ReshapeOp)
-from .ops.base import BoundOp
+from lingraft.bounds.ops.base import BoundOp
 
 LEAF_TYPES = (nn.Linear, nn.Conv2d, nn.ReLU, GraftedReLU, Normalize, nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool2d,
               nn.MaxPool2d, nn.Flatten, nn.ZeroPad2d, nn.ConstantPad2d, nn.Identity, nn.Dropout)

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import ConvOp, ElementwiseAffineOp, PadOp, ReLUOp
-from .ops.linear import conv_backward
+from lingraft.bounds.ops import ConvOp, ElementwiseAffineOp, PadOp, ReLUOp
+from lingraft.bounds.ops.linear import conv_backward
 
 
 class Patches:

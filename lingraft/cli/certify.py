@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from ..config import config_option
-from ..errors import LingraftError, UsageError
-from .options import (common_options, emit_json, gate_fail, json_option, pick_device, progress_bar, table,
+from lingraft.config import config_option
+from lingraft.errors import LingraftError, UsageError
+from lingraft.cli.options import (common_options, emit_json, gate_fail, json_option, pick_device, progress_bar, table,
                       versions)
 
 SCHEMA_VERSION = 1
@@ -63,10 +63,10 @@ def command(model, config_path, eps, norm, method, num_samples, offset, dataset,
     """
     import torch
 
-    from ..certify import certify, check_eps
-    from ..config import config_hash, load_config
-    from ..data import dataset_info, load_dataset, subset
-    from ..loader import load_model
+    from lingraft.certify.pipeline import certify, check_eps
+    from lingraft.config import config_hash, load_config
+    from lingraft.data.datasets import dataset_info, load_dataset, subset
+    from lingraft.io.loader import load_model
 
     torch.manual_seed(seed)
     dev = pick_device(device)
@@ -100,8 +100,8 @@ def command(model, config_path, eps, norm, method, num_samples, offset, dataset,
               device=dev, bab_timeout=bab_timeout, bab_progress=_bab_logger(verbose and not quiet))
     with progress_bar(x.shape[0], "certify", no_progress or quiet) as bar:
         if state:
-            from ..certify_state import certify_resumable
-            from ..io import file_sha256
+            from lingraft.certify.state import certify_resumable
+            from lingraft.io.files import file_sha256
             # everything but the time budget decides the results; the model by content, not by path
             settings = {k: v for k, v in cfg.items() if k != "timeout"}
             settings["model_sha256"] = file_sha256(lm.path) if Path(lm.path).is_file() else None
@@ -195,7 +195,7 @@ def _write_csv(path, samples):
     import csv
     import io
 
-    from ..io import atomic_write_text
+    from lingraft.io.files import atomic_write_text
 
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=["index", "label", "prediction", "status", "margin_lower", "time_s", "bab"])

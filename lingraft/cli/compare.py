@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import common_options, emit_json, json_option, pick_device, table, versions
+from lingraft.cli.options import common_options, emit_json, json_option, pick_device, table, versions
 
 
 @click.command("compare", epilog="Rerunning the same command reuses finished training, grafting and certification "
@@ -32,8 +32,8 @@ def command(config, out_dir, only, threads, no_plot, json_out, verbose, quiet, s
     """
     import torch
 
-    from ..compare import load_compare, run_compare
-    from ..errors import UsageError
+    from lingraft.experiments.compare import load_compare, run_compare
+    from lingraft.errors import UsageError
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -57,7 +57,7 @@ def command(config, out_dir, only, threads, no_plot, json_out, verbose, quiet, s
 
 def render_text(res: dict) -> str:
     """The terminal version of table.md."""
-    from ..compare import table_columns
+    from lingraft.experiments.compare import table_columns
 
     header, body = table_columns(res)
     if not body:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import common_options, emit_json, json_option
+from lingraft.cli.options import common_options, emit_json, json_option
 
 
 @click.command("export", epilog="Examples:\n\n\b\n  lingraft export grafted.pt --out grafted.onnx --opset 13\n"
@@ -34,13 +34,13 @@ def command(model, out_path, opset, dynamic_batch, tol, data_dir, vnnlib_samples
     """
     import math
 
-    from ..data import load_dataset, subset
-    from ..errors import UsageError
-    from ..loader import check_input_matches_dataset, load_model
+    from lingraft.data.datasets import load_dataset, subset
+    from lingraft.errors import UsageError
+    from lingraft.io.loader import check_input_matches_dataset, load_model
 
     if not math.isfinite(tol) or tol < 0:
         raise UsageError(f"--tol must be a finite number >= 0, got {tol}")
-    from ..onnx_io import export_onnx
+    from lingraft.io.onnx import export_onnx
 
     lm = load_model(model)
     if lm.dataset:
@@ -52,8 +52,8 @@ def command(model, out_path, opset, dynamic_batch, tol, data_dir, vnnlib_samples
         check = x.reshape(x.shape[0], *lm.in_shape)
     eps = None
     if vnnlib_samples:  # validate before anything is written
-        from ..certify import check_eps
-        from .certify import default_eps
+        from lingraft.certify.pipeline import check_eps
+        from lingraft.cli.certify import default_eps
 
         if test is None:
             raise UsageError("--vnnlib-samples needs the model's dataset (a lingraft checkpoint records it)")
@@ -63,7 +63,7 @@ def command(model, out_path, opset, dynamic_batch, tol, data_dir, vnnlib_samples
     info = export_onnx(lm.model, out_path, lm.in_shape, opset=opset, check_inputs=check, tol=tol,
                        dynamic_batch=dynamic_batch)
     if vnnlib_samples:
-        from ..spec.benchmark import write_benchmark
+        from lingraft.spec.benchmark import write_benchmark
 
         x, y = subset(*test, vnnlib_samples)
         info["vnnlib"] = write_benchmark(lm.model, x.reshape(x.shape[0], *lm.in_shape), y, eps, out_path,

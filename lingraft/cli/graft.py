@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from ..config import config_option
-from .options import common_options, emit_json, json_option, pick_device, table, versions
+from lingraft.config import config_option
+from lingraft.cli.options import common_options, emit_json, json_option, pick_device, table, versions
 
 
 @click.command("graft", epilog="Examples:\n\n\b\n  lingraft graft models/mnist-cnn-b-fgsm.pt --ratio 0.5 --eps 0.06 --out grafted.pt\n"
@@ -53,8 +53,8 @@ def command(model, config_path, ratio, eps, out_path, rule, scope, gammas, signi
             mask_path, save_mask, num_samples, methods, dataset, data_dir, json_out, verbose, quiet, seed,
             no_progress, device):
     """Graft linearity into MODEL's least important unstable ReLU neurons and fine-tune (Linearity Grafting)."""
-    from ..errors import UsageError
-    from ..graft import run_graft
+    from lingraft.errors import UsageError
+    from lingraft.graft.pipeline import run_graft
 
     if scores_only is None and out_path is None:
         raise UsageError("pass --out FILE for the grafted checkpoint (or --scores-only FILE)")

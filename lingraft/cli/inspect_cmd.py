@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import common_options, emit_json, json_option, table
+from lingraft.cli.options import common_options, emit_json, json_option, table
 
 
 @click.command("inspect", epilog="Examples:\n\n\b\n  lingraft inspect models/mnist-cnn-b-fgsm.pt\n"
@@ -15,10 +15,10 @@ from .options import common_options, emit_json, json_option, table
 @common_options
 def command(model, list_models, json_out, verbose, quiet, seed, no_progress, device):
     """Show MODEL's layers (.pt or .onnx; default: the shipped model). Exits 1 listing every unsupported op."""
-    from ..bounds import BoundedNetwork
-    from ..errors import UnsupportedModelError
-    from ..loader import load_model
-    from ..models import describe_model, list_models as names
+    from lingraft.bounds import BoundedNetwork
+    from lingraft.errors import UnsupportedModelError
+    from lingraft.io.loader import load_model
+    from lingraft.models import describe_model, list_models as names
 
     if list_models:
         rows = [[n, describe_model(n)] for n in names()]
@@ -28,7 +28,7 @@ def command(model, list_models, json_out, verbose, quiet, seed, no_progress, dev
             click.echo(table(rows, ["model", "description"]))
         return
     if model is not None and str(model).lower().endswith(".onnx"):
-        from ..onnx_io import list_unsupported_ops
+        from lingraft.io.onnx import list_unsupported_ops
 
         bad = list_unsupported_ops(model)
         if bad:
@@ -37,7 +37,7 @@ def command(model, list_models, json_out, verbose, quiet, seed, no_progress, dev
     net = BoundedNetwork(lm.model, lm.in_shape)
     layers = net.describe()
     norm = None
-    from ..layers import Normalize
+    from lingraft.models.layers import Normalize
 
     for m in lm.model.modules():
         if isinstance(m, Normalize):

@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from .. import __version__
-from ..errors import LingraftError
+from lingraft import __version__
+from lingraft.errors import LingraftError
 
 
 class LingraftGroup(click.Group):
@@ -25,7 +25,7 @@ class LingraftGroup(click.Group):
             ctx.exit(130)
         except OSError as e:
             # a file problem the library did not anticipate: still one line, never a traceback
-            from ..io import describe_os_error
+            from lingraft.io.files import describe_os_error
 
             where = f" {e.filename}" if getattr(e, "filename", None) else ""
             click.echo(f"error: cannot access{where}: {describe_os_error(e)}", err=True)

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from ..errors import EXIT_GATE, LingraftError
+from lingraft.errors import EXIT_GATE, LingraftError
 
 
 def common_options(fn):
@@ -26,7 +26,7 @@ def common_options(fn):
 def _check_out_file(ctx, param, value):
     """Reject output paths that are directories before any work is done."""
     if value and value != "-" and os.path.isdir(value):
-        from ..errors import UsageError
+        from lingraft.errors import UsageError
 
         raise UsageError(f"{param.opts[0]} {value} is a directory; give a file name like result.json")
     return value
@@ -60,7 +60,7 @@ def handle_errors(fn):
 def pick_device(device: str):
     import torch
 
-    from ..errors import UsageError
+    from lingraft.errors import UsageError
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,7 +86,7 @@ def emit_json(obj, dest: str | None):
     if dest == "-":
         click.echo(text, nl=False)
     else:
-        from ..io import atomic_write_text
+        from lingraft.io.files import atomic_write_text
 
         atomic_write_text(dest, text)  # a failure is one line naming dest and the real cause (FileWriteError)
 
@@ -125,7 +125,7 @@ def versions() -> dict:
     import numpy
     import torch
 
-    from .. import __version__
+    from lingraft import __version__
 
     return {"lingraft": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "python": sys.version.split()[0]}

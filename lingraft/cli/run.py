@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from ..config import config_hash, config_option
-from ..errors import LingraftError
-from .options import common_options, emit_json, json_option, pick_device, progress_bar, table, versions
+from lingraft.config import config_hash, config_option
+from lingraft.errors import LingraftError
+from lingraft.cli.options import common_options, emit_json, json_option, pick_device, progress_bar, table, versions
 
 _SUMMARY_HEADER = ["model", "method", "ratio", "eps", "status", "clean", "PGD", "certified", "grafted", "ms/img", "s"]
 
@@ -42,8 +42,8 @@ def command(sweep, config_path, results, retry_errors, dry_run, csv_out, json_ou
     margin and time). Ctrl-C stops after the current job's line is complete; rerunning resumes. Exits 1 when
     any job failed (its error is in the results file).
     """
-    from ..jobs import METHODS, RUN_OPTIONS, JobRunner, resolve_options, resolve_model_entry, work_dir_for
-    from ..sweep import expand_jobs, latest_records, load_sweep, read_results, run_sweep
+    from lingraft.experiments.jobs import METHODS, RUN_OPTIONS, JobRunner, resolve_options, resolve_model_entry, work_dir_for
+    from lingraft.experiments.sweep import expand_jobs, latest_records, load_sweep, read_results, run_sweep
 
     p = Path(sweep)
     if not p.exists():
@@ -162,7 +162,7 @@ def _write_csv(path, rows: list[dict]) -> None:
     import csv
     import io
 
-    from ..io import atomic_write_text
+    from lingraft.io.files import atomic_write_text
 
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=_SUMMARY_KEYS)

@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from ..config import config_option
-from .options import common_options, emit_json, json_option, versions
+from lingraft.config import config_option
+from lingraft.cli.options import common_options, emit_json, json_option, versions
 
 
 @click.command("train", epilog="Examples:\n\n\b\n  lingraft train --arch cnn-b --dataset mnist --method fgsm --eps 0.1 "
@@ -42,7 +42,7 @@ def command(config_path, arch, dataset, data_dir, out_path, epochs, batch_size, 
             method, eps, grad_align, fgsm_step, pgd_steps, loss, teacher, num_train, val_size, no_resume, json_out,
             verbose, quiet, seed, no_progress, device):
     """Train a registry model and write a checkpoint (+ JSON sidecar) atomically; an interrupted run resumes."""
-    from ..train import TrainConfig, train
+    from lingraft.train.loop import TrainConfig, train
 
     cfg = TrainConfig(arch=arch, dataset=dataset, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
                       weight_decay=weight_decay, schedule=schedule, method=method, eps=eps, grad_align=grad_align,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import common_options, emit_json, json_option, table
+from lingraft.cli.options import common_options, emit_json, json_option, table
 
 
 @click.command("verify", epilog="Examples:\n\n\b\n  lingraft verify net.onnx prop.vnnlib --timeout 60 --result out.txt\n"
@@ -33,8 +33,8 @@ def command(model, prop, timeout, result_path, split, instances, out_path, resul
     timeout. Grafted neurons are never branched on."""
     import math
 
-    from ..errors import UsageError
-    from ..verify import verify_instances, verify_property, write_result
+    from lingraft.errors import UsageError
+    from lingraft.verify import verify_instances, verify_property, write_result
 
     if not math.isfinite(timeout):
         raise UsageError(f"--timeout must be a finite number of seconds, got {timeout}")
@@ -71,6 +71,6 @@ def command(model, prop, timeout, result_path, split, instances, out_path, resul
         click.echo(f"{res.status}  ({res.time_s:.2f} s, {res.stats.get('branches', 0)} branches, "
                    f"{res.stats.get('method', '')})")
     if res.status == "error":
-        from ..errors import LingraftError
+        from lingraft.errors import LingraftError
 
         raise LingraftError(res.stats.get("error") or "verification failed")

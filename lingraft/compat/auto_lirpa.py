@@ -112,7 +112,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import LingraftError, UsageError
+from lingraft.errors import LingraftError, UsageError
 
 __all__ = [
     "available",

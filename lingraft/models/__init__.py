@@ -1,7 +1,7 @@
 """Model registry (timm-style): ``@register`` a constructor, build it with ``create_model``.
 
 Every constructor takes ``in_shape`` (C, H, W), ``num_classes``, ``mean`` and ``std`` (per channel) and
-returns an ``nn.Module`` whose first layer is :class:`lingraft.layers.Normalize`, so inputs are in
+returns an ``nn.Module`` whose first layer is :class:`lingraft.models.layers.Normalize`, so inputs are in
 [0, 1] pixel space. ReLUs are separate ``nn.ReLU`` modules so that grafting can replace them.
 """
 
@@ -11,7 +11,7 @@ from typing import Callable
 
 from torch import nn
 
-from ..errors import UsageError
+from lingraft.errors import UsageError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _DESCRIPTIONS: dict[str, str] = {}
@@ -53,9 +53,9 @@ def create_model(name: str, in_shape=(1, 28, 28), num_classes: int = 10, mean=(0
 
 
 def _load_all():
-    from . import zoo  # noqa: F401  (registers on import)
+    from lingraft.models import zoo  # noqa: F401  (registers on import)
 
     try:
-        from . import attention  # noqa: F401
+        from lingraft.models import attention  # noqa: F401
     except ImportError:  # attention models are optional during development
         pass

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import UsageError
-from ..layers import Normalize
-from . import register
+from lingraft.errors import UsageError
+from lingraft.models.layers import Normalize
+from lingraft.models import register
 
 _NEG_INF = float("-inf")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import Normalize
-from . import register
+from lingraft.models.layers import Normalize
+from lingraft.models import register
 
 
 def _flat_size(layers: nn.Module, in_shape) -> int:

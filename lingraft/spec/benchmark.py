@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..bounds import input_box
-from ..io import atomic_write_text
-from .vnnlib import OutputConstraint, Region, VnnlibProperty
+from lingraft.bounds import input_box
+from lingraft.io.files import atomic_write_text
+from lingraft.spec.vnnlib import OutputConstraint, Region, VnnlibProperty
 
 
 def robustness_property(x: Tensor, label: int, eps: float, num_outputs: int) -> VnnlibProperty:

@@ -36,7 +36,7 @@ from typing import Union
 import numpy as np
 
 from lingraft.errors import LingraftError
-from lingraft.io import atomic_write_text
+from lingraft.io.files import atomic_write_text
 
 __all__ = [
     "OutputConstraint",

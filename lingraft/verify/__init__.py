@@ -4,9 +4,9 @@
 see :mod:`lingraft.verify.__main__` for the other commands.
 """
 
-from .core import INPUT_SPLIT_MAX_DIM, STATUSES, VerifyResult, verify_property
-from .problem import PROVE_TOL
-from .runner import verify_instances, write_result
+from lingraft.verify.core import INPUT_SPLIT_MAX_DIM, STATUSES, VerifyResult, verify_property
+from lingraft.spec.region import PROVE_TOL
+from lingraft.verify.runner import verify_instances, write_result
 
 __all__ = ["INPUT_SPLIT_MAX_DIM", "PROVE_TOL", "STATUSES", "VerifyResult", "verify_property", "verify_instances",
            "write_result"]

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from ..errors import EXIT_ERROR, EXIT_OK, LingraftError
+from lingraft.errors import EXIT_ERROR, EXIT_OK, LingraftError
 
 # a safety margin for writing the result and exiting after the search stops
 EXIT_MARGIN_S = 1.0
@@ -61,8 +61,8 @@ def main(argv=None) -> int:
         if args.cmd == "run":
             import torch
 
-            from .core import VerifyResult, verify_property
-            from .runner import write_result
+            from lingraft.verify.core import VerifyResult, verify_property
+            from lingraft.verify.runner import write_result
 
             if args.threads > 0:
                 torch.set_num_threads(args.threads)
@@ -90,8 +90,8 @@ def main(argv=None) -> int:
         if args.cmd == "prepare":
             import shutil
 
-            from ..spec.vnnlib import parse_vnnlib
-            from .core import load_model
+            from lingraft.spec.vnnlib import parse_vnnlib
+            from lingraft.verify.core import load_model
 
             tmp: list = []
             try:
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
             return EXIT_OK
         import torch
 
-        from .runner import verify_instances
+        from lingraft.verify.runner import verify_instances
 
         if args.threads > 0:
             torch.set_num_threads(args.threads)

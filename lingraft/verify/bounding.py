@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..bounds import BoundedNetwork
-from ..bounds.ops import ReLUOp
+from lingraft.bounds import BoundedNetwork
+from lingraft.bounds.ops import ReLUOp
 
 #: a domain whose clamped pre-activation bounds cross by more than this is empty (a sound lower bound above
 #: a sound upper bound); smaller crossings are treated as rounding noise and bounded normally

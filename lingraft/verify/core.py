@@ -34,15 +34,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..bounds import BoundedNetwork
-from ..errors import LingraftError, UsageError
-from ..spec.vnnlib import VnnlibProperty, parse_vnnlib
-from .bounding import bound_domains
-from .falsify import spec_attack
-from .input_bab import InputBaB
-from .problem import RegionSpec, region_spec
-from .relu_bab import ReluBaB
-from .witness import confirm, float32_note
+from lingraft.bounds import BoundedNetwork
+from lingraft.errors import LingraftError, UsageError
+from lingraft.spec.vnnlib import VnnlibProperty, parse_vnnlib
+from lingraft.verify.bounding import bound_domains
+from lingraft.verify.falsify import spec_attack
+from lingraft.verify.input_bab import InputBaB
+from lingraft.spec.region import RegionSpec, region_spec
+from lingraft.verify.relu_bab import ReluBaB
+from lingraft.verify.witness import confirm, float32_note
 
 #: networks with at most this many inputs are verified by input splitting
 INPUT_SPLIT_MAX_DIM = 10
@@ -82,11 +82,11 @@ def load_model(model_or_path, in_shape, tmpdir: list):
             dev = next((p.device for p in model.parameters()), torch.device("cpu"))
             out = model(torch.zeros(1, *shape, device=dev))
         return model, shape, int(out[0].numel()), None
-    from ..onnx_io import load_onnx
+    from lingraft.io.onnx import load_onnx
 
     path = Path(model_or_path)
     if path.suffix in (".pt", ".pth"):  # a lingraft checkpoint (grafted or not): no ONNX involved
-        from ..loader import load_model as load_checkpoint
+        from lingraft.io.loader import load_model as load_checkpoint
 
         lm = load_checkpoint(path)
         return load_model(lm.model, lm.in_shape, tmpdir)

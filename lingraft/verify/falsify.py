@@ -1,6 +1,6 @@
 """Counterexample search for one region: batched PGD on the specification margins.
 
-Unlike :func:`lingraft.attack.pgd_attack_spec` (a disjunction of single rows), the unsafe set here is a
+Unlike :func:`lingraft.train.attack.pgd_attack_spec` (a disjunction of single rows), the unsafe set here is a
 disjunction of CONJUNCTIONS (e.g. ACAS Xu property 3: "output 0 is the minimum" = 4 rows at once), so the
 objective is the violation ``min_g max_{r in g} (A_r y - b_r)`` (<= 0 means unsafe). Every start targets one
 conjunction (start j attacks g = j mod G), all starts run in one batch, and the first few steps of each start
@@ -15,7 +15,7 @@ import time
 import torch
 from torch import Tensor, nn
 
-from .problem import RegionSpec, group_max
+from lingraft.spec.region import RegionSpec, group_max
 
 
 def spec_attack(model: nn.Module, spec: RegionSpec, *, starts: int = 64, steps: int = 50, odi_steps: int = 5,

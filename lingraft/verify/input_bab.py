@@ -21,10 +21,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..bounds import BoundedNetwork
-from .bounding import bound_domains, input_coefficients
-from .problem import RegionSpec, group_max
-from .relu_bab import SearchOutcome, _worst_rows
+from lingraft.bounds import BoundedNetwork
+from lingraft.verify.bounding import bound_domains, input_coefficients
+from lingraft.spec.region import RegionSpec, group_max
+from lingraft.verify.relu_bab import SearchOutcome, _worst_rows
 
 #: the search gives up (``unknown``) when more sub-boxes than this wait in the queue
 MAX_BOXES = 2_000_000

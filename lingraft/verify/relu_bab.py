@@ -34,10 +34,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..bounds import BoundedNetwork
-from .bounding import Bounded, bound_domains, input_coefficients
-from .falsify import spec_attack
-from .problem import RegionSpec, group_max
+from lingraft.bounds import BoundedNetwork
+from lingraft.verify.bounding import Bounded, bound_domains, input_coefficients
+from lingraft.verify.falsify import spec_attack
+from lingraft.spec.region import RegionSpec, group_max
 
 
 @dataclass

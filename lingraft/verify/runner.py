@@ -13,10 +13,10 @@ import statistics
 from pathlib import Path
 from typing import Callable
 
-from ..errors import LingraftError, UsageError
-from ..io import append_jsonl, ensure_parent, read_jsonl
-from ..spec.vnnlib import write_counterexample
-from .core import VerifyResult, verify_property
+from lingraft.errors import LingraftError, UsageError
+from lingraft.io.files import append_jsonl, ensure_parent, read_jsonl
+from lingraft.spec.vnnlib import write_counterexample
+from lingraft.verify.core import VerifyResult, verify_property
 
 
 def write_result(path, result: VerifyResult) -> None:

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..onnx_io import run_onnxruntime
-from ..spec.vnnlib import VnnlibProperty
+from lingraft.io.onnx import run_onnxruntime
+from lingraft.spec.vnnlib import VnnlibProperty
 
 
 def concrete_outputs(x: Tensor, model: nn.Module, onnx_path: str | None) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import BoundOp, sum_trailing
+from lingraft.bounds.ops.base import BoundOp, sum_trailing
 
 
 class ElementwiseAffineOp(BoundOp):

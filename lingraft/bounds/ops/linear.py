@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import BoundOp, sum_trailing
+from lingraft.bounds.ops.base import BoundOp, sum_trailing
 
 
 class LinearOp(BoundOp):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import BoundOp, pos, neg, sum_trailing
+from lingraft.bounds.ops.base import BoundOp, pos, neg, sum_trailing
 
 
 class ReLUOp(BoundOp):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import BoundOp, sum_trailing
+from lingraft.bounds.ops.base import BoundOp, sum_trailing
 
 
 class ReshapeOp(BoundOp):

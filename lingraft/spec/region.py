@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..bounds.tolerance import ABS_TOL, is_proved, proof_margin
-from ..errors import LingraftError
-from ..spec.vnnlib import Region
+from lingraft.bounds.tolerance import ABS_TOL, is_proved, proof_margin
+from lingraft.errors import LingraftError
+from lingraft.spec.vnnlib import Region
 
 #: the absolute part of the proof margin (see :mod:`lingraft.bounds.tolerance`; the margin a row's lower bound
 #: must clear also grows with the magnitudes involved: :meth:`RegionSpec.refuted`)

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from .bounds import BoundedNetwork
-from .certify import CertifyReport, certify, summarize_samples
-from .errors import LingraftError
-from .io import JsonlError, append_jsonl, ensure_parent, read_jsonl
+from lingraft.bounds import BoundedNetwork
+from lingraft.certify.pipeline import CertifyReport, certify, summarize_samples
+from lingraft.errors import LingraftError
+from lingraft.io.files import JsonlError, append_jsonl, ensure_parent, read_jsonl
 
 STATE_FORMAT = "lingraft-certify-state"
 

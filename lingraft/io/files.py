@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import LingraftError
+from lingraft.errors import LingraftError
 
 # A temp file of a killed writer is removed by the next write of the same target once it is this old (seconds)
 # and its writer (the pid in its name) is gone; any such file older than STALE_TEMP_MAX_AGE_S goes regardless.

@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .errors import LingraftError, UnsupportedModelError, UsageError
-from .io import atomic_write
-from .layers import GraftedReLU, Normalize
+from lingraft.errors import LingraftError, UnsupportedModelError, UsageError
+from lingraft.io.files import atomic_write
+from lingraft.models.layers import GraftedReLU, Normalize
 
 __all__ = ["load_onnx", "list_unsupported_ops", "export_onnx", "SUPPORTED_ONNX_OPS", "OnnxGraphModule"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import LingraftError, UsageError
+from lingraft.errors import LingraftError, UsageError
 
 DEFAULT_MODEL = "mnist-cnn-b-fgsm.pt"
 
@@ -56,26 +56,26 @@ def load_model(path: str | os.PathLike | None, dataset: str | None = None, input
     if len(head) == 0:
         raise LingraftError(f"model file {p} is empty")
     if p.suffix.lower() == ".onnx" or (p.suffix.lower() not in (".pt", ".pth", ".ckpt") and not head.startswith(b"PK")):
-        from .onnx_io import load_onnx
+        from lingraft.io.onnx import load_onnx
 
         gm = load_onnx(p)
         in_shape = tuple(gm.input_shape)
         if input_shape is not None and tuple(input_shape) != in_shape:
             raise UsageError(f"--input-shape {tuple(input_shape)} does not match the ONNX input {in_shape}")
         if dataset is not None:
-            from .data import dataset_info
+            from lingraft.data.datasets import dataset_info
 
             info = dataset_info(dataset)
             if int(_prod(info.in_shape)) != int(_prod(in_shape)):
                 raise UsageError(f"dataset {dataset} has inputs {info.in_shape} but the ONNX model takes {in_shape}")
         return LoadedModel(gm, in_shape, dataset, "onnx", str(p))
-    from .checkpoint import load_checkpoint
+    from lingraft.io.checkpoint import load_checkpoint
 
     model, ckpt = load_checkpoint(p)
     in_shape = tuple(ckpt["arch_kwargs"]["in_shape"])
     ds = ckpt.get("dataset")
     if dataset is not None and ds is not None and dataset.lower() != str(ds).lower():
-        from .data import dataset_info
+        from lingraft.data.datasets import dataset_info
 
         info = dataset_info(dataset)
         if tuple(info.in_shape) != in_shape:
@@ -90,7 +90,7 @@ def check_input_matches_dataset(lm: LoadedModel, dataset: str | None = None) -> 
     ds = dataset or lm.dataset
     if not ds:
         return
-    from .data import DATASETS, dataset_info
+    from lingraft.data.datasets import DATASETS, dataset_info
 
     if str(ds).lower() not in DATASETS:
         return

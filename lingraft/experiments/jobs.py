@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import config_hash
-from .errors import LingraftError, UsageError
-from .io import file_sha256
+from lingraft.config import config_hash
+from lingraft.errors import LingraftError, UsageError
+from lingraft.io.files import file_sha256
 
 __all__ = ["SCHEMA_VERSION", "METHODS", "RUN_OPTIONS", "resolve_options", "work_dir_for", "resolve_model_entry",
            "JobRunner"]
@@ -126,7 +126,7 @@ def resolve_options(raw: dict | None, where: str = "the sweep file", base_dir: s
     if not isinstance(opts["keep_samples"], bool):
         raise _bad("keep_samples", opts["keep_samples"], "give true or false", where)
     if opts["dataset"] is not None:
-        from .data import dataset_info
+        from lingraft.data.datasets import dataset_info
 
         if not isinstance(opts["dataset"], str):
             raise _bad("dataset", opts["dataset"], "give mnist, cifar10 or digits", where)
@@ -155,8 +155,8 @@ def resolve_model_entry(model: str, where: str = "the sweep file") -> str:
     among the shipped models (``models/NAME``, ``NAME.pt``, ``NAME.onnx``; ``default`` is the shipped default);
     a zoo architecture name has no weights, so it is refused with a hint.
     """
-    from .loader import default_model_path, models_dir
-    from .sweep import _looks_like_path
+    from lingraft.io.loader import default_model_path, models_dir
+    from lingraft.experiments.sweep import _looks_like_path
 
     if _looks_like_path(model):
         return model
@@ -165,7 +165,7 @@ def resolve_model_entry(model: str, where: str = "the sweep file") -> str:
     for cand in (models_dir() / model, models_dir() / f"{model}.pt", models_dir() / f"{model}.onnx"):
         if cand.is_file():
             return str(cand)
-    from .models import list_models
+    from lingraft.models import list_models
 
     what = "an architecture name without weights" if model in list_models() else "not a file or shipped model"
     raise UsageError(f"model '{model}' in {where} is {what}; give a checkpoint path like ckpt/model.pt "
@@ -176,7 +176,7 @@ def _versions() -> dict:
     import numpy
     import torch
 
-    from . import __version__
+    from lingraft import __version__
 
     return {"lingraft": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "python": sys.version.split()[0]}
@@ -192,7 +192,7 @@ class _ModelFacts:
 
 
 class JobRunner:
-    """Callable job function for :func:`lingraft.sweep.run_sweep`: ``runner(job) -> result dict``.
+    """Callable job function for :func:`lingraft.experiments.sweep.run_sweep`: ``runner(job) -> result dict``.
 
     ``options``: output of :func:`resolve_options`. ``work_dir``: folder for grafted checkpoints. ``device``: a
     torch device. The last loaded network is cached (jobs come model-major), as is each model's file hash.
@@ -212,8 +212,8 @@ class JobRunner:
     def preflight(self, jobs: list[dict]) -> None:
         """Check every model, dataset, eps and ratio before any job runs, so bad input fails fast with one line
         (LingraftError/UsageError prefixed with the sweep file) instead of a results file full of errors."""
-        from .certify import check_eps
-        from .data import dataset_info, load_dataset
+        from lingraft.certify.pipeline import check_eps
+        from lingraft.data.datasets import dataset_info, load_dataset
 
         o = self.options
         checked_data: set = set()
@@ -256,7 +256,7 @@ class JobRunner:
         return f
 
     def _load(self, path: str):
-        from .loader import load_model
+        from lingraft.io.loader import load_model
 
         if self._cache is not None and self._cache[0] == path:
             return self._cache[1]
@@ -276,7 +276,7 @@ class JobRunner:
         return self.work_dir / f"{Path(f.path).stem}-r{job['ratio']:g}-e{job['eps']:.6g}-{config_hash(key)[:10]}.pt"
 
     def _graft(self, job: dict) -> tuple[str, dict]:
-        from .graft import run_graft
+        from lingraft.graft.pipeline import run_graft
 
         o = self.options
         out = self.graft_path(job)
@@ -304,9 +304,9 @@ class JobRunner:
     def __call__(self, job: dict) -> dict:
         import torch
 
-        from .certify import certify
-        from .data import load_dataset, subset
-        from .graft import graft_summary
+        from lingraft.certify.pipeline import certify
+        from lingraft.data.datasets import load_dataset, subset
+        from lingraft.graft.pipeline import graft_summary
 
         o = self.options
         facts = self.facts(job["model"])

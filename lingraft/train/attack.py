@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import UsageError
+from lingraft.errors import UsageError
 
 __all__ = ["pgd_attack", "pgd_attack_spec", "fgsm", "margin_loss", "spec_margins"]
 

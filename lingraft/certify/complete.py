@@ -18,7 +18,7 @@ import time
 
 from torch import Tensor, nn
 
-from .spec.benchmark import robustness_property
+from lingraft.spec.benchmark import robustness_property
 
 #: VerifyResult status -> certify status
 STATUS_FROM_BAB = {"unsat": "verified", "sat": "falsified", "timeout": "unknown", "unknown": "unknown",
@@ -30,7 +30,7 @@ def decide_sample(model: nn.Module, x: Tensor, label: int, eps: float, *, in_sha
     """Run branch and bound on one sample x [*in_shape]. Returns {"status": certify status, "bab": verify status,
     "time_s": float, "branches": int, "method": what decided it, "counterexample": (x [n_in], y [n_out]) float64
     arrays for ``sat`` else None, "error": str (only on error)}."""
-    from .verify.core import verify_property  # the verify package imports the engine; keep certify light
+    from lingraft.verify.core import verify_property  # the verify package imports the engine; keep certify light
 
     t0 = time.perf_counter()
     prop = robustness_property(x, int(label), float(eps), int(num_outputs))

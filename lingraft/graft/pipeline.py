@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bounds import BoundedNetwork
-from .bounds.ops import ReLUOp
-from .checkpoint import replace_module
-from .errors import UsageError
-from .layers import GraftedReLU
+from lingraft.bounds import BoundedNetwork
+from lingraft.bounds.ops import ReLUOp
+from lingraft.io.checkpoint import replace_module
+from lingraft.errors import UsageError
+from lingraft.models.layers import GraftedReLU
 
 RULES = ("lg", "random", "magnitude", "instability")
 INITS = ("paper", "identity", "zero", "fit")
@@ -111,7 +111,7 @@ def compute_scores(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, in_sha
                 sums["inst"][name] = sums["inst"][name] + ((lo < 0) & (up > 0)).float().sum(0)
             xin = xb
             if significance_input == "fgsm" and eps > 0:
-                from .attack import fgsm
+                from lingraft.train.attack import fgsm
 
                 xin = fgsm(model, xb, yb, eps)
             with torch.enable_grad():
@@ -264,8 +264,8 @@ def finetune(model: nn.Module, x_train: Tensor, y_train: Tensor, x_val: Tensor, 
              *, log=print, progress=None) -> tuple[nn.Module, dict]:
     """The paper's recipe: FGSM + GradAlign at cfg.eps, SGD with two parameter groups, cosine schedule; keeps the
     weights with the best validation PGD accuracy. Masks never change (they are buffers)."""
-    from .attack import fgsm
-    from .train import evaluate, grad_align_reg
+    from lingraft.train.attack import fgsm
+    from lingraft.train.loop import evaluate, grad_align_reg
 
     dev = next(model.parameters()).device
     graft_params = [p for n, p in model.named_parameters()
@@ -329,7 +329,7 @@ def graft_summary(model: nn.Module) -> dict:
 
 def save_masks(path, masks: dict[str, Tensor], meta: dict | None = None) -> None:
     """Masks as JSON {"format": "lingraft-graft-mask", "masks": {layer: {"shape": [...], "grafted": [flat indices]}}}."""
-    from .io import atomic_write_json
+    from lingraft.io.files import atomic_write_json
 
     atomic_write_json(path, {"format": "lingraft-graft-mask", "version": 1, "meta": meta or {},
                              "masks": {n: {"shape": list(m.shape),
@@ -341,7 +341,7 @@ def load_masks(path) -> dict[str, Tensor]:
     import json
     from pathlib import Path
 
-    from .errors import LingraftError
+    from lingraft.errors import LingraftError
 
     p = Path(path)
     try:
@@ -391,11 +391,11 @@ def run_graft(model_path, *, out_path, ratio, eps, rule="lg", scope="global", ga
               scores_only=None, mask_path=None, save_mask=None, num_samples=200, methods=("crown", "alpha-crown"),
               dataset=None, data_dir=None, seed=0, device=None, log=print, command="") -> dict:
     """The whole ``lingraft graft`` job: load, score, select, graft, fine-tune, save, evaluate before/after."""
-    from .certify import certify, check_eps
-    from .checkpoint import save_checkpoint
-    from .data import load_dataset, subset
-    from .io import atomic_write_json
-    from .loader import check_input_matches_dataset, load_model
+    from lingraft.certify.pipeline import certify, check_eps
+    from lingraft.io.checkpoint import save_checkpoint
+    from lingraft.data.datasets import load_dataset, subset
+    from lingraft.io.files import atomic_write_json
+    from lingraft.io.loader import check_input_matches_dataset, load_model
 
     torch.manual_seed(seed)
     lm = load_model(model_path, dataset=dataset)
@@ -496,7 +496,7 @@ def _clean_drop_warning(evaluation: dict) -> list[str]:
 
 
 def _arch_kwargs(lm) -> dict:
-    from .checkpoint import load_checkpoint
+    from lingraft.io.checkpoint import load_checkpoint
 
     _, ck = load_checkpoint(lm.path)
     return ck["arch_kwargs"]

@@ -35,9 +35,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import config_hash, load_config, normalize_keys, validate_keys
-from .errors import UsageError
-from .io import append_jsonl, atomic_write_json, atomic_write_text, file_sha256, read_jsonl
+from lingraft.config import config_hash, load_config, normalize_keys, validate_keys
+from lingraft.errors import UsageError
+from lingraft.io.files import append_jsonl, atomic_write_json, atomic_write_text, file_sha256, read_jsonl
 
 __all__ = ["CompareSpec", "Entry", "TOP_KEYS", "GRAFT_KEYS", "CERTIFY_KEYS", "load_compare", "parse_compare",
            "run_compare", "build_rows", "table_columns", "render_markdown", "render_csv", "plot_cert_vs_eps"]
@@ -102,7 +102,7 @@ def _number(value: Any, what: str) -> float:
 
 
 def _eps(value: Any, what: str) -> float:
-    from .certify import check_eps
+    from lingraft.certify.pipeline import check_eps
 
     x = _number(value, what)
     if not 0 < x <= 1:
@@ -127,7 +127,7 @@ def _choice(value: str, options, what: str) -> str:
 
 
 def _train_fields() -> list[str]:
-    from .train import TrainConfig
+    from lingraft.train.loop import TrainConfig
 
     return [f.name for f in dataclasses.fields(TrainConfig) if f.name not in _TRAIN_FIXED]
 
@@ -140,9 +140,9 @@ def load_compare(path) -> CompareSpec:
 
 def parse_compare(cfg: dict, *, base_dir=None, where: str = "compare config") -> CompareSpec:
     """Validate a compare mapping (see module docstring). UsageError (exit 2) names the first problem."""
-    from .data import dataset_info
-    from .models import list_models
-    from .train import TrainConfig
+    from lingraft.data.datasets import dataset_info
+    from lingraft.models import list_models
+    from lingraft.train.loop import TrainConfig
 
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     validate_keys(cfg, TOP_KEYS, where)
@@ -240,7 +240,7 @@ def parse_compare(cfg: dict, *, base_dir=None, where: str = "compare config") ->
 
 def _check_loss(x: Entry, names: list[str], base: Path, where: str) -> None:
     """Validate the loss name and resolve the teacher (entry name or checkpoint path)."""
-    from . import losses
+    from lingraft.train import losses
 
     loss = str(x.train.get("loss", "ce"))
     _choice(loss, list(losses.LOSSES), f"loss in entry {x.name!r}:")
@@ -369,7 +369,7 @@ def _clear_stale(folder: Path, h: str, files: list[str], log: Callable[[str], No
 
 def _ensure_trained(spec: CompareSpec, e: Entry, out: Path, hashes: dict, seed: int, device: str,
                     log: Callable[[str], None], progress: bool) -> dict:
-    from .train import TrainConfig, train
+    from lingraft.train.loop import TrainConfig, train
 
     folder = out / e.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -399,7 +399,7 @@ def _ensure_trained(spec: CompareSpec, e: Entry, out: Path, hashes: dict, seed: 
 
 def _ensure_grafted(spec: CompareSpec, e: Entry, out: Path, hashes: dict, seed: int, device,
                     log: Callable[[str], None]) -> dict:
-    from .graft import run_graft
+    from lingraft.graft.pipeline import run_graft
 
     folder = out / e.name
     h = hashes[e.name]["graft"]
@@ -438,8 +438,8 @@ def run_compare(spec: CompareSpec, out_dir, *, only: list[str] | None = None, se
     """
     import torch
 
-    from .checkpoint import load_checkpoint
-    from .data import load_dataset, subset
+    from lingraft.io.checkpoint import load_checkpoint
+    from lingraft.data.datasets import load_dataset, subset
 
     names = [e.name for e in spec.entries]
     selected = names if not only else [_choice(n, names, "entry in --only:") for n in only]
@@ -492,7 +492,7 @@ def run_compare(spec: CompareSpec, out_dir, *, only: list[str] | None = None, se
 
 
 def _certify_unit(model, x, y, u: dict, c: dict, seed: int, dev) -> dict:
-    from .certify import certify
+    from lingraft.certify.pipeline import certify
 
     rep = certify(model, x, y, u["eps"], method=u["method"], batch_size=c["batch_size"], pgd_steps=c["pgd_steps"],
                   pgd_restarts=c["pgd_restarts"], alpha_iterations=c["alpha_iterations"], seed=seed, device=dev)
@@ -659,7 +659,7 @@ def plot_cert_vs_eps(result: dict, path) -> bool:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    from .io import atomic_write
+    from lingraft.io.files import atomic_write
 
     atomic_write(path, lambda f: f.write(buf.getvalue()))
     return True

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import UsageError
-from .layers import GraftedReLU
+from lingraft.errors import UsageError
+from lingraft.models.layers import GraftedReLU
 
 _ACTIVATIONS = (nn.ReLU, GraftedReLU)
 

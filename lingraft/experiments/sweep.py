@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from lingraft.config import config_hash, load_config, normalize_keys, validate_keys
 from lingraft.errors import LingraftError, UsageError
-from lingraft.io import append_jsonl, read_jsonl
+from lingraft.io.files import append_jsonl, read_jsonl
 
 __all__ = [
     "SweepSpec",
