@@ -15,7 +15,8 @@ from click.testing import CliRunner
 
 from lingraft.io.checkpoint import load_checkpoint
 from lingraft.cli.main import cli
-from lingraft.experiments.compare import load_compare, parse_compare, plot_cert_vs_eps
+from lingraft.experiments.compare_config import load_compare, parse_compare
+from lingraft.experiments.compare_report import plot_cert_vs_eps
 from lingraft.errors import UsageError
 from lingraft.io.files import read_jsonl
 

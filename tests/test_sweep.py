@@ -17,12 +17,11 @@ from lingraft.errors import LingraftError, UsageError
 from lingraft.experiments.sweep import (
     SweepSpec,
     expand_jobs,
-    format_table,
     load_sweep,
     read_results,
     run_sweep,
-    summarize,
 )
+from lingraft.experiments.sweep_summary import SUMMARY_KEYS, summary_columns, summary_csv, summary_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -209,8 +208,8 @@ def test_errors_recorded_not_retried_unless_asked(tmp_path):
                      retry_errors=True)
     assert len(ran) == 2 and all(r["status"] == "ok" for r in recs)
     assert len(_lines(out)) == 10  # old error lines stay; the newest record per job wins
-    rows = summarize(read_results(out))
-    assert len(rows) == 8 and all(r["status"] == "ok" and "error" not in r for r in rows)
+    rows = summary_rows(read_results(out))
+    assert len(rows) == 8 and all(r["status"] == "ok" and r["error"] is None for r in rows)
 
 
 def test_bad_job_results_recorded_as_errors(tmp_path):
@@ -258,8 +257,8 @@ def test_corrupt_middle_line_is_a_clear_error(tmp_path):
 
 
 def test_signal_during_write_is_deferred(tmp_path, monkeypatch):
-    import lingraft.experiments.sweep as sweep_mod
-    real_append = sweep_mod.append_jsonl
+    import lingraft.io.resumable as resumable_mod
+    real_append = resumable_mod.append_jsonl
     n = []
 
     def append_then_signal(path, obj):
@@ -269,7 +268,7 @@ def test_signal_during_write_is_deferred(tmp_path, monkeypatch):
             time.sleep(0.01)  # let the handler run inside the critical section
         real_append(path, obj)
 
-    monkeypatch.setattr(sweep_mod, "append_jsonl", append_then_signal)
+    monkeypatch.setattr(resumable_mod, "append_jsonl", append_then_signal)
     out = tmp_path / "r.jsonl"
     with pytest.raises(KeyboardInterrupt):
         run_sweep(_spec(), _fake_job, results_path=out, log=_silent)
@@ -277,26 +276,34 @@ def test_signal_during_write_is_deferred(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-def test_summarize_and_table():
+def test_summary_rows_and_table():
     recs = [
-        {"job_id": "a", "job": {"model": "m", "method": "ibp", "ratio": 0.0, "eps": 0.1}, "status": "error",
+        {"job_id": "a", "job": {"model": "ck/m.pt", "method": "ibp", "ratio": 0.0, "eps": 0.1}, "status": "error",
          "result": None, "error": "ValueError: x", "elapsed_s": 1.0},
-        {"job_id": "b", "job": {"model": "m", "method": "crown", "ratio": 0.0, "eps": 0.1}, "status": "ok",
-         "result": {"verified": 3, "total": 5, "per_sample": [1, 0]}, "error": None, "elapsed_s": 2.0},
-        {"job_id": "a", "job": {"model": "m", "method": "ibp", "ratio": 0.0, "eps": 0.1}, "status": "ok",
-         "result": {"verified": 1, "total": 5}, "error": None, "elapsed_s": 0.5},
+        {"job_id": "b", "job": {"model": "ck/m.pt", "method": "crown", "ratio": 0.5, "eps": 0.1}, "status": "ok",
+         "result": {"clean_acc": 0.9, "pgd_acc": 0.8, "certified_acc": 0.5, "time_per_sample_s": 0.00125,
+                    "graft": {"grafted_neurons": 10, "relu_neurons": 40}, "per_sample": [1, 0]},
+         "error": None, "elapsed_s": 2.0},
+        {"job_id": "a", "job": {"model": "ck/m.pt", "method": "ibp", "ratio": 0.0, "eps": 0.1}, "status": "ok",
+         "result": {"clean_acc": 1.0}, "error": None, "elapsed_s": 0.5},
     ]
-    rows = summarize(recs)
+    rows = summary_rows(recs)  # the latest record per job, in first-seen order
     assert rows == [
-        {"model": "m", "method": "ibp", "ratio": 0.0, "eps": 0.1, "status": "ok", "verified": 1, "total": 5,
-         "elapsed_s": 0.5},
-        {"model": "m", "method": "crown", "ratio": 0.0, "eps": 0.1, "status": "ok", "verified": 3, "total": 5,
-         "elapsed_s": 2.0},
+        {"model": "ck/m.pt", "method": "ibp", "ratio": 0.0, "eps": 0.1, "status": "ok", "clean_acc": 1.0,
+         "pgd_acc": None, "certified_acc": None, "grafted_neurons": None, "relu_neurons": None,
+         "time_per_sample_s": None, "elapsed_s": 0.5, "error": None},
+        {"model": "ck/m.pt", "method": "crown", "ratio": 0.5, "eps": 0.1, "status": "ok", "clean_acc": 0.9,
+         "pgd_acc": 0.8, "certified_acc": 0.5, "grafted_neurons": 10, "relu_neurons": 40,
+         "time_per_sample_s": 0.00125, "elapsed_s": 2.0, "error": None},
     ]
-    table = format_table(rows).splitlines()
-    assert table[0].split() == ["model", "method", "ratio", "eps", "status", "verified", "total", "elapsed_s"]
-    assert table[3].split() == ["m", "crown", "0", "0.1", "ok", "3", "5", "2"]
-    assert format_table([]) == "(no results)"
+    header, body = summary_columns(rows)
+    assert header == ["model", "method", "ratio", "eps", "status", "clean", "PGD", "certified", "grafted", "ms/img",
+                      "s"]
+    assert body == [["m.pt", "ibp", 0.0, 0.1, "ok", "100.0%", "-", "-", "-", "-", "0.5"],
+                    ["m.pt", "crown", 0.5, 0.1, "ok", "90.0%", "80.0%", "50.0%", "10/40", "1.25", "2.0"]]
+    lines = summary_csv(rows).splitlines()
+    assert lines[0].split(",") == SUMMARY_KEYS and len(lines) == 3
+    assert summary_columns([]) == (header, [])
 
 
 def test_second_concurrent_sweep_refused(tmp_path):

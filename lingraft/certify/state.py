@@ -1,7 +1,7 @@
 """Resumable certification: ``lingraft certify --state FILE``.
 
 The samples are certified in chunks (one bound batch each); after every chunk its report is appended to FILE as
-one JSON line (single write + fsync, see :func:`lingraft.io.append_jsonl`). The first line holds the hash of the
+one JSON line (single write + fsync, see :class:`lingraft.io.resumable.ResumableLog`). The first line holds the hash of the
 settings the results depend on. A rerun with the same settings skips the finished chunks, so an interrupted run
 (Ctrl-C, a killed CI job) loses at most the chunk in flight; a rerun with other settings is refused instead of
 mixing results. The merged report equals the one of an uninterrupted run, except for the wall-clock times.
@@ -12,7 +12,6 @@ before appending, via :func:`lingraft.io.read_jsonl` with ``repair=True``. A dam
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -22,7 +21,8 @@ from torch import Tensor, nn
 from lingraft.bounds import BoundedNetwork
 from lingraft.certify.pipeline import CertifyReport, certify, summarize_samples
 from lingraft.errors import LingraftError
-from lingraft.io.files import JsonlError, append_jsonl, ensure_parent, read_jsonl
+from lingraft.io.files import JsonlError
+from lingraft.io.resumable import ResumableLog
 
 STATE_FORMAT = "lingraft-certify-state"
 
@@ -36,41 +36,9 @@ def certify_resumable(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, sta
     the same seeds. ``timeout``: seconds for this invocation. ``kw`` goes to certify. Returns the merged report."""
     t0 = time.perf_counter()
     path = Path(state_path)
-    not_state = LingraftError(f"{path} is not a lingraft certify state file; remove it or pick another --state")
-    try:
-        # a torn last line (a run killed mid-append) is skipped here and truncated below, once the file is known
-        # to be ours: appending after the fragment would make the whole file unreadable
-        records = read_jsonl(path, what="certify state file",
-                             fix="delete that line (its batch reruns) or remove the file to start over")
-    except JsonlError as e:
-        if _starts_like_state(path):
-            raise LingraftError(str(e)) from None  # ours, damaged in the middle: say where
-        raise not_state from None
-    except (ValueError, UnicodeDecodeError):
-        raise not_state from None
-    except OSError as e:
-        raise LingraftError(f"cannot read the state file {path} ({e.strerror or e}); check its permissions") from None
-    header = {"format": STATE_FORMAT, "settings_hash": settings_hash}
-    if records:
-        head = records[0]
-        if not isinstance(head, dict) or head.get("format") != STATE_FORMAT or not all(
-                isinstance(r, dict) for r in records):
-            raise not_state
-        if head.get("settings_hash") != settings_hash:
-            raise LingraftError(f"{path} holds results for other settings (hash {head.get('settings_hash')}, now "
-                                f"{settings_hash}); remove it to start over or pick another --state")
-        read_jsonl(path, repair=True, log=log)  # ours: drop a torn last line before appending
-    elif path.exists() and path.stat().st_size > 0:
-        if not _is_torn_header(path):
-            raise not_state  # never overwrite a file that is not ours
-        if log:
-            log(f"{path} holds only a torn first line (a run killed as it started); starting over")
-        os.truncate(path, 0)
-        append_jsonl(path, header)
-    else:
-        ensure_parent(path)
-        append_jsonl(path, header)
-    done = {int(r["start"]): r["report"] for r in records[1:] if "start" in r}
+    state = ResumableLog(path, what="certify state file",
+                         fix="delete that line (its batch reruns) or remove the file to start over")
+    done = _open_state(state, settings_hash, log)
     N = x.shape[0]
     indices = list(range(N)) if indices is None else list(indices)
     if kw.get("net") is None:  # trace the model once, not once per chunk
@@ -91,9 +59,47 @@ def certify_resumable(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, sta
         if any(smp["status"] == "timeout" for smp in d["samples"]):
             parts.append(d)  # ran out of time: report it, but do not record it as finished
             continue
-        append_jsonl(path, {"start": s, "report": d})
+        state.append({"start": s, "report": d})
         parts.append(d)
     return merge_reports(parts)
+
+
+def _open_state(state: ResumableLog, settings_hash: str, log) -> dict[int, dict]:
+    """The finished chunks recorded in the state file (``{first sample position: report dict}``), after making it
+    safe to append to; a missing or empty file (or one holding only a torn header) is started with the header.
+    Refuses (LingraftError) a file of other settings or one that is not a state file."""
+    path = state.path
+    not_state = LingraftError(f"{path} is not a lingraft certify state file; remove it or pick another --state")
+    try:
+        # a torn last line (a run killed mid-append) is skipped here and truncated below, once the file is known
+        # to be ours: appending after the fragment would make the whole file unreadable
+        records = state.read()
+    except JsonlError as e:
+        if _starts_like_state(path):
+            raise LingraftError(str(e)) from None  # ours, damaged in the middle: say where
+        raise not_state from None
+    except (ValueError, UnicodeDecodeError):
+        raise not_state from None
+    except OSError as e:
+        raise LingraftError(f"cannot read the state file {path} ({e.strerror or e}); check its permissions") from None
+    header = {"format": STATE_FORMAT, "settings_hash": settings_hash}
+    if records:
+        head = records[0]
+        if not isinstance(head, dict) or head.get("format") != STATE_FORMAT or not all(
+                isinstance(r, dict) for r in records):
+            raise not_state
+        if head.get("settings_hash") != settings_hash:
+            raise LingraftError(f"{path} holds results for other settings (hash {head.get('settings_hash')}, now "
+                                f"{settings_hash}); remove it to start over or pick another --state")
+        state.resume(log=log)  # ours: drop a torn last line before appending
+    else:
+        if path.exists() and path.stat().st_size > 0:
+            if not _is_torn_header(path):
+                raise not_state  # never overwrite a file that is not ours
+            if log:
+                log(f"{path} holds only a torn first line (a run killed as it started); starting over")
+        state.start(header)
+    return {int(r["start"]): r["report"] for r in records[1:] if "start" in r}
 
 
 def _head_prefix() -> bytes:

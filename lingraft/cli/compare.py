@@ -32,7 +32,8 @@ def command(config, out_dir, only, threads, no_plot, json_out, verbose, quiet, s
     """
     import torch
 
-    from lingraft.experiments.compare import load_compare, run_compare
+    from lingraft.experiments.compare import run_compare
+    from lingraft.experiments.compare_config import load_compare
     from lingraft.errors import UsageError
 
     if threads is not None:
@@ -57,7 +58,7 @@ def command(config, out_dir, only, threads, no_plot, json_out, verbose, quiet, s
 
 def render_text(res: dict) -> str:
     """The terminal version of table.md."""
-    from lingraft.experiments.compare import table_columns
+    from lingraft.experiments.compare_report import table_columns
 
     header, body = table_columns(res)
     if not body:

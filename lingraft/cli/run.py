@@ -10,8 +10,6 @@ from lingraft.config import config_hash, config_option
 from lingraft.errors import LingraftError
 from lingraft.cli.options import common_options, emit_json, json_option, pick_device, progress_bar, table, versions
 
-_SUMMARY_HEADER = ["model", "method", "ratio", "eps", "status", "clean", "PGD", "certified", "grafted", "ms/img", "s"]
-
 
 @click.command("run", epilog="Examples:\n\n\b\n  lingraft run sweep.yaml\n"
                "  lingraft run sweep.yaml --dry-run\n"
@@ -42,8 +40,8 @@ def command(sweep, config_path, results, retry_errors, dry_run, csv_out, json_ou
     margin and time). Ctrl-C stops after the current job's line is complete; rerunning resumes. Exits 1 when
     any job failed (its error is in the results file).
     """
-    from lingraft.experiments.jobs import METHODS, RUN_OPTIONS, JobRunner, resolve_options, resolve_model_entry, work_dir_for
-    from lingraft.experiments.sweep import expand_jobs, latest_records, load_sweep, read_results, run_sweep
+    from lingraft.experiments.jobs import METHODS, RUN_OPTIONS, resolve_options
+    from lingraft.experiments.sweep import latest_records, load_sweep, read_results
 
     p = Path(sweep)
     if not p.exists():
@@ -58,27 +56,54 @@ def command(sweep, config_path, results, retry_errors, dry_run, csv_out, json_ou
     results = Path(results) if results else Path(spec.results)  # flag/--config beat the sweep
     if results.is_dir():
         raise LingraftError(f"results path {results} is a directory; give a .jsonl file")
+    jobs = _resolved_jobs(spec, where)
+    latest = latest_records(read_results(results))
+    done = {j["job_id"] for j in jobs
+            if j["job_id"] in latest and (latest[j["job_id"]].get("status") != "error" or not retry_errors)}
+
+    if dry_run:
+        _dry_run(jobs, latest, done, results, json_out, quiet)
+        return
+    records = _run_jobs(spec, jobs, done, opts, results, where, device=device, retry_errors=retry_errors,
+                        verbose=verbose, quiet=quiet, no_progress=no_progress)
+    _report(records, spec, opts, p, results, len(jobs), json_out=json_out, csv_out=csv_out, quiet=quiet)
+
+
+def _resolved_jobs(spec, where: str) -> list[dict]:
+    """The sweep's jobs (:func:`expand_jobs` order) with shipped-model names resolved to their files."""
+    from lingraft.experiments.jobs import resolve_model_entry
+    from lingraft.experiments.sweep import expand_jobs
+
     jobs = expand_jobs(spec)
     for j in jobs:
         j["model"] = resolve_model_entry(j["model"], where)
-    by_id = {j["job_id"]: j for j in jobs}
-    latest = latest_records(read_results(results))
-    done = {jid for jid in by_id if jid in latest and (latest[jid].get("status") != "error" or not retry_errors)}
+    return jobs
 
-    if dry_run:
-        rows = [[_short(j["model"]), j["method"], j["ratio"], j["eps"],
-                 latest[j["job_id"]].get("status", "?") if j["job_id"] in done else "todo"] for j in jobs]
-        if json_out:
-            emit_json({"schema_version": 1, "command": "run", "dry_run": True, "results": str(results),
-                       "jobs": [dict(j, status=r[-1]) for j, r in zip(jobs, rows)]}, json_out)
-        if json_out != "-" and not quiet:
-            click.echo(table(rows, ["model", "method", "ratio", "eps", "status"]))
-            click.echo(f"{len(jobs) - len(done)} of {len(jobs)} jobs to run; results: {results}")
-        return
+
+def _dry_run(jobs: list[dict], latest: dict, done: set, results: Path, json_out, quiet: bool) -> None:
+    """List the jobs and whether each is done (``--dry-run``)."""
+    from lingraft.experiments.sweep_summary import model_label
+
+    rows = [[model_label(j["model"]), j["method"], j["ratio"], j["eps"],
+             latest[j["job_id"]].get("status", "?") if j["job_id"] in done else "todo"] for j in jobs]
+    if json_out:
+        emit_json({"schema_version": 1, "command": "run", "dry_run": True, "results": str(results),
+                   "jobs": [dict(j, status=r[-1]) for j, r in zip(jobs, rows)]}, json_out)
+    if json_out != "-" and not quiet:
+        click.echo(table(rows, ["model", "method", "ratio", "eps", "status"]))
+        click.echo(f"{len(jobs) - len(done)} of {len(jobs)} jobs to run; results: {results}")
+
+
+def _run_jobs(spec, jobs: list[dict], done: set, opts: dict, results: Path, where: str, *, device,
+              retry_errors: bool, verbose: bool, quiet: bool, no_progress: bool) -> list[dict]:
+    """Run the unfinished jobs with a progress bar; returns the latest record of every job."""
+    from lingraft.experiments.jobs import JobRunner, work_dir_for
+    from lingraft.experiments.sweep import run_sweep
 
     dev = pick_device(device)
     runner = JobRunner(opts, work_dir=work_dir_for(results), device=dev, where=where)
     runner.preflight([j for j in jobs if j["job_id"] not in done])  # finished jobs need no model any more
+    by_id = {j["job_id"]: j for j in jobs}
 
     with progress_bar(len(jobs), "run", no_progress or quiet) as bar:
         bar.update(len(done))
@@ -93,6 +118,7 @@ def command(sweep, config_path, results, retry_errors, dry_run, csv_out, json_ou
                 click.echo(msg, err=True)
 
         runner.log = say if verbose else (lambda s: None)
+
         def job_fn(job: dict) -> dict:
             # run_sweep expands the grid itself; use our copy of the job, whose shipped-model names are resolved
             try:
@@ -100,72 +126,31 @@ def command(sweep, config_path, results, retry_errors, dry_run, csv_out, json_ou
             finally:
                 bar.update(1)
 
-        records = run_sweep(spec, job_fn, results_path=results, log=say, retry_errors=retry_errors)
+        return run_sweep(spec, job_fn, results_path=results, log=say, retry_errors=retry_errors)
+
+
+def _report(records: list[dict], spec, opts: dict, sweep: Path, results: Path, n_jobs: int, *, json_out, csv_out,
+            quiet: bool) -> None:
+    """Print / write the summary of the finished run; LingraftError (exit 1) when any job failed."""
+    from lingraft.experiments.sweep_summary import model_label, summary_columns, summary_csv, summary_rows
+    from lingraft.io.files import atomic_write_text
 
     rows = summary_rows(records)
     failed = [r for r in records if r.get("status") == "error"]
-    summary = {"schema_version": 1, "command": "run", "sweep": str(p), "results": str(results),
-               "config": {"sweep": str(p), "options": opts, "models": spec.models, "methods": spec.methods,
+    summary = {"schema_version": 1, "command": "run", "sweep": str(sweep), "results": str(results),
+               "config": {"sweep": str(sweep), "options": opts, "models": spec.models, "methods": spec.methods,
                           "ratios": spec.ratios, "eps": spec.eps},
-               "versions": versions(), "jobs": len(jobs), "failed": len(failed), "rows": rows}
+               "versions": versions(), "jobs": n_jobs, "failed": len(failed), "rows": rows}
     summary["config_hash"] = config_hash(summary["config"])
     if json_out:
         emit_json(summary, json_out)
     if json_out != "-" and not quiet:
-        click.echo(table([_fmt_row(r) for r in rows], _SUMMARY_HEADER))
+        header, body = summary_columns(rows)
+        click.echo(table(body, header))
         click.echo(f"{len(records)} jobs, {len(failed)} failed; results in {results}")
     if csv_out:
-        _write_csv(csv_out, rows)
+        atomic_write_text(csv_out, summary_csv(rows))
     if failed:
         first = failed[0]
-        raise LingraftError(f"{len(failed)} of {len(records)} jobs failed (first: {_short(first['job']['model'])} "
+        raise LingraftError(f"{len(failed)} of {len(records)} jobs failed (first: {model_label(first['job']['model'])} "
                             f"{first['job']['method']}: {first.get('error')}); fix it and rerun with --retry-errors")
-
-
-_SUMMARY_KEYS = ["model", "method", "ratio", "eps", "status", "clean_acc", "pgd_acc", "certified_acc",
-                 "grafted_neurons", "relu_neurons", "time_per_sample_s", "elapsed_s", "error"]
-
-
-def _short(model: str) -> str:
-    return Path(model).name
-
-
-def summary_rows(records: list[dict]) -> list[dict]:
-    """One plain dict per job record (keys :data:`_SUMMARY_KEYS`; numbers stay numbers, missing ones None)."""
-    rows = []
-    for rec in records:
-        job = rec.get("job") or {}
-        res = rec.get("result") or {}
-        g = res.get("graft") or {}
-        rows.append({"model": job.get("model"), "method": job.get("method"), "ratio": job.get("ratio"),
-                     "eps": job.get("eps"), "status": rec.get("status"), "clean_acc": res.get("clean_acc"),
-                     "pgd_acc": res.get("pgd_acc"), "certified_acc": res.get("certified_acc"),
-                     "grafted_neurons": g.get("grafted_neurons"), "relu_neurons": g.get("relu_neurons"),
-                     "time_per_sample_s": res.get("time_per_sample_s"), "elapsed_s": rec.get("elapsed_s"),
-                     "error": rec.get("error")})
-    return rows
-
-
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
-
-
-def _fmt_row(r: dict) -> list:
-    grafted = "-" if r["grafted_neurons"] is None else f"{r['grafted_neurons']}/{r['relu_neurons']}"
-    ms = r["time_per_sample_s"]
-    return [_short(str(r["model"])), r["method"], r["ratio"], r["eps"], r["status"], _pct(r["clean_acc"]),
-            _pct(r["pgd_acc"]), _pct(r["certified_acc"]), grafted, "-" if ms is None else f"{1000 * ms:.2f}",
-            f"{r['elapsed_s'] or 0.0:.1f}"]
-
-
-def _write_csv(path, rows: list[dict]) -> None:
-    import csv
-    import io
-
-    from lingraft.io.files import atomic_write_text
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=_SUMMARY_KEYS)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())

@@ -33,7 +33,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 from lingraft.config import config_hash, load_config, normalize_keys, validate_keys
 from lingraft.errors import LingraftError, UsageError
-from lingraft.io.files import append_jsonl, read_jsonl
+from lingraft.io.files import ensure_parent, json_default
+from lingraft.io.resumable import ResumableLog, latest_by
 
 __all__ = [
     "SweepSpec",
@@ -44,8 +45,6 @@ __all__ = [
     "run_sweep",
     "read_results",
     "latest_records",
-    "summarize",
-    "format_table",
 ]
 
 SWEEP_KEYS = {"models", "eps", "methods", "ratios", "results", "options"}
@@ -237,15 +236,6 @@ def expand_jobs(spec: SweepSpec) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------ results
 
-def _repair_tail(path: Path, log: Callable[[str], Any]) -> None:
-    """Make ``path`` end on a complete JSON line so that appending cannot glue onto a torn line.
-
-    A crash mid-append can leave a partial last line; it is dropped (that job reruns). A complete last
-    line that only lacks its newline gets one. (:func:`lingraft.io.read_jsonl` with ``repair=True``.)
-    """
-    read_jsonl(path, repair=True, what="results file", log=lambda msg: log(f"{msg}; that job will rerun"))
-
-
 def read_results(path: str | os.PathLike) -> list[dict]:
     """All records of a results file in file order, tolerating a torn last line.
 
@@ -254,17 +244,16 @@ def read_results(path: str | os.PathLike) -> list[dict]:
     p = Path(path)
     if p.is_dir():
         raise LingraftError(f"results path {p} is a directory; give a .jsonl file")
-    return [rec for rec in read_jsonl(p, what="results file") if isinstance(rec, dict)]
+    return [rec for rec in _results_log(p).read() if isinstance(rec, dict)]
+
+
+def _results_log(path: Path) -> ResumableLog:
+    return ResumableLog(path, what="results file")
 
 
 def latest_records(records: Iterable[dict]) -> dict[str, dict]:
     """``{job_id: record}`` keeping the last record per job (a retried error is superseded)."""
-    out: dict[str, dict] = {}
-    for rec in records:
-        jid = rec.get("job_id")
-        if isinstance(jid, str):
-            out[jid] = rec
-    return out
+    return latest_by(records, lambda rec: rec.get("job_id") if isinstance(rec.get("job_id"), str) else None)
 
 
 def _now() -> str:
@@ -363,12 +352,14 @@ def run_sweep(
     path = Path(results_path if results_path is not None else spec.results)
     if path.is_dir():
         raise LingraftError(f"results path {path} is a directory; give a .jsonl file")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_parent(path)
     jobs = expand_jobs(spec)
+    results = _results_log(path)
 
     with _exclusive(path):
-        _repair_tail(path, log)
-        latest = latest_records(read_results(path))
+        # a torn last line (a kill mid-append) is cut away before appending; that job reruns
+        records = results.resume(log=lambda msg: log(f"{msg}; that job will rerun"))
+        latest = latest_records(rec for rec in records if isinstance(rec, dict))
 
         def is_done(jid: str) -> bool:
             rec = latest.get(jid)
@@ -380,103 +371,37 @@ def run_sweep(
         n_done = len(jobs) - len(todo)
         try:
             with _InterruptGuard() as guard:
-                for k, job in enumerate(todo, 1):
-                    t0 = time.perf_counter()
-                    try:
-                        result = job_fn(dict(job, options=dict(job["options"])))
-                        if not isinstance(result, dict):
-                            raise TypeError(f"job function returned {type(result).__name__}, expected a dict")
-                        json.dumps(result, allow_nan=True, default=_json_default)  # fail here, not mid-write
-                        status, error = "ok", None
-                    except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
-                        status, error, result = "error", f"{type(e).__name__}: {' '.join(str(e).split())}", None
-                    record = {
-                        "job_id": job["job_id"],
-                        "job": {k2: v for k2, v in job.items() if k2 != "job_id"},
-                        "status": status,
-                        "result": result,
-                        "error": error,
-                        "elapsed_s": round(time.perf_counter() - t0, 4),
-                        "finished_at": _now(),
-                    }
+                for job in todo:
+                    record = _run_job(job, job_fn)
                     with guard.critical():
-                        append_jsonl(path, record)
+                        results.append(record)
                         latest[job["job_id"]] = record
                         n_done += 1
-                    msg = f"[{n_done}/{len(jobs)}] {_short_job(job)}: {status} ({record['elapsed_s']:.2f}s)"
-                    log(msg if error is None else f"{msg} {error}")
+                    msg = f"[{n_done}/{len(jobs)}] {_short_job(job)}: {record['status']} ({record['elapsed_s']:.2f}s)"
+                    log(msg if record["error"] is None else f"{msg} {record['error']}")
         except KeyboardInterrupt:
             log(f"interrupted: {n_done} of {len(jobs)} jobs done, saved in {path}; rerun to resume")
             raise
     return [latest[j["job_id"]] for j in jobs if j["job_id"] in latest]
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, os.PathLike):
-        return os.fspath(o)
-    item = getattr(o, "item", None)
-    if callable(item) and getattr(o, "shape", None) == ():
-        return item()
-    tolist = getattr(o, "tolist", None)
-    if callable(tolist):
-        return tolist()
-    raise TypeError(f"result value of type {type(o).__name__} is not JSON serializable")
-
-
-# ------------------------------------------------------------------------------------------------ summary
-
-def _scalar(v: Any) -> bool:
-    return v is None or isinstance(v, (bool, int, float, str))
-
-
-def summarize(records: Iterable[dict]) -> list[dict]:
-    """One table row per job (the latest record per ``job_id``, in first-seen order).
-
-    Row: ``model, method, ratio, eps, status`` then the scalar fields of ``result`` (nested values are
-    left out), ``error`` for failed jobs, and ``elapsed_s``.
-    """
-    records = list(records)
-    order: list[str] = []
-    for rec in records:
-        jid = rec.get("job_id")
-        if isinstance(jid, str) and jid not in order:
-            order.append(jid)
-    latest = latest_records(records)
-    rows = []
-    for jid in order:
-        rec = latest[jid]
-        job = rec.get("job") or {}
-        row: dict[str, Any] = {k: job.get(k) for k in ("model", "method", "ratio", "eps")}
-        row["status"] = rec.get("status", "ok")
-        for k, v in (rec.get("result") or {}).items():
-            if _scalar(v) and k not in row:
-                row[k] = v
-        if rec.get("error"):
-            row["error"] = rec["error"]
-        if "elapsed_s" in rec:
-            row["elapsed_s"] = rec["elapsed_s"]
-        rows.append(row)
-    return rows
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def format_table(rows: list[dict]) -> str:
-    """Plain-text table of :func:`summarize` rows (columns = union of keys in first-seen order)."""
-    if not rows:
-        return "(no results)"
-    cols: list[str] = []
-    for row in rows:
-        cols.extend(k for k in row if k not in cols)
-    cells = [[_cell(row.get(c)) for c in cols] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
-    return "\n".join(lines)
+def _run_job(job: dict, job_fn: Callable[[dict], dict]) -> dict:
+    """The results record of one job: ``job_fn``'s dict, or the exception it raised in one line."""
+    t0 = time.perf_counter()
+    try:
+        result = job_fn(dict(job, options=dict(job["options"])))
+        if not isinstance(result, dict):
+            raise TypeError(f"job function returned {type(result).__name__}, expected a dict")
+        json.dumps(result, allow_nan=True, default=json_default)  # fail here, not mid-write
+        status, error = "ok", None
+    except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
+        status, error, result = "error", f"{type(e).__name__}: {' '.join(str(e).split())}", None
+    return {
+        "job_id": job["job_id"],
+        "job": {k: v for k, v in job.items() if k != "job_id"},
+        "status": status,
+        "result": result,
+        "error": error,
+        "elapsed_s": round(time.perf_counter() - t0, 4),
+        "finished_at": _now(),
+    }

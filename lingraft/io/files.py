@@ -201,14 +201,14 @@ def atomic_write_text(path, text: str) -> None:
 
 
 def atomic_write_json(path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
 def append_jsonl(path, obj: Any) -> None:
     """Append one JSON line with a single write + fsync. A kill can only leave a torn last line (a prefix of the
     line, without its newline): :func:`read_jsonl` skips it, and ``read_jsonl(path, repair=True)`` removes it,
     which every resuming writer does before its first append so that nothing is glued onto a fragment."""
-    line = json.dumps(obj, default=_json_default) + "\n"
+    line = json.dumps(obj, default=json_default) + "\n"
     try:
         with open(path, "a", encoding="utf-8") as f:
             f.write(line)
@@ -283,22 +283,22 @@ def read_jsonl(path, *, repair: bool = False, what: str = "file", fix: str = "de
     return out
 
 
-def _json_default(o):
-    try:
-        import numpy as np
-        import torch
-
-        if isinstance(o, torch.Tensor):
-            return o.tolist()
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-    except ImportError:
-        pass
-    if isinstance(o, Path):
-        return str(o)
+def json_default(o: Any) -> Any:
+    """``json.dumps`` ``default=`` for the values results and metadata hold: paths become strings, 0-d tensors
+    and numpy scalars numbers, tensors and arrays (nested) lists. Duck-typed, so torch and numpy are not imported.
+    Anything else raises TypeError."""
+    if isinstance(o, os.PathLike):
+        return os.fspath(o)
+    item = getattr(o, "item", None)
+    if callable(item) and getattr(o, "shape", None) == ():
+        return item()
+    tolist = getattr(o, "tolist", None)
+    if callable(tolist):
+        return tolist()
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+_json_default = json_default  # the older private name (lingraft.io.checkpoint imports it)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

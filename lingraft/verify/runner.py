@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from lingraft.errors import LingraftError, UsageError
-from lingraft.io.files import append_jsonl, ensure_parent, read_jsonl
+from lingraft.io.resumable import ResumableLog, latest_by
 from lingraft.spec.vnnlib import write_counterexample
 from lingraft.verify.core import VerifyResult, verify_property
 
@@ -97,18 +97,18 @@ def verify_instances(csv_path, *, out=None, resume: bool = True, results_dir=Non
     rows = load_instances(csv_path)
     expected = load_expected(folder)
     out = Path(out) if out is not None else Path.cwd() / "vnncomp_results" / f"{folder.name}.jsonl"
-    ensure_parent(out)
+    results = ResumableLog(out, what="results file", fix="delete that line (its instance reruns) and rerun")
     done = {}
     if resume:
-        # repair=True: drop a line torn by a killed run before appending (it would glue onto the fragment)
-        for i, r in enumerate(read_jsonl(out, repair=True, what="results file",
-                                         fix="delete that line (its instance reruns) and rerun"), 1):
+        # resume() drops a line torn by a killed run before appending (it would glue onto the fragment)
+        finished = results.resume()
+        for i, r in enumerate(finished, 1):
             if not isinstance(r, dict):
                 raise LingraftError(f"results file {out}: record {i} is not a JSON object (a lingraft verify "
                                     "record); move the file away or pick another --out")
-            done[(r.get("onnx"), r.get("vnnlib"))] = r
-    elif out.exists():
-        out.unlink()
+        done = latest_by(finished, lambda r: (r.get("onnx"), r.get("vnnlib")))
+    else:
+        results.clear()
     records = []
     for n, (onnx, vnnlib, t) in enumerate(rows, 1):
         key = (onnx, vnnlib)
@@ -129,7 +129,7 @@ def verify_instances(csv_path, *, out=None, resume: bool = True, results_dir=Non
             rec["note"] = res.note  # e.g. a counterexample checked to float32 precision
         if results_dir is not None:
             write_result(Path(results_dir) / f"{Path(_base(onnx)).stem}_{Path(_base(vnnlib)).stem}.txt", res)
-        append_jsonl(out, rec)
+        results.append(rec)
         records.append(rec)
         extra = f", expected {exp}" if exp else ""
         flag = "  WRONG" if rec["wrong"] else ""
