@@ -55,7 +55,7 @@ def test_pick_device():
     assert pick_device("cpu").type == "cpu"
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(UsageError, match="CUDA is not available"):
+        with pytest.raises(UsageError, match="no CUDA device is available"):
             pick_device("cuda")
     with pytest.raises(UsageError):
         pick_device("tpu")

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import shlex
 import sys
 
 import click
 
-from lingraft.config import config_option
 from lingraft.cli.options import common_options, emit_json, json_option, pick_device, table, versions
+from lingraft.config import config_option
 
 
-@click.command("graft", epilog="Examples:\n\n\b\n  lingraft graft models/mnist-cnn-b-fgsm.pt --ratio 0.5 --eps 0.06 --out grafted.pt\n"
+@click.command("graft", epilog="Examples:\n\n\b\n"
+               "  lingraft graft models/mnist-cnn-b-fgsm.pt --ratio 0.5 --eps 0.06 --out grafted.pt\n"
                "  lingraft graft model.pt --eps 0.1 --scores-only scores.json\n"
                "  lingraft graft model.pt --mask mask.json --eps 0.1 --out grafted.pt --epochs 0")
 @click.argument("model", required=False, type=click.Path())
@@ -21,7 +23,8 @@ from lingraft.cli.options import common_options, emit_json, json_option, pick_de
 @click.option("--eps", type=click.FloatRange(0, 1), default=None,
               help="Graft/certification eps (default: the checkpoint's training eps).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Grafted checkpoint to write.")
-@click.option("--rule", type=click.Choice(["lg", "random", "magnitude", "instability"]), default="lg", show_default=True,
+@click.option("--rule", type=click.Choice(["lg", "random", "magnitude", "instability"]), default="lg",
+              show_default=True,
               help="lg: the paper's staged gamma*rank(instability) - rank(significance); others are baselines.")
 @click.option("--scope", type=click.Choice(["global", "layer"]), default="global", show_default=True)
 @click.option("--gammas", default="2,1.5,1,0", show_default=True, help="Stage weights of the lg rule.")
@@ -31,7 +34,8 @@ from lingraft.cli.options import common_options, emit_json, json_option, pick_de
 @click.option("--score-bound", type=click.Choice(["ibp", "crown"]), default="crown", show_default=True)
 @click.option("--init", type=click.Choice(["paper", "identity", "zero", "fit"]), default="paper", show_default=True,
               help="paper: a=0.4, b=0; fit: least-squares line of relu over the score images.")
-@click.option("--epochs", type=click.IntRange(min=0), default=1, show_default=True, help="Fine-tuning epochs (0: none).")
+@click.option("--epochs", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Fine-tuning epochs (0: none).")
 @click.option("--num-train", type=click.IntRange(min=1), default=10000, show_default=True,
               help="Fine-tuning images (first N of the training split, validation held out).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
@@ -54,18 +58,11 @@ def command(model, config_path, ratio, eps, out_path, rule, scope, gammas, signi
             no_progress, device):
     """Graft linearity into MODEL's least important unstable ReLU neurons and fine-tune (Linearity Grafting)."""
     from lingraft.errors import UsageError
-    from lingraft.graft.pipeline import run_graft
+    from lingraft.graft.pipeline import GraftSettings, run_graft
 
     if scores_only is None and out_path is None:
         raise UsageError("pass --out FILE for the grafted checkpoint (or --scores-only FILE)")
-    import math
-
-    try:
-        gam = tuple(float(g) for g in gammas.split(","))
-    except ValueError:
-        raise UsageError(f"--gammas must be comma-separated numbers, got {gammas!r}") from None
-    if not gam or not all(math.isfinite(g) for g in gam):
-        raise UsageError(f"--gammas must be finite numbers, got {gammas!r}")
+    gam = _parse_gammas(gammas)
     for name, v in (("--lr", lr), ("--lr-graft", lr_graft)):
         if not math.isfinite(v) or v <= 0:
             raise UsageError(f"{name} must be a finite number > 0, got {v}")
@@ -73,17 +70,15 @@ def command(model, config_path, ratio, eps, out_path, rule, scope, gammas, signi
         raise UsageError("--ratio must be a number in [0, 1], got nan")
     if out_path and str(out_path).lower().endswith(".json"):
         raise UsageError(f"--out {out_path} would clash with the checkpoint's JSON sidecar; use a .pt file name")
-    meths = [m.strip() for m in methods.split(",") if m.strip()]
-    for m in meths:
-        if m not in ("ibp", "crown", "alpha-crown"):
-            raise UsageError(f"unknown method {m!r} in --methods; use ibp, crown, alpha-crown")
+    settings = GraftSettings(ratio=ratio, eps=eps, out_path=out_path, rule=rule, scope=scope, gammas=gam,
+                             significance=significance, significance_input=significance_input,
+                             score_images=score_images, score_bound=score_bound, init=init, epochs=epochs,
+                             num_train=num_train, batch_size=batch_size, lr=lr, lr_graft=lr_graft, train_eps=train_eps,
+                             scores_only=scores_only, mask_path=mask_path, save_mask=save_mask,
+                             num_samples=num_samples, methods=_parse_methods(methods), dataset=dataset,
+                             data_dir=data_dir, seed=seed)
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
-    res = run_graft(model, out_path=out_path, ratio=ratio, eps=eps, rule=rule, scope=scope, gammas=gam,
-                    significance=significance, significance_input=significance_input, score_images=score_images,
-                    score_bound=score_bound, init=init, epochs=epochs, num_train=num_train, batch_size=batch_size,
-                    lr=lr, lr_graft=lr_graft, train_eps=train_eps, scores_only=scores_only, mask_path=mask_path,
-                    save_mask=save_mask, num_samples=num_samples, methods=meths, dataset=dataset, data_dir=data_dir,
-                    seed=seed, device=pick_device(device), log=log,
+    res = run_graft(model, settings, device=pick_device(device), log=log,
                     command="lingraft " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     res["versions"] = versions()
     if json_out:
@@ -94,6 +89,30 @@ def command(model, config_path, ratio, eps, out_path, rule, scope, gammas, signi
         click.echo(f"wrote scores to {scores_only}")
         return
     click.echo(render_graft_table(res))
+
+
+def _parse_gammas(gammas: str) -> tuple[float, ...]:
+    """'2,1.5,1,0' -> (2.0, 1.5, 1.0, 0.0); UsageError unless finite numbers."""
+    from lingraft.errors import UsageError
+
+    try:
+        gam = tuple(float(g) for g in gammas.split(","))
+    except ValueError:
+        raise UsageError(f"--gammas must be comma-separated numbers, got {gammas!r}") from None
+    if not gam or not all(math.isfinite(g) for g in gam):
+        raise UsageError(f"--gammas must be finite numbers, got {gammas!r}")
+    return gam
+
+
+def _parse_methods(methods: str) -> list[str]:
+    """'crown,alpha-crown' -> ['crown', 'alpha-crown']; UsageError for an unknown bound method."""
+    from lingraft.errors import UsageError
+
+    meths = [m.strip() for m in methods.split(",") if m.strip()]
+    for m in meths:
+        if m not in ("ibp", "crown", "alpha-crown"):
+            raise UsageError(f"unknown method {m!r} in --methods; use ibp, crown, alpha-crown")
+    return meths
 
 
 def render_graft_table(res: dict) -> str:

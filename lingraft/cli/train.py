@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from lingraft.config import config_option
 from lingraft.cli.options import common_options, emit_json, json_option, versions
+from lingraft.config import config_option
 
 
 @click.command("train", epilog="Examples:\n\n\b\n  lingraft train --arch cnn-b --dataset mnist --method fgsm --eps 0.1 "
@@ -27,7 +27,8 @@ from lingraft.cli.options import common_options, emit_json, json_option, version
 @click.option("--schedule", type=click.Choice(["cosine", "step", "none"]), default="cosine", show_default=True)
 @click.option("--method", type=click.Choice(["ce", "fgsm", "pgd"]), default="ce", show_default=True,
               help="ce: clean; fgsm: FGSM + GradAlign (LG recipe); pgd: PGD adversarial training.")
-@click.option("--eps", type=click.FloatRange(0, 1), default=0.1, show_default=True, help="Training radius (pixel space).")
+@click.option("--eps", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="Training radius (pixel space).")
 @click.option("--grad-align", type=click.FloatRange(min=0), default=0.2, show_default=True)
 @click.option("--fgsm-step", type=click.FloatRange(min=0), default=1.25, show_default=True, help="FGSM step / eps.")
 @click.option("--pgd-steps", type=click.IntRange(min=1), default=10, show_default=True)

@@ -1,10 +1,10 @@
 """Job functions of ``lingraft run``: one sweep grid point (model, method, ratio, eps) -> one JSON-able result.
 
-ratio 0 certifies the model itself. ratio > 0 grafts it first (:func:`lingraft.graft.run_graft`, no before/after
-table) into a checkpoint in a work folder next to the results file, then certifies the grafted model. The grafted
-checkpoint is named by a hash of everything that determines it (model file contents, ratio, eps, graft options), so
-a rerun, another bound method, or a resumed sweep reuses it instead of grafting again; it is written atomically, so
-an interrupted graft leaves nothing that could be reused by mistake.
+ratio 0 certifies the model itself. ratio > 0 grafts it first (:func:`lingraft.graft.pipeline.run_graft`, no
+before/after table) into a checkpoint in a work folder next to the results file, then certifies the grafted model. The
+grafted checkpoint is named by a hash of everything that determines it (model file contents, ratio, eps, graft
+options), so a rerun, another bound method, or a resumed sweep reuses it instead of grafting again; it is written
+atomically, so an interrupted graft leaves nothing that could be reused by mistake.
 
 Per-job settings come from the sweep file's ``options:`` mapping (see :data:`RUN_OPTIONS` for names and defaults).
 """
@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 import os
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lingraft.config import config_hash
+from lingraft.env import versions
 from lingraft.errors import LingraftError, UsageError
 from lingraft.io.files import file_sha256
 
@@ -155,8 +156,8 @@ def resolve_model_entry(model: str, where: str = "the sweep file") -> str:
     among the shipped models (``models/NAME``, ``NAME.pt``, ``NAME.onnx``; ``default`` is the shipped default);
     a zoo architecture name has no weights, so it is refused with a hint.
     """
-    from lingraft.io.loader import default_model_path, models_dir
     from lingraft.experiments.sweep import _looks_like_path
+    from lingraft.io.loader import default_model_path, models_dir
 
     if _looks_like_path(model):
         return model
@@ -170,16 +171,6 @@ def resolve_model_entry(model: str, where: str = "the sweep file") -> str:
     what = "an architecture name without weights" if model in list_models() else "not a file or shipped model"
     raise UsageError(f"model '{model}' in {where} is {what}; give a checkpoint path like ckpt/model.pt "
                      "(train one with 'lingraft train'), an .onnx file, or 'default'")
-
-
-def _versions() -> dict:
-    import numpy
-    import torch
-
-    from lingraft import __version__
-
-    return {"lingraft": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "python": sys.version.split()[0]}
 
 
 @dataclass
@@ -275,22 +266,29 @@ class JobRunner:
                **{k: self.options[k] for k in _GRAFT_KEYS}}
         return self.work_dir / f"{Path(f.path).stem}-r{job['ratio']:g}-e{job['eps']:.6g}-{config_hash(key)[:10]}.pt"
 
+    def graft_settings(self, job: dict, out: Path):
+        """The :class:`~lingraft.graft.settings.GraftSettings` of ``job``: its ratio and eps, the sweep's graft
+        options, no before/after table."""
+        from lingraft.graft.settings import GraftSettings
+
+        o = self.options
+        return GraftSettings(ratio=job["ratio"], eps=job["eps"], out_path=str(out), rule=o["rule"], scope=o["scope"],
+                             gammas=tuple(o["gammas"]), significance=o["significance"],
+                             significance_input=o["significance_input"], score_images=o["score_images"],
+                             score_bound=o["score_bound"], init=o["init"], epochs=o["epochs"],
+                             num_train=o["num_train"], batch_size=o["graft_batch_size"], lr=o["lr"],
+                             lr_graft=o["lr_graft"], train_eps=o["train_eps"], num_samples=0, dataset=o["dataset"],
+                             data_dir=o["data_dir"], seed=o["seed"])
+
     def _graft(self, job: dict) -> tuple[str, dict]:
         from lingraft.graft.pipeline import run_graft
 
-        o = self.options
         out = self.graft_path(job)
         info = {"checkpoint": str(out), "graft_time_s": 0.0}
         if not out.is_file():
             self.log(f"grafting {Path(job['model']).name} at ratio {job['ratio']:g}, eps {job['eps']:g} -> {out}")
             self.work_dir.mkdir(parents=True, exist_ok=True)
-            res = run_graft(job["model"], out_path=str(out), ratio=job["ratio"], eps=job["eps"], rule=o["rule"],
-                            scope=o["scope"], gammas=tuple(o["gammas"]), significance=o["significance"],
-                            significance_input=o["significance_input"], score_images=o["score_images"],
-                            score_bound=o["score_bound"], init=o["init"], epochs=o["epochs"],
-                            num_train=o["num_train"], batch_size=o["graft_batch_size"], lr=o["lr"],
-                            lr_graft=o["lr_graft"], train_eps=o["train_eps"], num_samples=0, dataset=o["dataset"],
-                            data_dir=o["data_dir"], seed=o["seed"], device=self.device, log=self.log,
+            res = run_graft(job["model"], self.graft_settings(job, out), device=self.device, log=self.log,
                             command="lingraft run")
             info["graft_time_s"] = res["finetune"]["time_s"]
         return str(out), info
@@ -333,6 +331,6 @@ class JobRunner:
             graft["grafted_neurons"] = sum(v["grafted"] for v in summary.values())
         cfg = self.config_of(job)
         return {"schema_version": SCHEMA_VERSION, "command": "run", "config": cfg, "config_hash": config_hash(cfg),
-                "seed": o["seed"], "versions": _versions(), "device": str(dev), "model": facts.path,
+                "seed": o["seed"], "versions": versions(), "device": str(dev), "model": facts.path,
                 "certified_model": lm.path, "dataset": facts.dataset, "ratio": float(job["ratio"]), **d,
                 "graft": graft}

@@ -7,7 +7,8 @@ generator) or an explicit ``generator``, so results are reproducible and the glo
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,120 @@ class _Problem:
         self.success = success      # (logits, indices) -> [b] bool
 
 
+class _BestIterates:
+    """Per sample, the best point found so far: the first success, else the highest objective."""
+
+    def __init__(self, model: nn.Module, x_start: Tensor, problem: _Problem):
+        self.problem = problem
+        all_idx = torch.arange(x_start.shape[0], device=x_start.device)
+        with torch.no_grad():
+            logits = model(x_start)
+            self.obj = problem.objective(logits, all_idx).detach().clone()  # [B]
+            self.succ = problem.success(logits, all_idx).clone()             # [B] bool
+        self.x = x_start.detach().clone()                                    # [B, ...]
+
+    def record(self, xa: Tensor, logits: Tensor, idx: Tensor) -> Tensor:
+        """Offer the points xa [b, ...] (logits [b, K]) of samples idx [b]; returns their success [b] bool."""
+        obj = self.problem.objective(logits, idx).detach()
+        s = self.problem.success(logits, idx)
+        new_succ = s & ~self.succ[idx]
+        # already-successful samples keep their witness; others take any improvement or a first success
+        upd = ((obj > self.obj[idx]) & ~self.succ[idx]) | new_succ
+        if upd.any():
+            self.obj[idx[upd]] = obj[upd]
+            self.x[idx[upd]] = xa[upd].detach()
+        self.succ[idx[new_succ]] = True
+        return s
+
+
+@dataclass
+class _Restart:
+    """The samples one restart still attacks: indices [b], iterates [b, ...], feasible box and step."""
+
+    idx: Tensor
+    xa: Tensor
+    lo: Tensor
+    hi: Tensor
+    step: Tensor | float
+    odi_w: Tensor | None = None  # [b, K] output-diversification direction, drawn at the first ODI step
+
+    def keep(self, keep: Tensor, grad: Tensor) -> Tensor:
+        """Drop the samples where ``keep`` [b] is False; returns grad [b, ...] restricted the same way."""
+        self.idx, self.xa, self.lo, self.hi = self.idx[keep], self.xa[keep], self.lo[keep], self.hi[keep]
+        if isinstance(self.step, Tensor):
+            self.step = self.step[keep]
+        if self.odi_w is not None:
+            self.odi_w = self.odi_w[keep]
+        return grad[keep]
+
+
+def _random_start(lo: Tensor, hi: Tensor, center: Tensor | None, eps: float | None, l2: bool,
+                  generator: torch.Generator | None) -> Tensor:
+    """A random feasible point per sample: uniform in the box, or uniform radius on a random L2 direction."""
+    if l2:
+        direction = _rand(center.shape, generator, center, normal=True)
+        direction = direction / _per_sample_norm(direction)
+        radius = eps * _rand((center.shape[0],) + (1,) * (center.dim() - 1), generator, center)
+        return torch.min(torch.max(center + direction * radius, lo), hi)
+    return lo + (hi - lo) * _rand(lo.shape, generator, lo)
+
+
+def _ascent_direction(model: nn.Module, problem: _Problem, r: _Restart, odi: bool,
+                      generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """(gradient [b, ...] of the objective, or of the ODI objective w . f(x), at r.xa; logits [b, K] there)."""
+    with torch.enable_grad():
+        xr = r.xa.detach().requires_grad_(True)
+        logits = model(xr)
+        if odi:
+            flat = logits.flatten(1)
+            if r.odi_w is None:
+                r.odi_w = 2 * _rand(flat.shape, generator, flat) - 1
+            obj = (r.odi_w * flat).sum(1)
+        else:
+            obj = problem.objective(logits, r.idx)
+        (grad,) = torch.autograd.grad(obj.sum(), xr)
+    return grad, logits.detach()
+
+
+def _step(r: _Restart, grad: Tensor, odi: bool, center: Tensor | None, eps: float | None, l2: bool) -> None:
+    """One projected ascent step of r.xa: signed (L-inf/box) or normalised (L2) gradient, then projection."""
+    with torch.no_grad():
+        if odi:  # jump by the radius: eps for L2, the half-width of the feasible box otherwise
+            cur = eps if l2 else (r.hi - r.lo) / 2
+        else:
+            cur = r.step
+        xa = r.xa
+        if l2:
+            c_i = center[r.idx]
+            xa = xa + cur * grad / _per_sample_norm(grad)
+            delta = xa - c_i
+            delta = delta * (eps / _per_sample_norm(delta)).clamp(max=1.0)
+            xa = c_i + delta
+        else:
+            xa = xa + cur * grad.sign()
+        r.xa = torch.min(torch.max(xa, r.lo), r.hi)
+
+
+def _run_restart(model: nn.Module, problem: _Problem, best: _BestIterates, r: _Restart, *, steps: int,
+                 odi_steps: int, center: Tensor | None, eps: float | None, l2: bool,
+                 generator: torch.Generator | None, early_stop: bool) -> None:
+    """``odi_steps`` ODI steps then ``steps`` PGD steps from r.xa, offering every iterate to ``best``."""
+    for t in range(odi_steps + steps):
+        odi = t < odi_steps
+        grad, logits = _ascent_direction(model, problem, r, odi, generator)
+        s = best.record(r.xa, logits, r.idx)
+        if early_stop:
+            keep = ~s
+            if not keep.any():
+                return
+            if not keep.all():
+                grad = r.keep(keep, grad)
+        _step(r, grad, odi, center, eps, l2)
+    if r.idx.numel() > 0:
+        with torch.no_grad():
+            best.record(r.xa, model(r.xa), r.idx)
+
+
 def _pgd(model: nn.Module, x_start: Tensor, lo: Tensor, hi: Tensor, problem: _Problem, *, steps: int, restarts: int,
          step: Tensor | float, norm: str, center: Tensor | None, eps: float | None,
          generator: torch.Generator | None, early_stop: bool, odi_steps: int = 0) -> tuple[Tensor, Tensor]:
@@ -85,88 +200,22 @@ def _pgd(model: nn.Module, x_start: Tensor, lo: Tensor, hi: Tensor, problem: _Pr
     w ~ U[-1, 1]^K, step = the radius) that spread the starts out. The best iterate per sample (first success, else
     highest objective) is returned with a final plain-forward success test.
     """
-    B = x_start.shape[0]
-    all_idx = torch.arange(B, device=x_start.device)
-    step_full = step if isinstance(step, Tensor) else None
-    with torch.no_grad():
-        logits = model(x_start)
-        best_obj = problem.objective(logits, all_idx).detach().clone()
-        succ = problem.success(logits, all_idx).clone()
-    best_x = x_start.detach().clone()
-
-    def record(xa: Tensor, logits: Tensor, idx: Tensor) -> Tensor:
-        obj = problem.objective(logits, idx).detach()
-        s = problem.success(logits, idx)
-        new_succ = s & ~succ[idx]
-        # already-successful samples keep their witness; others take any improvement or a first success
-        upd = ((obj > best_obj[idx]) & ~succ[idx]) | new_succ
-        if upd.any():
-            best_obj[idx[upd]] = obj[upd]
-            best_x[idx[upd]] = xa[upd].detach()
-        succ[idx[new_succ]] = True
-        return s
-
+    all_idx = torch.arange(x_start.shape[0], device=x_start.device)
+    l2 = norm == "2" and eps is not None
+    best = _BestIterates(model, x_start, problem)
     for _ in range(max(int(restarts), 0)):
-        idx = (~succ).nonzero().squeeze(1) if early_stop else all_idx
+        idx = (~best.succ).nonzero().squeeze(1) if early_stop else all_idx
         if idx.numel() == 0 or steps <= 0:
             break
         lo_i, hi_i = lo[idx], hi[idx]
-        st = step_full[idx] if step_full is not None else step
-        if norm == "2" and eps is not None:
-            c_i = center[idx]
-            direction = _rand(c_i.shape, generator, c_i, normal=True)
-            direction = direction / _per_sample_norm(direction)
-            radius = eps * _rand((c_i.shape[0],) + (1,) * (c_i.dim() - 1), generator, c_i)
-            xa = torch.min(torch.max(c_i + direction * radius, lo_i), hi_i)
-        else:
-            xa = lo_i + (hi_i - lo_i) * _rand(lo_i.shape, generator, lo_i)
-        odi_w = None
-        for _t in range(odi_steps + steps):
-            odi = _t < odi_steps
-            with torch.enable_grad():
-                xr = xa.detach().requires_grad_(True)
-                logits = model(xr)
-                if odi:
-                    flat = logits.flatten(1)
-                    if odi_w is None:
-                        odi_w = 2 * _rand(flat.shape, generator, flat) - 1
-                    obj = (odi_w * flat).sum(1)
-                else:
-                    obj = problem.objective(logits, idx)
-                (grad,) = torch.autograd.grad(obj.sum(), xr)
-            s = record(xa, logits.detach(), idx)
-            if early_stop:
-                keep = ~s
-                if not keep.any():
-                    idx = idx[keep]
-                    break
-                if not keep.all():
-                    idx, xa, grad, lo_i, hi_i = idx[keep], xa[keep], grad[keep], lo_i[keep], hi_i[keep]
-                    if isinstance(st, Tensor):
-                        st = st[keep]
-                    if odi_w is not None:
-                        odi_w = odi_w[keep]
-            with torch.no_grad():
-                if odi:  # jump by the radius: eps for L2, the half-width of the feasible box otherwise
-                    cur = eps if (norm == "2" and eps is not None) else (hi_i - lo_i) / 2
-                else:
-                    cur = st
-                if norm == "2" and eps is not None:
-                    c_i = center[idx]
-                    xa = xa + cur * grad / _per_sample_norm(grad)
-                    delta = xa - c_i
-                    delta = delta * (eps / _per_sample_norm(delta)).clamp(max=1.0)
-                    xa = c_i + delta
-                else:
-                    xa = xa + cur * grad.sign()
-                xa = torch.min(torch.max(xa, lo_i), hi_i)
-        if idx.numel() > 0:
-            with torch.no_grad():
-                record(xa, model(xa), idx)
+        xa = _random_start(lo_i, hi_i, center[idx] if l2 else None, eps, l2, generator)
+        r = _Restart(idx, xa, lo_i, hi_i, step[idx] if isinstance(step, Tensor) else step)
+        _run_restart(model, problem, best, r, steps=steps, odi_steps=odi_steps, center=center, eps=eps, l2=l2,
+                     generator=generator, early_stop=early_stop)
 
     with torch.no_grad():  # re-check the returned points with a plain forward pass
-        final = problem.success(model(best_x), all_idx)
-    return best_x, final
+        final = problem.success(model(best.x), all_idx)
+    return best.x, final
 
 
 # --------------------------------------------------------------------------------------------- public attacks

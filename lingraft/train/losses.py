@@ -16,7 +16,7 @@ Feature taps (for the zoo's nn.Sequential models and resnet-4b):
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -184,7 +184,9 @@ def uskd_loss(logits: Tensor, weak_logits: Tensor, target: Tensor, alpha: float 
 
 
 def zipf_votes(dense_logits: Tensor) -> Tensor:
-    """Per-class vote counts: argmax over C at every location. [B, C, *spatial] -> float [B, C] (rows sum to #locations)."""
+    """Per-class vote counts: argmax over C at every location.
+
+    [B, C, *spatial] -> float [B, C] (rows sum to #locations)."""
     b, c = dense_logits.shape[:2]
     am = dense_logits.detach().reshape(b, c, -1).argmax(dim=1)  # [B, L]
     return torch.zeros(b, c, device=dense_logits.device, dtype=torch.float32).scatter_add_(
