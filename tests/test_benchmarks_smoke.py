@@ -14,6 +14,7 @@ def test_there_are_benchmarks():
     assert {"certify_speed.py", "graft_effect.py", "vnncomp.py", "complete_verification.py"} <= set(SCRIPTS)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_benchmark_help(script):
     res = subprocess.run([sys.executable, f"benchmarks/{script}", "--help"], cwd=ROOT, capture_output=True, text=True,
