@@ -56,6 +56,17 @@ def _construct_mapping_no_dups(loader: _StrictSafeLoader, node: yaml.MappingNode
 _StrictSafeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping_no_dups)
 
 
+def require_file(path: str | os.PathLike, not_found: str, is_directory: str) -> Path:
+    """``path`` as a Path when it names an existing non-directory; else LingraftError with the message
+    ``not_found`` or ``is_directory``, where ``{}`` stands for the path."""
+    p = Path(path)
+    if not p.exists():
+        raise LingraftError(not_found.format(p))
+    if p.is_dir():
+        raise LingraftError(is_directory.format(p))
+    return p
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -66,11 +77,7 @@ def load_config(path: str | os.PathLike) -> dict:
     Raises LingraftError (exit 1, one line) when the file is missing, unreadable, not UTF-8, malformed
     (with ``file:line:col``), has a duplicate key, or its top level is not a mapping.
     """
-    p = Path(path)
-    if not p.exists():
-        raise LingraftError(f"config file {p} not found; check the path")
-    if p.is_dir():
-        raise LingraftError(f"config path {p} is a directory; pass a YAML file")
+    p = require_file(path, "config file {} not found; check the path", "config path {} is a directory; pass a YAML file")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:

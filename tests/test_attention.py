@@ -9,8 +9,8 @@ from torch import nn
 
 from lingraft.models.layers import Normalize
 from lingraft.models import create_model
-from lingraft.models.attention import (ACmix, SASA, convex_combination_bounds, position_grid, softmax_bounds,
-                                       window_index)
+from lingraft.bounds.ops.attention import convex_combination_bounds, softmax_bounds
+from lingraft.models.attention import ACmix, SASA, position_grid, window_index
 
 torch.set_num_threads(1)
 
@@ -395,7 +395,7 @@ def test_exact_interval_nodes_skip_crown_and_keep_the_bounds(arch):
 @pytest.mark.parametrize("bias", [False, True])
 def test_bilinear_logit_bounds_sound_and_tighter_for_small_radius(bias):
     """Sampled inputs stay inside the centred bilinear logit bounds, which beat channel-wise interval products."""
-    from lingraft.models.attention import bilinear_logit_bounds, product_bounds
+    from lingraft.bounds.ops.attention import bilinear_logit_bounds, product_bounds
 
     g = torch.Generator().manual_seed(0)
     B, C, h, d, K, P = 2, 6, 2, 3, 5, 4
@@ -432,7 +432,7 @@ def test_bilinear_logit_bounds_sound_and_tighter_for_small_radius(bias):
 def test_logit_difference_softmax_bounds_sound_and_tighter():
     """Softmax weights of sampled inputs stay inside the difference-based bounds, which beat softmax_bounds of the
     logit box; invalid window positions get [0, 0]."""
-    from lingraft.models.attention import bilinear_logit_bounds, logit_difference_softmax_bounds
+    from lingraft.bounds.ops.attention import bilinear_logit_bounds, logit_difference_softmax_bounds
 
     g = torch.Generator().manual_seed(1)
     B, C, h, d, K, P = 3, 5, 2, 3, 9, 4

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -27,8 +27,7 @@ from lingraft.bounds.graph import GraphNode, build_graph
 from lingraft.bounds.patches import backward_patches, chain_to_input
 from lingraft.bounds.ops import ConvOp, LinearOp, ReLUOp
 from lingraft.bounds.ops.base import pos, neg
-
-METHODS = ("ibp", "crown", "alpha-crown")
+from lingraft.bounds.methods import METHODS
 
 
 @dataclass
@@ -99,7 +98,7 @@ class BoundedNetwork:
         for i, nd in enumerate(self.nodes):
             if self._box_exact[i] <= 1:
                 exact.add(i)
-            elif (isinstance(nd.op, ReLUOp) or nd.op.diagonal) and len(nd.inputs) == 1 and nd.inputs[0] in exact:
+            elif (isinstance(nd.op, ReLUOp) or nd.bound_op.diagonal) and len(nd.inputs) == 1 and nd.inputs[0] in exact:
                 exact.add(i)
         return exact
 
@@ -114,10 +113,8 @@ class BoundedNetwork:
                 if isinstance(nd.op, ReLUOp) and rows is not None and rows.numel() == 0:
                     continue  # fully grafted: no bounds needed
                 if i in need:
-                    if need[i] is None or rows is None:
-                        need[i] = None
-                    else:
-                        need[i] = torch.unique(torch.cat([need[i], rows]))
+                    prev = need[i]
+                    need[i] = None if prev is None or rows is None else torch.unique(torch.cat([prev, rows]))
                 else:
                     need[i] = rows
         return need
@@ -136,13 +133,13 @@ class BoundedNetwork:
     # ---------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         """Evaluate the graph (should equal model(x)). x: [B, *in_shape] -> [B, *out_shape]."""
-        vals = [None] * len(self.nodes)
+        vals: list[Any] = [None] * len(self.nodes)  # node values, filled in topological order
         for i, nd in enumerate(self.nodes):
             vals[i] = x if nd.op is None else nd.op.forward(*[vals[j] for j in nd.inputs])
         return vals[-1]
 
     def ibp_all(self, x_L: Tensor, x_U: Tensor) -> list:
-        bnds = [None] * len(self.nodes)
+        bnds: list[Any] = [None] * len(self.nodes)  # node boxes, filled in topological order
         for i, nd in enumerate(self.nodes):
             bnds[i] = (x_L, x_U) if nd.op is None else nd.op.ibp(*[bnds[j] for j in nd.inputs])
         return bnds
@@ -171,7 +168,11 @@ class BoundedNetwork:
         if C is None:
             C = torch.eye(self.num_outputs, device=self.device).unsqueeze(0).expand(B, -1, -1)
         C = C.to(self.device, torch.float32)
-        self._l2 = None if l2_center is None else (l2_center.to(self.device, torch.float32), float(l2_eps))
+        self._l2 = None
+        if l2_center is not None:
+            if l2_eps is None:
+                raise UsageError("l2_center needs l2_eps, the radius of the L2 ball")
+            self._l2 = (l2_center.to(self.device, torch.float32), float(l2_eps))
         with torch.no_grad():
             ibp = self.ibp_all(x_L, x_U)
         if method == "ibp":
@@ -230,7 +231,7 @@ class BoundedNetwork:
         for i, nd in enumerate(self.nodes):
             if i == 0:
                 continue
-            ref[i] = nd.op.ibp(*[ref[j] for j in nd.inputs])
+            ref[i] = nd.bound_op.ibp(*[ref[j] for j in nd.inputs])
             if getattr(nd.op, "cuts_backward", False):
                 bounds[i] = ref[i]
                 continue
@@ -395,8 +396,9 @@ class BoundedNetwork:
                 kw["alpha"] = alphas[k]
             if getattr(node.op, "cuts_backward", False):
                 kw["out_bounds"] = bounds[k]
-            in_bounds = [bounds[j] for j in node.inputs] if node.op.nonlinear else []
-            outs, lb, ub = node.op.backward(lA, uA, in_bounds, **kw)
+            op = node.bound_op
+            in_bounds = [bounds[j] for j in node.inputs] if op.nonlinear else []
+            outs, lb, ub = op.backward(lA, uA, in_bounds, **kw)
             lbias = lbias + lb
             ubias = ubias + ub
             for j, (la, ua) in zip(node.inputs, outs):
@@ -417,7 +419,7 @@ class BoundedNetwork:
         upper = None if upper is None else _expand(upper, B, S, self.device)
         return lower, upper
 
-    _l2 = None
+    _l2: Optional[tuple[Tensor, float]] = None  # (centre [B, *in_shape], radius) of the L2 input ball
 
     def _concretize(self, A: Tensor, x_L: Tensor, x_U: Tensor, sign: int) -> Tensor:
         """min (sign=-1) or max (sign=+1) of A . x over the box (and the L2 ball when set).

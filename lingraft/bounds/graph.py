@@ -8,13 +8,11 @@ before any bound is computed.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from lingraft.errors import UnsupportedModelError
@@ -42,6 +40,13 @@ class GraphNode:
     shape: tuple
     module_name: str | None = None
     consumers: list[int] = field(default_factory=list)
+
+    @property
+    def bound_op(self) -> BoundOp:
+        """The operator of a node that has one (every node but the input)."""
+        if self.op is None:
+            raise RuntimeError(f"graph node {self.name!r} is the input; it has no operator")
+        return self.op
 
 
 class _Tracer(fx.Tracer):
@@ -105,7 +110,8 @@ class _Builder:
         self.failed: set[str] = set()  # input-dependent nodes that could not be converted
 
     # --- helpers -------------------------------------------------------------------------------------
-    def _var(self, a) -> bool:
+    def _var(self, a) -> TypeGuard[fx.Node]:
+        """Whether ``a`` is a node whose value depends on the input."""
         return isinstance(a, fx.Node) and (self._resolve(a.name) in self.index or a.name in self.failed)
 
     def _resolve(self, name):
@@ -218,23 +224,10 @@ class _Builder:
             return self._arith(n, name, a)
         x = a.get("input")
         in_shape = self._shape(x) if self._var(x) else None
-        if name in ("permute", "transpose"):
-            nd = len(in_shape) + 1
-            if name == "permute":
-                dims = a["dims"]
-                dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else dims
-                dims = [int(d) % nd for d in dims]
-            else:
-                d0, d1 = int(a["dim0"]) % nd, int(a["dim1"]) % nd
-                dims = list(range(nd))
-                dims[d0], dims[d1] = dims[d1], dims[d0]
-            if dims[0] != 0:
-                raise _Unsupported(f"{name} that moves the batch dimension")
-            return self._add(n, PermuteOp([d - 1 for d in dims[1:]]), [x])
-        if name == "pad":
-            if a["mode"] != "constant":
-                raise _Unsupported(f"pad mode {a['mode']!r}")
-            return self._add(n, PadOp(a["pad"], a["value"] or 0.0, in_shape), [x])
+        if name in ("permute", "transpose", "pad"):
+            if not self._var(x):
+                raise _Unsupported(f"{name} whose input is not the input-dependent tensor")
+            return self._pad(n, a, x) if name == "pad" else self._permute(n, name, a, x)
         if name in ("cat", "concat", "concatenate"):
             tensors = a["tensors"]
             if not all(self._var(t) for t in tensors):
@@ -246,7 +239,7 @@ class _Builder:
             return self._add(n, CatOp(dim - 1, sizes), list(tensors))
         # matmul / linear: the input-dependent tensor times a constant matrix
         w_arg = a["other"] if name == "matmul" else a["weight"]
-        if in_shape is None or self._var(w_arg) or (name == "linear" and self._var(a["bias"])):
+        if not self._var(x) or self._var(w_arg) or (name == "linear" and self._var(a["bias"])):
             raise _Unsupported(f"{name} with an input-dependent right operand, weight or bias")
         w = self._const(w_arg)
         if not _is_tensor(w) or w.dim() != 2:
@@ -254,6 +247,27 @@ class _Builder:
         if name == "matmul":
             return self._add(n, LinearOp(w.t().contiguous(), None), [x])
         return self._add(n, LinearOp(w, self._const(a["bias"])), [x])
+
+    def _permute(self, n: fx.Node, name: str, a: dict, x: fx.Node):
+        """permute / transpose of the input-dependent tensor x (the batch dimension must stay first)."""
+        nd = len(self._shape(x)) + 1
+        if name == "permute":
+            dims = a["dims"]
+            dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else dims
+            dims = [int(d) % nd for d in dims]
+        else:
+            d0, d1 = int(a["dim0"]) % nd, int(a["dim1"]) % nd
+            dims = list(range(nd))
+            dims[d0], dims[d1] = dims[d1], dims[d0]
+        if dims[0] != 0:
+            raise _Unsupported(f"{name} that moves the batch dimension")
+        return self._add(n, PermuteOp([d - 1 for d in dims[1:]]), [x])
+
+    def _pad(self, n: fx.Node, a: dict, x: fx.Node):
+        """Constant padding of the input-dependent tensor x."""
+        if a["mode"] != "constant":
+            raise _Unsupported(f"pad mode {a['mode']!r}")
+        return self._add(n, PadOp(a["pad"], a["value"] or 0.0, self._shape(x)), [x])
 
     def _arith(self, n, name, a):
         """+, -, *, / and negation where at least one operand depends on the input."""
@@ -316,6 +330,8 @@ class _Builder:
                 pad = tuple((k - 1) // 2 for k in m.kernel_size)
             elif m.padding == "valid":
                 pad = (0, 0)
+            elif isinstance(m.padding, str):  # torch itself accepts no other string
+                raise _Unsupported(f"Conv2d ('{t}') with padding={m.padding!r}")
             else:
                 pad = tuple(m.padding)
             return self._add(n, ConvOp(m.weight, m.bias, m.stride, pad, m.groups, in_shape, out_shape), [x], t)
@@ -335,7 +351,7 @@ class _Builder:
                 mean, std = mean.reshape(shp), std.reshape(shp)
             return self._add(n, ElementwiseAffineOp(1.0 / std, -mean / std, out_shape), [x], t)
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            if m.training or m.running_mean is None:
+            if m.training or m.running_mean is None or m.running_var is None:
                 raise _Unsupported("BatchNorm in training mode or without running statistics")
             inv = 1.0 / torch.sqrt(m.running_var + m.eps)
             w = m.weight if m.weight is not None else torch.ones_like(inv)
@@ -350,8 +366,8 @@ class _Builder:
             if m.ceil_mode or (p != (0, 0) and not m.count_include_pad) or m.divisor_override:
                 raise _Unsupported("AvgPool2d with ceil_mode, divisor_override or count_include_pad=False")
             C = in_shape[0]
-            w = torch.full((C, 1) + k, 1.0 / (k[0] * k[1]))
-            return self._add(n, ConvOp(w, None, s, p, C, in_shape, out_shape), [x], t)
+            mean_kernel = torch.full((C, 1) + k, 1.0 / (k[0] * k[1]))
+            return self._add(n, ConvOp(mean_kernel, None, s, p, C, in_shape, out_shape), [x], t)
         if isinstance(m, nn.MaxPool2d):
             k, s, p = _pair(m.kernel_size), _pair(m.stride if m.stride is not None else m.kernel_size), _pair(m.padding)
             if p != (0, 0) or _pair(m.dilation) != (1, 1) or m.ceil_mode or m.return_indices:
@@ -372,7 +388,7 @@ class _Builder:
 
 
 class _Unsupported(Exception):
-    pass
+    """An operation the engine cannot bound; its message names it for the UnsupportedModelError."""
 
 
 _RESHAPE_LIKE = {"flatten", "reshape", "view", "squeeze", "unsqueeze", "contiguous", "view_as", "reshape_as"}
@@ -427,7 +443,11 @@ def _bind(n: fx.Node, name: str) -> dict:
             key = "input"
         if key not in params and f"*{key}" not in params:
             raise _Unsupported(f"{_target_name(n)} with keyword argument {k}=")
-        out[key] = tuple(v) if f"*{key}" in params else v
+        if f"*{key}" in params:
+            if not isinstance(v, (list, tuple)):
+                raise _Unsupported(f"{_target_name(n)} with {k}= that is not a sequence")
+            v = tuple(v)
+        out[key] = v
     missing = [p.lstrip("*") for p in params if p.lstrip("*") not in out]
     if missing:
         raise _Unsupported(f"{_target_name(n)} without {', '.join(missing)}")

@@ -12,8 +12,6 @@ dense pass for anything else. Results equal the dense pass up to float rounding.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -135,14 +133,16 @@ def backward_patches(nodes, start: int, chain, rows: Tensor, x_L: Tensor, x_U: T
         mask = valid_mask(y0, x0, kh, kw, H, W, lP.device)
         lP, uP = lP * mask, uP * mask
         if isinstance(op, ReLUOp):
-            lo, up = bounds[nd.inputs[0]] if bounds[nd.inputs[0]] is not None else (None, None)
-            if lo is None:  # fully grafted layer: exact linear
-                lo = up = torch.zeros(Bfull, *op.shape, device=lP.device)
-            u_slope, u_int, l_slope, _ = op.relaxation(lo, up)
-            if op.mask is not None:
-                m = op.mask.unsqueeze(0).float()
-                l_slope = l_slope * (1 - m) + op.a.unsqueeze(0) * m
-                u_slope = u_slope * (1 - m) + op.a.unsqueeze(0) * m
+            pre = bounds[nd.inputs[0]]
+            if pre is None or pre[0] is None:  # fully grafted layer: exact linear
+                zeros = torch.zeros(Bfull, *op.shape, device=lP.device)
+                pre = (zeros, zeros)
+            u_slope, u_int, l_slope, _ = op.relaxation(*pre)
+            graft = op.graft
+            if graft is not None:
+                m = graft[0].unsqueeze(0).float()
+                l_slope = l_slope * (1 - m) + graft[1].unsqueeze(0) * m
+                u_slope = u_slope * (1 - m) + graft[1].unsqueeze(0) * m
             g_ls = gather(l_slope, y0, x0, kh, kw, b_idx)
             g_d = gather(u_slope - l_slope, y0, x0, kh, kw, b_idx)
             g_ui = gather(u_int, y0, x0, kh, kw, b_idx)
@@ -150,8 +150,8 @@ def backward_patches(nodes, start: int, chain, rows: Tensor, x_L: Tensor, x_U: T
             uPp = uP.clamp(min=0)
             lb = lb + _sum(lPn * g_ui)
             ub = ub + _sum(uPp * g_ui)
-            if op.mask is not None:
-                g_b = gather(op.b.unsqueeze(0), y0, x0, kh, kw, b_idx)
+            if graft is not None:
+                g_b = gather(graft[2].unsqueeze(0), y0, x0, kh, kw, b_idx)
                 lb = lb + _sum(lP * g_b)
                 ub = ub + _sum(uP * g_b)
             lP = lP * g_ls + lPn * g_d

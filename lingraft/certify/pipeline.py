@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, asdict
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -57,8 +57,39 @@ class CertifyReport:
     bab: dict | None = None
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        return d
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CertifySettings:
+    """How :func:`certify` treats every sample: what the results depend on besides model, data and eps.
+
+    norm: "inf" or "2" (also "Linf", "L2"); timeout: wall-clock budget in seconds for the run; bab_timeout:
+    > 0 runs branch and bound (:mod:`lingraft.certify.complete`) on every sample left ``unknown``, at most that
+    many seconds each (L-inf only). The PGD seed of a batch is ``seed`` + the batch's first position.
+    """
+
+    method: str = "crown"
+    norm: str = "inf"
+    batch_size: int = 32
+    pgd_steps: int = 20
+    pgd_restarts: int = 1
+    seed: int = 0
+    timeout: float | None = None
+    alpha_iterations: int = 20
+    bab_timeout: float = 0.0
+
+    def checked(self) -> CertifySettings:
+        """These settings with norm and bab_timeout normalised; UsageError when they cannot work."""
+        norm = str(self.norm).lower().replace("l", "")
+        if norm not in ("inf", "2"):
+            raise UsageError(f"unknown norm {norm!r}; use 'inf' or '2'")
+        bab_timeout = float(self.bab_timeout or 0.0)
+        if math.isnan(bab_timeout) or bab_timeout < 0:
+            raise UsageError(f"bab_timeout must be >= 0 seconds, got {bab_timeout}")
+        if bab_timeout > 0 and norm != "inf":
+            raise UsageError("branch and bound (--bab-timeout) splits boxes: it works with --norm inf only")
+        return replace(self, norm=norm, bab_timeout=bab_timeout)
 
 
 def check_eps(eps: float) -> float:
@@ -71,106 +102,125 @@ def check_eps(eps: float) -> float:
     return float(eps)
 
 
-def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, in_shape=None, method: str = "crown",
-            norm: str = "inf", batch_size: int = 32, pgd_steps: int = 20, pgd_restarts: int = 1, seed: int = 0,
-            timeout: float | None = None, indices=None, progress=None, alpha_iterations: int = 20,
-            device=None, net: BoundedNetwork | None = None, bab_timeout: float = 0.0,
-            bab_progress=None) -> CertifyReport:
+def default_eps(meta: dict | None) -> float:
+    """The radius to certify a checkpoint at: its certify_eps, else its graft/training eps, else 0.1."""
+    meta = meta or {}
+    for v in (meta.get("certify_eps"), meta.get("eps"), (meta.get("config") or {}).get("eps")):
+        if isinstance(v, (int, float)) and v == v:
+            return float(v)
+    return 0.1
+
+
+@dataclass
+class _BoundTally:
+    """Running totals over the samples of a run that were bounded."""
+
+    unstable: dict = field(default_factory=dict)  # layer -> unstable neurons summed over the bounded samples
+    bounded: int = 0
+    time_s: float = 0.0
+    neurons: dict = field(default_factory=dict)  # layer -> {"neurons": n, "grafted": g}
+
+    def add(self, res, n: int) -> None:
+        self.bounded += n
+        self.time_s += res.time_s
+        for k, v in res.unstable.items():
+            self.unstable[k] = self.unstable.get(k, 0) + int(v.sum())
+        self.neurons = {k: {"neurons": n_, "grafted": g} for k, (n_, g) in res.neurons.items()}
+
+
+def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float, settings: CertifySettings | None = None, *,
+            in_shape=None, indices=None, progress=None, device=None, net: BoundedNetwork | None = None,
+            bab_progress=None, **setting_overrides) -> CertifyReport:
     """Certify ``model`` on samples x [N, *in_shape] (values in [0, 1]) with labels y [N] at radius eps.
 
-    progress: optional callable(n_done) for progress bars. timeout: wall-clock budget in seconds for the run.
-    bab_timeout: > 0 runs branch and bound (:mod:`lingraft.certify.complete`) on every sample left ``unknown``, at most
-    that many seconds each (L-inf only); bab_progress: optional callable(sample_index, outcome dict).
+    settings: :class:`CertifySettings`; keyword arguments named like its fields override them (so
+    ``certify(model, x, y, eps, method="ibp")`` works). indices: the samples' dataset indices (default 0..N-1).
+    progress: optional callable(n_done) for progress bars; bab_progress: optional callable(sample_index,
+    outcome dict). net: a BoundedNetwork of ``model`` to reuse.
     """
     eps = check_eps(eps)
-    norm = str(norm).lower().replace("l", "")
-    if norm not in ("inf", "2"):
-        raise UsageError(f"unknown norm {norm!r}; use 'inf' or '2'")
-    bab_timeout = float(bab_timeout or 0.0)
-    if math.isnan(bab_timeout) or bab_timeout < 0:
-        raise UsageError(f"bab_timeout must be >= 0 seconds, got {bab_timeout}")
-    if bab_timeout > 0 and norm != "inf":
-        raise UsageError("branch and bound (--bab-timeout) splits boxes: it works with --norm inf only")
+    cs = replace(settings or CertifySettings(), **setting_overrides).checked()
     t_start = time.perf_counter()
     model = model.eval()
     dev = torch.device(device) if device else next((p.device for p in model.parameters()), torch.device("cpu"))
     in_shape = tuple(in_shape or x.shape[1:])
     if net is None:
         net = BoundedNetwork(model, in_shape, device=dev)
-    N = x.shape[0]
-    indices = list(range(N)) if indices is None else list(indices)
+    indices = list(range(x.shape[0])) if indices is None else list(indices)
     samples: list[SampleResult] = []
-    unstable_sum: dict = {}
-    bounded = 0
-    bound_time = 0.0
-    neurons = {}
-    for s in range(0, N, batch_size):
-        xb = x[s:s + batch_size].to(dev)
-        yb = y[s:s + batch_size].to(dev)
-        B = xb.shape[0]
-        if timeout is not None and time.perf_counter() - t_start > timeout:
-            for k in range(B):
-                samples.append(SampleResult(indices[s + k], int(yb[k]), -1, "timeout", None, 0.0))
-            if progress:
-                progress(B)
-            continue
-        with torch.no_grad():
-            logits = model(xb)
-        pred = logits.argmax(1)
-        correct = pred == yb
-        _, attacked = pgd_attack(model, xb, yb, eps, steps=pgd_steps, restarts=pgd_restarts, norm=norm,
-                                 seed=seed + s)
-        attacked = attacked & correct
-        todo = correct & ~attacked
-        margins = torch.full((B,), float("nan"))
-        proved = torch.zeros(B, dtype=torch.bool)
-        per_time = 0.0
-        if bool(todo.any()):
-            xt, yt = xb[todo], yb[todo]
-            if norm == "inf":
-                xl, xu = input_box(xt, eps)
-            else:
-                xl, xu = input_box(xt, eps)  # the L2 ball lies in this box; the engine also uses the ball itself
-            C = margin_spec(yt, net.num_outputs)
-            res = net.compute_bounds(xl, xu, method=method, C=C, bound_upper=False, alpha_iterations=alpha_iterations,
-                                     l2_center=(xt if norm == "2" else None), l2_eps=(eps if norm == "2" else None))
-            margins[todo.cpu()] = res.lower.min(1).values.cpu()
-            # float32 rounding grows with the magnitudes involved: |f_y - f_j| is made of logits of this size
-            scale = 2 * logits[todo].abs().amax(1, keepdim=True).double() + res.lower.double().abs()
-            proved[todo.cpu()] = is_proved(res.lower.double(), scale).all(1).cpu()
-            bounded += int(todo.sum())
-            bound_time += res.time_s
-            per_time = res.time_s / int(todo.sum())
-            for k, v in res.unstable.items():
-                unstable_sum[k] = unstable_sum.get(k, 0) + int(v.sum())
-            neurons = {k: {"neurons": n, "grafted": g} for k, (n, g) in res.neurons.items()}
-        for k in range(B):
-            if not bool(correct[k]):
-                st, m = "misclassified", None
-            elif bool(attacked[k]):
-                st, m = "falsified", None
-            else:
-                m = float(margins[k])
-                st = "verified" if bool(proved[k]) else "unknown"
-            samples.append(SampleResult(indices[s + k], int(yb[k]), int(pred[k]), st, m,
-                                        per_time if st in ("verified", "unknown") else 0.0))
+    tally = _BoundTally()
+    for s in range(0, x.shape[0], cs.batch_size):
+        xb, yb = x[s:s + cs.batch_size].to(dev), y[s:s + cs.batch_size].to(dev)
+        if cs.timeout is not None and time.perf_counter() - t_start > cs.timeout:
+            samples += [SampleResult(indices[s + k], int(yb[k]), -1, "timeout", None, 0.0) for k in range(len(xb))]
+        else:
+            samples += _certify_batch(model, net, xb, yb, eps, cs, indices[s:s + len(xb)], cs.seed + s, tally)
         if progress:
-            progress(B)
+            progress(len(xb))
     bab = None
-    if bab_timeout > 0:
-        bab = _complete_unknowns(model, x, samples, eps, in_shape, net.num_outputs, bab_timeout, seed, dev,
-                                 t_start, timeout, bab_progress)
-    if not neurons:  # nothing was bounded: still report the layers (and grafted counts) from the graph
-        neurons = {name: {"neurons": int(math.prod(op.shape)), "grafted": op.num_grafted}
-                   for name, op in net.relu_layers()}
+    if cs.bab_timeout > 0:
+        bab = _complete_unknowns(model, x, samples, eps, in_shape, net.num_outputs, cs.bab_timeout, cs.seed, dev,
+                                 t_start, cs.timeout, bab_progress)
+    if not tally.neurons:  # nothing was bounded: still report the layers (and grafted counts) from the graph
+        tally.neurons = {name: {"neurons": int(math.prod(op.shape)), "grafted": op.num_grafted}
+                         for name, op in net.relu_layers()}
     rows = [asdict(r) for r in samples]
     counts, clean, pgd, cert = summarize_samples(rows)
     return CertifyReport(
-        method=method, eps=eps, norm=norm, num_samples=len(rows), clean_acc=clean, pgd_acc=pgd,
+        method=cs.method, eps=eps, norm=cs.norm, num_samples=len(rows), clean_acc=clean, pgd_acc=pgd,
         certified_acc=cert, counts=counts,
-        unstable_per_layer={k: v / max(bounded, 1) for k, v in unstable_sum.items()},
-        neurons_per_layer=neurons, time_per_sample_s=bound_time / max(bounded, 1),
+        unstable_per_layer={k: v / max(tally.bounded, 1) for k, v in tally.unstable.items()},
+        neurons_per_layer=tally.neurons, time_per_sample_s=tally.time_s / max(tally.bounded, 1),
         total_time_s=time.perf_counter() - t_start, samples=rows, bab=bab)
+
+
+def _certify_batch(model: nn.Module, net: BoundedNetwork, xb: Tensor, yb: Tensor, eps: float, cs: CertifySettings,
+                   indices: list, seed: int, tally: _BoundTally) -> list[SampleResult]:
+    """Clean check, attack, bounds of one batch xb [B, *in_shape], yb [B] -> one SampleResult per sample."""
+    with torch.no_grad():
+        logits = model(xb)
+    pred = logits.argmax(1)
+    correct = pred == yb
+    _, attacked = pgd_attack(model, xb, yb, eps, steps=cs.pgd_steps, restarts=cs.pgd_restarts, norm=cs.norm,
+                             seed=seed)
+    attacked = attacked & correct
+    margins, proved, per_time = _bound(net, xb, yb, logits, correct & ~attacked, eps, cs, tally)
+    return [_sample_result(indices[k], int(yb[k]), int(pred[k]), bool(correct[k]), bool(attacked[k]),
+                           float(margins[k]), bool(proved[k]), per_time) for k in range(len(xb))]
+
+
+def _bound(net: BoundedNetwork, xb: Tensor, yb: Tensor, logits: Tensor, todo: Tensor, eps: float,
+           cs: CertifySettings, tally: _BoundTally) -> tuple[Tensor, Tensor, float]:
+    """Bound the margins of the samples marked in todo [B] (bool). Returns (smallest margin lower bound [B], nan
+    where not bounded; proved [B] bool; bound time per bounded sample)."""
+    B = xb.shape[0]
+    margins = torch.full((B,), float("nan"))
+    proved = torch.zeros(B, dtype=torch.bool)
+    if not bool(todo.any()):
+        return margins, proved, 0.0
+    xt, yt = xb[todo], yb[todo]
+    xl, xu = input_box(xt, eps)  # for L2 the ball lies in this box; the engine also uses the ball itself
+    C = margin_spec(yt, net.num_outputs)
+    l2 = cs.norm == "2"
+    res = net.compute_bounds(xl, xu, method=cs.method, C=C, bound_upper=False, alpha_iterations=cs.alpha_iterations,
+                             l2_center=(xt if l2 else None), l2_eps=(eps if l2 else None))
+    margins[todo.cpu()] = res.lower.min(1).values.cpu()
+    # float32 rounding grows with the magnitudes involved: |f_y - f_j| is made of logits of this size
+    scale = 2 * logits[todo].abs().amax(1, keepdim=True).double() + res.lower.double().abs()
+    proved[todo.cpu()] = is_proved(res.lower.double(), scale).all(1).cpu()
+    n = int(todo.sum())
+    tally.add(res, n)
+    return margins, proved, res.time_s / n
+
+
+def _sample_result(index: int, label: int, prediction: int, correct: bool, attacked: bool, margin: float,
+                   proved: bool, bound_time: float) -> SampleResult:
+    """The status of one sample, by the precedence of the module docstring."""
+    if not correct:
+        return SampleResult(index, label, prediction, "misclassified", None, 0.0)
+    if attacked:
+        return SampleResult(index, label, prediction, "falsified", None, 0.0)
+    return SampleResult(index, label, prediction, "verified" if proved else "unknown", margin, bound_time)
 
 
 def summarize_samples(samples: list[dict]) -> tuple[dict, float, float, float]:

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import click
 
+from lingraft.bounds.methods import METHODS
+from lingraft.cli.options import common_options, emit_json, gate_fail, json_option, pick_device, progress_bar, table
 from lingraft.config import config_option
-from lingraft.errors import LingraftError, UsageError
-from lingraft.cli.options import (common_options, emit_json, gate_fail, json_option, pick_device, progress_bar, table,
-                      versions)
-
-SCHEMA_VERSION = 1
+from lingraft.errors import UsageError
 
 
 @click.command("certify", epilog="Examples:\n\n\b\n  lingraft certify\n"
@@ -25,7 +22,7 @@ SCHEMA_VERSION = 1
 @click.option("--eps", type=float, default=None, help="L-inf (or L2) radius in [0,1] pixel space. "
               "Default: the checkpoint's certify_eps, else its training eps, else 0.1.")
 @click.option("--norm", type=click.Choice(["inf", "2"]), default="inf", show_default=True)
-@click.option("--method", type=click.Choice(["ibp", "crown", "alpha-crown"]), default="crown", show_default=True)
+@click.option("--method", type=click.Choice(METHODS), default="crown", show_default=True)
 @click.option("-n", "--num-samples", type=click.IntRange(min=1), default=1000, show_default=True,
               help="First N test images (official order).")
 @click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True)
@@ -53,8 +50,7 @@ SCHEMA_VERSION = 1
 @common_options
 def command(model, config_path, eps, norm, method, num_samples, offset, dataset, data_dir, batch_size, pgd_steps,
             pgd_restarts, timeout, bab_timeout, min_certified_acc, min_clean_acc, baseline, max_drop, state, csv_out,
-            json_out, verbose,
-            quiet, seed, no_progress, device):
+            json_out, verbose, quiet, seed, no_progress, device):
     """Certify MODEL (.pt checkpoint or .onnx; default: the shipped MNIST CNN-B) on test images.
 
     Each image is first checked clean, then attacked with PGD (a found adversarial example means the image is
@@ -63,24 +59,22 @@ def command(model, config_path, eps, norm, method, num_samples, offset, dataset,
     """
     import torch
 
-    from lingraft.certify.pipeline import certify, check_eps
-    from lingraft.config import config_hash, load_config
+    from lingraft.certify.pipeline import CertifySettings, certify, check_eps, default_eps
+    from lingraft.certify.result import certify_config, certify_result, load_certified_acc, resume_settings
+    from lingraft.config import config_hash
     from lingraft.data.datasets import dataset_info, load_dataset, subset
+    from lingraft.env import versions
     from lingraft.io.loader import load_model
 
     torch.manual_seed(seed)
     dev = pick_device(device)
-    base = None
-    if baseline:
-        base = _load_baseline(baseline)
+    base = load_certified_acc(baseline) if baseline else None
     lm = load_model(model, dataset=dataset)
     ds = dataset or lm.dataset
     if ds is None:
         raise UsageError("the model does not record its dataset; pass --dataset (mnist, cifar10, digits)")
-    info = dataset_info(ds)
-    if eps is None:
-        eps = default_eps(lm.meta)
-    eps = check_eps(eps)
+    dataset_info(ds)  # an unknown dataset name is reported before a bad eps
+    eps = check_eps(default_eps(lm.meta) if eps is None else eps)
     for flag, v in (("--timeout", timeout), ("--bab-timeout", bab_timeout)):
         if v is not None and not math.isfinite(v):
             raise UsageError(f"{flag} must be a finite number of seconds, got {v}")
@@ -92,27 +86,26 @@ def command(model, config_path, eps, norm, method, num_samples, offset, dataset,
         raise UsageError(f"model input {lm.in_shape} does not match dataset {ds} images {tuple(x.shape[1:])}")
     x = x.reshape(x.shape[0], *lm.in_shape)
     model_ = lm.model.to(dev)
-    cfg = {"model": lm.path, "dataset": ds, "eps": eps, "norm": norm, "method": method, "num_samples": num_samples,
-           "offset": offset, "batch_size": batch_size, "pgd_steps": pgd_steps, "pgd_restarts": pgd_restarts,
-           "seed": seed, "timeout": timeout, "bab_timeout": bab_timeout}
-    kw = dict(in_shape=lm.in_shape, method=method, norm=norm, batch_size=batch_size, pgd_steps=pgd_steps,
-              pgd_restarts=pgd_restarts, seed=seed, timeout=timeout, indices=range(offset, offset + x.shape[0]),
-              device=dev, bab_timeout=bab_timeout, bab_progress=_bab_logger(verbose and not quiet))
+    cfg = certify_config(model=lm.path, dataset=ds, eps=eps, norm=norm, method=method, num_samples=num_samples,
+                         offset=offset, batch_size=batch_size, pgd_steps=pgd_steps, pgd_restarts=pgd_restarts,
+                         seed=seed, timeout=timeout, bab_timeout=bab_timeout)
+    settings = CertifySettings(method=method, norm=norm, batch_size=batch_size, pgd_steps=pgd_steps,
+                               pgd_restarts=pgd_restarts, seed=seed, timeout=timeout, bab_timeout=bab_timeout)
+    kw = dict(in_shape=lm.in_shape, indices=range(offset, offset + x.shape[0]), device=dev,
+              bab_progress=_bab_logger(verbose and not quiet))
     with progress_bar(x.shape[0], "certify", no_progress or quiet) as bar:
         if state:
             from lingraft.certify.state import certify_resumable
             from lingraft.io.files import file_sha256
-            # everything but the time budget decides the results; the model by content, not by path
-            settings = {k: v for k, v in cfg.items() if k != "timeout"}
-            settings["model_sha256"] = file_sha256(lm.path) if Path(lm.path).is_file() else None
-            settings["data_dir"] = None if data_dir is None else str(Path(data_dir).resolve())
-            rep = certify_resumable(model_, x, y, eps, state_path=state, settings_hash=config_hash(settings),
+
+            model_sha = file_sha256(lm.path) if Path(lm.path).is_file() else None
+            rep = certify_resumable(model_, x, y, eps, state_path=state,
+                                    settings_hash=config_hash(resume_settings(cfg, model_sha, data_dir)),
                                     progress=bar.update, log=None if quiet else (lambda m: click.echo(m, err=True)),
-                                    **kw)
+                                    **vars(settings), **kw)
         else:
-            rep = certify(model_, x, y, eps, progress=bar.update, **kw)
-    result = {"schema_version": SCHEMA_VERSION, "command": "certify", "config": cfg, "config_hash": config_hash(cfg),
-              "versions": versions(), "device": str(dev), **rep.to_dict()}
+            rep = certify(model_, x, y, eps, settings, progress=bar.update, **kw)
+    result = certify_result(rep, cfg, versions(), str(dev))
     if json_out == "-":
         emit_json(result, "-")
     else:
@@ -122,15 +115,6 @@ def command(model, config_path, eps, norm, method, num_samples, offset, dataset,
     if csv_out:
         _write_csv(csv_out, rep.samples)
     _gates(rep, min_certified_acc, min_clean_acc, base, max_drop)
-
-
-def default_eps(meta: dict) -> float:
-    """certify_eps recorded in the checkpoint, else the graft/training eps, else 0.1."""
-    meta = meta or {}
-    for v in (meta.get("certify_eps"), meta.get("eps"), (meta.get("config") or {}).get("eps")):
-        if isinstance(v, (int, float)) and v == v:
-            return float(v)
-    return 0.1
 
 
 def render_report(rep, model_path, ds, verbose=0) -> str:
@@ -168,18 +152,6 @@ def _bab_logger(on: bool):
         click.echo(f"bab sample {index}: {out['bab']} -> {out['status']} ({out['time_s']:.1f} s, "
                    f"{out['branches']} domains)", err=True)
     return log
-
-
-def _load_baseline(path):
-    p = Path(path)
-    try:
-        d = json.loads(p.read_text())
-        return float(d["certified_acc"])
-    except FileNotFoundError:
-        raise LingraftError(f"baseline file not found: {p}") from None
-    except (ValueError, KeyError, TypeError):
-        raise LingraftError(f"baseline {p} is not a lingraft certify JSON result (needs 'certified_acc'); "
-                            "write one with 'lingraft certify ... --json FILE'") from None
 
 
 def _gates(rep, min_cert, min_clean, base, max_drop):

@@ -52,8 +52,7 @@ def command(model, out_path, opset, dynamic_batch, tol, data_dir, vnnlib_samples
         check = x.reshape(x.shape[0], *lm.in_shape)
     eps = None
     if vnnlib_samples:  # validate before anything is written
-        from lingraft.certify.pipeline import check_eps
-        from lingraft.cli.certify import default_eps
+        from lingraft.certify.pipeline import check_eps, default_eps
 
         if test is None:
             raise UsageError("--vnnlib-samples needs the model's dataset (a lingraft checkpoint records it)")

@@ -7,12 +7,14 @@ import sys
 import click
 
 from lingraft import __version__
+from lingraft.cli import certify, compare, export, graft, inspect_cmd, run, train, verify
 from lingraft.errors import LingraftError
 
 
 class LingraftGroup(click.Group):
     """A click group that turns library errors (raised anywhere, option callbacks included) into one line on
-    stderr and the error's exit code, never a traceback."""
+    stderr and the error's exit code, never a traceback: the one error handler of every command
+    (Ctrl-C -> exit 130; out of memory -> a hint to lower --batch-size)."""
 
     def invoke(self, ctx):
         try:
@@ -23,6 +25,9 @@ class LingraftGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+        except MemoryError:
+            click.echo("error: out of memory; lower --batch-size", err=True)
+            ctx.exit(1)
         except OSError as e:
             # a file problem the library did not anticipate: still one line, never a traceback
             from lingraft.io.files import describe_os_error
@@ -43,20 +48,8 @@ def cli():
     """
 
 
-def _safe_register():
-    import importlib
-
-    for name in ("certify", "inspect_cmd", "train", "graft", "export", "verify", "compare", "run"):
-        try:
-            mod = importlib.import_module(f"{__package__}.{name}")
-        except ModuleNotFoundError as e:
-            if e.name and e.name.endswith(name):
-                continue  # command not built yet
-            raise
-        cli.add_command(mod.command)
-
-
-_safe_register()
+for _module in (certify, inspect_cmd, train, graft, export, verify, compare, run):
+    cli.add_command(_module.command)
 
 
 def main():  # pragma: no cover - console entry

@@ -1,8 +1,8 @@
-"""Shared click options, output helpers and error handling for every command."""
+"""Shared click options and output helpers for every command (errors are handled once, in
+:class:`lingraft.cli.main.LingraftGroup`)."""
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -10,7 +10,8 @@ import sys
 
 import click
 
-from lingraft.errors import EXIT_GATE, LingraftError
+from lingraft.env import pick_device, versions  # noqa: F401  (re-exported: the commands' --device and versions)
+from lingraft.errors import EXIT_GATE
 
 
 def common_options(fn):
@@ -35,40 +36,6 @@ def _check_out_file(ctx, param, value):
 def json_option(fn):
     return click.option("--json", "json_out", metavar="FILE|-", default=None, callback=_check_out_file,
                         help="Also write the full result as JSON to FILE ('-' = stdout instead of the table).")(fn)
-
-
-def handle_errors(fn):
-    """Turn LingraftError into one line on stderr and its exit code; Ctrl-C into exit 130."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except LingraftError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-        except MemoryError:
-            click.echo("error: out of memory; lower --batch-size", err=True)
-            sys.exit(1)
-
-    return wrapper
-
-
-def pick_device(device: str):
-    import torch
-
-    from lingraft.errors import UsageError
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but no CUDA device is available; use --device cpu")
-    if device not in ("cpu", "cuda"):
-        raise UsageError(f"unknown --device {device!r}; use cpu, cuda or auto")
-    return torch.device(device)
 
 
 def progress_bar(total: int, desc: str, disabled: bool):
@@ -119,13 +86,3 @@ def _fmt(c):
 def gate_fail(message: str):
     click.echo(f"gate failed: {message}", err=True)
     sys.exit(EXIT_GATE)
-
-
-def versions() -> dict:
-    import numpy
-    import torch
-
-    from lingraft import __version__
-
-    return {"lingraft": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "python": sys.version.split()[0]}

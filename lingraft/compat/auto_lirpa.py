@@ -106,12 +106,13 @@ import sys
 import tempfile
 import types
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lingraft.bounds.methods import METHODS as BOUND_METHODS
 from lingraft.errors import LingraftError, UsageError
 
 __all__ = [
@@ -134,8 +135,8 @@ DEFAULT_BOUND_OPTS: dict[str, Any] = {
     "sparse_features_alpha": False,
 }
 
-#: lingraft method name -> auto_LiRPA method name.
-METHODS = {"ibp": "IBP", "crown": "backward", "alpha-crown": "CROWN-Optimized"}
+#: lingraft bound method (:data:`lingraft.bounds.METHODS`, same order) -> auto_LiRPA method name.
+METHODS = dict(zip(BOUND_METHODS, ("IBP", "backward", "CROWN-Optimized")))
 
 _IMPORT_ERROR: str | None = None
 _lirpa: Any = None  # the auto_LiRPA module once patched and imported
@@ -191,15 +192,24 @@ def _patch_torch_onnx() -> None:
 
 # ---------------------------------------------------------------------------- patches after import
 def _patch_auto_lirpa(lirpa) -> None:
-    from auto_LiRPA.operators.bivariate import BoundDiv, BoundMul
-    from auto_LiRPA.operators.leaf import BoundBuffers
-    from auto_LiRPA.patches import Patches, maybe_unfold_patches
-
+    """Apply the after-import fixes P6-P11 (module docstring) once to the imported auto_LiRPA."""
     BM = lirpa.BoundedModule
     if getattr(BM, "_lingraft_patched", False):
         return
+    _patch_named_members(BM)
+    _patch_register_parameter(BM)
+    _patch_buffers_not_from_input()
+    is_const = _patch_constant_input_check()
+    _patch_constant_ops_at_init(BM, is_const)
+    _patch_constant_products(is_const)
+    _patch_multiply_patches_by_const()
+    _patch_constant_add_sub(is_const)
+    _patch_patches_bias()
+    BM._lingraft_patched = True
 
-    # P6
+
+def _patch_named_members(BM) -> None:
+    """P6: accept torch 2's ``remove_duplicate`` argument of ``_named_members``."""
     orig_named_members = BM._named_members
 
     def _named_members(self, get_members_fn, prefix="", recurse=True, remove_duplicate=True, **kw):
@@ -207,11 +217,17 @@ def _patch_auto_lirpa(lirpa) -> None:
 
     BM._named_members = _named_members
 
-    # P7
+
+def _patch_register_parameter(BM) -> None:
+    """P7: ``register_parameter`` without ``torch._six`` (removed from torch)."""
     if not hasattr(torch, "_six"):
         BM.register_parameter = nn.Module.register_parameter
 
-    # P8
+
+def _patch_buffers_not_from_input() -> None:
+    """P8: buffers do not depend on the input (auto_LiRPA marked them ``from_input``)."""
+    from auto_LiRPA.operators.leaf import BoundBuffers
+
     orig_buffers_init = BoundBuffers.__init__
 
     def _buffers_init(self, *args, **kwargs):
@@ -220,7 +236,12 @@ def _patch_auto_lirpa(lirpa) -> None:
 
     BoundBuffers.__init__ = _buffers_init
 
-    # P9
+
+def _patch_constant_input_check() -> Callable[[Any], bool]:
+    """P9: a node computed from buffers only (not from the input, not perturbed) is a constant operand.
+    Returns the new check, which the other patches share."""
+    from auto_LiRPA.operators.bivariate import BoundMul
+
     orig_check_const = BoundMul._check_const_input
 
     def _check_const_input(inp) -> bool:
@@ -229,6 +250,12 @@ def _patch_auto_lirpa(lirpa) -> None:
         return (not getattr(inp, "from_input", True)) and not getattr(inp, "perturbed", False)
 
     BoundMul._check_const_input = staticmethod(_check_const_input)
+    return _check_const_input
+
+
+def _patch_constant_ops_at_init(BM, is_const: Callable[[Any], bool]) -> None:
+    """P9 (cont.): mark Mul/Div nodes with such a constant operand as constant ops when the module is built."""
+    from auto_LiRPA.operators.bivariate import BoundDiv, BoundMul
 
     orig_bm_init = BM.__init__
 
@@ -238,26 +265,30 @@ def _patch_auto_lirpa(lirpa) -> None:
             return
         for node in self._modules.values():
             if isinstance(node, (BoundMul, BoundDiv)) and not node.is_constant_op:
-                if any(_check_const_input(i) for i in node.inputs):
+                if any(is_const(i) for i in node.inputs):
                     node.is_constant_op = True
                     node.requires_input_bounds = []
 
     BM.__init__ = _bm_init
 
-    # IBP of a constant product tells the constant operand by `lower is upper`; a computed constant
-    # (e.g. 1 - mask) has equal but distinct lower/upper tensors.  A product of two constants
-    # (GraftedReLU's t = mask * a) came out as mask * mask: unsound IBP (and sparse CROWN references).
+
+def _patch_constant_products(is_const: Callable[[Any], bool]) -> None:
+    """IBP of a constant product tells the constant operand by `lower is upper`; a computed constant
+    (e.g. 1 - mask) has equal but distinct lower/upper tensors.  A product of two constants
+    (GraftedReLU's t = mask * a) came out as mask * mask: unsound IBP (and sparse CROWN references)."""
+    from auto_LiRPA.operators.bivariate import BoundDiv, BoundMul
+
     def _wrap_interval(cls):
         orig = cls.interval_propagate
 
         def interval_propagate(self, *v):
-            if len(v) == 2 and all(_check_const_input(i) for i in self.inputs):
+            if len(v) == 2 and all(is_const(i) for i in self.inputs):
                 # both operands constant: 0.3's code would return x * x (it takes x as the
                 # constant and, since y is constant too, x again as the variable)
                 r = self.forward(v[0][0], v[1][0])
                 return r, r
             if self.is_constant_op and len(v) == 2:
-                v = tuple((iv[0], iv[0]) if _check_const_input(inp) and iv[0] is not iv[1] else iv
+                v = tuple((iv[0], iv[0]) if is_const(inp) and iv[0] is not iv[1] else iv
                           for inp, iv in zip(self.inputs, v))
             return orig(self, *v)
 
@@ -266,7 +297,12 @@ def _patch_auto_lirpa(lirpa) -> None:
     _wrap_interval(BoundMul)
     _wrap_interval(BoundDiv)
 
-    # P10
+
+def _patch_multiply_patches_by_const() -> None:
+    """P10: multiply a Patches A by a constant of any broadcastable shape, not only per channel."""
+    from auto_LiRPA.operators.bivariate import BoundMul
+    from auto_LiRPA.patches import Patches, maybe_unfold_patches
+
     orig_mul_const = BoundMul._multiply_by_const
 
     def _multiply_by_const(x, const):
@@ -286,14 +322,15 @@ def _patch_auto_lirpa(lirpa) -> None:
 
     BoundMul._multiply_by_const = staticmethod(_multiply_by_const)
 
-    # P11: a constant operand of Add/Sub (Normalize's mean, GraftedReLU's c) reached with a Patches A
-    # was turned into a bias by summing whole patches (Bound.get_bias, batch_dim == -1), counting
-    # the zero-padding positions outside the image: unsound bounds (seen on cnn-b: ZeroPad2d and
-    # conv padding after Normalize).  Tag such A with the consumer's full shape and unfold the
-    # broadcast constant instead, so that padding positions contribute 0.
-    from auto_LiRPA.operators.base import Bound
+
+def _patch_constant_add_sub(is_const: Callable[[Any], bool]) -> None:
+    """P11: a constant operand of Add/Sub (Normalize's mean, GraftedReLU's c) reached with a Patches A
+    was turned into a bias by summing whole patches (Bound.get_bias, batch_dim == -1), counting
+    the zero-padding positions outside the image: unsound bounds (seen on cnn-b: ZeroPad2d and
+    conv padding after Normalize).  Tag such A with the consumer's full shape (here) and unfold the
+    broadcast constant instead (:func:`_patch_patches_bias`), so that padding positions contribute 0."""
     from auto_LiRPA.operators.bivariate import BoundAdd, BoundSub
-    from auto_LiRPA.patches import inplace_unfold
+    from auto_LiRPA.patches import Patches
 
     def _wrap_add_sub(cls):
         orig = cls.bound_backward
@@ -305,7 +342,7 @@ def _patch_auto_lirpa(lirpa) -> None:
                 return As, lbias, ubias
             out = []
             for inp, pair in zip(self.inputs, As):
-                if _check_const_input(inp):
+                if is_const(inp):
                     pair = tuple(A.create_similar(input_shape=tuple(shape))
                                  if isinstance(A, Patches) and A.patches is not None else A for A in pair)
                 out.append(pair)
@@ -315,6 +352,12 @@ def _patch_auto_lirpa(lirpa) -> None:
 
     _wrap_add_sub(BoundAdd)
     _wrap_add_sub(BoundSub)
+
+
+def _patch_patches_bias() -> None:
+    """P11 (cont.): the bias of a tagged Patches A unfolds the constant, so padding positions contribute 0."""
+    from auto_LiRPA.operators.base import Bound
+    from auto_LiRPA.patches import Patches, inplace_unfold
 
     orig_get_bias = Bound.get_bias
 
@@ -333,7 +376,6 @@ def _patch_auto_lirpa(lirpa) -> None:
         return torch.einsum("bijchw,sbijchw->sbij", b, A.patches)  # -> [S, B, out_h, out_w]
 
     Bound.get_bias = get_bias
-    BM._lingraft_patched = True
 
 
 def _load() -> None:

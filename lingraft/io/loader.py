@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
+from lingraft.config import require_file
 from lingraft.errors import LingraftError, UsageError
 
 DEFAULT_MODEL = "mnist-cnn-b-fgsm.pt"
@@ -43,11 +44,7 @@ def load_model(path: str | os.PathLike | None, dataset: str | None = None, input
         path = default_model_path()
         if not path.exists():
             raise LingraftError(f"the shipped default model {path} is missing; reinstall lingraft or pass a MODEL path")
-    p = Path(path)
-    if not p.exists():
-        raise LingraftError(f"model file not found: {p}")
-    if p.is_dir():
-        raise LingraftError(f"{p} is a directory; pass a .pt checkpoint or an .onnx file")
+    p = require_file(path, "model file not found: {}", "{} is a directory; pass a .pt checkpoint or an .onnx file")
     try:
         with open(p, "rb") as f:
             head = f.read(8)

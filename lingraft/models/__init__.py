@@ -53,9 +53,4 @@ def create_model(name: str, in_shape=(1, 28, 28), num_classes: int = 10, mean=(0
 
 
 def _load_all():
-    from lingraft.models import zoo  # noqa: F401  (registers on import)
-
-    try:
-        from lingraft.models import attention  # noqa: F401
-    except ImportError:  # attention models are optional during development
-        pass
+    from lingraft.models import attention, zoo  # noqa: F401  (register on import)

@@ -14,6 +14,9 @@ class Normalize(nn.Module):
     exports are self-contained.  x: [B, C, ...] -> same shape.
     """
 
+    mean: torch.Tensor  # [C] or [1] buffers (typed here: register_buffer is invisible to type checkers)
+    std: torch.Tensor
+
     def __init__(self, mean, std):
         super().__init__()
         mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
@@ -57,6 +60,8 @@ class GraftedReLU(nn.Module):
     function, and the form that exports to plain ONNX (Mul, Relu, Add) and that auto_LiRPA bounds.
     x: [B, *shape] -> [B, *shape].
     """
+
+    mask: torch.Tensor  # [*shape] buffer (typed here: register_buffer is invisible to type checkers)
 
     def __init__(self, shape, mask: torch.Tensor | None = None, init_a: float = 0.4, init_b: float = 0.0):
         super().__init__()

@@ -11,9 +11,8 @@ Conventions (B = batch, S = number of bound rows / specifications):
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
-import torch
 from torch import Tensor
 
 Bounds = tuple[Tensor, Tensor]
@@ -46,10 +45,14 @@ class BoundOp:
     #: ops that are linear maps of their single input
     linear: bool = True
 
-    def forward(self, *xs: Tensor) -> Tensor:
+    # Subclasses take their inputs as separate arguments (one Tensor / Bounds each); the Any signature lets
+    # them name those arguments (x, or a and b) without breaking the override rules.
+    def forward(self, *xs: Any) -> Tensor:
+        """The operator's value: xs[i] [B, *in_shape_i] -> [B, *shape]."""
         raise NotImplementedError
 
-    def ibp(self, *bounds: Bounds) -> Bounds:
+    def ibp(self, *bounds: Any) -> Bounds:
+        """Interval bounds of the value from the boxes (lower, upper) of the inputs."""
         raise NotImplementedError
 
     def backward(self, lA: OptA, uA: OptA, input_bounds: Sequence[Optional[Bounds]], **kw):
@@ -64,3 +67,16 @@ class BoundOp:
 
     def describe(self) -> str:
         return type(self).__name__
+
+
+class AffineMapOp(BoundOp):
+    """An operator that is one affine map of its single input: lower and upper coefficients go through the
+    same map. Subclasses implement ``_back(A)``: A [B, S, *out_shape] -> (A [B, S, *in_shape], bias [B, S] or 0)."""
+
+    def _back(self, A: Tensor) -> tuple[Tensor, Tensor | int]:
+        raise NotImplementedError
+
+    def backward(self, lA: OptA, uA: OptA, input_bounds: Sequence[Optional[Bounds]], **kw):
+        la, lb = (None, 0) if lA is None else self._back(lA)
+        ua, ub = (None, 0) if uA is None else self._back(uA)
+        return [(la, ua)], lb, ub

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lingraft.bounds.ops.base import BoundOp, sum_trailing
+from lingraft.bounds.ops.base import AffineMapOp, BoundOp, sum_trailing
 
 
-class ElementwiseAffineOp(BoundOp):
+class ElementwiseAffineOp(AffineMapOp):
     """y = x * scale + shift, with ``scale`` and ``shift`` broadcastable to the per-sample shape.
 
     x: [B, *shape] -> y: [B, *shape].  Diagonal: maps a box onto a box exactly.
@@ -32,18 +32,7 @@ class ElementwiseAffineOp(BoundOp):
         return yc - yr, yc + yr
 
     def _back(self, A):
-        if A is None:
-            return None, 0
         return A * self.scale, sum_trailing(A * self.shift)
-
-    def backward(self, lA, uA, input_bounds, **kw):
-        la, lb = self._back(lA)
-        ua, ub = self._back(uA)
-        return [(la, ua)], lb, ub
-
-    def compose(self, other: "ElementwiseAffineOp") -> "ElementwiseAffineOp":
-        """self after other."""
-        return ElementwiseAffineOp(other.scale * self.scale, other.shift * self.scale + self.shift, self.scale.shape)
 
     def describe(self):
         return "ElementwiseAffine"

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lingraft.bounds.ops.base import BoundOp, sum_trailing
+from lingraft.bounds.ops.base import AffineMapOp, sum_trailing
 
 
-class LinearOp(BoundOp):
+class LinearOp(AffineMapOp):
     """y = x @ W^T + b on the last dimension.  x: [B, *lead, n_in] -> y: [B, *lead, n_out]."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None):
@@ -27,16 +27,9 @@ class LinearOp(BoundOp):
         return yc - yr, yc + yr
 
     def _back(self, A):
-        if A is None:
-            return None, 0
         Ax = A.matmul(self.weight)
         bias = 0 if self.bias is None else sum_trailing(A * self.bias)
         return Ax, bias
-
-    def backward(self, lA, uA, input_bounds, **kw):
-        la, lb = self._back(lA)
-        ua, ub = self._back(uA)
-        return [(la, ua)], lb, ub
 
     def identity_backward(self, rows: Tensor, batch: int, out_shape):
         """A at the input for the unit rows ``rows`` (flat indices into the output) without materialising
@@ -52,7 +45,7 @@ class LinearOp(BoundOp):
         return f"Linear({self.weight.shape[1]}->{self.weight.shape[0]})"
 
 
-class ConvOp(BoundOp):
+class ConvOp(AffineMapOp):
     """2-D convolution.  x: [B, C_in, H, W] -> y: [B, C_out, H_out, W_out]."""
 
     def __init__(self, weight, bias, stride, padding, groups, in_shape, out_shape):
@@ -81,19 +74,12 @@ class ConvOp(BoundOp):
         return yc - yr, yc + yr
 
     def _back(self, A):
-        if A is None:
-            return None, 0
         B, S = A.shape[:2]
         Af = A.reshape(B * S, *self.out_shape)
         Ax = conv_backward(Af, self.weight, self.stride, self.padding, self.groups, self.in_shape[1:])
         Ax = Ax.reshape(B, S, *self.in_shape)
         bias = 0 if self.bias is None else (A.sum((3, 4)) * self.bias).sum(-1)
         return Ax, bias
-
-    def backward(self, lA, uA, input_bounds, **kw):
-        la, lb = self._back(lA)
-        ua, ub = self._back(uA)
-        return [(la, ua)], lb, ub
 
     def identity_backward(self, rows: Tensor, batch: int, out_shape):
         """Place each selected output neuron's kernel in the input plane directly (no transposed conv of a

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from lingraft.bounds.ops.base import BoundOp, pos, neg, sum_trailing
 
@@ -60,7 +61,8 @@ class MaxPoolOp(BoundOp):
             return out.reshape(B, S, C, H, W)
 
         la = ua = None
-        lb = ub = 0
+        lb: Tensor | int = 0
+        ub: Tensor | int = 0
         if lA is not None:
             Ap, An = pos(lA), neg(lA)
             # negative coefficients need the upper relaxation: x_j* when exact, else the constant umax

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lingraft.bounds.ops.base import BoundOp, pos, neg, sum_trailing
+from lingraft.bounds.ops.base import BoundOp
 
 
 class ReLUOp(BoundOp):
@@ -26,13 +26,22 @@ class ReLUOp(BoundOp):
 
     def __init__(self, shape, mask: Tensor | None = None, a: Tensor | None = None, b: Tensor | None = None):
         self.shape = tuple(shape)
+        self.mask: Tensor | None = None
+        self.a: Tensor | None = None
+        self.b: Tensor | None = None
         if mask is not None and bool(mask.any()):
+            if a is None or b is None:
+                raise ValueError("a grafted ReLU needs the slopes a and intercepts b of its grafted neurons")
             self.mask = mask.detach().bool()
             self.a = (a.detach() * self.mask)
             self.b = (b.detach() * self.mask)
-        else:
-            self.mask = None
-            self.a = self.b = None
+
+    @property
+    def graft(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(mask, a, b) [*shape] of the grafted neurons (x -> a x + b where mask), None for a plain ReLU."""
+        if self.mask is None or self.a is None or self.b is None:
+            return None
+        return self.mask, self.a, self.b
 
     @property
     def num_grafted(self) -> int:
@@ -50,18 +59,20 @@ class ReLUOp(BoundOp):
 
     def forward(self, x):
         y = F.relu(x)
-        if self.mask is not None:
-            y = torch.where(self.mask, x * self.a + self.b, y)
+        if self.graft is not None:
+            mask, a, b = self.graft
+            y = torch.where(mask, x * a + b, y)
         return y
 
     def ibp(self, bnd):
         lo, up = bnd
         yl, yu = F.relu(lo), F.relu(up)
-        if self.mask is not None:
-            gl = torch.minimum(lo * self.a, up * self.a) + self.b
-            gu = torch.maximum(lo * self.a, up * self.a) + self.b
-            yl = torch.where(self.mask, gl, yl)
-            yu = torch.where(self.mask, gu, yu)
+        if self.graft is not None:
+            mask, a, b = self.graft
+            gl = torch.minimum(lo * a, up * a) + b
+            gu = torch.maximum(lo * a, up * a) + b
+            yl = torch.where(mask, gl, yl)
+            yu = torch.where(mask, gu, yu)
         return yl, yu
 
     def unstable_mask(self, lo: Tensor, up: Tensor) -> Tensor:
@@ -95,28 +106,29 @@ class ReLUOp(BoundOp):
         else:
             lo, up = input_bounds[0]
         u_slope, u_int, l_slope, unstable = self.relaxation(lo, up)
-        if self.mask is not None:
-            u_slope = torch.where(self.mask, self.a, u_slope)
+        graft = self.graft
+        if graft is not None:
+            u_slope = torch.where(graft[0], graft[1], u_slope)
         B = lo.shape[0]
         # lower line: slope ls, intercept li (li = b on grafted neurons, 0 elsewhere); upper line: u_slope, u_int.
         # With d = u_slope - ls (non-zero only on unstable neurons) and u_int zero off unstable neurons:
         #   lower pass: A*ls + min(A,0)*d,  bias <A, li> + <min(A,0), u_int>
         #   upper pass: A*ls + max(A,0)*d,  bias <A, li> + <max(A,0), u_int>
         # which touches each big A-sized tensor a few times only.
-        lb = ub = 0
+        lb: Tensor | int = 0
+        ub: Tensor | int = 0
         la = ua = None
         for side in ("l", "u"):
             A = lA if side == "l" else uA
             if A is None:
                 continue
             ls = l_slope
-            if self.mask is not None:
-                ls = torch.where(self.mask, self.a, ls)
+            if graft is not None:
+                ls = torch.where(graft[0], graft[1], ls)
             ls = ls.unsqueeze(1)
             if alpha is not None and alpha.get(side) is not None:
                 ls = torch.where(unstable.unsqueeze(1), alpha[side], ls)
             d = u_slope.unsqueeze(1) - ls
-            S = A.shape[1]
             if side == "l":
                 An = A.clamp(max=0)
                 out = A * ls + An * d
@@ -125,8 +137,8 @@ class ReLUOp(BoundOp):
                 Ap = A.clamp(min=0)
                 out = A * ls + Ap * d
                 bias = _dot(Ap, u_int)
-            if self.mask is not None:
-                bias = bias + _dot(A, self.b.expand(B, *self.shape))
+            if graft is not None:
+                bias = bias + _dot(A, graft[2].expand(B, *self.shape))
             if side == "l":
                 la, lb = out, bias
             else:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from lingraft.bounds.ops.base import BoundOp, sum_trailing
+from lingraft.bounds.ops.base import AffineMapOp, BoundOp, sum_trailing
 
 
 class ReshapeOp(BoundOp):
@@ -50,7 +51,7 @@ class PermuteOp(BoundOp):
         return [(f(lA), f(uA))], 0, 0
 
 
-class PadOp(BoundOp):
+class PadOp(AffineMapOp):
     """Constant padding of the last dims. pads as in F.pad: (left, right, top, bottom, ...)."""
 
     diagonal = True
@@ -67,8 +68,6 @@ class PadOp(BoundOp):
         return self.forward(b[0]), self.forward(b[1])
 
     def _back(self, A):
-        if A is None:
-            return None, 0
         sl = [slice(None)] * A.dim()
         nd = len(self.pads) // 2
         for k in range(nd):
@@ -79,15 +78,10 @@ class PadOp(BoundOp):
         if any(p < 0 for p in self.pads):
             raise NotImplementedError("negative padding (cropping) is not supported")
         inner = A[tuple(sl)]
-        bias = 0
+        bias: Tensor | int = 0
         if self.value != 0.0:
             bias = (sum_trailing(A) - sum_trailing(inner)) * self.value
         return inner, bias
-
-    def backward(self, lA, uA, input_bounds, **kw):
-        la, lb = self._back(lA)
-        ua, ub = self._back(uA)
-        return [(la, ua)], lb, ub
 
 
 class CatOp(BoundOp):
