@@ -106,12 +106,13 @@ def _parse_gammas(gammas: str) -> tuple[float, ...]:
 
 def _parse_methods(methods: str) -> list[str]:
     """'crown,alpha-crown' -> ['crown', 'alpha-crown']; UsageError for an unknown bound method."""
+    from lingraft.bounds.methods import METHODS
     from lingraft.errors import UsageError
 
     meths = [m.strip() for m in methods.split(",") if m.strip()]
     for m in meths:
-        if m not in ("ibp", "crown", "alpha-crown"):
-            raise UsageError(f"unknown method {m!r} in --methods; use ibp, crown, alpha-crown")
+        if m not in METHODS:
+            raise UsageError(f"unknown method {m!r} in --methods; use {', '.join(METHODS)}")
     return meths
 
 

@@ -17,6 +17,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from lingraft.bounds.methods import METHODS
 from lingraft.config import config_hash, load_config, normalize_keys, validate_keys
 from lingraft.errors import UsageError
 from lingraft.io.files import file_sha256
@@ -27,7 +28,7 @@ GRAFT_KEYS = ("ratio", "epochs", "num_train", "batch_size", "lr", "lr_graft", "t
               "gammas", "significance", "significance_input", "score_images", "score_bound", "init")
 CERTIFY_KEYS = ("num_samples", "methods", "grid_num_samples", "batch_size", "pgd_steps", "pgd_restarts",
                 "alpha_iterations")
-_METHODS = ("ibp", "crown", "alpha-crown")
+_METHODS = METHODS
 # TrainConfig fields the compare file does not control per entry (set from the top level or the CLI)
 _TRAIN_FIXED = ("arch", "dataset", "teacher", "data_dir", "device", "seed")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lingraft.bounds.methods import METHODS
 from lingraft.config import config_hash
 from lingraft.env import versions
 from lingraft.errors import LingraftError, UsageError
@@ -27,7 +28,6 @@ __all__ = ["SCHEMA_VERSION", "METHODS", "RUN_OPTIONS", "resolve_options", "work_
            "JobRunner"]
 
 SCHEMA_VERSION = 1
-METHODS = ("ibp", "crown", "alpha-crown")
 
 #: Options a sweep file may set under ``options:`` (dashes or underscores), with their defaults.
 RUN_OPTIONS: dict[str, Any] = {
