@@ -273,10 +273,10 @@ def test_cli_run_and_shell_scripts(tmp_path):
                         str(folder / "test_sat.onnx"), str(folder / "test_prop.vnnlib"), str(res_file), "60"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout.strip().splitlines()[-1])["status"] == "sat"
+    assert json.loads(p.stdout.split("\n", 1)[1])["status"] == "sat"  # the script's own line, then the JSON
     x, y = read_counterexample(res_file)
     assert parse_vnnlib(folder / "test_prop.vnnlib").is_violated_by(x, y)
-    p = subprocess.run([sys.executable, "-m", "lingraft.verify", "run", str(folder / "missing.onnx"),
+    p = subprocess.run([sys.executable, "-m", "lingraft.cli.main", "verify", str(folder / "missing.onnx"),
                         str(folder / "test_prop.vnnlib"), "--result", str(res_file)],
                        capture_output=True, text=True, cwd=REPO, timeout=120)
     assert p.returncode == 1 and "not found" in p.stderr and res_file.read_text() == "error\n"

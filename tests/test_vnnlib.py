@@ -337,18 +337,30 @@ def test_declared_sizes_checked():
         parse_vnnlib(text, num_outputs=10)
 
 
-def test_long_generated_file_is_fast():
-    n = 3072  # a CIFAR-sized input
+def long_generated_property(n_inputs: int = 3072) -> str:
+    """A CIFAR-sized property: one box over n_inputs inputs, 9 alternative output conjunctions over 10 outputs.
+    (benchmarks/vnnlib_parse.py times the parser on the same kind of file.)"""
+    n = n_inputs
     lines = [f"(declare-const X_{i} Real)" for i in range(n)] + [f"(declare-const Y_{j} Real)" for j in range(10)]
     lines += [f"(assert (<= X_{i} {0.5 + i * 1e-4}))\n(assert (>= X_{i} {-i * 1e-4}))" for i in range(n)]
     lines.append("(assert (or " + " ".join(f"(and (>= Y_{j} Y_3))" for j in range(10) if j != 3) + "))")
-    t = time.perf_counter()
-    prop = parse_vnnlib("\n".join(lines))
-    elapsed = time.perf_counter() - t
+    return "\n".join(lines)
+
+
+def test_long_generated_file_parses_to_one_box():
+    prop = parse_vnnlib(long_generated_property(3072))
+    assert (prop.num_inputs, prop.num_outputs) == (3072, 10)
     (r,) = prop.regions
+    i = np.arange(3072)
+    np.testing.assert_allclose(r.lower, -i * 1e-4, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(r.upper, 0.5 + i * 1e-4, rtol=0, atol=1e-12)
     assert r.lower[100] == pytest.approx(-0.01) and r.upper[3071] == pytest.approx(0.5 + 0.3071)
     assert len(r.outputs) == 9
-    assert elapsed < 0.5
+    for oc, j in zip(r.outputs, [j for j in range(10) if j != 3]):
+        want = np.zeros((1, 10))
+        want[0, 3], want[0, j] = 1.0, -1.0  # Y_j >= Y_3  <=>  Y_3 - Y_j <= 0
+        np.testing.assert_array_equal(oc.A, want)
+        np.testing.assert_array_equal(oc.b, [0.0])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,4 +15,4 @@ fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${LINGRAFT_PYTHON:-python3}"
 echo "preparing lingraft for category '$CATEGORY': $ONNX $VNNLIB"
-PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" -m lingraft.verify prepare "$ONNX" "$VNNLIB"
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" -m lingraft.cli.main verify "$ONNX" "$VNNLIB" --prepare

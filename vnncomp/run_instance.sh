@@ -17,8 +17,10 @@ fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${LINGRAFT_PYTHON:-python3}"
 echo "running lingraft on category '$CATEGORY': $ONNX $VNNLIB (timeout $TIMEOUT s)"
-PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m lingraft.verify run "$ONNX" "$VNNLIB" \
-    --timeout "$TIMEOUT" --result "$RESULT" --started-at "$START"
+# stdout: the JSON result; --threads 1 unless $LINGRAFT_THREADS says otherwise (branch and bound's many small tensor
+# operations run fastest single-threaded)
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m lingraft.cli.main verify "$ONNX" "$VNNLIB" \
+    --timeout "$TIMEOUT" --result "$RESULT" --started-at "$START" --threads "${LINGRAFT_THREADS:-1}" --json -
 STATUS=$?
 if [ ! -s "$RESULT" ]; then
     # the verifier died before writing anything (e.g. killed): leave a valid result file behind

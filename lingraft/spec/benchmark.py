@@ -44,14 +44,14 @@ def robustness_vnnlib(x: Tensor, label: int, eps: float, num_outputs: int) -> st
     """VNN-LIB text of the robustness property of one sample x [*in_shape] (flattened in C order, the ONNX input
     order). Bounds are written with repr(), so the file's box is exactly the float32 box certify bounds."""
     lo, hi = input_box(x.detach().float().cpu().unsqueeze(0), float(eps))
-    lo, hi = lo.flatten().tolist(), hi.flatten().tolist()
-    n = len(lo)
+    lows, highs = lo.flatten().tolist(), hi.flatten().tolist()
+    n = len(lows)
     lines = [f"; robustness of a sample with label {label} at L-inf eps {eps!r} (box clipped to [0, 1])"]
     lines += [f"(declare-const X_{i} Real)" for i in range(n)]
     lines += [f"(declare-const Y_{j} Real)" for j in range(num_outputs)]
     for i in range(n):
-        lines.append(f"(assert (>= X_{i} {lo[i]!r}))")
-        lines.append(f"(assert (<= X_{i} {hi[i]!r}))")
+        lines.append(f"(assert (>= X_{i} {lows[i]!r}))")
+        lines.append(f"(assert (<= X_{i} {highs[i]!r}))")
     others = " ".join(f"(and (>= Y_{j} Y_{label}))" for j in range(num_outputs) if j != label)
     lines.append(f"(assert (or {others}))")
     return "\n".join(lines) + "\n"

@@ -63,13 +63,21 @@ def record_relu_coefficients(net: BoundedNetwork, store: dict):
                     store[_k] = lA.detach()
                 return _orig(lA, uA, input_bounds, **kw)
 
-            op.backward = backward
+            setattr(op, "backward", backward)  # noqa: B010 - an instance attribute shadows the method until deleted
             wrapped.append(op)
     try:
         yield store
     finally:
         for op in wrapped:
             del op.backward  # back to the class method
+
+
+def relu_op(net: BoundedNetwork, k: int) -> ReLUOp:
+    """The ReLUOp of node k (a key of ``net.relu_input_nodes()``)."""
+    op = net.nodes[k].op
+    if not isinstance(op, ReLUOp):
+        raise TypeError(f"node {k} is a {type(op).__name__}, not a ReLU")
+    return op
 
 
 def split_clamps(net: BoundedNetwork, splits: dict[int, Tensor] | None) -> dict | None:
@@ -136,64 +144,91 @@ def bound_domains(net: BoundedNetwork, x_L: Tensor, x_U: Tensor, C: Tensor, *,
         bounds = net.intermediate_bounds(x_L, x_U, interm_bounds=split_clamps(net, splits))
     infeasible = infeasible_domains(net, bounds, B)
     C_out = C.reshape(B, S, *net.out_shape)
-
-    alphas: dict[int, dict] = {}
-    alpha_params = []
-    if iterations > 0:
-        for k, pre in net.relu_input_nodes().items():
-            if bounds[pre] is None:
-                continue
-            _, _, l_slope, unstable = net.nodes[k].op.relaxation(*bounds[pre])
-            if not bool(unstable.any()):
-                continue
-            if alpha_init is not None and k in alpha_init:
-                a = alpha_init[k].to(dev).clone()
-            else:
-                a = l_slope.unsqueeze(1).expand(B, S, *l_slope.shape[1:]).clone()
-            a.requires_grad_(True)
-            alphas[k] = {"l": a}
-            alpha_params.append(a)
-    betas: dict[int, tuple[Tensor, Tensor]] = {}  # pre-activation node -> (beta, sign)
-    if iterations > 0 and splits:
-        pre_of = net.relu_input_nodes()
-        for k, s in splits.items():
-            if not bool((s != 0).any()):
-                continue
-            sign = s.to(dev, torch.float32).unsqueeze(1)  # [B, 1, *shape]
-            beta = torch.zeros(B, S, *s.shape[1:], device=dev, requires_grad=True)
-            betas[pre_of[k]] = (beta, sign)
-
-    def extra():
-        return {p: -beta * sign for p, (beta, sign) in betas.items()} or None
-
+    alphas = _initial_alphas(net, bounds, B, S, alpha_init) if iterations > 0 else {}
+    betas = _initial_betas(net, splits, B, S) if iterations > 0 and splits else {}
     w = torch.ones(B, S, device=dev) if row_weight is None else row_weight.to(dev, torch.float32)
     with torch.no_grad():
         best, _ = net.backward_bound(C_out, x_L, x_U, bounds, alphas=None)
-    if iterations > 0 and (alpha_params or betas):
-        opt = _Adam([(a, lr_alpha) for a in alpha_params] + [(b, lr_beta) for b, _ in betas.values()])
-        for it in range(iterations):
-            if deadline is not None and time.perf_counter() > deadline:
-                break
-            if target is not None and bool(((best > target) | (w == 0)).all()):
-                break
-            lo, _ = net.backward_bound(C_out, x_L, x_U, bounds, alphas=alphas, extra_lA=extra())
-            best = torch.maximum(best, lo.detach())
-            grads = torch.autograd.grad(-(lo * w).sum(), opt.params, allow_unused=True)
-            opt.step(grads)
-            with torch.no_grad():
-                for a in alpha_params:
-                    a.clamp_(0.0, 1.0)
-                for b, _ in betas.values():
-                    b.clamp_(min=0.0)
+    optimized = iterations > 0 and bool(alphas or betas)
+    if optimized:
+        problem = (C_out, x_L, x_U, bounds)
+        best = _optimize_alpha_beta(net, problem, alphas, betas, best, w, iterations, lr_alpha, lr_beta, target,
+                                    deadline)
     store: dict = {}
     with torch.no_grad():
-        if record_lA or (iterations > 0 and (alpha_params or betas)):
+        if record_lA or optimized:
+            # one more pass with the final slopes (its bound counts too), recording the ReLU coefficients if asked
             ctx = record_relu_coefficients(net, store) if record_lA else contextlib.nullcontext()
             with ctx:
-                lo, _ = net.backward_bound(C_out, x_L, x_U, bounds, alphas=alphas or None, extra_lA=extra())
+                lo, _ = net.backward_bound(C_out, x_L, x_U, bounds, alphas=alphas or None,
+                                           extra_lA=_beta_terms(betas))
             best = torch.maximum(best, lo)
     return Bounded(lower=best, infeasible=infeasible, bounds=bounds,
                    alphas={k: v["l"].detach() for k, v in alphas.items()}, relu_lA=store)
+
+
+def _initial_alphas(net: BoundedNetwork, bounds: list, B: int, S: int,
+                    alpha_init: dict[int, Tensor] | None) -> dict[int, dict[str, Tensor]]:
+    """Trainable lower slopes {ReLU node: {"l": [B, S, *shape]}} for the ReLUs with unstable neurons: the warm
+    start where given, else the CROWN relaxation's slopes."""
+    alphas: dict[int, dict[str, Tensor]] = {}
+    for k, pre in net.relu_input_nodes().items():
+        if bounds[pre] is None:
+            continue
+        _, _, l_slope, unstable = relu_op(net, k).relaxation(*bounds[pre])
+        if not bool(unstable.any()):
+            continue
+        if alpha_init is not None and k in alpha_init:
+            a = alpha_init[k].to(net.device).clone()
+        else:
+            a = l_slope.unsqueeze(1).expand(B, S, *l_slope.shape[1:]).clone()
+        a.requires_grad_(True)
+        alphas[k] = {"l": a}
+    return alphas
+
+
+def _initial_betas(net: BoundedNetwork, splits: dict[int, Tensor], B: int, S: int) -> dict[int, tuple[Tensor, Tensor]]:
+    """{pre-activation node: (beta [B, S, *shape] = 0, trainable; split sign [B, 1, *shape] float)} for every
+    ReLU with split neurons."""
+    pre_of = net.relu_input_nodes()
+    betas: dict[int, tuple[Tensor, Tensor]] = {}
+    for k, s in splits.items():
+        if not bool((s != 0).any()):
+            continue
+        sign = s.to(net.device, torch.float32).unsqueeze(1)  # [B, 1, *shape]
+        beta = torch.zeros(B, S, *s.shape[1:], device=net.device, requires_grad=True)
+        betas[pre_of[k]] = (beta, sign)
+    return betas
+
+
+def _beta_terms(betas: dict[int, tuple[Tensor, Tensor]]) -> dict[int, Tensor] | None:
+    """The engine's extra_lA: coefficient ``-beta * s`` on each split pre-activation (None without splits)."""
+    return {p: -beta * sign for p, (beta, sign) in betas.items()} or None
+
+
+def _optimize_alpha_beta(net: BoundedNetwork, problem: tuple, alphas: dict[int, dict[str, Tensor]],
+                         betas: dict[int, tuple[Tensor, Tensor]], best: Tensor, w: Tensor, iterations: int,
+                         lr_alpha: float, lr_beta: float, target: Tensor | None, deadline: float | None) -> Tensor:
+    """Projected Adam on the weighted sum of the lower bounds (alpha in [0, 1], beta >= 0; updated in place).
+    problem: (C_out, x_L, x_U, bounds); best: [B, S] bound so far. -> the best bound [B, S] over all iterates."""
+    C_out, x_L, x_U, bounds = problem
+    alpha_params = [a["l"] for a in alphas.values()]
+    opt = _Adam([(a, lr_alpha) for a in alpha_params] + [(b, lr_beta) for b, _ in betas.values()])
+    for _ in range(iterations):
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        if target is not None and bool(((best > target) | (w == 0)).all()):
+            break
+        lo, _ = net.backward_bound(C_out, x_L, x_U, bounds, alphas=alphas, extra_lA=_beta_terms(betas))
+        best = torch.maximum(best, lo.detach())
+        grads = torch.autograd.grad(-(lo * w).sum(), opt.params, allow_unused=True)
+        opt.step(grads)
+        with torch.no_grad():
+            for a in alpha_params:
+                a.clamp_(0.0, 1.0)
+            for b, _ in betas.values():
+                b.clamp_(min=0.0)
+    return best
 
 
 class _Adam:

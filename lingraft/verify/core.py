@@ -26,21 +26,23 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from lingraft.bounds import BoundedNetwork
+from lingraft.env import pick_device
 from lingraft.errors import LingraftError, UsageError
+from lingraft.spec.region import RegionSpec, region_spec
 from lingraft.spec.vnnlib import VnnlibProperty, parse_vnnlib
-from lingraft.verify.bounding import bound_domains
+from lingraft.verify.bounding import Bounded, bound_domains
 from lingraft.verify.falsify import spec_attack
 from lingraft.verify.input_bab import InputBaB
-from lingraft.spec.region import RegionSpec, region_spec
 from lingraft.verify.relu_bab import ReluBaB
 from lingraft.verify.witness import confirm, float32_note
 
@@ -98,7 +100,23 @@ def load_model(model_or_path, in_shape, tmpdir: list):
             shutil.copyfileobj(src, dst)
         path = plain
     model = load_onnx(path)
-    return model, tuple(model.input_shape), int(math.prod(model.output_shape)), str(path)
+    # plain attributes set by the importer (tuples of ints); nn.Module's __getattr__ would type them as tensors
+    in_shape_onnx = cast("tuple[int, ...]", model.input_shape)
+    out_shape_onnx = cast("tuple[int, ...]", model.output_shape)
+    return model, tuple(in_shape_onnx), int(math.prod(out_shape_onnx)), str(path)
+
+
+def check_instance(model_path, prop_path) -> tuple[tuple[int, ...], int]:
+    """Load the network and parse the property for it (VNN-COMP's prepare step; nothing is kept).
+    -> (per-sample input shape, number of outputs); raises LingraftError when either does not load."""
+    tmpdir: list = []
+    try:
+        _, shape, n_out, _ = load_model(model_path, None, tmpdir)
+        parse_vnnlib(prop_path, num_inputs=int(math.prod(shape)), num_outputs=n_out)
+    finally:
+        for d in tmpdir:
+            shutil.rmtree(d, ignore_errors=True)
+    return shape, n_out
 
 
 def _merge_method(a: str, b: str) -> str:
@@ -114,9 +132,9 @@ def verify_property(model_or_path, prop, *, timeout: float = 60.0, in_shape=None
 
     model_or_path: an ONNX file (plain or .gz; bounds run on CUDA when available unless ``device`` says
     otherwise) or an nn.Module (then ``in_shape`` or ``model.input_shape`` gives the per-sample input shape; it
-    is put in eval mode and used on its own device unless ``device`` is given); prop: a VnnlibProperty or a VNN-LIB file path; timeout: wall-clock
-    seconds for the whole call (loading included); split: "auto" (input splitting for <= 10 inputs, ReLU
-    splitting otherwise), "input" or "relu"; attack_time: seconds of the first counterexample search per region
+    is put in eval mode and used on its own device unless ``device`` is given); prop: a VnnlibProperty or a
+    VNN-LIB file path; timeout: wall-clock seconds for the whole call (loading included); split: "auto" (input
+    splitting for <= 10 inputs, ReLU splitting otherwise), "input" or "relu"; attack_time: seconds of the first counterexample search per region
     (default min(2 s, 5% of the timeout)); root/bab_iterations: alpha(-beta) optimization steps at the root /
     per branch-and-bound round; batch_size: domains per round (default 64 for ReLU, 512 for input splitting);
     attack=False turns the PGD searches off (branch and bound alone; for testing its soundness).
@@ -141,72 +159,27 @@ def verify_property(model_or_path, prop, *, timeout: float = 60.0, in_shape=None
     try:
         model, shape, n_out, onnx_path = load_model(model_or_path, in_shape, tmpdir)
         n_in = int(math.prod(shape))
-        if not isinstance(prop, VnnlibProperty):
-            prop = parse_vnnlib(prop, num_inputs=n_in, num_outputs=n_out)
-        elif prop.num_inputs != n_in or prop.num_outputs != n_out:
-            raise LingraftError(f"property has {prop.num_inputs} inputs / {prop.num_outputs} outputs but the "
-                                f"network has {n_in} / {n_out} (use the matching property file)")
+        prop = _matching_property(prop, n_in, n_out)
         stats["regions"] = len(prop.regions)
         if not prop.regions:
             return result("unsat")
-        if onnx_path is not None:  # our own copy: move it and freeze it
-            dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            model = model.to(dev).eval()
-            for p in model.parameters():
-                p.requires_grad_(False)
-        else:  # the caller's module: leave it where it is unless a device is asked for
-            here = next((p.device for p in model.parameters()), torch.device("cpu"))
-            dev = torch.device(device) if device else here
-            if dev != here:
-                model = copy.deepcopy(model).to(dev)
-            model.eval()
+        model, dev = _place_model(model, onnx_path, device)
         net = BoundedNetwork(model, shape, device=dev)
         specs = [region_spec(r, shape, n_out).to(dev).set_output_scale(model) for r in prop.regions]
-        mode = split if split != "auto" else ("input" if n_in <= INPUT_SPLIT_MAX_DIM else "relu")
-        check = lambda xs, v: confirm(xs, v, prop, model, onnx_path)  # noqa: E731
-
-        # 1. CROWN on every region (cheap; settles the easy regions before any attack time is spent)
-        todo = []
-        for i, spec in enumerate(specs):
-            if time.perf_counter() > deadline:
-                return result("timeout")
-            stats["method"] = _merge_method(stats["method"], "crown")
-            res = bound_domains(net, spec.x_L, spec.x_U, spec.C.unsqueeze(0), iterations=0)
-            stats["branches"] += 1
-            if bool(spec.refuted(spec.lower_margin(res.lower)).all()):
-                log(f"region {i}: unsat by CROWN")
-                continue
-            todo.append((i, spec))
-
-        # 2. quick counterexample search on the regions left
+        run = _Run(net=net, model=model, check=lambda xs, v: confirm(xs, v, prop, model, onnx_path),
+                   deadline=deadline, stats=stats, log=log,
+                   mode=split if split != "auto" else ("input" if n_in <= INPUT_SPLIT_MAX_DIM else "relu"),
+                   root_iterations=root_iterations, bab_iterations=bab_iterations, batch_size=batch_size,
+                   attack=attack)
+        todo = _settle_by_crown(run, specs)
+        if todo is None:
+            return result("timeout")
         budget = attack_time if attack_time is not None else min(2.0, 0.05 * float(timeout))
-        for i, spec in todo:
-            if not attack or budget <= 0:
-                break
-            if time.perf_counter() > deadline:
-                return result("timeout")
-            stats["method"] = _merge_method(stats["method"], "attack")
-            xs, v = spec_attack(model, spec, seed=seed + i,
-                                deadline=min(deadline, time.perf_counter() + budget / len(todo)))
-            cex = check(xs, v - spec.confirm_slack)  # near misses in float32 are worth a re-check
-            if cex is not None:
-                log(f"region {i}: counterexample found by the attack")
-                stats["method"] = "attack"  # the method that decided the instance
-                return result("sat", cex)
-
-        # 3. alpha-CROWN, then branch and bound, region by region
-        undecided = []
-        for i, spec in todo:
-            status, cex = _verify_region(net, model, spec, check, deadline, mode, stats, log, seed + 1000 * i,
-                                         root_iterations, bab_iterations, batch_size, attack)
-            log(f"region {i}: {status}")
-            if status == "sat":
-                return result("sat", cex)
-            if status != "unsat":
-                undecided.append(status)
-        if not undecided:
-            return result("unsat")
-        return result("timeout" if "timeout" in undecided else "unknown")
+        if attack and budget > 0:
+            found = _quick_attack(run, todo, budget, seed)
+            if found is not None:
+                return result(*found)
+        return result(*_decide_regions(run, todo, seed))
     except LingraftError as e:
         stats["error"] = str(e)
         return result("error")
@@ -215,43 +188,155 @@ def verify_property(model_or_path, prop, *, timeout: float = 60.0, in_shape=None
         return result("error")
 
 
-def _verify_region(net: BoundedNetwork, model, spec: RegionSpec, check, deadline: float, mode: str, stats: dict,
-                   log, seed: int, root_iterations: int, bab_iterations: int, batch_size: int | None,
-                   attack: bool):
-    """-> (status, counterexample or None) for one region."""
-    if time.perf_counter() > deadline:
-        return "timeout", None
-    if mode == "input":
-        bab = InputBaB(net, spec, model, check, deadline, batch_size=batch_size or 512, log=log)
-        out = bab.run()
-        stats["branches"] += out.branches
-        stats["max_depth"] = max(stats.get("max_depth", 0), out.max_depth)
-        stats["method"] = _merge_method(stats["method"], "crown" if out.branches <= 1 else "bab-input")
-        return out.status, out.counterexample
+@dataclass
+class _Run:
+    """What the steps of one :func:`verify_property` call share. check: callable(x [N, *in], violation [N]) ->
+    (x, y) or None (the independent re-check of candidates); mode: "input" or "relu" branching; the rest as in
+    :func:`verify_property`."""
 
+    net: BoundedNetwork
+    model: nn.Module
+    check: Callable
+    deadline: float
+    stats: dict
+    log: Callable[[str], None]
+    mode: str
+    root_iterations: int
+    bab_iterations: int
+    batch_size: int | None
+    attack: bool
+
+    def use_method(self, method: str) -> None:
+        """Record that ``method`` ran (the statistic keeps the strongest)."""
+        self.stats["method"] = _merge_method(self.stats["method"], method)
+
+    def out_of_time(self) -> bool:
+        return time.perf_counter() > self.deadline
+
+
+def _matching_property(prop, n_in: int, n_out: int) -> VnnlibProperty:
+    """Parse ``prop`` (a path) for a network with n_in inputs and n_out outputs, or check a given property's
+    sizes."""
+    if not isinstance(prop, VnnlibProperty):
+        return parse_vnnlib(prop, num_inputs=n_in, num_outputs=n_out)
+    if prop.num_inputs != n_in or prop.num_outputs != n_out:
+        raise LingraftError(f"property has {prop.num_inputs} inputs / {prop.num_outputs} outputs but the "
+                            f"network has {n_in} / {n_out} (use the matching property file)")
+    return prop
+
+
+def _place_model(model: nn.Module, onnx_path: str | None, device: str | None) -> tuple[nn.Module, torch.device]:
+    """-> (model in eval mode on the device to bound on, that device)."""
+    if onnx_path is not None:  # our own copy: move it and freeze it
+        dev = pick_device(device)
+        model = model.to(dev).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model, dev
+    # the caller's module: leave it where it is unless a device is asked for
+    here = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dev = pick_device(device) if device else here
+    if dev != here:
+        model = copy.deepcopy(model).to(dev)
+    model.eval()
+    return model, dev
+
+
+def _settle_by_crown(run: _Run, specs: list[RegionSpec]) -> list[tuple[int, RegionSpec]] | None:
+    """Step 1: CROWN on every region (cheap; settles the easy regions before any attack time is spent).
+    -> the (index, spec) of the regions left open, or None when the deadline passed."""
+    todo = []
+    for i, spec in enumerate(specs):
+        if run.out_of_time():
+            return None
+        run.use_method("crown")
+        res = bound_domains(run.net, spec.x_L, spec.x_U, spec.C.unsqueeze(0), iterations=0)
+        run.stats["branches"] += 1
+        if bool(spec.refuted(spec.lower_margin(res.lower)).all()):
+            run.log(f"region {i}: unsat by CROWN")
+            continue
+        todo.append((i, spec))
+    return todo
+
+
+def _quick_attack(run: _Run, todo: list[tuple[int, RegionSpec]], budget: float, seed: int):
+    """Step 2: a quick counterexample search (``budget`` seconds shared by the regions left).
+    -> ("sat", counterexample), ("timeout", None), or None when nothing was found."""
+    for i, spec in todo:
+        if run.out_of_time():
+            return "timeout", None
+        run.use_method("attack")
+        xs, v = spec_attack(run.model, spec, seed=seed + i,
+                            deadline=min(run.deadline, time.perf_counter() + budget / len(todo)))
+        cex = run.check(xs, v - spec.confirm_slack)  # near misses in float32 are worth a re-check
+        if cex is not None:
+            run.log(f"region {i}: counterexample found by the attack")
+            run.stats["method"] = "attack"  # the method that decided the instance
+            return "sat", cex
+    return None
+
+
+def _decide_regions(run: _Run, todo: list[tuple[int, RegionSpec]], seed: int):
+    """Step 3: alpha-CROWN, then branch and bound, region by region. -> (status, counterexample or None)."""
+    undecided = []
+    for i, spec in todo:
+        status, cex = _verify_region(run, spec, seed + 1000 * i)
+        run.log(f"region {i}: {status}")
+        if status == "sat":
+            return "sat", cex
+        if status != "unsat":
+            undecided.append(status)
+    if not undecided:
+        return "unsat", None
+    return ("timeout" if "timeout" in undecided else "unknown"), None
+
+
+def _verify_region(run: _Run, spec: RegionSpec, seed: int):
+    """-> (status, counterexample or None) for one region."""
+    if run.out_of_time():
+        return "timeout", None
+    if run.mode == "input":
+        return _input_bab(run, spec)
     C = spec.C.unsqueeze(0)
     t_crown = time.perf_counter()
-    res = bound_domains(net, spec.x_L, spec.x_U, C, iterations=0)
+    res = bound_domains(run.net, spec.x_L, spec.x_U, C, iterations=0)
     t_crown = time.perf_counter() - t_crown
     ref = spec.refuted(spec.lower_margin(res.lower))
-    stats["method"] = _merge_method(stats["method"], "alpha-crown")
+    run.use_method("alpha-crown")
     rw = (~ref)[:, spec.group].float()
-    res = bound_domains(net, spec.x_L, spec.x_U, C, iterations=root_iterations, row_weight=rw, record_lA=True,
-                        target=spec.target(), deadline=deadline)
+    res = bound_domains(run.net, spec.x_L, spec.x_U, C, iterations=run.root_iterations, row_weight=rw,
+                        record_lA=True, target=spec.target(), deadline=run.deadline)
     margin = spec.lower_margin(res.lower)
-    log(f"  alpha-crown margins {np.round(margin[0].cpu().numpy(), 4).tolist()}")
+    run.log(f"  alpha-crown margins {np.round(margin[0].cpu().numpy(), 4).tolist()}")
     if bool(spec.refuted(margin).all()):
         return "unsat", None
-    if time.perf_counter() > deadline:
+    if run.out_of_time():
         return "timeout", None
-    stats["method"] = _merge_method(stats["method"], "bab-relu")
+    return _relu_bab(run, spec, res, seed, refine=t_crown < REFINE_MAX_CROWN_S)
+
+
+def _input_bab(run: _Run, spec: RegionSpec):
+    """Input-splitting branch and bound of one region. -> (status, counterexample or None)."""
+    bab = InputBaB(run.net, spec, run.model, run.check, run.deadline, batch_size=run.batch_size or 512,
+                   log=run.log)
+    out = bab.run()
+    run.stats["branches"] += out.branches
+    run.stats["max_depth"] = max(run.stats.get("max_depth", 0), out.max_depth)
+    run.use_method("crown" if out.branches <= 1 else "bab-input")
+    return out.status, out.counterexample
+
+
+def _relu_bab(run: _Run, spec: RegionSpec, root: Bounded, seed: int, refine: bool):
+    """ReLU-splitting branch and bound of one region from its alpha-CROWN root bounds.
+    -> (status, counterexample or None)."""
+    run.use_method("bab-relu")
     # recomputing intermediate bounds per domain is what makes deep/convolutional networks slow: do it only when
     # one CROWN pass is cheap, else keep the root's bounds with the split neurons clamped
-    refine = t_crown < REFINE_MAX_CROWN_S
-    stats["refine_intermediate"] = refine
-    bab = ReluBaB(net, spec, model, check, deadline, batch_size=batch_size or 64, iterations=bab_iterations,
-                  seed=seed, attack_every=2.0 if attack else float("inf"), refine_intermediate=refine, log=log)
-    out = bab.run(res)
-    stats["branches"] += out.branches
-    stats["max_depth"] = max(stats.get("max_depth", 0), out.max_depth)
+    run.stats["refine_intermediate"] = refine
+    bab = ReluBaB(run.net, spec, run.model, run.check, run.deadline, batch_size=run.batch_size or 64,
+                  iterations=run.bab_iterations, seed=seed, attack_every=2.0 if run.attack else float("inf"),
+                  refine_intermediate=refine, log=run.log)
+    out = bab.run(root)
+    run.stats["branches"] += out.branches
+    run.stats["max_depth"] = max(run.stats.get("max_depth", 0), out.max_depth)
     return out.status, out.counterexample

@@ -34,7 +34,7 @@ def spec_attack(model: nn.Module, spec: RegionSpec, *, starts: int = 64, steps: 
     N = max(int(starts), n_init + 1)
     x = lo + (hi - lo) * torch.rand((N, *lo.shape[1:]), generator=gen).to(dev)
     x[n_init] = ((lo + hi) / 2)[0]
-    if n_init:
+    if x_init is not None and n_init:
         x[:n_init] = torch.max(torch.min(x_init.to(dev, x.dtype), hi), lo)
     target = torch.arange(N, device=dev) % spec.G
     half = (hi - lo) / 2

@@ -16,15 +16,15 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from lingraft.bounds import BoundedNetwork
-from lingraft.verify.bounding import bound_domains, input_coefficients
 from lingraft.spec.region import RegionSpec, group_max
-from lingraft.verify.relu_bab import SearchOutcome, _worst_rows
+from lingraft.verify.bounding import bound_domains, input_coefficients
+from lingraft.verify.search import SearchOutcome, queue_overflowed, worst_rows
 
 #: the search gives up (``unknown``) when more sub-boxes than this wait in the queue
 MAX_BOXES = 2_000_000
@@ -54,7 +54,7 @@ class InputBaB:
                             target=spec.target(), deadline=self.deadline)
         m = spec.lower_margin(res.lower)
         open_c = open_p & ~spec.refuted(m)
-        rows = _worst_rows(m, open_c, spec)
+        rows = worst_rows(m, open_c, spec)
         a = input_coefficients(self.net, x_L, x_U, C, res.bounds, rows, res.alphas or None)
         width = (x_U - x_L).reshape(B, -1)
         score = a.reshape(B, -1).abs() * width
@@ -134,11 +134,6 @@ class InputBaB:
                                           int(dep[i])))
             round_time = time.perf_counter() - t0
             per_box = round_time / n
-            if len(heap) > MAX_BOXES:
-                self.log(f"  input-bab: {len(heap)} boxes exceed the queue limit; giving up")
-                out.status = "unknown"
+            if queue_overflowed(out, heap, MAX_BOXES, round_time, self.log, "input-bab", "boxes", log_every=20):
                 return out
-            if out.rounds % 20 == 1:
-                self.log(f"  input-bab round {out.rounds}: {len(heap)} boxes left, worst margin "
-                         f"{heap[0][0] if heap else float('nan'):.4f}, {round_time:.2f}s/round")
         return out

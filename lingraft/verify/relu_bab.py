@@ -28,16 +28,17 @@ import heapq
 import itertools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
 from lingraft.bounds import BoundedNetwork
-from lingraft.verify.bounding import Bounded, bound_domains, input_coefficients
-from lingraft.verify.falsify import spec_attack
 from lingraft.spec.region import RegionSpec, group_max
+from lingraft.verify.bounding import Bounded, bound_domains, input_coefficients, relu_op
+from lingraft.verify.falsify import spec_attack
+from lingraft.verify.search import SearchOutcome, queue_overflowed, worst_rows
 
 
 @dataclass
@@ -52,15 +53,6 @@ class Domain:
     alphas: dict | None
     branch: int
     depth: int
-
-
-@dataclass
-class SearchOutcome:
-    status: str  # "unsat" (region safe), "sat", "unknown", "timeout"
-    counterexample: tuple | None = None
-    branches: int = 0
-    max_depth: int = 0
-    rounds: int = 0
 
 
 class ReluBaB:
@@ -87,7 +79,7 @@ class ReluBaB:
         self.seed = seed
         # False: keep the root's intermediate bounds (split neurons clamped) instead of recomputing them per domain
         self.refine = refine_intermediate
-        self.base_bounds = None
+        self.base_bounds: list | None = None
         self.log = log or (lambda s: None)
         self.relus = list(net.relu_input_nodes().keys())
         self.shapes = [tuple(net.nodes[k].shape) for k in self.relus]
@@ -101,7 +93,7 @@ class ReluBaB:
         # grafted neurons are exact linear functions: never split them
         masks = []
         for k, n in zip(self.relus, self.sizes):
-            m = net.nodes[k].op.mask
+            m = relu_op(net, k).mask
             masks.append(torch.zeros(n, dtype=torch.bool) if m is None else m.flatten().cpu())
         self.grafted = torch.cat(masks).to(net.device) if masks else torch.zeros(0, dtype=torch.bool)
         #: [N] bool: every neuron that some domain was split on (for statistics and tests)
@@ -158,125 +150,193 @@ class ReluBaB:
 
     # ------------------------------------------------------------------------------------------------
     def run(self, root: Bounded) -> SearchOutcome:
-        spec, dev = self.spec, self.net.device
+        """Search the region from its root bounds (alpha-CROWN of the whole box, ``relu_lA`` recorded)."""
+        spec = self.spec
         self.base_bounds = root.bounds
         margin = spec.lower_margin(root.lower)  # [1, S]
         open0 = ~spec.refuted(margin)[0]
         if not bool(open0.any()) or bool(root.infeasible[0]):
             return SearchOutcome("unsat")
-        counter = itertools.count()
+        self._tiebreak = itertools.count()
         heap: list = []
-        zeros = torch.zeros(1, self.N, dtype=torch.int8, device=dev)
+        self._push(heap, self._root_domain(root, margin, open0))
+        out = SearchOutcome("unsat")
+        if self.attack_every != float("inf"):
+            # the root bound's minimizer is a good start (exact for a network without unstable neurons)
+            cex = self._attack(root, spec.x_L, spec.x_U, spec.C.unsqueeze(0),
+                               torch.zeros(1, dtype=torch.long, device=self.net.device),
+                               worst_rows(margin, open0.unsqueeze(0), spec))
+            if cex is not None:
+                return _found(out, cex)
+        return self._search(heap, out)
+
+    def _search(self, heap: list, out: SearchOutcome) -> SearchOutcome:
+        """The rounds: pop a batch, bound both children of each domain, queue the open ones, attack now and then."""
+        stuck = 0
+        last_attack = time.perf_counter()
+        per_domain = 0.0  # seconds per popped domain in the last round: predicts the next round's length
+        while heap:
+            if time.perf_counter() + per_domain * min(self.batch_size, len(heap)) > self.deadline:
+                out.status = "timeout"
+                return out
+            batch, n_stuck = self._pop_batch(heap)
+            stuck += n_stuck
+            if not batch:
+                break
+            t0 = time.perf_counter()
+            children = self._bound_children(batch)
+            out.branches += 2 * len(batch)
+            out.rounds += 1
+            self._queue_children(heap, batch, children, out)
+            round_time = time.perf_counter() - t0
+            per_domain = round_time / len(batch)
+            if queue_overflowed(out, heap, self.max_domains, round_time, self.log, "relu-bab", "domains",
+                                log_every=10):
+                return out
+            if children.live.numel() and time.perf_counter() - last_attack > self.attack_every:
+                last_attack = time.perf_counter()
+                cex = self._attack_worst(children)
+                if cex is not None:
+                    return _found(out, cex)
+        out.status = "unknown" if stuck else "unsat"
+        return out
+
+    def _push(self, heap: list, d: Domain) -> None:
+        heapq.heappush(heap, (d.priority, next(self._tiebreak), d))
+
+    def _root_domain(self, root: Bounded, margin: Tensor, open0: Tensor) -> Domain:
+        """The whole box, no splits. margin: [1, S] root margins; open0: [G] open conjunctions."""
+        spec = self.spec
+        zeros = torch.zeros(1, self.N, dtype=torch.int8, device=self.net.device)
         row_w = self._row_weight(open0.unsqueeze(0))
         sc = self.scores(root, zeros, row_w) if root.relu_lA else torch.full((1, self.N), float("-inf"))
         br = int(sc.argmax(1)) if bool(torch.isfinite(sc).any()) else -1
         pri = float(group_max(margin, spec.group, spec.G)[0][open0].min())
         alphas = {k: a[0] for k, a in root.alphas.items()} if root.alphas else None
-        heapq.heappush(heap, (pri, next(counter), Domain(pri, zeros[0], open0, alphas, br, 0)))
-        out = SearchOutcome("unsat")
-        if self.attack_every != float("inf"):
-            # the root bound's minimizer is a good start (exact for a network without unstable neurons)
-            cex = self._attack(root, spec.x_L, spec.x_U, spec.C.unsqueeze(0), torch.zeros(1, dtype=torch.long,
-                               device=dev), _worst_rows(margin, open0.unsqueeze(0), spec))
-            if cex is not None:
-                out.status, out.counterexample = "sat", cex
-                return out
+        return Domain(pri, zeros[0], open0, alphas, br, 0)
+
+    def _pop_batch(self, heap: list) -> tuple[list[Domain], int]:
+        """Up to batch_size splittable domains off the heap, and how many popped ones had nothing left to split."""
+        batch: list[Domain] = []
         stuck = 0
-        last_attack = time.perf_counter()
-        round_time = 0.0
-        per_domain = 0.0  # seconds per popped domain in the last round: predicts the next round's length
-        while heap:
-            now = time.perf_counter()
-            if now + per_domain * min(self.batch_size, len(heap)) > self.deadline:
-                out.status = "timeout"
-                return out
-            batch = []
-            while heap and len(batch) < self.batch_size:
-                _, _, d = heapq.heappop(heap)
-                if d.branch < 0:
-                    stuck += 1  # nothing left to split and not refuted: cannot be decided by splitting
-                    continue
-                batch.append(d)
-            if not batch:
-                break
-            t0 = time.perf_counter()
-            B = 2 * len(batch)
-            flat = torch.stack([d.splits for d in batch]).repeat_interleave(2, 0)
-            which = torch.tensor([d.branch for d in batch], device=dev).repeat_interleave(2)
-            sign = torch.tensor([1, -1], dtype=torch.int8, device=dev).repeat(len(batch))
-            flat[torch.arange(B, device=dev), which] = sign
-            self.branched[which] = True
-            open_p = torch.stack([d.open_groups for d in batch]).repeat_interleave(2, 0)
-            x_L = spec.x_L.expand(B, *spec.x_L.shape[1:])
-            x_U = spec.x_U.expand(B, *spec.x_U.shape[1:])
-            C = spec.C.unsqueeze(0).expand(B, -1, -1)
-            alpha_init = None
-            keys = set(batch[0].alphas) if batch[0].alphas else set()
-            if keys and all(d.alphas is not None and set(d.alphas) == keys for d in batch):
-                alpha_init = {k: torch.stack([d.alphas[k] for d in batch]).repeat_interleave(2, 0) for k in keys}
-            rw = self._row_weight(open_p)
-            # bound only the rows of conjunctions still open somewhere in the batch (the others are refuted on
-            # every parent, hence on every child); their lower bounds read -inf below and are never used
-            rows = torch.nonzero(rw.any(0)).flatten()
-            res = bound_domains(self.net, x_L, x_U, C[:, rows], splits=self.split_tensors(flat),
-                                iterations=self.iterations, base_bounds=None if self.refine else self.base_bounds,
-                                alpha_init=None if alpha_init is None else {k: v[:, rows] for k, v in
-                                                                            alpha_init.items()},
-                                row_weight=rw[:, rows], record_lA=True,
-                                target=spec.target(rows), deadline=self.deadline)
-            lower = torch.full((B, spec.S), float("-inf"), device=dev)
-            lower[:, rows] = res.lower
-            alphas = {}
-            for k, a in res.alphas.items():  # back to all S rows (unused rows keep the parent's slopes)
-                full = a[:, :1].expand(B, spec.S, *a.shape[2:]).clone()
-                if alpha_init is not None and k in alpha_init:
-                    full.copy_(alpha_init[k])
-                full[:, rows] = a
-                alphas[k] = full
-            out.branches += B
-            out.rounds += 1
-            m = spec.lower_margin(lower)
-            gm = group_max(m, spec.group, spec.G)
-            open_c = open_p & ~spec.refuted(m)
-            done = res.infeasible | ~open_c.any(1)
-            live = torch.nonzero(~done).flatten()
-            res.alphas = alphas
-            if live.numel():
-                sc = self.scores(res, flat, self._row_weight(open_c)[:, rows])
-                best = sc.max(1)
-                pri = gm.masked_fill(~open_c, float("inf")).min(1).values
-                keep_alpha = len(heap) + live.numel() <= self.max_alpha_domains
-                for i in live.tolist():
-                    br = int(best.indices[i]) if math.isfinite(float(best.values[i])) else -1
-                    al = {k: a[i] for k, a in res.alphas.items()} if keep_alpha and res.alphas else None
-                    d = Domain(float(pri[i]), flat[i].clone(), open_c[i].clone(), al, br, batch[i // 2].depth + 1)
-                    out.max_depth = max(out.max_depth, d.depth)
-                    heapq.heappush(heap, (d.priority, next(counter), d))
-            round_time = time.perf_counter() - t0
-            per_domain = round_time / len(batch)
-            if len(heap) > self.max_domains:
-                self.log(f"  relu-bab: {len(heap)} domains exceed the queue limit; giving up")
-                out.status = "unknown"
-                return out
-            if out.rounds % 10 == 1:
-                self.log(f"  relu-bab round {out.rounds}: {len(heap)} domains left, worst margin "
-                         f"{heap[0][0] if heap else float('nan'):.4f}, {round_time:.2f}s/round")
-            if live.numel() and time.perf_counter() - last_attack > self.attack_every:
-                last_attack = time.perf_counter()
-                pri_live = gm.masked_fill(~open_c, float("inf")).min(1)
-                order = live[torch.argsort(pri_live.values[live])][:8]
-                rows_worst = _worst_rows(m[order], open_c[order], spec)
-                cex = self._attack(res, x_L, x_U, C, order, rows_worst)
-                if cex is not None:
-                    out.status, out.counterexample = "sat", cex
-                    return out
-        out.status = "unknown" if stuck else "unsat"
+        while heap and len(batch) < self.batch_size:
+            _, _, d = heapq.heappop(heap)
+            if d.branch < 0:
+                stuck += 1  # nothing left to split and not refuted: cannot be decided by splitting
+                continue
+            batch.append(d)
+        return batch, stuck
+
+    def _children_splits(self, batch: list[Domain]) -> Tensor:
+        """[2 * len(batch), N] int8: every domain's splits twice, with its branch neuron active (+1) in the first
+        child and inactive (-1) in the second."""
+        dev = self.net.device
+        B = 2 * len(batch)
+        flat = torch.stack([d.splits for d in batch]).repeat_interleave(2, 0)
+        which = torch.tensor([d.branch for d in batch], device=dev).repeat_interleave(2)
+        sign = torch.tensor([1, -1], dtype=torch.int8, device=dev).repeat(len(batch))
+        flat[torch.arange(B, device=dev), which] = sign
+        self.branched[which] = True
+        return flat
+
+    @staticmethod
+    def _warm_start(batch: list[Domain]) -> dict[int, Tensor] | None:
+        """The parents' slopes, each twice ({ReLU node: [2 * len(batch), S, *shape]}); None unless every parent
+        kept slopes for the same nodes."""
+        keys = set(batch[0].alphas) if batch[0].alphas else set()
+        if keys and all(d.alphas is not None and set(d.alphas) == keys for d in batch):
+            return {k: torch.stack([d.alphas[k] for d in batch]).repeat_interleave(2, 0)  # type: ignore[index]
+                    for k in keys}
+        return None
+
+    def _bound_children(self, batch: list[Domain]) -> _Children:
+        """Split every domain of the batch on its branch neuron and bound the 2 * len(batch) children at once."""
+        spec, dev = self.spec, self.net.device
+        B = 2 * len(batch)
+        flat = self._children_splits(batch)
+        open_p = torch.stack([d.open_groups for d in batch]).repeat_interleave(2, 0)
+        x_L = spec.x_L.expand(B, *spec.x_L.shape[1:])
+        x_U = spec.x_U.expand(B, *spec.x_U.shape[1:])
+        C = spec.C.unsqueeze(0).expand(B, -1, -1)
+        alpha_init = self._warm_start(batch)
+        rw = self._row_weight(open_p)
+        # bound only the rows of conjunctions still open somewhere in the batch (the others are refuted on
+        # every parent, hence on every child); their lower bounds read -inf below and are never used
+        rows = torch.nonzero(rw.any(0)).flatten()
+        res = bound_domains(self.net, x_L, x_U, C[:, rows], splits=self.split_tensors(flat),
+                            iterations=self.iterations, base_bounds=None if self.refine else self.base_bounds,
+                            alpha_init=None if alpha_init is None else {k: v[:, rows] for k, v in
+                                                                        alpha_init.items()},
+                            row_weight=rw[:, rows], record_lA=True,
+                            target=spec.target(rows), deadline=self.deadline)
+        lower = torch.full((B, spec.S), float("-inf"), device=dev)
+        lower[:, rows] = res.lower
+        res.alphas = self._alphas_on_all_rows(res.alphas, alpha_init, rows, B)
+        m = spec.lower_margin(lower)
+        open_c = open_p & ~spec.refuted(m)
+        done = res.infeasible | ~open_c.any(1)
+        return _Children(flat=flat, x_L=x_L, x_U=x_U, C=C, rows=rows, res=res, margin=m,
+                         group_margin=group_max(m, spec.group, spec.G), open_groups=open_c,
+                         live=torch.nonzero(~done).flatten())
+
+    def _alphas_on_all_rows(self, alphas: dict[int, Tensor], alpha_init: dict[int, Tensor] | None, rows: Tensor,
+                            B: int) -> dict[int, Tensor]:
+        """Optimized slopes of the bounded ``rows`` ([B, len(rows), *shape]) back to all S rows; the other rows
+        keep the parent's slopes."""
+        out = {}
+        for k, a in alphas.items():
+            full = a[:, :1].expand(B, self.spec.S, *a.shape[2:]).clone()
+            if alpha_init is not None and k in alpha_init:
+                full.copy_(alpha_init[k])
+            full[:, rows] = a
+            out[k] = full
         return out
 
+    def _queue_children(self, heap: list, batch: list[Domain], children: _Children, out: SearchOutcome) -> None:
+        """Push the children that are neither refuted nor infeasible, with their branching neuron chosen."""
+        live = children.live
+        if not live.numel():
+            return
+        open_c = children.open_groups
+        sc = self.scores(children.res, children.flat, self._row_weight(open_c)[:, children.rows])
+        best = sc.max(1)
+        pri = children.group_margin.masked_fill(~open_c, float("inf")).min(1).values
+        keep_alpha = len(heap) + live.numel() <= self.max_alpha_domains
+        alphas = children.res.alphas
+        for i in live.tolist():
+            br = int(best.indices[i]) if math.isfinite(float(best.values[i])) else -1
+            al = {k: a[i] for k, a in alphas.items()} if keep_alpha and alphas else None
+            d = Domain(float(pri[i]), children.flat[i].clone(), open_c[i].clone(), al, br, batch[i // 2].depth + 1)
+            out.max_depth = max(out.max_depth, d.depth)
+            self._push(heap, d)
 
-def _worst_rows(m: Tensor, open_c: Tensor, spec: RegionSpec) -> Tensor:
-    """Per domain, the best row of its worst open conjunction: m [B, S], open_c [B, G] -> [B] row indices."""
-    gm = group_max(m, spec.group, spec.G).masked_fill(~open_c, float("inf"))
-    g = gm.argmin(1)  # worst open group
-    in_g = spec.group.unsqueeze(0) == g.unsqueeze(1)  # [B, S]
-    return m.masked_fill(~in_g, float("-inf")).argmax(1)
+    def _attack_worst(self, children: _Children):
+        """Attack from the bound minimizers of the (up to 8) worst open children. -> (x, y) or None."""
+        c = children
+        pri_live = c.group_margin.masked_fill(~c.open_groups, float("inf")).min(1)
+        order = c.live[torch.argsort(pri_live.values[c.live])][:8]
+        rows_worst = worst_rows(c.margin[order], c.open_groups[order], self.spec)
+        return self._attack(c.res, c.x_L, c.x_U, c.C, order, rows_worst)
+
+
+@dataclass
+class _Children:
+    """One round's 2B children: flat splits [2B, N] int8; their boxes x_L, x_U [2B, *in] and C [2B, S, n_out];
+    rows: [R] the rows that were bounded; res: the bounds (alphas on all S rows); margin: [2B, S];
+    group_margin / open_groups: [2B, G]; live: [L] indices of the children still to search."""
+
+    flat: Tensor
+    x_L: Tensor
+    x_U: Tensor
+    C: Tensor
+    rows: Tensor
+    res: Bounded
+    margin: Tensor
+    group_margin: Tensor
+    open_groups: Tensor
+    live: Tensor
+
+
+def _found(out: SearchOutcome, cex) -> SearchOutcome:
+    out.status, out.counterexample = "sat", cex
+    return out

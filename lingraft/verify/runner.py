@@ -74,7 +74,7 @@ def is_wrong(status: str, expected: str | None) -> bool:
 
 def summarize(records: list[dict]) -> dict:
     """Counts per status plus wrong answers and the median time."""
-    s = {"instances": len(records)}
+    s: dict[str, float] = {"instances": len(records)}
     for st, key in (("unsat", "verified"), ("sat", "falsified"), ("unknown", "unknown"), ("timeout", "timeout"),
                     ("error", "error")):
         s[key] = sum(r["status"] == st for r in records)
