@@ -51,7 +51,7 @@ def main():
         maxdiff = 0.0
         tight_gain = float("inf")  # min over bounds of (tight lower - auto_LiRPA lower): >= 0 means never looser
         for s in range(0, x.shape[0], args.batch_size):
-            xb, yb = x[s:s + args.batch_size], y[s:s + args.batch_size]
+            xb, yb = x[s : s + args.batch_size], y[s : s + args.batch_size]
             xl, xu = input_box(xb, eps)
             C = margin_spec(yb, 10)
             t0 = time.perf_counter()
@@ -67,10 +67,40 @@ def main():
             tight_gain = min(tight_gain, float((rt.lower - la).min()))
             for k, lo in (("lirpa", la), ("compat", rc.lower), ("tight", rt.lower)):
                 cert[k] += int((lo.min(1).values > 0).sum())
-        rows.append([path, lm.arch, eps, x.shape[0], t["lirpa"], t["compat"], t["tight"], t["lirpa"] / t["compat"],
-                     t["lirpa"] / t["tight"], maxdiff, tight_gain, cert["lirpa"], cert["compat"], cert["tight"]])
-    hdr = ["model", "arch", "eps", "n", "auto_LiRPA s", "lingraft(compat) s", "lingraft(tight) s", "speed-up compat",
-           "speed-up tight", "max |lb diff| compat", "min (tight - auto_LiRPA) lb", "cert auto_LiRPA", "cert compat", "cert tight"]
+        rows.append(
+            [
+                path,
+                lm.arch,
+                eps,
+                x.shape[0],
+                t["lirpa"],
+                t["compat"],
+                t["tight"],
+                t["lirpa"] / t["compat"],
+                t["lirpa"] / t["tight"],
+                maxdiff,
+                tight_gain,
+                cert["lirpa"],
+                cert["compat"],
+                cert["tight"],
+            ]
+        )
+    hdr = [
+        "model",
+        "arch",
+        "eps",
+        "n",
+        "auto_LiRPA s",
+        "lingraft(compat) s",
+        "lingraft(tight) s",
+        "speed-up compat",
+        "speed-up tight",
+        "max |lb diff| compat",
+        "min (tight - auto_LiRPA) lb",
+        "cert auto_LiRPA",
+        "cert compat",
+        "cert tight",
+    ]
     print(markdown_table(hdr, rows))
     print(f"\ntorch threads: {torch.get_num_threads()}; batch size {args.batch_size}; bounds: CROWN, margin spec")
 

@@ -34,8 +34,20 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    hdr = ["model", "eps", "n", "clean %", "PGD %", "CROWN cert %", "cert after BaB %", "falsified by BaB",
-           "undecided", "unstable/img", "BaB s per attempted image", "total s"]
+    hdr = [
+        "model",
+        "eps",
+        "n",
+        "clean %",
+        "PGD %",
+        "CROWN cert %",
+        "cert after BaB %",
+        "falsified by BaB",
+        "undecided",
+        "unstable/img",
+        "BaB s per attempted image",
+        "total s",
+    ]
     rows = []
     for path in args.model:
         lm = load_model(path)
@@ -47,9 +59,22 @@ def main():
         b = rep.bab
         crown_cert = rep.counts["verified"] - b["verified"]
         n = rep.num_samples
-        rows.append([path, args.eps, n, 100 * rep.clean_acc, 100 * rep.pgd_acc, 100 * crown_cert / n,
-                     100 * rep.certified_acc, b["falsified"], b["undecided"], sum(rep.unstable_per_layer.values()),
-                     b["time_s"] / max(b["attempted"], 1), total])
+        rows.append(
+            [
+                path,
+                args.eps,
+                n,
+                100 * rep.clean_acc,
+                100 * rep.pgd_acc,
+                100 * crown_cert / n,
+                100 * rep.certified_acc,
+                b["falsified"],
+                b["undecided"],
+                sum(rep.unstable_per_layer.values()),
+                b["time_s"] / max(b["attempted"], 1),
+                total,
+            ]
+        )
         print(f"done {path}", flush=True)
     print(markdown_table(hdr, rows))
     print(f"\ntorch threads: {torch.get_num_threads()}; branch and bound: {args.bab_timeout:g} s per unknown image")

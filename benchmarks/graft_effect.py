@@ -68,40 +68,86 @@ def main():
                         path = str(out / f"{Path(mpath).stem}_eps{eps}_r{ratio}.pt")
                         if not Path(path).exists():
                             t0 = time.perf_counter()
-                            run_graft(mpath, out_path=path, ratio=ratio, eps=eps, epochs=args.epochs,
-                                      num_train=args.num_train, num_samples=0, log=lambda s: print("  " + s))
+                            run_graft(
+                                mpath,
+                                out_path=path,
+                                ratio=ratio,
+                                eps=eps,
+                                epochs=args.epochs,
+                                num_train=args.num_train,
+                                num_samples=0,
+                                log=lambda s: print("  " + s),
+                            )
                             graft_time = time.perf_counter() - t0
                     m = load_model(path).model.eval()
-                    rec = {"key": k, "model": mpath, "arch": lm.arch, "eps": eps, "ratio": ratio,
-                           "graft_time_s": graft_time}
+                    rec = {
+                        "key": k,
+                        "model": mpath,
+                        "arch": lm.arch,
+                        "eps": eps,
+                        "ratio": ratio,
+                        "graft_time_s": graft_time,
+                    }
                     for meth in ("crown", "alpha-crown"):
-                        rep = certify(m, x, y, eps, in_shape=lm.in_shape, method=meth,
-                                      alpha_iterations=args.alpha_iterations)
-                        rec[meth] = {"clean": rep.clean_acc, "pgd": rep.pgd_acc, "cert": rep.certified_acc,
-                                     "unstable": sum(rep.unstable_per_layer.values()),
-                                     "ms_per_img": 1000 * rep.time_per_sample_s}
+                        rep = certify(
+                            m, x, y, eps, in_shape=lm.in_shape, method=meth, alpha_iterations=args.alpha_iterations
+                        )
+                        rec[meth] = {
+                            "clean": rep.clean_acc,
+                            "pgd": rep.pgd_acc,
+                            "cert": rep.certified_acc,
+                            "unstable": sum(rep.unstable_per_layer.values()),
+                            "ms_per_img": 1000 * rep.time_per_sample_s,
+                        }
                     append_jsonl(res_path, rec)
                     done[k] = rec
                 r = done[k]
                 rows.append(r)
-                print(f"{lm.arch:9s} eps {eps:<6g} ratio {ratio:<5g} clean {r['crown']['clean']:.3f} "
-                      f"pgd {r['crown']['pgd']:.3f} crown {r['crown']['cert']:.3f} "
-                      f"alpha {r['alpha-crown']['cert']:.3f} unstable {r['crown']['unstable']:.1f} "
-                      f"{r['crown']['ms_per_img']:.1f}/{r['alpha-crown']['ms_per_img']:.1f} ms", flush=True)
-    hdr = ["model", "eps", "graft ratio", "clean", "PGD", "CROWN cert", "alpha-CROWN cert", "unstable/img",
-           "CROWN ms/img", "alpha-CROWN ms/img"]
+                print(
+                    f"{lm.arch:9s} eps {eps:<6g} ratio {ratio:<5g} clean {r['crown']['clean']:.3f} "
+                    f"pgd {r['crown']['pgd']:.3f} crown {r['crown']['cert']:.3f} "
+                    f"alpha {r['alpha-crown']['cert']:.3f} unstable {r['crown']['unstable']:.1f} "
+                    f"{r['crown']['ms_per_img']:.1f}/{r['alpha-crown']['ms_per_img']:.1f} ms",
+                    flush=True,
+                )
+    hdr = [
+        "model",
+        "eps",
+        "graft ratio",
+        "clean",
+        "PGD",
+        "CROWN cert",
+        "alpha-CROWN cert",
+        "unstable/img",
+        "CROWN ms/img",
+        "alpha-CROWN ms/img",
+    ]
     body = []
     for r in rows:
         c, a = r["crown"], r["alpha-crown"]
-        body.append([r["arch"], f"{r['eps']:g}", f"{r['ratio']:g}"]
-                    + [f"{v:.1f}" for v in (100 * c["clean"], 100 * c["pgd"], 100 * c["cert"], 100 * a["cert"],
-                                            c["unstable"], c["ms_per_img"], a["ms_per_img"])])
+        body.append(
+            [r["arch"], f"{r['eps']:g}", f"{r['ratio']:g}"]
+            + [
+                f"{v:.1f}"
+                for v in (
+                    100 * c["clean"],
+                    100 * c["pgd"],
+                    100 * c["cert"],
+                    100 * a["cert"],
+                    c["unstable"],
+                    c["ms_per_img"],
+                    a["ms_per_img"],
+                )
+            ]
+        )
     table = markdown_table(hdr, body)
     print(table)
     if args.md:
         cmd = "python benchmarks/graft_effect.py " + " ".join(
-            [f"--model {m}" for m in args.model] + [f"--eps {e:g}" for e in args.eps] +
-            [f"-n {args.num_samples}", f"--epochs {args.epochs}", f"--num-train {args.num_train}"])
+            [f"--model {m}" for m in args.model]
+            + [f"--eps {e:g}" for e in args.eps]
+            + [f"-n {args.num_samples}", f"--epochs {args.epochs}", f"--num-train {args.num_train}"]
+        )
         atomic_write_text(args.md, f"# Effect of linearity grafting (MNIST)\n\nCommand: `{cmd}`\n\n{table}\n")
 
 

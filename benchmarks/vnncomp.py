@@ -24,8 +24,13 @@ import torch  # noqa: E402
 from lingraft.verify.runner import is_wrong, summarize, verify_instances  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "vnncomp"
-TEST_EXPECTED = {"test_nano.onnx": "unsat", "test_tiny.onnx": "unsat", "test_small.onnx": "unsat",
-                 "test_sat.onnx": "sat", "test_unsat.onnx": "unsat"}
+TEST_EXPECTED = {
+    "test_nano.onnx": "unsat",
+    "test_tiny.onnx": "unsat",
+    "test_small.onnx": "unsat",
+    "test_sat.onnx": "sat",
+    "test_unsat.onnx": "unsat",
+}
 
 
 def abcrown_median(folder: Path) -> float | None:
@@ -58,8 +63,12 @@ def main(argv=None) -> int:
         if not (folder / "instances.csv").is_file():
             print(f"skipped {bench}: {folder / 'instances.csv'} is absent")
             continue
-        recs = verify_instances(folder / "instances.csv", out=Path(args.out_dir) / f"{bench}.jsonl",
-                                resume=args.resume, verbose=args.verbose)
+        recs = verify_instances(
+            folder / "instances.csv",
+            out=Path(args.out_dir) / f"{bench}.jsonl",
+            resume=args.resume,
+            verbose=args.verbose,
+        )
         if bench == "test":
             for r in recs:
                 r["expected"] = TEST_EXPECTED.get(Path(r["onnx"]).name)
@@ -69,12 +78,16 @@ def main(argv=None) -> int:
         wrong_total += s["wrong"]
         table.append((bench, s, missed, abcrown_median(folder)))
     print()
-    print(f"{'benchmark':<10} {'n':>3} {'verified':>8} {'falsified':>9} {'unknown':>7} {'timeout':>7} {'error':>5} "
-          f"{'wrong':>5} {'missed':>6} {'median s':>8} {'abcrown median s (raw)':>23}")
+    print(
+        f"{'benchmark':<10} {'n':>3} {'verified':>8} {'falsified':>9} {'unknown':>7} {'timeout':>7} {'error':>5} "
+        f"{'wrong':>5} {'missed':>6} {'median s':>8} {'abcrown median s (raw)':>23}"
+    )
     for bench, s, missed, ab in table:
-        print(f"{bench:<10} {s['instances']:>3} {s['verified']:>8} {s['falsified']:>9} {s['unknown']:>7} "
-              f"{s['timeout']:>7} {s['error']:>5} {s['wrong']:>5} {missed:>6} {s['median_time_s']:>8.2f} "
-              f"{'' if ab is None else f'{ab:.2f}':>23}")
+        print(
+            f"{bench:<10} {s['instances']:>3} {s['verified']:>8} {s['falsified']:>9} {s['unknown']:>7} "
+            f"{s['timeout']:>7} {s['error']:>5} {s['wrong']:>5} {missed:>6} {s['median_time_s']:>8.2f} "
+            f"{'' if ab is None else f'{ab:.2f}':>23}"
+        )
     return 1 if wrong_total else 0
 
 

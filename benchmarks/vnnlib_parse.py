@@ -25,8 +25,9 @@ def generated_property(n_inputs: int, n_outputs: int = 10, target: int = 3) -> s
     lines = [f"(declare-const X_{i} Real)" for i in range(n_inputs)]
     lines += [f"(declare-const Y_{j} Real)" for j in range(n_outputs)]
     lines += [f"(assert (<= X_{i} {0.5 + i * 1e-4}))\n(assert (>= X_{i} {-i * 1e-4}))" for i in range(n_inputs)]
-    lines.append("(assert (or " + " ".join(f"(and (>= Y_{j} Y_{target}))" for j in range(n_outputs)
-                                           if j != target) + "))")
+    lines.append(
+        "(assert (or " + " ".join(f"(and (>= Y_{j} Y_{target}))" for j in range(n_outputs) if j != target) + "))"
+    )
     return "\n".join(lines)
 
 
@@ -56,8 +57,11 @@ def main():
         chars = len(source) if name.startswith("generated") else Path(source).stat().st_size
         disjuncts = sum(len(r.outputs) for r in prop.regions)
         rows.append([name, prop.num_inputs, disjuncts, chars, 1000 * min(times), 1000 * statistics.median(times)])
-    print(markdown_table(["property", "inputs", "output disjuncts", "chars (bytes for files)", "best ms",
-                          "median ms"], rows))
+    print(
+        markdown_table(
+            ["property", "inputs", "output disjuncts", "chars (bytes for files)", "best ms", "median ms"], rows
+        )
+    )
 
 
 if __name__ == "__main__":

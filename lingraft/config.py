@@ -11,8 +11,9 @@ import difflib
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import yaml
 
@@ -46,7 +47,9 @@ def _construct_mapping_no_dups(loader: _StrictSafeLoader, node: yaml.MappingNode
             continue  # let the base constructor raise its own (clear) error for unhashable keys
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first defined on line {seen[key].start_mark.line + 1})",
+                None,
+                None,
+                f"duplicate key {key!r} (first defined on line {seen[key].start_mark.line + 1})",
                 key_node.start_mark,
             )
         seen[key] = key_node
@@ -77,7 +80,9 @@ def load_config(path: str | os.PathLike) -> dict:
     Raises LingraftError (exit 1, one line) when the file is missing, unreadable, not UTF-8, malformed
     (with ``file:line:col``), has a duplicate key, or its top level is not a mapping.
     """
-    p = require_file(path, "config file {} not found; check the path", "config path {} is a directory; pass a YAML file")
+    p = require_file(
+        path, "config file {} not found; check the path", "config path {} is a directory; pass a YAML file"
+    )
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -186,11 +191,17 @@ def canonical_json(cfg: Any) -> str:
     """
     try:
         return json.dumps(
-            _normalize_floats(cfg), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-            allow_nan=False, default=_canonical_default,
+            _normalize_floats(cfg),
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+            allow_nan=False,
+            default=_canonical_default,
         )
     except ValueError as e:
-        raise UsageError(f"config contains NaN or infinity, which cannot be hashed ({e}); use a finite number") from None
+        raise UsageError(
+            f"config contains NaN or infinity, which cannot be hashed ({e}); use a finite number"
+        ) from None
     except TypeError as e:
         raise UsageError(_one_line(e)) from None
 
@@ -220,8 +231,10 @@ def click_default_map(cfg: dict, command_params: Iterable[str] | Any, *, where: 
     return dict(normalize_keys(cfg, where))
 
 
-def config_option(*param_decls: str, help: str = "YAML file with default values for this command's options; "
-                  "flags given on the command line win.") -> Callable:
+def config_option(
+    *param_decls: str,
+    help: str = "YAML file with default values for this command's options; flags given on the command line win.",
+) -> Callable:
     """A ``--config FILE`` click option that loads the file before the other options are parsed.
 
     Usage: ``@config_option()`` under ``@click.command()``. Unknown keys fail with did-you-mean (exit 2),
@@ -242,6 +255,11 @@ def config_option(*param_decls: str, help: str = "YAML file with default values 
         return value
 
     return click.option(
-        *decls, type=click.Path(dir_okay=False), default=None, is_eager=True, expose_value=True,
-        callback=_callback, help=help,
+        *decls,
+        type=click.Path(dir_okay=False),
+        default=None,
+        is_eager=True,
+        expose_value=True,
+        callback=_callback,
+        help=help,
     )

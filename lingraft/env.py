@@ -21,8 +21,10 @@ def pick_device(device: str | None = "auto"):
         if not torch.cuda.is_available():
             raise UsageError(f"device {device!r} requested but no CUDA device is available; use --device cpu or auto")
         if ":" in spec and int(spec[5:]) >= torch.cuda.device_count():
-            raise UsageError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
-                             "device(s); use cuda:0 or auto")
+            raise UsageError(
+                f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                "device(s); use cuda:0 or auto"
+            )
         return torch.device(spec)
     raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
 
@@ -34,5 +36,9 @@ def versions() -> dict:
 
     from lingraft import __version__
 
-    return {"lingraft": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "python": sys.version.split()[0]}
+    return {
+        "lingraft": __version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": sys.version.split()[0],
+    }

@@ -18,8 +18,10 @@ def graft_randomly(model, in_shape, ratio, seed=0):
     g = torch.Generator().manual_seed(seed)
     shapes = {}
     relus = {n: m for n, m in model.named_modules() if isinstance(m, nn.ReLU)}
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: shapes.__setitem__(n, tuple(o.shape[1:])))
-             for n, m in relus.items()]
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o, n=n: shapes.__setitem__(n, tuple(o.shape[1:])))
+        for n, m in relus.items()
+    ]
     with torch.no_grad():
         model(torch.zeros(1, *in_shape))
     for h in hooks:

@@ -72,8 +72,9 @@ def digits_mlp_pt(tmp_path_factory):
     from lingraft.train.loop import TrainConfig, train
 
     d = tmp_path_factory.mktemp("digits-mlp")
-    cfg = TrainConfig(arch="mlp", dataset="digits", epochs=2, batch_size=64, method="fgsm", eps=0.05, val_size=200,
-                      device="cpu")
+    cfg = TrainConfig(
+        arch="mlp", dataset="digits", epochs=2, batch_size=64, method="fgsm", eps=0.05, val_size=200, device="cpu"
+    )
     train(cfg, d / "mlp.pt", progress=False, log=lambda s: None)
     return d / "mlp.pt"
 
@@ -149,5 +150,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.own_markers[:] = [m for m in item.own_markers if m.name not in drop]
             left = [t for t in TIERS if item.get_closest_marker(t) is not None]
             if left != [keep]:
-                raise pytest.UsageError(f"{item.nodeid}: tier markers {left} set above the test (module or "
-                                        f"class); give it exactly one of {TIERS}")
+                raise pytest.UsageError(
+                    f"{item.nodeid}: tier markers {left} set above the test (module or "
+                    f"class); give it exactly one of {TIERS}"
+                )

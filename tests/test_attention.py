@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lingraft.models.layers import Normalize
-from lingraft.models import create_model
 from lingraft.bounds.ops.attention import convex_combination_bounds, softmax_bounds
-from lingraft.models.attention import ACmix, SASA, position_grid, window_index
+from lingraft.models import create_model
+from lingraft.models.attention import SASA, ACmix, position_grid, window_index
+from lingraft.models.layers import Normalize
 
 torch.set_num_threads(1)
 
@@ -22,7 +22,7 @@ def _randomize(m: nn.Module, seed: int) -> nn.Module:
     """Random (not default-init) weights, including negative mixing rates, so every sign case is exercised."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in m.named_parameters():
+        for p in m.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.dim() > 1 else 0.3))
         if isinstance(m, ACmix):
             m.rate1.fill_(0.7)
@@ -109,10 +109,10 @@ def _acmix_reference(m: ACmix, x: torch.Tensor) -> torch.Tensor:
     def unfold(t):
         return F.unfold(F.pad(t, (p, p, p, p), mode="reflect"), ka).view(t.shape[0], hd, ka * ka, h, w)
 
-    qa = q.view(b * nh, hd, h, w) * hd ** -0.5
+    qa = q.view(b * nh, hd, h, w) * hd**-0.5
     att = (qa.unsqueeze(2) * (unfold(k.view(b * nh, hd, h, w)) + pe.unsqueeze(2) - unfold(pe))).sum(1).softmax(1)
     out_att = (att.unsqueeze(1) * unfold(v.view(b * nh, hd, h, w))).sum(2).view(b, c, h, w)
-    kk = m.kernel_conv ** 2
+    kk = m.kernel_conv**2
     f = m.fc(torch.cat([t.view(b, nh, hd, h * w) for t in (q, k, v)], 1))
     f = f.permute(0, 2, 1, 3).reshape(b, -1, h, w)
     dep = nn.Conv2d(kk * hd, c, m.kernel_conv, padding=m.kernel_conv // 2, groups=hd, bias=False)
@@ -372,9 +372,10 @@ def test_exact_interval_nodes_skip_crown_and_keep_the_bounds(arch):
     """A grafted ReLU right after the first conv has exact interval bounds (each neuron is a monotone function of one
     exactly bounded pre-activation). The attention block needs them; tight mode must not spend CROWN passes there,
     and skipping them must not change any bound."""
+    from _soundness import graft_randomly
+
     from lingraft.bounds import BoundedNetwork, input_box, margin_spec
     from lingraft.bounds.ops import ReLUOp
-    from _soundness import graft_randomly
 
     torch.manual_seed(0)
     shape = (1, 12, 12)

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from lingraft.errors import UsageError
-from lingraft.models.layers import GraftedReLU
 from lingraft.models import create_model
+from lingraft.models.layers import GraftedReLU
 
 lirpa = pytest.importorskip("lingraft.compat.auto_lirpa")
 if not lirpa.available():  # pragma: no cover
@@ -23,8 +23,11 @@ MNIST = dict(mean=(0.1307,), std=(0.3081,))
 def _graft(model: nn.Sequential, frac: float = 0.5, seed: int = 0) -> nn.Sequential:
     """Replace every nn.ReLU of a Sequential by a GraftedReLU with a random ~frac mask."""
     shapes: dict[int, torch.Size] = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, k=k: shapes.__setitem__(k, o.shape[1:]))
-             for k, m in enumerate(model) if isinstance(m, nn.ReLU)]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o, k=k: shapes.__setitem__(k, o.shape[1:]))
+        for k, m in enumerate(model)
+        if isinstance(m, nn.ReLU)
+    ]
     with torch.no_grad():
         model(torch.zeros(1, *SHAPE))
     for h in hooks:
@@ -180,7 +183,7 @@ def test_mlp_all_methods_sound_and_alpha_tighter():
         assert lb.shape == ub.shape == (2, 10)
         _assert_contains_samples(model, xl, xu, C, lb, ub)
         res[method] = (lb, ub)
-    (cl, cu), (al, au), (il, iu) = res["crown"], res["alpha-crown"], res["ibp"]
+    (cl, cu), (al, au), (il, _) = res["crown"], res["alpha-crown"], res["ibp"]
     assert (al >= cl - 1e-5).all() and (au <= cu + 1e-5).all()
     assert (al > cl + 1e-4).any(), "alpha-CROWN should improve some bound on this problem"
     off = C.abs().sum(2) > 0  # [B, 10]; the y - y row is 0 for every method
@@ -286,8 +289,7 @@ def test_intermediate_bounds_contain_preactivations():
     got = lirpa.autolirpa_intermediate_bounds(model, xl, xu, "crown")
     ibp = lirpa.autolirpa_intermediate_bounds(model, xl, xu, "ibp")
     relu_inputs = []
-    hooks = [m.register_forward_hook(lambda m, i, o: relu_inputs.append(i[0])) for m in model
-             if isinstance(m, nn.ReLU)]
+    hooks = [m.register_forward_hook(lambda m, i, o: relu_inputs.append(i[0])) for m in model if isinstance(m, nn.ReLU)]
     with torch.no_grad():
         model(xl + (xu - xl) * torch.rand(200, *SHAPE))
     for h in hooks:
@@ -300,19 +302,24 @@ def test_intermediate_bounds_contain_preactivations():
     assert (got[-1][1] - got[-1][0]).mean() < (ibp[-1][1] - ibp[-1][0]).mean()
 
 
-@pytest.mark.parametrize("n_cross,n_ibp_stable,w_cross,differs_from", [
-    (1, 1, 0.2, "pure"),        # 1 of 3 reference-unstable: IBP-stable neuron keeps its reference
-    (8, 2, 0.2, "pure"),        # 8 of 11 <= 90%: sparse
-    (18, 1, 0.2, "pure"),       # 18 of 20 = 90%: still sparse
-    (19, 1, 0.2, "intersect"),  # 19 of 21 > 90%: CROWN for all (== pure), and no intersection
-    (1, 1, -0.2, "intersect"),  # sparse, and the crossing neuron's CROWN bounds are not intersected
-])
+@pytest.mark.parametrize(
+    "n_cross,n_ibp_stable,w_cross,differs_from",
+    [
+        (1, 1, 0.2, "pure"),  # 1 of 3 reference-unstable: IBP-stable neuron keeps its reference
+        (8, 2, 0.2, "pure"),  # 8 of 11 <= 90%: sparse
+        (18, 1, 0.2, "pure"),  # 18 of 20 = 90%: still sparse
+        (19, 1, 0.2, "intersect"),  # 19 of 21 > 90%: CROWN for all (== pure), and no intersection
+        (1, 1, -0.2, "intersect"),  # sparse, and the crossing neuron's CROWN bounds are not intersected
+    ],
+)
 def test_sparse_rule_no_intersection_threshold(n_cross, n_ibp_stable, w_cross, differs_from):
     model, Ws, bs = _tricky_net(n_cross, n_ibp_stable, w_cross)
     xl, xu = torch.tensor([[-1.0, -1.0]]), torch.tensor([[3.0, 3.0]])
     lb, ub = lirpa.autolirpa_bounds(model, xl, xu, "crown")
-    ref = {rule: _reference_crown(Ws, bs, [xl[0].double()], [xu[0].double()], rule)[0][0]
-           for rule in ("autolirpa", "pure", "intersect")}
+    ref = {
+        rule: _reference_crown(Ws, bs, [xl[0].double()], [xu[0].double()], rule)[0][0]
+        for rule in ("autolirpa", "pure", "intersect")
+    }
     ref = {k: (v[0].item(), v[1].item()) for k, v in ref.items()}
     assert (lb.item(), ub.item()) == pytest.approx(ref["autolirpa"], abs=1e-4)
     # the net is built so that the documented rule and the named alternative disagree
@@ -323,9 +330,13 @@ def test_sparse_rule_no_intersection_threshold(n_cross, n_ibp_stable, w_cross, d
 
 def test_unstable_set_is_union_over_batch():
     """A sample's CROWN bounds change when another sample in the batch makes a neuron unstable."""
-    model, Ws, bs = _mlp([([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], [0.0, 0.0, 0.0]),
-                          ([[-0.3, 0.0, 1.0], [0.0, 0.0, 2.0]], [0.5, 10.0]),
-                          ([[-1.0, 1.0]], [0.0])])
+    model, Ws, bs = _mlp(
+        [
+            ([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], [0.0, 0.0, 0.0]),
+            ([[-0.3, 0.0, 1.0], [0.0, 0.0, 2.0]], [0.5, 10.0]),
+            ([[-1.0, 1.0]], [0.0]),
+        ]
+    )
     xl, xu = torch.tensor([[-1.0, -1.0], [-1.0, -1.0]]), torch.tensor([[1.0, 3.0], [3.0, 3.0]])
     alone = lirpa.autolirpa_bounds(model, xl[:1], xu[:1], "crown")[0]
     together = lirpa.autolirpa_bounds(model, xl, xu, "crown")[0]
@@ -341,7 +352,7 @@ def test_adaptive_lower_slope_tie_is_zero():
     # z1 = x in [-1, 1] (tie), output = relu(z1) and -relu(z1)
     model, Ws, bs = _mlp([([[1.0]], [0.0]), ([[1.0], [-1.0]], [0.0, 0.0])])
     lb, ub = lirpa.autolirpa_bounds(model, torch.tensor([[-1.0]]), torch.tensor([[1.0]]), "crown")
-    assert lb[0].tolist() == pytest.approx([0.0, -1.0], abs=1e-6)   # slope 0: relu >= 0
+    assert lb[0].tolist() == pytest.approx([0.0, -1.0], abs=1e-6)  # slope 0: relu >= 0
     assert ub[0].tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
     # u slightly above -l: slope 1, lower bound of relu becomes l = -1
     lb, ub = lirpa.autolirpa_bounds(model, torch.tensor([[-1.0]]), torch.tensor([[1.01]]), "crown")

@@ -17,7 +17,8 @@ def test_there_are_benchmarks():
 @pytest.mark.subprocess
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_benchmark_help(script):
-    res = subprocess.run([sys.executable, f"benchmarks/{script}", "--help"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stderr
     assert "usage" in res.stdout.lower()

@@ -5,13 +5,12 @@ import zlib
 
 import pytest
 import torch
+from _soundness import TOL, check_sound, graft_randomly
 from torch import nn
 
 from lingraft.bounds import METHODS, BoundedNetwork, input_box, margin_spec
 from lingraft.errors import UnsupportedModelError
 from lingraft.models import create_model, list_models
-
-from _soundness import TOL, check_sound, graft_randomly
 
 IN = (1, 12, 12)  # small inputs keep every architecture fast; the engine is size-agnostic
 

@@ -30,8 +30,10 @@ def result(path: Path) -> dict:
     r = json.loads(path.read_text())
     keep = ("clean_acc", "pgd_acc", "certified_acc", "counts", "unstable_per_layer", "num_samples")
     out = {k: r[k] for k in keep}
-    out["samples"] = [(s["index"], s["status"], None if s["margin_lower"] is None else round(s["margin_lower"], 5))
-                      for s in r["samples"]]
+    out["samples"] = [
+        (s["index"], s["status"], None if s["margin_lower"] is None else round(s["margin_lower"], 5))
+        for s in r["samples"]
+    ]
     return out
 
 
@@ -50,8 +52,9 @@ def test_state_run_equals_plain_run_and_resumes(model_pt, tmp_path):
     assert result(tmp_path / "resumed.json") == result(tmp_path / "plain.json")
     # the torn fragment was dropped, not glued onto: every line is whole and a further resume finds all 5 batches
     after = state.read_text()
-    assert after.endswith("\n") and [json.loads(ln) for ln in after.splitlines()][:3] == [json.loads(ln)
-                                                                                          for ln in lines[:3]]
+    assert after.endswith("\n") and [json.loads(ln) for ln in after.splitlines()][:3] == [
+        json.loads(ln) for ln in lines[:3]
+    ]
     assert len(after.splitlines()) == 1 + 5
     res = run(model_pt, *ARGS, "--state", state, "--json", tmp_path / "again.json")
     assert res.exit_code == 0, res.output

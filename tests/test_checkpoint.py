@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from lingraft.io.checkpoint import load_checkpoint, replace_module, save_checkpoint, sidecar_path
 from lingraft.errors import LingraftError, UsageError
-from lingraft.models.layers import GraftedReLU
+from lingraft.io.checkpoint import load_checkpoint, replace_module, save_checkpoint, sidecar_path
 from lingraft.models import create_model
+from lingraft.models.layers import GraftedReLU
 
 MNIST_KW = {"in_shape": [1, 28, 28], "num_classes": 10, "mean": [0.1307], "std": [0.3081]}
 
@@ -44,8 +44,14 @@ def test_roundtrip_plain_with_sidecar(tmp_path):
     model = _model("mlp")
     x = torch.rand(5, 1, 28, 28)
     path = tmp_path / "m.pt"
-    save_checkpoint(path, model, arch="mlp", arch_kwargs=MNIST_KW, dataset="mnist",
-                    meta={"command": "lingraft train --arch mlp", "acc": 0.9, "shape": (1, 2)})
+    save_checkpoint(
+        path,
+        model,
+        arch="mlp",
+        arch_kwargs=MNIST_KW,
+        dataset="mnist",
+        meta={"command": "lingraft train --arch mlp", "acc": 0.9, "shape": (1, 2)},
+    )
     loaded, info = load_checkpoint(path)
     assert not loaded.training
     assert torch.equal(loaded(x), model(x))
@@ -163,6 +169,7 @@ def test_replace_module_errors():
 
 # ------------------------------------------------------------------------------------------ masks and integrity
 
+
 def _grafted_ckpt(tmp_path, name="g.pt"):
     model = _model("mlp").eval()
     x = torch.rand(4, 1, 28, 28)
@@ -250,6 +257,7 @@ def test_a_kill_during_save_never_leaves_wrong_metadata(tmp_path, monkeypatch, k
     either gets the old checkpoint or the new one, and the metadata it returns and the sidecar both describe that
     file; a stale sidecar is repaired with a warning, never trusted."""
     import lingraft.io.files as lio
+
     path, _ = _grafted_ckpt(tmp_path, "m.pt")
     model2 = _model("mlp", seed=5).eval()
     _graft(model2, "3", torch.rand(4, 1, 28, 28), seed=7)
@@ -263,6 +271,7 @@ def test_a_kill_during_save_never_leaves_wrong_metadata(tmp_path, monkeypatch, k
                 raise _Killed()
             calls["n"] += 1
             return real(*a, **k)
+
         return f
 
     monkeypatch.setattr(lio.os, "replace", counted(real_replace))

@@ -40,6 +40,7 @@ def certified(model_pt, tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------------- certify
 
+
 def test_certify_json_schema_and_table(certified):
     r, csv_text, res = certified
     assert r["schema_version"] == 1 and r["command"] == "certify"
@@ -89,10 +90,15 @@ def test_config_file_precedence(model_pt, tmp_path, certified):
 
 # ------------------------------------------------------------------------------------------------ CI gates
 
+
 def test_gates_pass_and_fail(model_pt, certified):
     r = certified[0]
-    assert invoke("certify", model_pt, *FAST, "--min-certified-acc", r["certified_acc"],
-                  "--min-clean-acc", r["clean_acc"]).exit_code == 0
+    assert (
+        invoke(
+            "certify", model_pt, *FAST, "--min-certified-acc", r["certified_acc"], "--min-clean-acc", r["clean_acc"]
+        ).exit_code
+        == 0
+    )
     res = invoke("certify", model_pt, *FAST, "--min-certified-acc", "0.99", "-q")
     assert res.exit_code == 3
     assert res.stderr.strip() == f"gate failed: certified accuracy {r['certified_acc']:.4f} < --min-certified-acc 0.99"
@@ -120,6 +126,18 @@ def test_gate_failure_still_writes_the_result(model_pt, tmp_path):
 
 # --------------------------------------------------------------------------------------- the other commands
 
+
+def test_shipped_default_model_is_found(monkeypatch):
+    """`lingraft certify` / `inspect` without a model use the shipped CNN-B in the repository's models/ folder
+    (the README's first command): the path must survive moves of the loader module."""
+    from lingraft.io.loader import default_model_path
+
+    monkeypatch.delenv("LINGRAFT_MODELS", raising=False)
+    assert default_model_path().is_file()
+    info = json.loads(invoke("inspect", "--json", "-").stdout)
+    assert info["arch"] == "cnn-b" and info["dataset"] == "mnist"
+
+
 def test_inspect_json(model_pt):
     res = invoke("inspect", model_pt, "--json", "-")
     info = json.loads(res.stdout)
@@ -140,9 +158,28 @@ def test_export_then_certify_onnx_matches(model_pt, certified, tmp_path):
 
 def test_graft_then_certify(model_pt, tmp_path):
     out = tmp_path / "g.pt"
-    res = invoke("graft", model_pt, "--ratio", "0.5", "--eps", "0.01", "--out", out, "--epochs", "1",
-                 "--num-train", "200", "--score-images", "50", "-n", "20", "--methods", "crown",
-                 "--json", tmp_path / "g.json")
+    res = invoke(
+        "graft",
+        model_pt,
+        "--ratio",
+        "0.5",
+        "--eps",
+        "0.01",
+        "--out",
+        out,
+        "--epochs",
+        "1",
+        "--num-train",
+        "200",
+        "--score-images",
+        "50",
+        "-n",
+        "20",
+        "--methods",
+        "crown",
+        "--json",
+        tmp_path / "g.json",
+    )
     assert res.exit_code == 0, res.output
     g = json.loads((tmp_path / "g.json").read_text())
     assert g["grafted_neurons"] == 100 and g["relu_neurons"] == 200
@@ -154,8 +191,24 @@ def test_graft_then_certify(model_pt, tmp_path):
 
 
 def test_train_writes_checkpoint_and_json(tmp_path):
-    res = invoke("train", "--arch", "mlp", "--dataset", "digits", "--epochs", "1", "--num-train", "128",
-                 "--val-size", "64", "--out", tmp_path / "t.pt", "--json", tmp_path / "t.json.out", "-q")
+    res = invoke(
+        "train",
+        "--arch",
+        "mlp",
+        "--dataset",
+        "digits",
+        "--epochs",
+        "1",
+        "--num-train",
+        "128",
+        "--val-size",
+        "64",
+        "--out",
+        tmp_path / "t.pt",
+        "--json",
+        tmp_path / "t.json.out",
+        "-q",
+    )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "t.pt").is_file() and (tmp_path / "t.json").is_file()  # checkpoint + sidecar
     r = json.loads((tmp_path / "t.json.out").read_text())
@@ -163,6 +216,7 @@ def test_train_writes_checkpoint_and_json(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------- help
+
 
 def _help(args: list[str]) -> str:
     res = CliRunner().invoke(cli, args + ["--help"], terminal_width=100)
@@ -182,14 +236,22 @@ def test_every_command_is_covered():
 HELP_KNOWN: dict[str, str] = {}
 
 
-@pytest.mark.parametrize("name", [None, *[pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=HELP_KNOWN[n]))
-                                          if n in HELP_KNOWN else n for n in _all_commands()]])
+@pytest.mark.parametrize(
+    "name",
+    [
+        None,
+        *[
+            pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=HELP_KNOWN[n])) if n in HELP_KNOWN else n
+            for n in _all_commands()
+        ],
+    ],
+)
 def test_help_ends_with_an_example(name):
     text = _help([name] if name else [])
     lines = [ln for ln in text.rstrip().splitlines()]
     heading = [i for i, ln in enumerate(lines) if ln.strip().rstrip(":") in ("Example", "Examples")]
     assert heading, f"no 'Example(s):' section:\n{text}"
-    examples = [ln.strip() for ln in lines[heading[-1] + 1:] if ln.strip().startswith("lingraft ")]
+    examples = [ln.strip() for ln in lines[heading[-1] + 1 :] if ln.strip().startswith("lingraft ")]
     assert examples, text
     assert lines[-1].strip().startswith("lingraft "), f"help must END with an example, ends with: {lines[-1]!r}"
     if name:

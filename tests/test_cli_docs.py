@@ -25,8 +25,9 @@ def test_cli_reference_is_up_to_date():
     want = _gen().render()
     have = (DOCS / "cli.md").read_text(encoding="utf-8")
     if have != want:
-        diff = "".join(difflib.unified_diff(have.splitlines(True), want.splitlines(True), "docs/cli.md", "generated",
-                                            n=1))
+        diff = "".join(
+            difflib.unified_diff(have.splitlines(True), want.splitlines(True), "docs/cli.md", "generated", n=1)
+        )
         pytest.fail("docs/cli.md is out of date; run: python scripts/gen_cli_docs.py\n" + diff[:4000])
 
 

@@ -63,8 +63,13 @@ def _onnx_files(d: Path, good_onnx: Path) -> None:
         for k, op in enumerate(nodes_after):
             nodes.append(helper.make_node(op, [last], [f"o{k}"], name=f"{op.lower()}{k}"))
             last = f"o{k}"
-        graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
-                                  [helper.make_tensor_value_info(last, TensorProto.FLOAT, [1, 10])], [w])
+        graph = helper.make_graph(
+            nodes,
+            "m",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
+            [helper.make_tensor_value_info(last, TensorProto.FLOAT, [1, 10])],
+            [w],
+        )
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
 
     gemm_model([1, 1, 8, 8], ["Sigmoid", "Softmax"], d / "unsupported.onnx")
@@ -74,10 +79,10 @@ def _onnx_files(d: Path, good_onnx: Path) -> None:
 @pytest.fixture(scope="module")
 def hd(tmp_path_factory) -> Path:
     """A folder of hostile (and a few good) inputs."""
-    from lingraft.io.checkpoint import save_checkpoint
     from lingraft.data.datasets import dataset_info
-    from lingraft.models import create_model
+    from lingraft.io.checkpoint import save_checkpoint
     from lingraft.io.onnx import export_onnx
+    from lingraft.models import create_model
 
     d = tmp_path_factory.mktemp("hostile")
     torch.manual_seed(0)
@@ -110,8 +115,10 @@ def hd(tmp_path_factory) -> Path:
         f = d / name / "cifar-10-batches-py"
         f.mkdir(parents=True)
         for b in ["test_batch"] + [f"data_batch_{i}" for i in range(1, 6)]:
-            payload = {b"data": rng.integers(0, 255, (20, 3072), dtype=np.uint8), b"labels": [int(v) for v in
-                                                                                            rng.integers(0, 10, 20)]}
+            payload = {
+                b"data": rng.integers(0, 255, (20, 3072), dtype=np.uint8),
+                b"labels": [int(v) for v in rng.integers(0, 10, 20)],
+            }
             if evil:
                 payload[b"data"] = _Evil(mark)
             (f / b).write_bytes(pickle.dumps(payload, protocol=2))
@@ -128,8 +135,10 @@ def hd(tmp_path_factory) -> Path:
     box = [f"(assert (<= X_{i} 0.51))\n(assert (>= X_{i} 0.5))" for i in range(64)]
     (d / "p64.vnnlib").write_text("\n".join(xs + box + ["(assert (>= Y_0 Y_1))"]) + "\n")
     (d / "bad.vnnlib").write_text("(declare-const X_0 Real)\n(assert (<= X_0 1.0)\n")
-    (d / "one-input.vnnlib").write_text("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n"
-                                        "(assert (<= X_0 1.0))\n(assert (>= X_0 0.0))\n(assert (<= Y_0 0.0))\n")
+    (d / "one-input.vnnlib").write_text(
+        "(declare-const X_0 Real)\n(declare-const Y_0 Real)\n"
+        "(assert (<= X_0 1.0))\n(assert (>= X_0 0.0))\n(assert (<= Y_0 0.0))\n"
+    )
     (d / "instances-bad.csv").write_text("just-one-field\n")
     (d / "instances-good.csv").write_text("good.onnx,p64.vnnlib,10\n")
     _integrity_files(d)
@@ -139,10 +148,10 @@ def hd(tmp_path_factory) -> Path:
 def _integrity_files(d: Path) -> None:
     """flipped.pt: good.pt with 50 bytes of weights flipped (torch still loads it) beside good.pt's sidecar;
     mask.pt: a grafted checkpoint whose mask holds 0.2 and 0.7; inshape.pt: 28x28 inputs recorded for digits."""
-    from lingraft.io.checkpoint import replace_module, save_checkpoint
     from lingraft.data.datasets import dataset_info
-    from lingraft.models.layers import GraftedReLU
+    from lingraft.io.checkpoint import replace_module, save_checkpoint
     from lingraft.models import create_model
+    from lingraft.models.layers import GraftedReLU
 
     raw = bytearray((d / "good.pt").read_bytes())
     ck = torch.load(d / "good.pt", weights_only=True)
@@ -168,8 +177,9 @@ def _integrity_files(d: Path) -> None:
 
     mk = dataset_info("mnist")
     kw = dict(in_shape=list(mk.in_shape), num_classes=10, mean=list(mk.mean), std=list(mk.std))
-    save_checkpoint(d / "inshape.pt", create_model("mlp", **kw), arch="mlp", arch_kwargs=kw, dataset="digits",
-                    meta={"eps": 0.05})
+    save_checkpoint(
+        d / "inshape.pt", create_model("mlp", **kw), arch="mlp", arch_kwargs=kw, dataset="digits", meta={"eps": 0.05}
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ rows
@@ -189,8 +199,12 @@ ROWS = [
     ("certify-random-onnx", f"certify {{d}}/rand.onnx --dataset digits {D_OPTS}", 1, "cannot parse"),
     ("certify-opset-99", f"certify {{d}}/opset99.onnx --dataset digits {D_OPTS}", 1, "opset 99"),
     ("certify-dynamic-onnx", f"certify {{d}}/dynamic.onnx --dataset digits {D_OPTS}", 1, "dynamic non-batch dims"),
-    ("certify-unsupported-ops", f"certify {{d}}/unsupported.onnx --dataset digits {D_OPTS}", 1,
-     "Sigmoid (node 'sigmoid0'), Softmax (node 'softmax1')"),
+    (
+        "certify-unsupported-ops",
+        f"certify {{d}}/unsupported.onnx --dataset digits {D_OPTS}",
+        1,
+        "Sigmoid (node 'sigmoid0'), Softmax (node 'softmax1')",
+    ),
     ("certify-onnx-shape", f"certify {{d}}/shape10.onnx --dataset digits {D_OPTS}", 2, "(1, 10, 10)"),
     ("certify-onnx-no-dataset", f"certify {{d}}/good.onnx {D_OPTS}", 2, "pass --dataset"),
     ("certify-eps-nan", f"certify {{d}}/good.pt --eps nan {D_OPTS}", 2, "finite"),
@@ -201,8 +215,12 @@ ROWS = [
     ("certify-eps-negative", f"certify {{d}}/good.pt --eps -0.1 {D_OPTS}", 2, ">= 0"),
     ("certify-eps-too-big", f"certify {{d}}/good.pt --eps 1.5 {D_OPTS}", 2, "exceeds the input range"),
     ("certify-eps-text", f"certify {{d}}/good.pt --eps abc {D_OPTS}", 2, "not a valid float"),
-    ("certify-channel-mismatch", f"certify {{d}}/mnist.pt --dataset cifar10 --data-dir {{d}}/fakecifar {D_OPTS}", 2,
-     "(3, 32, 32)"),
+    (
+        "certify-channel-mismatch",
+        f"certify {{d}}/mnist.pt --dataset cifar10 --data-dir {{d}}/fakecifar {D_OPTS}",
+        2,
+        "(3, 32, 32)",
+    ),
     ("certify-dataset-typo", f"certify {{d}}/good.pt --dataset cifra10 {D_OPTS}", 2, "did you mean 'cifar10'"),
     ("certify-cifar-no-data", f"certify {{d}}/cifar.pt {D_OPTS}", 1, "--data-dir"),
     ("certify-evil-dataset", f"certify {{d}}/cifar.pt --data-dir {{d}}/evilcifar {D_OPTS}", 1, "refusing to load"),
@@ -210,31 +228,55 @@ ROWS = [
     ("certify-evil-pickle", f"certify {{d}}/evil.pt {D_OPTS}", 1, "never runs code"),
     ("certify-evil-raw-pickle", f"certify {{d}}/evil-raw.pt {D_OPTS}", 1, "never runs code"),
     ("certify-config-malformed", f"certify {{d}}/good.pt --config {{d}}/bad.yaml {D_OPTS}", 1, "malformed YAML at"),
-    ("certify-config-unknown-key", f"certify {{d}}/good.pt --config {{d}}/unk.yaml {D_OPTS}", 2,
-     "did you mean 'num-samples'"),
+    (
+        "certify-config-unknown-key",
+        f"certify {{d}}/good.pt --config {{d}}/unk.yaml {D_OPTS}",
+        2,
+        "did you mean 'num-samples'",
+    ),
     ("certify-config-list", f"certify {{d}}/good.pt --config {{d}}/list.yaml {D_OPTS}", 1, "must be a mapping"),
     ("certify-config-duplicate", f"certify {{d}}/good.pt --config {{d}}/dup.yaml {D_OPTS}", 1, "duplicate key"),
     ("certify-config-missing", f"certify {{d}}/good.pt --config {{d}}/nope.yaml {D_OPTS}", 1, "not found"),
-    ("certify-baseline-missing", f"certify {{d}}/good.pt --baseline {{d}}/nope.json {D_OPTS}", 1,
-     "baseline file not found"),
-    ("certify-baseline-malformed", f"certify {{d}}/good.pt --baseline {{d}}/bad-baseline.json {D_OPTS}", 1,
-     "not a lingraft certify JSON result"),
+    (
+        "certify-baseline-missing",
+        f"certify {{d}}/good.pt --baseline {{d}}/nope.json {D_OPTS}",
+        1,
+        "baseline file not found",
+    ),
+    (
+        "certify-baseline-malformed",
+        f"certify {{d}}/good.pt --baseline {{d}}/bad-baseline.json {D_OPTS}",
+        1,
+        "not a lingraft certify JSON result",
+    ),
     ("certify-offset", f"certify {{d}}/good.pt --offset 100000 {D_OPTS}", 2, "past the end"),
-    ("certify-too-many", f"certify {{d}}/good.pt -n 100000 --json {{o}}/r.json", 2, "has only 359"),
+    ("certify-too-many", "certify {d}/good.pt -n 100000 --json {o}/r.json", 2, "has only 359"),
     ("certify-json-is-dir", "certify {d}/good.pt -n 3 --pgd-steps 2 --json {d}/adir", 2, "is a directory"),
-    ("certify-state-parent-is-file", "certify {d}/good.pt -n 3 --pgd-steps 2 --state {d}/not-json.mask/s.state", 1,
-     "not-json.mask is not a directory"),
+    (
+        "certify-state-parent-is-file",
+        "certify {d}/good.pt -n 3 --pgd-steps 2 --state {d}/not-json.mask/s.state",
+        1,
+        "not-json.mask is not a directory",
+    ),
     ("certify-sidecar-mismatch", f"certify {{d}}/flipped.pt {D_OPTS}", 1, "flipped.pt does not match its sidecar"),
     ("certify-mask-not-binary", f"certify {{d}}/mask.pt {D_OPTS}", 1, "mask holds values other than 0/1"),
-    ("certify-json-parent-is-file", "certify {d}/good.pt -n 3 --pgd-steps 2 --json {d}/not-json.mask/r.json", 1,
-     "not-json.mask is not a directory"),
+    (
+        "certify-json-parent-is-file",
+        "certify {d}/good.pt -n 3 --pgd-steps 2 --json {d}/not-json.mask/r.json",
+        1,
+        "not-json.mask is not a directory",
+    ),
     # --- inspect
     ("inspect-missing", "inspect {d}/nope.pt --json {o}/i.json", 1, "not found"),
     ("inspect-empty", "inspect {d}/empty.pt --json {o}/i.json", 1, "is empty"),
     ("inspect-truncated", "inspect {d}/trunc.pt --json {o}/i.json", 1, "truncated or corrupted"),
     ("inspect-random-onnx", "inspect {d}/rand.onnx --json {o}/i.json", 1, "cannot parse"),
-    ("inspect-unsupported-ops", "inspect {d}/unsupported.onnx --json {o}/i.json", 1,
-     "Sigmoid (node 'sigmoid0'), Softmax (node 'softmax1')"),
+    (
+        "inspect-unsupported-ops",
+        "inspect {d}/unsupported.onnx --json {o}/i.json",
+        1,
+        "Sigmoid (node 'sigmoid0'), Softmax (node 'softmax1')",
+    ),
     ("inspect-dynamic", "inspect {d}/dynamic.onnx --json {o}/i.json", 1, "dynamic non-batch dims"),
     ("inspect-bare-state-dict", "inspect {d}/bare.pt --json {o}/i.json", 1, "bare state_dict"),
     ("inspect-evil-pickle", "inspect {d}/evil.pt --json {o}/i.json", 1, "never runs code"),
@@ -252,10 +294,18 @@ ROWS = [
     ("export-tol-nan", "export {d}/good.pt --out {o}/m.onnx --tol nan", 2, "--tol"),
     ("export-vnnlib-eps-nan", "export {d}/good.pt --out {o}/m.onnx --vnnlib-samples 2 --vnnlib-eps nan", 2, "finite"),
     ("export-json-is-dir", "export {d}/good.pt --out {o}/m.onnx --json {d}/adir", 2, "is a directory"),
-    ("export-in-shape-mismatch", "export {d}/inshape.pt --out {o}/m.onnx", 1,
-     "takes inputs (1, 28, 28) but its dataset digits has (1, 8, 8)"),
-    ("export-out-parent-is-file", "export {d}/good.pt --out {d}/not-json.mask/m.onnx", 1,
-     "not-json.mask is not a directory"),
+    (
+        "export-in-shape-mismatch",
+        "export {d}/inshape.pt --out {o}/m.onnx",
+        1,
+        "takes inputs (1, 28, 28) but its dataset digits has (1, 8, 8)",
+    ),
+    (
+        "export-out-parent-is-file",
+        "export {d}/good.pt --out {d}/not-json.mask/m.onnx",
+        1,
+        "not-json.mask is not a directory",
+    ),
     ("export-sidecar-mismatch", "export {d}/flipped.pt --out {o}/m.onnx", 1, "does not match its sidecar"),
     # --- graft
     ("graft-missing", f"graft {{d}}/nope.pt {GRAFT}", 1, "not found"),
@@ -273,19 +323,35 @@ ROWS = [
     ("graft-mask-missing", f"graft {{d}}/good.pt --mask {{d}}/nope.json {GRAFT}", 1, "not found"),
     ("graft-config-malformed", f"graft {{d}}/good.pt --config {{d}}/bad.yaml {GRAFT}", 1, "malformed YAML"),
     ("graft-config-unknown-key", f"graft {{d}}/good.pt --config {{d}}/unk.yaml {GRAFT}", 2, "did you mean"),
-    ("graft-channel-mismatch", f"graft {{d}}/mnist.pt --dataset cifar10 --data-dir {{d}}/fakecifar {GRAFT}", 2,
-     "(3, 32, 32)"),
-    ("graft-out-parent-is-file", "graft {d}/good.pt --score-images 20 --epochs 0 -n 0 --num-train 20 "
-     "--out {d}/not-json.mask/g.pt", 1, "not-json.mask is not a directory"),
+    (
+        "graft-channel-mismatch",
+        f"graft {{d}}/mnist.pt --dataset cifar10 --data-dir {{d}}/fakecifar {GRAFT}",
+        2,
+        "(3, 32, 32)",
+    ),
+    (
+        "graft-out-parent-is-file",
+        "graft {d}/good.pt --score-images 20 --epochs 0 -n 0 --num-train 20 --out {d}/not-json.mask/g.pt",
+        1,
+        "not-json.mask is not a directory",
+    ),
     ("graft-mask-not-binary", f"graft {{d}}/mask.pt {GRAFT}", 1, "other than 0/1"),
-    ("graft-in-shape-mismatch", f"graft {{d}}/inshape.pt {GRAFT}", 1,
-     "takes inputs (1, 28, 28) but its dataset digits has (1, 8, 8)"),
+    (
+        "graft-in-shape-mismatch",
+        f"graft {{d}}/inshape.pt {GRAFT}",
+        1,
+        "takes inputs (1, 28, 28) but its dataset digits has (1, 8, 8)",
+    ),
     ("graft-out-json", "graft {d}/good.pt --score-images 20 --epochs 0 -n 0 --out {o}/g.json", 2, "sidecar"),
     # --- train
     ("train-arch-typo", f"train --arch mlpp {TRAIN}", 2, "did you mean 'mlp'"),
     ("train-cifar-no-data", f"train --arch mlp {TRAIN} --dataset cifar10", 1, "--data-dir"),
-    ("train-data-dir-missing", f"train --arch mlp {TRAIN} --dataset cifar10 --data-dir {{d}}/nope", 1,
-     "does not exist"),
+    (
+        "train-data-dir-missing",
+        f"train --arch mlp {TRAIN} --dataset cifar10 --data-dir {{d}}/nope",
+        1,
+        "does not exist",
+    ),
     ("train-eps-nan", f"train --arch mlp {TRAIN} --method fgsm --eps nan", 2, "finite"),
     ("train-lr-nan", f"train --arch mlp {TRAIN} --lr nan", 2, "lr"),
     ("train-loss-typo", f"train --arch mlp {TRAIN} --loss nkdd", 2, "unknown loss"),
@@ -294,10 +360,19 @@ ROWS = [
     ("train-teacher-shape", f"train --arch mlp {TRAIN} --loss kd --teacher {{d}}/mnist.pt", 2, "teacher"),
     ("train-config-malformed", f"train --arch mlp {TRAIN} --config {{d}}/bad.yaml", 1, "malformed YAML"),
     ("train-config-unknown-key", f"train --arch mlp {TRAIN} --config {{d}}/unk.yaml", 2, "unknown key 'num-sample'"),
-    ("train-out-json", "train --arch mlp --dataset digits --epochs 1 --num-train 64 --val-size 64 --no-progress "
-                      "--out {o}/t.json", 2, "sidecar"),
-    ("train-out-parent-is-file", "train --arch mlp --dataset digits --epochs 1 --num-train 64 --val-size 64 "
-     "--no-progress --out {d}/not-json.mask/t.pt", 1, "not-json.mask is not a directory"),
+    (
+        "train-out-json",
+        "train --arch mlp --dataset digits --epochs 1 --num-train 64 --val-size 64 --no-progress --out {o}/t.json",
+        2,
+        "sidecar",
+    ),
+    (
+        "train-out-parent-is-file",
+        "train --arch mlp --dataset digits --epochs 1 --num-train 64 --val-size 64 "
+        "--no-progress --out {d}/not-json.mask/t.pt",
+        1,
+        "not-json.mask is not a directory",
+    ),
     ("train-json-is-dir", f"train --arch mlp {TRAIN} --json {{d}}/adir", 2, "is a directory"),
 ]
 
@@ -324,18 +399,35 @@ RUN_ROWS = [
     ("run-model-bare", _SW.replace("good.pt", "bare.pt"), 1, "bare state_dict"),
     ("run-model-unsupported", _SW.replace("good.pt", "unsupported.onnx"), 1, "Sigmoid"),
     ("run-model-arch-name", _SW.replace("{d}/good.pt", "fc-8x200"), 2, "architecture name without weights"),
-    ("run-graft-onnx", _SW.replace("good.pt", "good.onnx").replace("num-samples: 3", "num-samples: 3, dataset: digits")
-     + "ratios: [0.5]\n", 2, "cannot be grafted"),
-    ("run-channel-mismatch", _SW.replace("good.pt", "mnist.pt").replace(
-        "num-samples: 3", "num-samples: 3, dataset: cifar10, data-dir: {d}/fakecifar"), 2, "(3, 32, 32)"),
+    (
+        "run-graft-onnx",
+        _SW.replace("good.pt", "good.onnx").replace("num-samples: 3", "num-samples: 3, dataset: digits")
+        + "ratios: [0.5]\n",
+        2,
+        "cannot be grafted",
+    ),
+    (
+        "run-channel-mismatch",
+        _SW.replace("good.pt", "mnist.pt").replace(
+            "num-samples: 3", "num-samples: 3, dataset: cifar10, data-dir: {d}/fakecifar"
+        ),
+        2,
+        "(3, 32, 32)",
+    ),
     ("run-too-many-samples", _SW.replace("num-samples: 3", "num-samples: 100000"), 2, "lower num-samples"),
     ("run-results-is-dir", _SW + "results: {d}/adir\n", 1, "is a directory"),
 ]
 
 
 def _params(rows):
-    return [pytest.param(*r, id=r[0], marks=[pytest.mark.xfail(strict=True, reason="known bug, see KNOWN_BUGS")]
-                         if r[0] in KNOWN_BUGS else []) for r in rows]
+    return [
+        pytest.param(
+            *r,
+            id=r[0],
+            marks=[pytest.mark.xfail(strict=True, reason="known bug, see KNOWN_BUGS")] if r[0] in KNOWN_BUGS else [],
+        )
+        for r in rows
+    ]
 
 
 def _invoke(argv: list[str]):
@@ -383,8 +475,9 @@ def test_hostile_run(hd, tmp_path, monkeypatch, rid, body, code, needle):
     _check(res, code, needle, out, before, hd)
 
 
-@pytest.mark.parametrize("argv", ["export {d}/good.pt --out {o}/m.onnx",
-                                  "certify {d}/good.pt -n 3 --pgd-steps 2 --json {o}/r.json"])
+@pytest.mark.parametrize(
+    "argv", ["export {d}/good.pt --out {o}/m.onnx", "certify {d}/good.pt -n 3 --pgd-steps 2 --json {o}/r.json"]
+)
 def test_no_space_left_names_the_file(hd, tmp_path, monkeypatch, argv):
     """A full disk: one line naming the file that could not be written (it used to be just the strerror)."""
     import errno
@@ -412,6 +505,7 @@ def test_run_sweep_file_missing_and_directory(hd, tmp_path, monkeypatch):
 
 
 # -------------------------------------------------------------------------------------------- unreadable files
+
 
 @pytest.fixture
 def deny_read(monkeypatch):
@@ -488,8 +582,12 @@ VERIFY_ROWS = [
     ("verify-onnx-missing", "verify {d}/nope.onnx {d}/p64.vnnlib --result {o}/r.txt", 1, "not found"),
     ("verify-vnnlib-missing", "verify {d}/good.onnx {d}/nope.vnnlib --result {o}/r.txt", 1, "not found"),
     ("verify-vnnlib-malformed", "verify {d}/good.onnx {d}/bad.vnnlib --result {o}/r.txt", 1, "unclosed '('"),
-    ("verify-vnnlib-mismatch", "verify {d}/good.onnx {d}/one-input.vnnlib --result {o}/r.txt", 1,
-     "declares 1 inputs but 64 were expected"),
+    (
+        "verify-vnnlib-mismatch",
+        "verify {d}/good.onnx {d}/one-input.vnnlib --result {o}/r.txt",
+        1,
+        "declares 1 inputs but 64 were expected",
+    ),
     ("verify-random-onnx", "verify {d}/rand.onnx {d}/p64.vnnlib --result {o}/r.txt", 1, "cannot parse"),
     ("verify-unsupported-ops", "verify {d}/unsupported.onnx {d}/p64.vnnlib --result {o}/r.txt", 1, "Sigmoid"),
     ("verify-dynamic-onnx", "verify {d}/dynamic.onnx {d}/p64.vnnlib --result {o}/r.txt", 1, "dynamic"),
@@ -497,14 +595,21 @@ VERIFY_ROWS = [
     ("verify-timeout-nan", "verify {d}/good.onnx {d}/p64.vnnlib --timeout nan --result {o}/r.txt", 2, "--timeout"),
     ("verify-no-args", "verify", 2, "missing MODEL and PROP"),
     ("verify-instances-missing", "verify --instances {d}/nope.csv --out {o}/r.jsonl", 1, "not found"),
-    ("verify-instances-malformed", "verify --instances {d}/instances-bad.csv --out {o}/r.jsonl", 1,
-     "expected 'onnx,vnnlib,timeout'"),
-    ("verify-instances-out-parent-is-file", "verify --instances {d}/instances-good.csv "
-     "--out {d}/not-json.mask/r.jsonl", 1, "not-json.mask is not a directory"),
+    (
+        "verify-instances-malformed",
+        "verify --instances {d}/instances-bad.csv --out {o}/r.jsonl",
+        1,
+        "expected 'onnx,vnnlib,timeout'",
+    ),
+    (
+        "verify-instances-out-parent-is-file",
+        "verify --instances {d}/instances-good.csv --out {d}/not-json.mask/r.jsonl",
+        1,
+        "not-json.mask is not a directory",
+    ),
     ("verify-json-is-dir", "verify {d}/good.onnx {d}/p64.vnnlib --json {d}/adir", 2, "is a directory"),
 ]
 KNOWN_BUGS |= set()  # verify rows: all fixed
-
 
 
 @pytest.mark.parametrize("rid,argv,code,needle", _late(VERIFY_ROWS, "verify"))
@@ -524,7 +629,9 @@ def test_hostile_verify(hd, tmp_path, monkeypatch, rid, argv, code, needle):
 def test_rows_cover_every_command():
     covered = {r[1].split()[0] for r in ROWS + COMPARE_ROWS + VERIFY_ROWS} | {"run"}
     assert set(cli.commands) <= covered, f"commands without hostile rows: {set(cli.commands) - covered}"
-    assert not (KNOWN_BUGS - {r[0] for r in ROWS + RUN_ROWS + UNREADABLE + COMPARE_ROWS + VERIFY_ROWS}), "stale KNOWN_BUGS ids"
+    assert not (KNOWN_BUGS - {r[0] for r in ROWS + RUN_ROWS + UNREADABLE + COMPARE_ROWS + VERIFY_ROWS}), (
+        "stale KNOWN_BUGS ids"
+    )
 
 
 def test_fixture_checks_itself(hd):

@@ -30,9 +30,14 @@ def model_pt(digits_mlp_pt) -> Path:
 
 def write_sweep(folder: Path, model: Path, **extra) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    body = {"models": [str(model)], "methods": ["ibp", "crown"], "ratios": [0, 0.5], "eps": [0.01, 0.02],
-            "results": "out/results.jsonl",
-            "options": {"num-samples": 30, "pgd-steps": 5, "epochs": 1, "num-train": 200, "score-images": 50}}
+    body = {
+        "models": [str(model)],
+        "methods": ["ibp", "crown"],
+        "ratios": [0, 0.5],
+        "eps": [0.01, 0.02],
+        "results": "out/results.jsonl",
+        "options": {"num-samples": 30, "pgd-steps": 5, "epochs": 1, "num-train": 200, "score-images": 50},
+    }
     body.update(extra)
     p = folder / "sweep.yaml"
     p.write_text(json.dumps(body))  # JSON is YAML
@@ -170,8 +175,14 @@ def test_failed_job_is_recorded_and_retried(model_pt, tmp_path):
 
 def _start(sweep: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "lingraft.cli.main", "run", str(sweep), "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO))
+    return subprocess.Popen(
+        [sys.executable, "-m", "lingraft.cli.main", "run", str(sweep), "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=str(REPO),
+    )
 
 
 def _kill_after(proc: subprocess.Popen, results: Path, n_lines: int, sig: int, limit_s: float = 60.0) -> str:
@@ -234,8 +245,14 @@ def test_torn_and_corrupt_results_file(model_pt, tmp_path):
 
 def test_sweep_option_bab_timeout(model_pt, tmp_path):
     """options: {bab-timeout: S} runs branch and bound on each job's unknown samples; L2 + bab is rejected."""
-    sweep = write_sweep(tmp_path, model_pt, methods=["ibp"], ratios=[0], eps=[0.05],
-                        options={"num-samples": 20, "pgd-steps": 5, "bab-timeout": 2})
+    sweep = write_sweep(
+        tmp_path,
+        model_pt,
+        methods=["ibp"],
+        ratios=[0],
+        eps=[0.05],
+        options={"num-samples": 20, "pgd-steps": 5, "bab-timeout": 2},
+    )
     res = invoke("run", str(sweep), "--no-progress")
     assert res.exit_code == 0, res.output
     (rec,) = records(tmp_path / "out" / "results.jsonl")

@@ -4,7 +4,6 @@ invalidation of changed entries, losses/attention entries through the CLI, and t
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import sys
 
@@ -12,16 +11,15 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from conftest import HAVE_MPL, HAVE_SKLEARN
 
-from lingraft.io.checkpoint import load_checkpoint
 from lingraft.cli.main import cli
+from lingraft.errors import UsageError
 from lingraft.experiments.compare_config import load_compare, parse_compare
 from lingraft.experiments.compare_report import plot_cert_vs_eps
-from lingraft.errors import UsageError
+from lingraft.io.checkpoint import load_checkpoint
 from lingraft.io.files import read_jsonl
 
-HAVE_SKLEARN = importlib.util.find_spec("sklearn") is not None
-HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 pytestmark = pytest.mark.skipif(not HAVE_SKLEARN, reason="scikit-learn not installed (digits dataset)")
 
 
@@ -39,8 +37,15 @@ def _config(**over) -> dict:
         "dataset": "digits",
         "eps": 0.05,
         "eps_grid": [0.02, 0.05],
-        "train": {"epochs": 1, "batch_size": 32, "optimizer": "adam", "lr": 0.01, "num_train": 320,
-                  "val_size": 200, "eval_pgd_steps": 2},
+        "train": {
+            "epochs": 1,
+            "batch_size": 32,
+            "optimizer": "adam",
+            "lr": 0.01,
+            "num_train": 320,
+            "val_size": 200,
+            "eval_pgd_steps": 2,
+        },
         "graft": {"ratio": 0.5, "epochs": 1, "num_train": 160, "score_images": 16, "batch_size": 32},
         "certify": {"num_samples": 20, "methods": ["crown", "alpha-crown"], "pgd_steps": 5, "alpha_iterations": 3},
         "entries": [
@@ -66,6 +71,7 @@ class Counter:
         import lingraft.certify.pipeline as certify_mod
         import lingraft.graft.pipeline as graft_mod
         import lingraft.train.loop as train_mod
+
         self.calls = {"train": [], "graft": [], "certify": 0}
         orig_train, orig_graft, orig_cert = train_mod.train, graft_mod.run_graft, certify_mod.certify
 
@@ -89,29 +95,33 @@ class Counter:
         return sorted(p.split("/")[-2] for p in self.calls["train"])
 
 
-def _run(args) -> "click.testing.Result":  # noqa: F821
+def _run(args) -> click.testing.Result:  # noqa: F821
     res = CliRunner().invoke(cli, args, catch_exceptions=False)
     return res
 
 
 # ----------------------------------------------------------------------------------------------- validation
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda c: c.update(entires=c.pop("entries")), r"unknown key 'entires'.*did you mean 'entries'"),
-    (lambda c: c["entries"][1].update(tran_eps=0.1), r"did you mean 'train_eps'"),
-    (lambda c: c["train"].update(epoch=2), r"unknown key 'epoch'.*did you mean 'epochs'"),
-    (lambda c: c["graft"].update(ratoi=0.3), r"did you mean 'ratio'"),
-    (lambda c: c["certify"].update(methods=["crwn"]), r"unknown certify method 'crwn'.*did you mean 'crown'"),
-    (lambda c: c["entries"][2].update(teacher="fgsn"), r"unknown teacher 'fgsn'.*did you mean 'fgsm'"),
-    (lambda c: c["entries"][2].update(teacher="missing/teacher.pt"), r"teacher checkpoint .* not found"),
-    (lambda c: c["entries"][2].pop("teacher"), r"loss 'kd' needs a teacher"),
-    (lambda c: c["entries"][0].update(teacher="fgsm"), r"does not use one"),
-    (lambda c: c["entries"].append({"name": "ce", "arch": "mlp"}), r"'ce' appears twice"),
-    (lambda c: c["entries"][0].update(arch="mpl"), r"did you mean 'mlp'"),
-    (lambda c: c["entries"][0].update(loss="zipff"), r"did you mean 'zipf'"),
-    (lambda c: c["entries"][0].update(name="a/b"), r"needs a 'name'"),
-    (lambda c: c.update(eps=0), r"eps must be in \(0, 1\]"),
-])
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda c: c.update(entires=c.pop("entries")), r"unknown key 'entires'.*did you mean 'entries'"),
+        (lambda c: c["entries"][1].update(tran_eps=0.1), r"did you mean 'train_eps'"),
+        (lambda c: c["train"].update(epoch=2), r"unknown key 'epoch'.*did you mean 'epochs'"),
+        (lambda c: c["graft"].update(ratoi=0.3), r"did you mean 'ratio'"),
+        (lambda c: c["certify"].update(methods=["crwn"]), r"unknown certify method 'crwn'.*did you mean 'crown'"),
+        (lambda c: c["entries"][2].update(teacher="fgsn"), r"unknown teacher 'fgsn'.*did you mean 'fgsm'"),
+        (lambda c: c["entries"][2].update(teacher="missing/teacher.pt"), r"teacher checkpoint .* not found"),
+        (lambda c: c["entries"][2].pop("teacher"), r"loss 'kd' needs a teacher"),
+        (lambda c: c["entries"][0].update(teacher="fgsm"), r"does not use one"),
+        (lambda c: c["entries"].append({"name": "ce", "arch": "mlp"}), r"'ce' appears twice"),
+        (lambda c: c["entries"][0].update(arch="mpl"), r"did you mean 'mlp'"),
+        (lambda c: c["entries"][0].update(loss="zipff"), r"did you mean 'zipf'"),
+        (lambda c: c["entries"][0].update(name="a/b"), r"needs a 'name'"),
+        (lambda c: c.update(eps=0), r"eps must be in \(0, 1\]"),
+    ],
+)
 def test_validation_errors(mutate, match):
     cfg = _config()
     mutate(cfg)
@@ -120,15 +130,20 @@ def test_validation_errors(mutate, match):
 
 
 def test_teacher_cycles_and_order():
-    cfg = _config(entries=[{"name": "a", "arch": "mlp", "loss": "kd", "teacher": "b"},
-                           {"name": "b", "arch": "mlp", "loss": "nkd", "teacher": "a"}])
+    cfg = _config(
+        entries=[
+            {"name": "a", "arch": "mlp", "loss": "kd", "teacher": "b"},
+            {"name": "b", "arch": "mlp", "loss": "nkd", "teacher": "a"},
+        ]
+    )
     with pytest.raises(UsageError, match=r"teacher cycle (a -> b -> a|b -> a -> b)"):
         parse_compare(cfg)
     with pytest.raises(UsageError, match="teacher cycle s -> s"):
         parse_compare(_config(entries=[{"name": "s", "arch": "mlp", "loss": "kd", "teacher": "s"}]))
     # students listed before their teacher are trained after it
-    spec = parse_compare(_config(entries=[{"name": "kd", "arch": "mlp", "loss": "kd", "teacher": "t"},
-                                          {"name": "t", "arch": "mlp"}]))
+    spec = parse_compare(
+        _config(entries=[{"name": "kd", "arch": "mlp", "loss": "kd", "teacher": "t"}, {"name": "t", "arch": "mlp"}])
+    )
     assert [e.name for e in spec.entries] == ["t", "kd"]
     assert spec.entry("kd").teacher_entry and spec.entry("kd").train["eps"] == 0.05  # top-level eps by default
     assert spec.entry("t").train["lr"] == 0.01  # shared train defaults
@@ -150,6 +165,7 @@ def test_help_has_examples():
 
 # ----------------------------------------------------------------------------------------------- end to end
 
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One full tiny compare run shared by the tests below (the expensive part)."""
@@ -166,7 +182,8 @@ def test_full_run_outputs(tiny_run):
     table = json.loads((out / "table.json").read_text())
     rows = table["rows"]
     assert [(r["entry"], r["variant"]) for r in rows] == [
-        (n, v) for n in ("ce", "fgsm", "kd") for v in ("plain", "grafted")]
+        (n, v) for n in ("ce", "fgsm", "kd") for v in ("plain", "grafted")
+    ]
     assert json.loads((d / "res.json").read_text())["rows"] == rows  # --json FILE is the same result
     for r in rows:
         assert 0 <= r["certified"]["crown"] <= r["pgd_acc"] <= r["clean_acc"] <= 1
@@ -273,7 +290,8 @@ def test_losses_and_attention_entries(tmp_path):
     assert res.exit_code == 0, res.output
     rows = json.loads((out / "table.json").read_text())["rows"]
     assert [(r["entry"], r["variant"]) for r in rows] == [
-        (e["name"], v) for e in cfg["entries"] for v in ("plain", "grafted")]
+        (e["name"], v) for e in cfg["entries"] for v in ("plain", "grafted")
+    ]
     for e in cfg["entries"]:
         _, info = load_checkpoint(out / e["name"] / "model.pt")
         c = info["meta"]["config"]

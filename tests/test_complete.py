@@ -83,7 +83,7 @@ def _assert_real_counterexample(model, x, label: int, eps: float, out: dict) -> 
     assert bool((cx >= xl - 1e-7).all() and (cx <= xu + 1e-7).all())
     with torch.no_grad():
         logits = model(cx)[0]
-    others = torch.cat([logits[:label], logits[label + 1:]])
+    others = torch.cat([logits[:label], logits[label + 1 :]])
     assert float(others.max()) >= float(logits[label])
 
 
@@ -98,7 +98,7 @@ def test_bab_counterexample_is_real(trained):
     with torch.no_grad():
         wrong = (model(x).argmax(1) != y).nonzero().flatten().tolist()
     assert wrong, "the digits MLP classifies every sample right: no sure counterexample"
-    _assert_real_counterexample(model, x[wrong[0]:wrong[0] + 1], int(y[wrong[0]]), EPS_CEX, decide(wrong[0], 10.0))
+    _assert_real_counterexample(model, x[wrong[0] : wrong[0] + 1], int(y[wrong[0]]), EPS_CEX, decide(wrong[0], 10.0))
     # the samples certify leaves unknown at this eps: some are falsified (the first one here, by the attack in
     # under 0.1 s), and only "sat" ever carries a counterexample
     plain = certify(model, x, y, EPS_CEX, method="crown", pgd_steps=20)
@@ -110,7 +110,7 @@ def test_bab_counterexample_is_real(trained):
             assert out["counterexample"] is None and out["status"] != "falsified", out
             continue
         found += 1
-        _assert_real_counterexample(model, x[i:i + 1], int(y[i]), EPS_CEX, out)
+        _assert_real_counterexample(model, x[i : i + 1], int(y[i]), EPS_CEX, out)
         break
     assert found, f"no counterexample on the first 12 of {len(unknown)} unknown samples at eps {EPS_CEX}"
 

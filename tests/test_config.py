@@ -27,6 +27,7 @@ def _write(tmp_path, text, name="config.yaml"):
 
 # ------------------------------------------------------------------------------------------------ loading
 
+
 def test_load_valid(tmp_path):
     p = _write(tmp_path, "epochs: 3\nlr: 0.1\nbatch-size: 64\nmodels: [a, b]\n")
     assert load_config(p) == {"epochs": 3, "lr": 0.1, "batch-size": 64, "models": ["a", "b"]}
@@ -102,6 +103,7 @@ def test_top_level_not_mapping(tmp_path):
 
 # --------------------------------------------------------------------------------------------- validation
 
+
 def test_unknown_key_did_you_mean():
     with pytest.raises(UsageError) as ei:
         validate_keys({"epoch": 3}, {"epochs", "lr"}, "config.yaml")
@@ -133,6 +135,7 @@ def test_colliding_keys_and_non_string_keys():
 
 # ------------------------------------------------------------------------------------------------ hashing
 
+
 def test_hash_stable_and_order_independent():
     a = {"eps": 0.1, "models": ["a", "b"], "opts": {"x": 1, "y": [1, 2]}}
     b = {"opts": {"y": [1, 2], "x": 1}, "models": ["a", "b"], "eps": 0.1}
@@ -163,6 +166,7 @@ def test_hash_rejects_nan_and_objects():
 
 
 # ------------------------------------------------------------------------------------------- click wiring
+
 
 @click.command()
 @config_option()

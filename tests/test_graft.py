@@ -7,12 +7,22 @@ import torch
 from click.testing import CliRunner
 
 from lingraft.bounds import BoundedNetwork, input_box, margin_spec
+from lingraft.errors import LingraftError, UsageError
+from lingraft.graft.pipeline import (
+    FinetuneConfig,
+    NeuronScores,
+    apply_graft,
+    check_masks_fit,
+    compute_scores,
+    finetune,
+    load_masks,
+    relu_modules,
+    save_masks,
+    select_neurons,
+)
 from lingraft.io.checkpoint import load_checkpoint, save_checkpoint
-from lingraft.graft.pipeline import (FinetuneConfig, NeuronScores, apply_graft, compute_scores, finetune, load_masks,
-                            relu_modules, save_masks, select_neurons, check_masks_fit)
-from lingraft.errors import UsageError
-from lingraft.models.layers import GraftedReLU
 from lingraft.models import create_model
+from lingraft.models.layers import GraftedReLU
 
 IN = (1, 12, 12)
 
@@ -26,7 +36,12 @@ _CACHE = {}
 
 
 def _scores(model, n=20, eps=0.02):
-    key = (tuple(tuple(p.shape) for p in model.parameters()), float(sum(p.detach().sum() for p in model.parameters())), n, eps)
+    key = (
+        tuple(tuple(p.shape) for p in model.parameters()),
+        float(sum(p.detach().sum() for p in model.parameters())),
+        n,
+        eps,
+    )
     if key in _CACHE:
         return _CACHE[key]
     torch.manual_seed(1)
@@ -89,7 +104,7 @@ def test_selection_counts_and_order(scope):
     if scope == "global":
         assert chosen == round(0.3 * total)
     else:
-        for n, v in masks.items():
+        for v in masks.values():
             assert int(v.sum()) == round(0.3 * v.numel())
 
 
@@ -149,13 +164,21 @@ def test_finetune_never_changes_the_mask_and_trains_a_b():
     torch.manual_seed(2)
     x = torch.rand(64, *IN)
     y = torch.randint(0, 10, (64,))
-    g, info = finetune(g, x, y, x[:16], y[:16], FinetuneConfig(epochs=1, batch_size=16, eps=0.02, lr=0.05,
-                                                                 lr_graft=0.5), log=lambda s: None)
+    g, info = finetune(
+        g,
+        x,
+        y,
+        x[:16],
+        y[:16],
+        FinetuneConfig(epochs=1, batch_size=16, eps=0.02, lr=0.05, lr_graft=0.5),
+        log=lambda s: None,
+    )
     for n, mod in relu_modules(g).items():
         assert torch.equal(mod.mask, masks_before[n])
     # grafted a's moved (the best checkpoint may be epoch 0 if validation got worse; then nothing moved at all)
-    moved = any(not torch.equal(mod.a.detach()[mod.mask > 0], a_before[n][mod.mask > 0])
-                for n, mod in relu_modules(g).items())
+    moved = any(
+        not torch.equal(mod.a.detach()[mod.mask > 0], a_before[n][mod.mask > 0]) for n, mod in relu_modules(g).items()
+    )
     h0 = info["history"][0]
     kept_initial = (info["best"]["pgd_acc"], info["best"]["clean_acc"]) == (h0["pgd_acc"], h0["clean_acc"])
     assert moved or kept_initial
@@ -172,7 +195,7 @@ def test_mask_roundtrip_and_fit_check(tmp_path):
     with pytest.raises(UsageError):
         check_masks_fit(_model("mlp"), back, IN)
     (tmp_path / "bad.json").write_text("{}")
-    with pytest.raises(Exception):
+    with pytest.raises(LingraftError, match="not a lingraft graft mask"):
         load_masks(tmp_path / "bad.json")
 
 
@@ -180,8 +203,14 @@ def test_grafted_checkpoint_roundtrip(tmp_path):
     m = _model()
     sc = _scores(m)
     g = apply_graft(m, select_neurons(sc, 0.5), init="fit", scores=sc)
-    save_checkpoint(tmp_path / "g.pt", g, arch="cnn-b", arch_kwargs={"in_shape": list(IN), "num_classes": 10,
-                    "mean": [0.0], "std": [1.0]}, dataset="digits", meta={})
+    save_checkpoint(
+        tmp_path / "g.pt",
+        g,
+        arch="cnn-b",
+        arch_kwargs={"in_shape": list(IN), "num_classes": 10, "mean": [0.0], "std": [1.0]},
+        dataset="digits",
+        meta={},
+    )
     back, info = load_checkpoint(tmp_path / "g.pt")
     x = torch.rand(2, *IN)
     assert torch.allclose(back(x), g(x))
@@ -194,9 +223,23 @@ def digits_ckpt(tmp_path_factory):
     from lingraft.train.loop import TrainConfig, train
 
     out = tmp_path_factory.mktemp("g") / "mlp.pt"
-    train(TrainConfig(arch="mlp", dataset="digits", epochs=2, batch_size=32, optimizer="adam", lr=3e-3,
-                      method="fgsm", eps=0.05, val_size=200, eval_pgd_steps=5), out, progress=False,
-          log=lambda s: None)
+    train(
+        TrainConfig(
+            arch="mlp",
+            dataset="digits",
+            epochs=2,
+            batch_size=32,
+            optimizer="adam",
+            lr=3e-3,
+            method="fgsm",
+            eps=0.05,
+            val_size=200,
+            eval_pgd_steps=5,
+        ),
+        out,
+        progress=False,
+        log=lambda s: None,
+    )
     return out
 
 
@@ -204,9 +247,31 @@ def test_graft_cli_end_to_end(digits_ckpt, tmp_path):
     from lingraft.cli.main import cli
 
     out = tmp_path / "g.pt"
-    r = CliRunner().invoke(cli, ["graft", str(digits_ckpt), "--ratio", "0.5", "--eps", "0.05", "--out", str(out),
-                                 "--epochs", "1", "--num-train", "300", "--score-images", "100", "-n", "50",
-                                 "--save-mask", str(tmp_path / "mask.json"), "--json", str(tmp_path / "r.json")])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "graft",
+            str(digits_ckpt),
+            "--ratio",
+            "0.5",
+            "--eps",
+            "0.05",
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--num-train",
+            "300",
+            "--score-images",
+            "100",
+            "-n",
+            "50",
+            "--save-mask",
+            str(tmp_path / "mask.json"),
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "before" in r.output and "after" in r.output
     res = json.loads((tmp_path / "r.json").read_text())
@@ -220,20 +285,37 @@ def test_graft_cli_end_to_end(digits_ckpt, tmp_path):
     assert r2.exit_code == 0, r2.output
     # graft from the saved mask, no fine-tuning: same mask
     out2 = tmp_path / "g2.pt"
-    r3 = CliRunner().invoke(cli, ["graft", str(digits_ckpt), "--mask", str(tmp_path / "mask.json"), "--eps", "0.05",
-                                  "--out", str(out2), "--epochs", "0", "-n", "0"])
+    r3 = CliRunner().invoke(
+        cli,
+        [
+            "graft",
+            str(digits_ckpt),
+            "--mask",
+            str(tmp_path / "mask.json"),
+            "--eps",
+            "0.05",
+            "--out",
+            str(out2),
+            "--epochs",
+            "0",
+            "-n",
+            "0",
+        ],
+    )
     assert r3.exit_code == 0, r3.output
     a, _ = load_checkpoint(out)
     b, _ = load_checkpoint(out2)
-    for (n1, m1), (n2, m2) in zip(relu_modules(a).items(), relu_modules(b).items()):
+    for m1, m2 in zip(relu_modules(a).values(), relu_modules(b).values()):
         assert torch.equal(m1.mask, m2.mask)
 
 
 def test_graft_cli_scores_only(digits_ckpt, tmp_path):
     from lingraft.cli.main import cli
 
-    r = CliRunner().invoke(cli, ["graft", str(digits_ckpt), "--eps", "0.05", "--scores-only", str(tmp_path / "s.json"),
-                                 "--score-images", "50"])
+    r = CliRunner().invoke(
+        cli,
+        ["graft", str(digits_ckpt), "--eps", "0.05", "--scores-only", str(tmp_path / "s.json"), "--score-images", "50"],
+    )
     assert r.exit_code == 0, r.output
     d = json.loads((tmp_path / "s.json").read_text())
     assert d["format"] == "lingraft-graft-scores" and "instability" in d["scores"]
@@ -245,7 +327,9 @@ def test_clean_drop_warning():
     ev = {"before": {"crown": {"clean_acc": 0.95}}, "after": {"crown": {"clean_acc": 0.88}}}
     (w,) = _clean_drop_warning(ev)
     assert "95.0% to 88.0%" in w and "--epochs" in w
-    assert _clean_drop_warning({"before": {"crown": {"clean_acc": 0.95}}, "after": {"crown": {"clean_acc": 0.93}}}) == []
+    assert (
+        _clean_drop_warning({"before": {"crown": {"clean_acc": 0.95}}, "after": {"crown": {"clean_acc": 0.93}}}) == []
+    )
     assert _clean_drop_warning({"before": {}, "after": {}}) == []
 
 
@@ -255,7 +339,8 @@ def test_mask_file_with_fractional_indices_is_refused(tmp_path):
 
     from lingraft.errors import LingraftError
 
-    (tmp_path / "frac.json").write_text(json.dumps(
-        {"format": "lingraft-graft-mask", "masks": {"relu1": {"shape": [4], "grafted": [0.5, 2.7]}}}))
+    (tmp_path / "frac.json").write_text(
+        json.dumps({"format": "lingraft-graft-mask", "masks": {"relu1": {"shape": [4], "grafted": [0.5, 2.7]}}})
+    )
     with pytest.raises(LingraftError, match="malformed"):
         load_masks(tmp_path / "frac.json")

@@ -24,6 +24,7 @@ def _write(path: Path, recs, torn: str | None = None) -> None:
 
 # ---------------------------------------------------------------------------------------------------- JSONL
 
+
 def test_torn_tail_is_skipped_and_repair_truncates_it(tmp_path):
     p = tmp_path / "r.jsonl"
     full = json.dumps(RECS[3])
@@ -119,16 +120,23 @@ def test_verify_instances_resumes_after_a_torn_tail(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- atomic write
 
+
 def test_stale_temp_files_of_the_target_are_removed_on_the_next_write(tmp_path):
     target = tmp_path / "m.pt"
     old = time.time() - 3600
-    stale = [tmp_path / ".m.pt.k3j2h1g0.tmp",                  # a writer killed before this version
-             tmp_path / f".m.pt.{_dead_pid()}-a1b2c3d4.tmp",   # a writer that is gone
-             tmp_path / f".m.pt.{os.getpid()}-zz_zz_zz.tmp"]    # an earlier process that had our pid
-    keep = [tmp_path / ".m.pt.bak.k3j2h1g0.tmp",               # another target's temp file
-            tmp_path / ".m.ptk3j2h1g0.tmp", tmp_path / "m.pt.k3j2h1g0.tmp", tmp_path / ".m.pt.k3j2h1g0.tmp.keep",
-            tmp_path / ".m.pt.TOOLONGNAME.tmp",
-            tmp_path / ".m.pt.q1w2e3r4.tmp"]                    # young: maybe being written right now
+    stale = [
+        tmp_path / ".m.pt.k3j2h1g0.tmp",  # a writer killed before this version
+        tmp_path / f".m.pt.{_dead_pid()}-a1b2c3d4.tmp",  # a writer that is gone
+        tmp_path / f".m.pt.{os.getpid()}-zz_zz_zz.tmp",
+    ]  # an earlier process that had our pid
+    keep = [
+        tmp_path / ".m.pt.bak.k3j2h1g0.tmp",  # another target's temp file
+        tmp_path / ".m.ptk3j2h1g0.tmp",
+        tmp_path / "m.pt.k3j2h1g0.tmp",
+        tmp_path / ".m.pt.k3j2h1g0.tmp.keep",
+        tmp_path / ".m.pt.TOOLONGNAME.tmp",
+        tmp_path / ".m.pt.q1w2e3r4.tmp",
+    ]  # young: maybe being written right now
     for p in stale + keep:
         p.write_text("partial")
     for p in stale + keep[:-1]:

@@ -10,12 +10,28 @@ import torch
 from torch import nn
 
 from lingraft.errors import UsageError
-from lingraft.models.layers import GraftedReLU
-from lingraft.train.losses import (LOSSES, competition_rank, dense_logits_from_head, get_loss, kd_loss,
-                             label_smoothing_loss, ce_loss, needs_features, needs_teacher, nkd_loss, non_target,
-                             split_at_flatten, uskd_feature_layer, uskd_loss, uskd_non_target_label, zipf_loss,
-                             zipf_soft_label, zipf_votes)
 from lingraft.models import create_model
+from lingraft.models.layers import GraftedReLU
+from lingraft.train.losses import (
+    LOSSES,
+    ce_loss,
+    competition_rank,
+    dense_logits_from_head,
+    get_loss,
+    kd_loss,
+    label_smoothing_loss,
+    needs_features,
+    needs_teacher,
+    nkd_loss,
+    non_target,
+    split_at_flatten,
+    uskd_feature_layer,
+    uskd_loss,
+    uskd_non_target_label,
+    zipf_loss,
+    zipf_soft_label,
+    zipf_votes,
+)
 
 torch.set_num_threads(1)
 
@@ -126,10 +142,12 @@ def test_uskd_by_hand():
 
 def test_uskd_soft_target_formula():
     y = torch.tensor(Y)
-    l_t = (uskd_loss(t(ZS), t(ZT), y, alpha=1.0, beta=0.0, mu=0.0)
-           - uskd_loss(t(ZS), t(ZT), y, alpha=0.0, beta=0.0, mu=0.0)).item()
+    l_t = (
+        uskd_loss(t(ZS), t(ZT), y, alpha=1.0, beta=0.0, mu=0.0)
+        - uskd_loss(t(ZS), t(ZT), y, alpha=0.0, beta=0.0, mu=0.0)
+    ).item()
     s_y = np.array([softmax(zs)[yy] for zs, yy in zip(ZS, Y)])
-    p_t = s_y ** 2 + 1 - np.mean(s_y ** 2)
+    p_t = s_y**2 + 1 - np.mean(s_y**2)
     assert l_t == pytest.approx(float(-np.mean(p_t * np.log(s_y))), abs=1e-12)
     # p_t is detached: the gradient of L_t w.r.t. logits is that of -mean(p_t log s_y) with constant p_t
     z = t(ZS).requires_grad_(True)
@@ -193,7 +211,7 @@ def test_zipf_ranking_and_loss_by_hand():
     assert zipf_loss(t(logits), dense, torch.tensor(y), lam=lam).item() == pytest.approx(want, abs=1e-12)
     # power: z = rank^-2
     z2 = zipf_soft_label(dense, torch.tensor(y), power=2.0)
-    v = [1.0 / r ** 2 for j, r in enumerate(ranks[0]) if j != y[0]]
+    v = [1.0 / r**2 for j, r in enumerate(ranks[0]) if j != y[0]]
     assert torch.allclose(z2[0], t([a / sum(v) for a in v]), atol=1e-12)
 
 
@@ -289,7 +307,7 @@ def test_split_and_uskd_layer():
         assert f.dim() == 4 and torch.allclose(head(f), m(x), atol=1e-5), name
         layer = uskd_feature_layer(m)
         got = []
-        hk = layer.register_forward_hook(lambda mod, i, o: got.append(o))
+        hk = layer.register_forward_hook(lambda mod, i, o, got=got: got.append(o))
         m(x)
         hk.remove()
         assert len(got) == 1 and got[0].dim() == 4, name

@@ -14,21 +14,47 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from lingraft.errors import LingraftError, UnsupportedModelError
-from lingraft.models.layers import GraftedReLU, Normalize
-from lingraft.models import create_model, list_models
 from lingraft.io.onnx import export_onnx, list_unsupported_ops, load_onnx, run_onnxruntime
+from lingraft.models import create_model, list_models
+from lingraft.models.layers import GraftedReLU, Normalize
 
 torch.set_num_threads(1)
 
-VNNCOMP = Path(__file__).resolve().parents[2] / "shared" / "vnncomp"
+from conftest import SHARED as VNNCOMP  # noqa: E402  (after the torch thread setting above)
+
 VNN_FILES = sorted(VNNCOMP.glob("**/*.onnx")) if VNNCOMP.is_dir() else []
 
 # What the bound engine understands (see the brief / lingraft.io.onnx docstring).
-_MODULES = (nn.Linear, nn.Conv2d, nn.ReLU, nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool2d, nn.MaxPool2d, nn.Flatten,
-            nn.ZeroPad2d, nn.ConstantPad2d, nn.Identity, Normalize)
-_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.flatten, torch.reshape,
-              torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.cat, torch.matmul, torch.neg,
-              torch.nn.functional.relu}
+_MODULES = (
+    nn.Linear,
+    nn.Conv2d,
+    nn.ReLU,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.AvgPool2d,
+    nn.MaxPool2d,
+    nn.Flatten,
+    nn.ZeroPad2d,
+    nn.ConstantPad2d,
+    nn.Identity,
+    Normalize,
+)
+_FUNCTIONS = {
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    torch.flatten,
+    torch.reshape,
+    torch.permute,
+    torch.transpose,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.cat,
+    torch.matmul,
+    torch.neg,
+    torch.nn.functional.relu,
+}
 
 
 def assert_vocabulary(gm) -> None:
@@ -102,8 +128,11 @@ def test_vnncomp_shapes_and_structure():
 def _graft(model: nn.Module, in_shape, seed: int = 0) -> nn.Module:
     """Replace every nn.ReLU by a GraftedReLU with a random 50% mask and random (a, b)."""
     shapes = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, tuple(o.shape[1:])))
-             for name, m in model.named_modules() if isinstance(m, nn.ReLU)]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, tuple(o.shape[1:])))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ReLU)
+    ]
     with torch.no_grad():
         model(torch.zeros(1, *in_shape))
     for h in hooks:
@@ -121,9 +150,13 @@ def _graft(model: nn.Module, in_shape, seed: int = 0) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("grafted", [False, True], ids=["plain", "grafted"])
-@pytest.mark.parametrize("name", list_models())
-def test_roundtrip_registry_models(name, grafted, tmp_path):
+#: registry models whose ONNX export holds ops the importer does not read yet (local attention: Softmax, Gather);
+#: they export and run in onnxruntime, and importing them is refused by name (test below)
+NOT_IMPORTABLE = {"acmix-s", "sasa-s"}
+
+
+def _export_registry_model(name, grafted, tmp_path):
+    """Export registry model ``name`` (optionally grafted) for MNIST-shaped inputs; checks the export itself."""
     in_shape = (1, 28, 28)
     torch.manual_seed(0)
     model = create_model(name, in_shape=in_shape, num_classes=10, mean=(0.1307,), std=(0.3081,)).eval()
@@ -138,12 +171,24 @@ def test_roundtrip_registry_models(name, grafted, tmp_path):
     assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [13]
     assert info["num_nodes"] == len(proto.graph.node)
     assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim] == [1, *in_shape]
+    return model, path, info, real, in_shape, proto
+
+
+@pytest.mark.parametrize("grafted", [False, True], ids=["plain", "grafted"])
+@pytest.mark.parametrize("name", sorted(NOT_IMPORTABLE))
+def test_attention_exports_and_import_refuses_by_name(name, grafted, tmp_path):
+    _, path, _, _, _, _ = _export_registry_model(name, grafted, tmp_path)
     unsupported = list_unsupported_ops(path)
-    if unsupported:  # e.g. attention models (Softmax, ...): export works, the bound engine cannot import them
-        with pytest.raises(UnsupportedModelError, match=unsupported[0][0]):
-            load_onnx(path)
-        ops = sorted({u[0] for u in unsupported})
-        pytest.skip(f"{name}: exported ONNX has ops outside the engine vocabulary: {ops}")
+    assert unsupported
+    with pytest.raises(UnsupportedModelError, match=unsupported[0][0]):
+        load_onnx(path)
+
+
+@pytest.mark.parametrize("grafted", [False, True], ids=["plain", "grafted"])
+@pytest.mark.parametrize("name", sorted(set(list_models()) - NOT_IMPORTABLE))
+def test_roundtrip_registry_models(name, grafted, tmp_path):
+    model, path, info, real, in_shape, proto = _export_registry_model(name, grafted, tmp_path)
+    assert list_unsupported_ops(path) == []
     assert info["exporter"] == "lingraft-fx"
     gm = load_onnx(path)
     assert_vocabulary(gm)
@@ -154,6 +199,7 @@ def test_roundtrip_registry_models(name, grafted, tmp_path):
     ops = {n.op_type for n in proto.graph.node}
     assert {"Sub", "Div"} <= ops  # normalization baked in
     from lingraft.bounds import BoundedNetwork, input_box
+
     net_orig, net_back = BoundedNetwork(model, in_shape), BoundedNetwork(gm, in_shape)
     if grafted:
         assert "Mul" in ops and "Relu" in ops
@@ -199,7 +245,7 @@ def test_grafted_relu_pattern_fusion(binary):
     c = torch.where(mask, torch.rand(shape, generator=g) * 0.2, torch.zeros(shape))
     model = _ManualGraft(s, t, c).eval()
     net = BoundedNetwork(model, (1, 7, 7))
-    (_, relu), = net.relu_layers()
+    ((_, relu),) = net.relu_layers()
     assert relu.num_grafted == (int(mask.sum()) if binary else 0)
     x = torch.rand(5, 1, 7, 7, generator=g)
     with torch.no_grad():
@@ -248,8 +294,9 @@ def test_export_dynamic_batch_and_check_failure(tmp_path):
 
 
 def _save(tmp_path, nodes, inp, out, inits, opset=13, name="m.onnx"):
-    graph = helper.make_graph(nodes, "g", [inp], [out],
-                              initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()])
+    graph = helper.make_graph(
+        nodes, "g", [inp], [out], initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()]
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     p = tmp_path / name
@@ -269,19 +316,27 @@ def test_synthetic_conv_graph_all_ops(tmp_path):
     inits = {
         "mean": np.array([0.4, 0.5, 0.6], np.float32).reshape(1, 3, 1, 1),
         "std": np.array([0.2, 0.3, 0.25], np.float32).reshape(1, 3, 1, 1),
-        "W": _f32(4, 3, 3, 3), "B": _f32(4, seed=1),
-        "s": (r.random(4) + 0.5).astype(np.float32), "bb": _f32(4, seed=2), "m": _f32(4, seed=3),
+        "W": _f32(4, 3, 3, 3),
+        "B": _f32(4, seed=1),
+        "s": (r.random(4) + 0.5).astype(np.float32),
+        "bb": _f32(4, seed=2),
+        "m": _f32(4, seed=3),
         "v": (r.random(4) + 0.5).astype(np.float32),
         "pads": np.array([0, 0, 1, 0, 0, 0, 0, 1], np.int64),
-        "zero": np.array([0], np.int64), "minus1": np.array([-1], np.int64),
-        "G": _f32(64, 6, seed=4), "Gc": _f32(6, seed=5),
+        "zero": np.array([0], np.int64),
+        "minus1": np.array([-1], np.int64),
+        "G": _f32(64, 6, seed=4),
+        "Gc": _f32(6, seed=5),
         "ax1": np.array([1], np.int64),
-        "k": np.array(2.0, np.float32), "c3": _f32(12, seed=6),
-        "M": _f32(12, 5, seed=7), "Mb": _f32(5, seed=8),
+        "k": np.array(2.0, np.float32),
+        "c3": _f32(12, seed=6),
+        "M": _f32(12, 5, seed=7),
+        "Mb": _f32(5, seed=8),
     }
     n = helper.make_node
     nodes = [
-        n("Sub", ["x", "mean"], ["a0"], name="sub"), n("Div", ["a0", "std"], ["a1"], name="div"),
+        n("Sub", ["x", "mean"], ["a0"], name="sub"),
+        n("Div", ["a0", "std"], ["a1"], name="div"),
         n("Conv", ["a1", "W", "B"], ["a2"], name="conv", pads=[1, 0, 0, 1], kernel_shape=[3, 3]),
         n("BatchNormalization", ["a2", "s", "bb", "m", "v"], ["a3"], name="bn", epsilon=1e-3),
         n("Relu", ["a3"], ["a4"], name="relu"),
@@ -304,10 +359,16 @@ def test_synthetic_conv_graph_all_ops(tmp_path):
         n("Concat", ["a16", "a12"], ["a17"], name="cat", axis=1),
         n("Mul", ["k", "a17"], ["a18"], name="mul"),
         n("Sub", ["c3", "a18"], ["a19"], name="rsub"),
-        n("MatMul", ["a19", "M"], ["a20"], name="mm"), n("Add", ["Mb", "a20"], ["y"], name="add"),
+        n("MatMul", ["a19", "M"], ["a20"], name="mm"),
+        n("Add", ["Mb", "a20"], ["y"], name="add"),
     ]
-    p = _save(tmp_path, nodes, helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, h, h]),
-              helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5]), inits)
+    p = _save(
+        tmp_path,
+        nodes,
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, h, h]),
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5]),
+        inits,
+    )
     gm = load_onnx(p)
     assert_vocabulary(gm)
     assert gm.input_shape == (3, 8, 8) and gm.output_shape == (5,)
@@ -323,15 +384,29 @@ def test_synthetic_conv_graph_all_ops(tmp_path):
 
 
 def test_synthetic_unfolded_batchnorm_and_global_pool(tmp_path):
-    inits = {"s": np.array([1.5, 0.5], np.float32), "b": np.array([0.1, -0.2], np.float32),
-             "m": np.array([0.3, 0.6], np.float32), "v": np.array([0.5, 2.0], np.float32),
-             "W": _f32(3, 2)}
+    inits = {
+        "s": np.array([1.5, 0.5], np.float32),
+        "b": np.array([0.1, -0.2], np.float32),
+        "m": np.array([0.3, 0.6], np.float32),
+        "v": np.array([0.5, 2.0], np.float32),
+        "W": _f32(3, 2),
+    }
     n = helper.make_node
-    nodes = [n("Relu", ["x"], ["r"]), n("BatchNormalization", ["r", "s", "b", "m", "v"], ["bn"]),
-             n("GlobalAveragePool", ["bn"], ["g"]), n("Flatten", ["g"], ["f"]),
-             n("Gemm", ["f", "W"], ["y"], transB=1)]
-    p = _save(tmp_path, nodes, helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 5]),
-              helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3]), inits, opset=11)
+    nodes = [
+        n("Relu", ["x"], ["r"]),
+        n("BatchNormalization", ["r", "s", "b", "m", "v"], ["bn"]),
+        n("GlobalAveragePool", ["bn"], ["g"]),
+        n("Flatten", ["g"], ["f"]),
+        n("Gemm", ["f", "W"], ["y"], transB=1),
+    ]
+    p = _save(
+        tmp_path,
+        nodes,
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 5]),
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3]),
+        inits,
+        opset=11,
+    )
     gm = load_onnx(p)
     assert_vocabulary(gm)
     assert any(isinstance(m, nn.BatchNorm2d) for m in gm.modules())
@@ -344,10 +419,20 @@ def test_synthetic_implicit_batch_matrix_input(tmp_path):
     """Input [4, 3] with dim 0 != 1: the whole tensor is one sample; W @ X and a transpose over ONNX dim 0."""
     inits = {"W": _f32(5, 4), "C": _f32(5, 3, seed=1), "V": _f32(5, 2, seed=2)}
     n = helper.make_node
-    nodes = [n("MatMul", ["W", "x"], ["a"]), n("Add", ["a", "C"], ["b"]), n("Relu", ["b"], ["c"]),
-             n("Transpose", ["c"], ["d"], perm=[1, 0]), n("MatMul", ["d", "V"], ["y"])]
-    p = _save(tmp_path, nodes, helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 3]),
-              helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 2]), inits)
+    nodes = [
+        n("MatMul", ["W", "x"], ["a"]),
+        n("Add", ["a", "C"], ["b"]),
+        n("Relu", ["b"], ["c"]),
+        n("Transpose", ["c"], ["d"], perm=[1, 0]),
+        n("MatMul", ["d", "V"], ["y"]),
+    ]
+    p = _save(
+        tmp_path,
+        nodes,
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 3]),
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 2]),
+        inits,
+    )
     gm = load_onnx(p)
     assert_vocabulary(gm)
     assert gm.input_shape == (4, 3) and gm.output_shape == (3, 2)
@@ -419,11 +504,20 @@ def test_missing_empty_and_corrupt_files(tmp_path):
 def test_unsupported_ops_are_all_named(tmp_path):
     n = helper.make_node
     inits = {"W": _f32(4, 6)}
-    nodes = [n("MatMul", ["x", "W"], ["a"], name="fc"), n("Sigmoid", ["a"], ["b"], name="sig1"),
-             n("Relu", ["b"], ["c"], name="r"), n("Mul", ["c", "a"], ["d"], name="sq"),
-             n("Softmax", ["d"], ["y"], name="sm1", axis=1)]
-    p = _save(tmp_path, nodes, helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
-              helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6]), inits)
+    nodes = [
+        n("MatMul", ["x", "W"], ["a"], name="fc"),
+        n("Sigmoid", ["a"], ["b"], name="sig1"),
+        n("Relu", ["b"], ["c"], name="r"),
+        n("Mul", ["c", "a"], ["d"], name="sq"),
+        n("Softmax", ["d"], ["y"], name="sm1", axis=1),
+    ]
+    p = _save(
+        tmp_path,
+        nodes,
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6]),
+        inits,
+    )
     assert list_unsupported_ops(p) == [("Sigmoid", "sig1"), ("Mul", "sq"), ("Softmax", "sm1")]
     with pytest.raises(UnsupportedModelError) as ei:
         load_onnx(p)
@@ -437,8 +531,13 @@ def test_unsupported_lstm(tmp_path):
     n = helper.make_node
     inits = {"Wl": _f32(1, 12, 2), "Rl": _f32(1, 12, 3)}
     nodes = [n("LSTM", ["x", "Wl", "Rl"], ["y"], name="l", hidden_size=3)]
-    p = _save(tmp_path, nodes, helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, 2]),
-              helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 1, 1, 3]), inits)
+    p = _save(
+        tmp_path,
+        nodes,
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, 2]),
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 1, 1, 3]),
+        inits,
+    )
     with pytest.raises(UnsupportedModelError, match=r"LSTM \(node 'l'\)"):
         load_onnx(p)
 
@@ -446,26 +545,42 @@ def test_unsupported_lstm(tmp_path):
 def test_dynamic_non_batch_input_shape(tmp_path):
     n = helper.make_node
     nodes = [n("Relu", ["x"], ["y"])]
-    p = _save(tmp_path, nodes, helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"]),
-              helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, "H", "W"]), {})
+    p = _save(
+        tmp_path,
+        nodes,
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"]),
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, "H", "W"]),
+        {},
+    )
     with pytest.raises(UnsupportedModelError, match="dynamic non-batch dims") as ei:
         load_onnx(p)
     assert "\n" not in str(ei.value)
     assert list_unsupported_ops(p) == []  # the op list does not depend on shapes
     # shape and op problems are reported together, in one line
     nodes = [n("Relu", ["x"], ["a"], name="r"), n("Tanh", ["a"], ["y"], name="t1")]
-    p = _save(tmp_path, nodes, helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "C"]),
-              helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "C"]), {}, name="both.onnx")
+    p = _save(
+        tmp_path,
+        nodes,
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "C"]),
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "C"]),
+        {},
+        name="both.onnx",
+    )
     with pytest.raises(UnsupportedModelError, match=r"Tanh \(node 't1'\).*dynamic non-batch dims"):
         load_onnx(p)
 
 
 def test_two_inputs_rejected(tmp_path):
     n = helper.make_node
-    graph = helper.make_graph([n("Add", ["x", "z"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3]),
-                               helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
+    graph = helper.make_graph(
+        [n("Add", ["x", "z"], ["y"])],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.save(model, str(tmp_path / "two.onnx"))
@@ -486,8 +601,21 @@ def test_export_writes_a_vnncomp_benchmark(digits_mlp_pt, tmp_path):
     from lingraft.spec.vnnlib import parse_vnnlib
 
     out = tmp_path / "bench" / "net.onnx"
-    res = CliRunner().invoke(cli, ["export", str(digits_mlp_pt), "--out", str(out), "--vnnlib-samples", "12",
-                                   "--vnnlib-eps", "0.05", "--json", "-"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "export",
+            str(digits_mlp_pt),
+            "--out",
+            str(out),
+            "--vnnlib-samples",
+            "12",
+            "--vnnlib-eps",
+            "0.05",
+            "--json",
+            "-",
+        ],
+    )
     assert res.exit_code == 0, res.output
     info = _json.loads(res.stdout)["vnnlib"]
     rows = (out.parent / "instances.csv").read_text().splitlines()
@@ -495,9 +623,11 @@ def test_export_writes_a_vnncomp_benchmark(digits_mlp_pt, tmp_path):
     x, y = subset(*load_dataset("digits", "test"), 12)
     first = int(rows[0].split(",")[1].split("_")[1])
     prop = parse_vnnlib(out.parent / rows[0].split(",")[1], num_inputs=64, num_outputs=10)
-    xl, xu = input_box(x[first:first + 1], 0.05)
+    xl, xu = input_box(x[first : first + 1], 0.05)
     (reg,) = prop.regions
-    assert np.array_equal(reg.lower, xl.flatten().double().numpy()) and np.array_equal(reg.upper, xu.flatten().double().numpy())
+    assert np.array_equal(reg.lower, xl.flatten().double().numpy()) and np.array_equal(
+        reg.upper, xu.flatten().double().numpy()
+    )
     assert len(reg.outputs) == 9
     cert = CliRunner().invoke(cli, ["certify", str(digits_mlp_pt), "-n", "12", "--eps", "0.05", "--json", "-"])
     status = {s["index"]: s["status"] for s in _json.loads(cert.stdout)["samples"]}

@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _soundness import check_sound, graft_randomly
 from torch import nn
 
 from lingraft.bounds import BoundedNetwork
 from lingraft.errors import UnsupportedModelError
 from lingraft.models.layers import GraftedReLU, Normalize
-
-from _soundness import check_sound, graft_randomly
 
 METHODS = ("ibp", "crown", "alpha-crown")
 
@@ -47,6 +46,7 @@ def _fn(body, **kw):
         with torch.no_grad():
             m(torch.zeros(1, 2, 6, 6))  # materialise the lazy head
         return m
+
     return make
 
 
@@ -81,23 +81,55 @@ TORCH_CASES = {
     "matmul_const": _fn(lambda m, h, x: h @ m.c[0]),
     "linear_fn": _fn(lambda m, h, x: F.linear(h, m.c[0], bias=m.c[1, 0])),
     # modules
-    "conv_stride_groups": _seq(lambda: [nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2), nn.ReLU(), nn.Flatten(),
-                                        nn.Linear(36, 4)]),
-    "conv_same_valid": _seq(lambda: [nn.Conv2d(2, 3, 3, padding="same"), nn.ReLU(),
-                                     nn.Conv2d(3, 3, 3, padding="valid"), nn.ReLU(), nn.Flatten(), nn.Linear(48, 4)]),
-    "avgpool_padded": _seq(lambda: [nn.Conv2d(2, 3, 3), nn.ReLU(), nn.AvgPool2d(2, 1, padding=1), nn.Flatten(),
-                                    nn.Linear(75, 4)]),
-    "maxpool": _seq(lambda: [nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                             nn.Linear(27, 4)]),
-    "batchnorm_normalize": _seq(lambda: [Normalize([0.4, 0.6], [0.3, 0.2]), nn.Conv2d(2, 3, 3),
-                                         _bn(nn.BatchNorm2d(3)), nn.ReLU(), nn.Flatten(), nn.Linear(48, 5),
-                                         _bn(nn.BatchNorm1d(5)), nn.ReLU(), nn.Dropout(0.3), nn.Identity(),
-                                         nn.Linear(5, 4)]),
-    "zero_constant_pad": _seq(lambda: [nn.ZeroPad2d((1, 0, 0, 1)), nn.Conv2d(2, 3, 3), nn.ReLU(),
-                                       nn.ConstantPad2d(1, -0.2), nn.Flatten(), nn.Linear(147, 4)]),
+    "conv_stride_groups": _seq(
+        lambda: [nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(36, 4)]
+    ),
+    "conv_same_valid": _seq(
+        lambda: [
+            nn.Conv2d(2, 3, 3, padding="same"),
+            nn.ReLU(),
+            nn.Conv2d(3, 3, 3, padding="valid"),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(48, 4),
+        ]
+    ),
+    "avgpool_padded": _seq(
+        lambda: [nn.Conv2d(2, 3, 3), nn.ReLU(), nn.AvgPool2d(2, 1, padding=1), nn.Flatten(), nn.Linear(75, 4)]
+    ),
+    "maxpool": _seq(
+        lambda: [nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(27, 4)]
+    ),
+    "batchnorm_normalize": _seq(
+        lambda: [
+            Normalize([0.4, 0.6], [0.3, 0.2]),
+            nn.Conv2d(2, 3, 3),
+            _bn(nn.BatchNorm2d(3)),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(48, 5),
+            _bn(nn.BatchNorm1d(5)),
+            nn.ReLU(),
+            nn.Dropout(0.3),
+            nn.Identity(),
+            nn.Linear(5, 4),
+        ]
+    ),
+    "zero_constant_pad": _seq(
+        lambda: [
+            nn.ZeroPad2d((1, 0, 0, 1)),
+            nn.Conv2d(2, 3, 3),
+            nn.ReLU(),
+            nn.ConstantPad2d(1, -0.2),
+            nn.Flatten(),
+            nn.Linear(147, 4),
+        ]
+    ),
     "grafted_relu": lambda: graft_randomly(
         nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 6), nn.ReLU(), nn.Linear(6, 4)),
-        (2, 6, 6), 0.5),
+        (2, 6, 6),
+        0.5,
+    ),
 }
 
 
@@ -176,14 +208,22 @@ def test_sub_of_two_bounded_tensors_is_exact_on_a_linear_net():
 # ---- refused by name ----------------------------------------------------------------------------------------------
 REFUSED = {
     "div_rounding": (_fn(lambda m, h, x: torch.div(h, 2.0, rounding_mode="floor")), "rounding_mode"),
-    "conv_same_dilated": (_seq(lambda: [nn.Conv2d(2, 3, 3, padding="same", dilation=2), nn.Flatten(),
-                                        nn.Linear(108, 4)]), "dilation"),
-    "conv_dilated": (_seq(lambda: [nn.Conv2d(2, 3, 3, padding=2, dilation=2), nn.Flatten(), nn.Linear(108, 4)]),
-                     "dilation"),
-    "conv_reflect_same": (_seq(lambda: [nn.Conv2d(2, 3, 3, padding="same", padding_mode="reflect"), nn.Flatten(),
-                                        nn.Linear(108, 4)]), "padding_mode='reflect'"),
-    "conv_circular": (_seq(lambda: [nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"), nn.Flatten(),
-                                    nn.Linear(108, 4)]), "padding_mode='circular'"),
+    "conv_same_dilated": (
+        _seq(lambda: [nn.Conv2d(2, 3, 3, padding="same", dilation=2), nn.Flatten(), nn.Linear(108, 4)]),
+        "dilation",
+    ),
+    "conv_dilated": (
+        _seq(lambda: [nn.Conv2d(2, 3, 3, padding=2, dilation=2), nn.Flatten(), nn.Linear(108, 4)]),
+        "dilation",
+    ),
+    "conv_reflect_same": (
+        _seq(lambda: [nn.Conv2d(2, 3, 3, padding="same", padding_mode="reflect"), nn.Flatten(), nn.Linear(108, 4)]),
+        "padding_mode='reflect'",
+    ),
+    "conv_circular": (
+        _seq(lambda: [nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"), nn.Flatten(), nn.Linear(108, 4)]),
+        "padding_mode='circular'",
+    ),
     "pad_reflect": (_fn(lambda m, h, x: F.pad(h, (1, 1, 1, 1), mode="reflect")), "pad mode 'reflect'"),
     "mul_two": (_fn(lambda m, h, x: h * m.conv(x)), "bilinear"),
     "unknown_kwarg": (_fn(lambda m, h, x: torch.add(h, 1.0, out=None)), "out="),
@@ -241,16 +281,23 @@ def _r(*shape, seed, scale=0.5):
 def _head():
     """x [1,2,6,6] -> Conv(3) -> Relu: 'h' and Conv(3) of x: 'g' (two input-dependent tensors)."""
     n = helper.make_node
-    return ([n("Conv", ["x", "W1", "b1"], ["c1"], pads=[1, 1, 1, 1]), n("Relu", ["c1"], ["h"]),
-             n("Conv", ["x", "W2", "b2"], ["g"], pads=[1, 1, 1, 1])],
-            {"W1": _r(3, 2, 3, 3, seed=1), "b1": _r(3, seed=2), "W2": _r(3, 2, 3, 3, seed=3), "b2": _r(3, seed=4)})
+    return (
+        [
+            n("Conv", ["x", "W1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+            n("Relu", ["c1"], ["h"]),
+            n("Conv", ["x", "W2", "b2"], ["g"], pads=[1, 1, 1, 1]),
+        ],
+        {"W1": _r(3, 2, 3, 3, seed=1), "b1": _r(3, seed=2), "W2": _r(3, 2, 3, 3, seed=3), "b2": _r(3, seed=4)},
+    )
 
 
 def _tail(src, n_in):
     """src -> Relu -> Flatten -> Gemm(4)."""
     n = helper.make_node
-    return ([n("Relu", [src], ["t0"]), n("Flatten", ["t0"], ["t1"]), n("Gemm", ["t1", "WF", "bF"], ["y"], transB=1)],
-            {"WF": _r(4, n_in, seed=5), "bF": _r(4, seed=6)})
+    return (
+        [n("Relu", [src], ["t0"]), n("Flatten", ["t0"], ["t1"]), n("Gemm", ["t1", "WF", "bF"], ["y"], transB=1)],
+        {"WF": _r(4, n_in, seed=5), "bF": _r(4, seed=6)},
+    )
 
 
 def _mid(nodes, inits, out, n_out):
@@ -258,6 +305,7 @@ def _mid(nodes, inits, out, n_out):
         h_nodes, h_inits = _head()
         t_nodes, t_inits = _tail(out, n_out)
         return h_nodes + nodes + t_nodes, {**h_inits, **inits, **t_inits}
+
     return make
 
 
@@ -269,32 +317,63 @@ ONNX_CASES = {
     "Sum_three": _mid([_n("Sum", ["h", "g", "h"], ["m"])], {}, "m", 108),
     "Concat_two": _mid([_n("Concat", ["h", "g"], ["m"], axis=1)], {}, "m", 216),
     "Sub_const_first": _mid([_n("Sub", ["k", "h"], ["m"])], {"k": _r(3, 1, 1, seed=7)}, "m", 108),
-    "Mul_Div_Neg": _mid([_n("Mul", ["h", "k"], ["m0"]), _n("Div", ["m0", "d"], ["m1"]), _n("Neg", ["m1"], ["m2"]),
-                         _n("Add", ["m2", "g"], ["m"])],
-                        {"k": _r(1, 3, 6, 6, seed=8), "d": np.array(0.7, np.float32)}, "m", 108),
-    "Pools_Pad_BN": _mid([_n("BatchNormalization", ["h", "s", "bb", "mu", "v"], ["m0"]),
-                          _n("MaxPool", ["m0"], ["m1"], kernel_shape=[2, 2], strides=[2, 2]),
-                          _n("Pad", ["m1", "pads"], ["m2"], mode="constant"),
-                          _n("AveragePool", ["m2"], ["m3"], kernel_shape=[2, 2], strides=[1, 1]),
-                          _n("GlobalAveragePool", ["m3"], ["m4"]), _n("GlobalAveragePool", ["m1"], ["m5"]),
-                          _n("Sub", ["m4", "m5"], ["m"])],
-                         {"s": np.abs(_r(3, seed=9)) + 0.5, "bb": _r(3, seed=10), "mu": _r(3, seed=11),
-                          "v": np.abs(_r(3, seed=12)) + 0.5, "pads": np.array([0, 0, 1, 1, 0, 0, 0, 0], np.int64)},
-                         "m", 3),
-    "Transpose_Reshape_MatMul": _mid([_n("Transpose", ["h"], ["m0"], perm=[0, 2, 3, 1]),
-                                      _n("MatMul", ["m0", "M"], ["m1"]), _n("Reshape", ["m1", "shp"], ["m2"]),
-                                      _n("Unsqueeze", ["m2", "ax"], ["m3"]), _n("Squeeze", ["m3", "ax"], ["m4"]),
-                                      _n("Identity", ["m4"], ["m5"]), _n("Dropout", ["m5"], ["m6"]),
-                                      _n("Cast", ["m6"], ["m"], to=TensorProto.FLOAT)],
-                                     {"M": _r(3, 5, seed=13), "shp": np.array([1, 180], np.int64),
-                                      "ax": np.array([1], np.int64)}, "m", 180),
+    "Mul_Div_Neg": _mid(
+        [
+            _n("Mul", ["h", "k"], ["m0"]),
+            _n("Div", ["m0", "d"], ["m1"]),
+            _n("Neg", ["m1"], ["m2"]),
+            _n("Add", ["m2", "g"], ["m"]),
+        ],
+        {"k": _r(1, 3, 6, 6, seed=8), "d": np.array(0.7, np.float32)},
+        "m",
+        108,
+    ),
+    "Pools_Pad_BN": _mid(
+        [
+            _n("BatchNormalization", ["h", "s", "bb", "mu", "v"], ["m0"]),
+            _n("MaxPool", ["m0"], ["m1"], kernel_shape=[2, 2], strides=[2, 2]),
+            _n("Pad", ["m1", "pads"], ["m2"], mode="constant"),
+            _n("AveragePool", ["m2"], ["m3"], kernel_shape=[2, 2], strides=[1, 1]),
+            _n("GlobalAveragePool", ["m3"], ["m4"]),
+            _n("GlobalAveragePool", ["m1"], ["m5"]),
+            _n("Sub", ["m4", "m5"], ["m"]),
+        ],
+        {
+            "s": np.abs(_r(3, seed=9)) + 0.5,
+            "bb": _r(3, seed=10),
+            "mu": _r(3, seed=11),
+            "v": np.abs(_r(3, seed=12)) + 0.5,
+            "pads": np.array([0, 0, 1, 1, 0, 0, 0, 0], np.int64),
+        },
+        "m",
+        3,
+    ),
+    "Transpose_Reshape_MatMul": _mid(
+        [
+            _n("Transpose", ["h"], ["m0"], perm=[0, 2, 3, 1]),
+            _n("MatMul", ["m0", "M"], ["m1"]),
+            _n("Reshape", ["m1", "shp"], ["m2"]),
+            _n("Unsqueeze", ["m2", "ax"], ["m3"]),
+            _n("Squeeze", ["m3", "ax"], ["m4"]),
+            _n("Identity", ["m4"], ["m5"]),
+            _n("Dropout", ["m5"], ["m6"]),
+            _n("Cast", ["m6"], ["m"], to=TensorProto.FLOAT),
+        ],
+        {"M": _r(3, 5, seed=13), "shp": np.array([1, 180], np.int64), "ax": np.array([1], np.int64)},
+        "m",
+        180,
+    ),
 }
 
 
 def _save_onnx(tmp_path, name, nodes, inits):
-    g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 6, 6])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-                          [onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    g = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()],
+    )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     p = tmp_path / f"{name}.onnx"
     onnx.save(model, str(p))
@@ -312,22 +391,40 @@ def test_onnx_op_sound(name, method, tmp_path):
 
 def test_onnx_cases_cover_every_supported_op():
     used = {nd.op_type for make in ONNX_CASES.values() for nd in make()[0]}
-    assert SUPPORTED_ONNX_OPS - used <= {"Shape", "Size"}, "add a case for " + ", ".join(sorted(SUPPORTED_ONNX_OPS - used))
+    assert SUPPORTED_ONNX_OPS - used <= {"Shape", "Size"}, "add a case for " + ", ".join(
+        sorted(SUPPORTED_ONNX_OPS - used)
+    )
 
 
 def _gemm_sub_net(tmp_path, seed):
     """The audit's ONNX shape: Gemm-Relu-Gemm-Relu-Sub-Gemm, the Sub taking two input-dependent tensors."""
     n = helper.make_node
-    nodes = [n("Gemm", ["x", "A1", "a1"], ["p"], transB=1), n("Relu", ["p"], ["q"]),
-             n("Gemm", ["q", "A2", "a2"], ["r"], transB=1), n("Relu", ["r"], ["s"]),
-             n("Gemm", ["q", "A3", "a3"], ["u"], transB=1), n("Sub", ["s", "u"], ["v"]),
-             n("Gemm", ["v", "A4", "a4"], ["y"], transB=1)]
-    inits = {"A1": _r(8, 4, seed=seed), "a1": _r(8, seed=seed + 1), "A2": _r(8, 8, seed=seed + 2),
-             "a2": _r(8, seed=seed + 3), "A3": _r(8, 8, seed=seed + 4), "a3": _r(8, seed=seed + 5),
-             "A4": _r(3, 8, seed=seed + 6), "a4": _r(3, seed=seed + 7)}
-    g = helper.make_graph(nodes, "gemm_sub", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
-                          [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()])
+    nodes = [
+        n("Gemm", ["x", "A1", "a1"], ["p"], transB=1),
+        n("Relu", ["p"], ["q"]),
+        n("Gemm", ["q", "A2", "a2"], ["r"], transB=1),
+        n("Relu", ["r"], ["s"]),
+        n("Gemm", ["q", "A3", "a3"], ["u"], transB=1),
+        n("Sub", ["s", "u"], ["v"]),
+        n("Gemm", ["v", "A4", "a4"], ["y"], transB=1),
+    ]
+    inits = {
+        "A1": _r(8, 4, seed=seed),
+        "a1": _r(8, seed=seed + 1),
+        "A2": _r(8, 8, seed=seed + 2),
+        "a2": _r(8, seed=seed + 3),
+        "A3": _r(8, 8, seed=seed + 4),
+        "a3": _r(8, seed=seed + 5),
+        "A4": _r(3, 8, seed=seed + 6),
+        "a4": _r(3, seed=seed + 7),
+    }
+    g = helper.make_graph(
+        nodes,
+        "gemm_sub",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
     p = tmp_path / f"gemm_sub_{seed}.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(p))
     return p

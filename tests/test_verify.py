@@ -12,23 +12,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED as VNNCOMP
+from conftest import needs_shared as needs_vnncomp
 from torch import nn
 
 from lingraft.bounds import BoundedNetwork
 from lingraft.models.layers import GraftedReLU
+from lingraft.spec.region import region_spec
 from lingraft.spec.vnnlib import OutputConstraint, Region, VnnlibProperty, parse_vnnlib, read_counterexample
 from lingraft.verify import PROVE_TOL, verify_property
 from lingraft.verify.bounding import bound_domains
-from lingraft.spec.region import region_spec
 from lingraft.verify.relu_bab import ReluBaB
 from lingraft.verify.runner import verify_instances, write_result
 from lingraft.verify.witness import confirm
 
 REPO = Path(__file__).resolve().parents[1]
-VNNCOMP = Path(__file__).resolve().parents[2] / "shared" / "vnncomp"
-needs_vnncomp = pytest.mark.skipif(not VNNCOMP.is_dir(), reason="../shared/vnncomp is absent")
-TEST_EXPECTED = {"test_nano.onnx": "unsat", "test_tiny.onnx": "unsat", "test_small.onnx": "unsat",
-                 "test_sat.onnx": "sat", "test_unsat.onnx": "unsat"}
+
+TEST_EXPECTED = {
+    "test_nano.onnx": "unsat",
+    "test_tiny.onnx": "unsat",
+    "test_small.onnx": "unsat",
+    "test_sat.onnx": "sat",
+    "test_unsat.onnx": "unsat",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -53,8 +59,9 @@ def tiny_net(seed: int, grafted: bool = False) -> nn.Module:
 
 def below(threshold: float) -> VnnlibProperty:
     """Unsafe iff y <= threshold for some x in [-1, 1]^2."""
-    reg = Region(np.array([-1.0, -1.0]), np.array([1.0, 1.0]), [OutputConstraint(np.array([[1.0]]),
-                                                                                 np.array([threshold]))])
+    reg = Region(
+        np.array([-1.0, -1.0]), np.array([1.0, 1.0]), [OutputConstraint(np.array([[1.0]]), np.array([threshold]))]
+    )
     return VnnlibProperty(num_inputs=2, num_outputs=1, regions=[reg], path=None)
 
 
@@ -70,7 +77,7 @@ def grid_min(model: nn.Module, n: int = 401) -> tuple[float, float]:
             lip *= float(torch.linalg.matrix_norm(layer.weight.detach(), 2))
         elif isinstance(layer, GraftedReLU):
             lip *= max(1.0, float((layer.a.detach() * layer.mask).abs().max()))
-    return m, m - lip * (2 / (n - 1)) / 2 * 2 ** 0.5
+    return m, m - lip * (2 / (n - 1)) / 2 * 2**0.5
 
 
 def alpha_lower(model: nn.Module, prop: VnnlibProperty) -> float:
@@ -169,8 +176,7 @@ def test_branch_and_bound_never_proves_a_violated_property(seed):
     for split in ("relu", "input"):
         bad = verify_property(model, below(m + 0.01), in_shape=(2,), split=split, attack=False, timeout=3)
         assert bad.status != "unsat", (seed, split, bad)
-        good = verify_property(model, below(certified - 0.03), in_shape=(2,), split=split, attack=False,
-                               timeout=20)
+        good = verify_property(model, below(certified - 0.03), in_shape=(2,), split=split, attack=False, timeout=20)
         assert good.status == "unsat", (seed, split, good)
 
 
@@ -193,8 +199,9 @@ def test_grafted_neurons_are_never_split():
 
 def test_timeout_is_respected():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
-                          nn.Linear(64, 1)).eval()
+    model = nn.Sequential(
+        nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1)
+    ).eval()
     m, _ = grid_min(model)
     # violated, and with the attacks off nothing can show it: branch and bound runs until the clock stops it
     for budget in (0.5, 1.5):
@@ -265,20 +272,57 @@ def test_cli_run_and_shell_scripts(tmp_path):
     folder = VNNCOMP / "test"
     env = dict(os.environ, LINGRAFT_PYTHON=sys.executable)
     res_file = tmp_path / "r.txt"
-    p = subprocess.run(["bash", str(REPO / "vnncomp" / "prepare_instance.sh"), "v1", "test",
-                        str(folder / "test_sat.onnx"), str(folder / "test_prop.vnnlib")],
-                       capture_output=True, text=True, env=env, timeout=120)
+    p = subprocess.run(
+        [
+            "bash",
+            str(REPO / "vnncomp" / "prepare_instance.sh"),
+            "v1",
+            "test",
+            str(folder / "test_sat.onnx"),
+            str(folder / "test_prop.vnnlib"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
-    p = subprocess.run(["bash", str(REPO / "vnncomp" / "run_instance.sh"), "v1", "test",
-                        str(folder / "test_sat.onnx"), str(folder / "test_prop.vnnlib"), str(res_file), "60"],
-                       capture_output=True, text=True, env=env, timeout=120)
+    p = subprocess.run(
+        [
+            "bash",
+            str(REPO / "vnncomp" / "run_instance.sh"),
+            "v1",
+            "test",
+            str(folder / "test_sat.onnx"),
+            str(folder / "test_prop.vnnlib"),
+            str(res_file),
+            "60",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout.split("\n", 1)[1])["status"] == "sat"  # the script's own line, then the JSON
     x, y = read_counterexample(res_file)
     assert parse_vnnlib(folder / "test_prop.vnnlib").is_violated_by(x, y)
-    p = subprocess.run([sys.executable, "-m", "lingraft.cli.main", "verify", str(folder / "missing.onnx"),
-                        str(folder / "test_prop.vnnlib"), "--result", str(res_file)],
-                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lingraft.cli.main",
+            "verify",
+            str(folder / "missing.onnx"),
+            str(folder / "test_prop.vnnlib"),
+            "--result",
+            str(res_file),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert p.returncode == 1 and "not found" in p.stderr and res_file.read_text() == "error\n"
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED as VNNCOMP
+from conftest import needs_shared as needs_vnncomp
 
 from lingraft.spec import (
     OutputConstraint,
@@ -18,9 +20,6 @@ from lingraft.spec import (
     read_counterexample,
     write_counterexample,
 )
-
-VNNCOMP = Path(__file__).resolve().parents[2] / "shared" / "vnncomp"
-needs_vnncomp = pytest.mark.skipif(not VNNCOMP.is_dir(), reason="shared/vnncomp benchmark folder absent")
 
 
 def _real_files() -> list[Path]:
@@ -101,12 +100,8 @@ def test_acas_property_3_exact():
     prop = parse_vnnlib(VNNCOMP / "test" / "test_prop.vnnlib")
     assert (prop.num_inputs, prop.num_outputs) == (5, 5)
     (r,) = prop.regions
-    np.testing.assert_array_equal(
-        r.lower, [-0.30353115613746867, -0.009549296585513092, 0.4933803235848431, 0.3, 0.3]
-    )
-    np.testing.assert_array_equal(
-        r.upper, [-0.29855281193475053, 0.009549296585513092, 0.49999999998567607, 0.5, 0.5]
-    )
+    np.testing.assert_array_equal(r.lower, [-0.30353115613746867, -0.009549296585513092, 0.4933803235848431, 0.3, 0.3])
+    np.testing.assert_array_equal(r.upper, [-0.29855281193475053, 0.009549296585513092, 0.49999999998567607, 0.5, 0.5])
     (oc,) = r.outputs  # four plain asserts = one conjunction
     expected = np.array([[1, -1, 0, 0, 0], [1, 0, -1, 0, 0], [1, 0, 0, -1, 0], [1, 0, 0, 0, -1]], float)
     np.testing.assert_array_equal(oc.A, expected)
@@ -216,13 +211,17 @@ def test_single_and_assert():
 
 
 def test_linear_terms():
-    text = DECL + BOX + (
-        "(assert (<= (+ Y_0 (* -1.0 Y_2)) 0))\n"
-        "(assert (>= (- Y_0 Y_1) 2))\n"
-        "(assert (<= (* 2 Y_1) 3))\n"
-        "(assert (<= (+ Y_0 1) (* 2 Y_1)))\n"
-        "(assert (<= (- Y_2) (/ Y_0 4)))\n"
-        "(assert (<= (* 2 (+ Y_0 Y_1 1) 0.5) (- 3 Y_1 1)))\n"
+    text = (
+        DECL
+        + BOX
+        + (
+            "(assert (<= (+ Y_0 (* -1.0 Y_2)) 0))\n"
+            "(assert (>= (- Y_0 Y_1) 2))\n"
+            "(assert (<= (* 2 Y_1) 3))\n"
+            "(assert (<= (+ Y_0 1) (* 2 Y_1)))\n"
+            "(assert (<= (- Y_2) (/ Y_0 4)))\n"
+            "(assert (<= (* 2 (+ Y_0 Y_1 1) 0.5) (- 3 Y_1 1)))\n"
+        )
     )
     (oc,) = _one_region(parse_vnnlib(text)).outputs
     _check(
@@ -376,22 +375,33 @@ BAD = [
     ("non_box", DECL + BOX + "(assert (<= (+ X_0 X_1) 1))", "10:9", r"non-box input constraint"),
     ("mixed", DECL + BOX + "(assert (<= X_0 Y_1))", "10:9", r"mixing input \(X\) and output \(Y\)"),
     ("nonlinear", DECL + BOX + "(assert (<= (* Y_0 Y_1) 1))", "10:20", r"not linear"),
-    ("missing_bound", DECL + "(assert (>= X_0 0))(assert (<= X_0 1))(assert (>= X_1 0))", "2:16",
-     r"X_1 has no upper bound"),
+    (
+        "missing_bound",
+        DECL + "(assert (>= X_0 0))(assert (<= X_0 1))(assert (>= X_1 0))",
+        "2:16",
+        r"X_1 has no upper bound",
+    ),
     ("empty", "", "1:1", r"empty property file"),
     ("only_comments", "; nothing here\n  \n", "1:1", r"empty property file"),
-    ("lower_gt_upper", DECL + "(assert (>= X_0 2))\n(assert (<= X_0 1))\n(assert (>= X_1 0))(assert (<= X_1 1))",
-     "7:9", r"lower bound 2.0 > upper bound 1.0"),
+    (
+        "lower_gt_upper",
+        DECL + "(assert (>= X_0 2))\n(assert (<= X_0 1))\n(assert (>= X_1 0))(assert (<= X_1 1))",
+        "7:9",
+        r"lower bound 2.0 > upper bound 1.0",
+    ),
     ("unknown_symbol", DECL + BOX + "(assert (<= Y_0 foo))", "10:17", r"unknown symbol 'foo'"),
     ("top_level_atom", DECL + "hello", "6:1", r"unexpected 'hello' at top level"),
     ("unknown_command", DECL + "(push 1)", "6:1", r"unknown command 'push'"),
     ("bad_sort", "(declare-const X_0 Int)", "1:20", r"sort Real"),
     ("bad_name", "(declare-const Z_0 Real)", "1:16", r"unsupported variable name 'Z_0'"),
     ("duplicate", "(declare-const X_0 Real)\n(declare-const X_0 Real)", "2:16", r"declared twice"),
-    ("gap", "(declare-const X_0 Real)\n(declare-const X_2 Real)\n(declare-const Y_0 Real)", "2:16",
-     r"X_2 declared but X_1 is not"),
-    ("no_outputs", "(declare-const X_0 Real)(assert (<= X_0 1))(assert (>= X_0 0))", "1:1",
-     r"no output variables"),
+    (
+        "gap",
+        "(declare-const X_0 Real)\n(declare-const X_2 Real)\n(declare-const Y_0 Real)",
+        "2:16",
+        r"X_2 declared but X_1 is not",
+    ),
+    ("no_outputs", "(declare-const X_0 Real)(assert (<= X_0 1))(assert (>= X_0 0))", "1:1", r"no output variables"),
     ("deep", DECL + "(assert " + "(and " * 150 + ")" * 151, "6:", r"nested deeper"),
     ("comparison_in_term", DECL + BOX + "(assert (<= (<= Y_0 1) 1))", "10:13", r"inside an arithmetic term"),
 ]

@@ -16,8 +16,12 @@ if TYPE_CHECKING:
 
 __all__ = ["METHODS", "BoundResult", "BoundedNetwork", "input_box", "margin_spec"]
 
-_LAZY = {"BoundedNetwork": "lingraft.bounds.engine", "BoundResult": "lingraft.bounds.engine",
-         "margin_spec": "lingraft.spec.margin", "input_box": "lingraft.spec.margin"}
+_LAZY = {
+    "BoundedNetwork": "lingraft.bounds.engine",
+    "BoundResult": "lingraft.bounds.engine",
+    "margin_spec": "lingraft.spec.margin",
+    "input_box": "lingraft.spec.margin",
+}
 
 
 def __getattr__(name: str) -> Any:

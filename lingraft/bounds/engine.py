@@ -17,17 +17,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lingraft.errors import UsageError
 from lingraft.bounds.graph import GraphNode, build_graph
-from lingraft.bounds.patches import backward_patches, chain_to_input
-from lingraft.bounds.ops import ConvOp, LinearOp, ReLUOp
-from lingraft.bounds.ops.base import pos, neg
 from lingraft.bounds.methods import METHODS
+from lingraft.bounds.ops import ConvOp, LinearOp, ReLUOp
+from lingraft.bounds.ops.base import neg, pos
+from lingraft.bounds.patches import backward_patches, chain_to_input
+from lingraft.errors import UsageError
 
 
 @dataclass
@@ -35,7 +35,7 @@ class BoundResult:
     """Bounds of C @ f(x) over the box. lower/upper: [B, S] (upper may be None)."""
 
     lower: Tensor
-    upper: Optional[Tensor]
+    upper: Tensor | None
     # per nonlinear layer name: number of unstable (non-grafted) neurons per sample [B]
     unstable: dict = field(default_factory=dict)
     # per nonlinear layer name: (total neurons, grafted neurons)
@@ -52,8 +52,14 @@ class BoundedNetwork:
     reproduces auto_LiRPA 0.3's CROWN exactly (used by the equivalence tests).
     """
 
-    def __init__(self, model: nn.Module, in_shape, device: str | torch.device | None = None,
-                 memory_budget_mb: float = 512.0, mode: str = "tight"):
+    def __init__(
+        self,
+        model: nn.Module,
+        in_shape,
+        device: str | torch.device | None = None,
+        memory_budget_mb: float = 512.0,
+        mode: str = "tight",
+    ):
         if mode not in ("tight", "autolirpa"):
             raise UsageError(f"unknown engine mode {mode!r}; use 'tight' or 'autolirpa'")
         self.mode = mode
@@ -61,15 +67,18 @@ class BoundedNetwork:
         self._patch_chains: dict = {}
         self.model = model.eval()
         self.in_shape = tuple(in_shape)
-        self.device = torch.device(device) if device is not None else next(
-            (p.device for p in model.parameters()), torch.device("cpu"))
+        self.device = (
+            torch.device(device)
+            if device is not None
+            else next((p.device for p in model.parameters()), torch.device("cpu"))
+        )
         self.nodes: list[GraphNode] = build_graph(model, self.in_shape)
         for nd in self.nodes:
             if nd.op is not None:
                 nd.op.to(self.device)
         self.out_shape = self.nodes[-1].shape
         self.num_outputs = int(math.prod(self.out_shape))
-        self.memory_budget = memory_budget_mb * 2 ** 20
+        self.memory_budget = memory_budget_mb * 2**20
         self._box_exact = self._find_box_exact()
         self._ibp_exact = self._find_ibp_exact()
         self._needed = self._find_needed_bounds()
@@ -102,9 +111,9 @@ class BoundedNetwork:
                 exact.add(i)
         return exact
 
-    def _find_needed_bounds(self) -> dict[int, Optional[Tensor]]:
+    def _find_needed_bounds(self) -> dict[int, Tensor | None]:
         """Node index -> flat neuron rows whose bounds some nonlinear consumer needs (None = all)."""
-        need: dict[int, Optional[Tensor]] = {}
+        need: dict[int, Tensor | None] = {}
         for nd in self.nodes:
             if nd.op is None or not nd.op.nonlinear:
                 continue
@@ -125,9 +134,15 @@ class BoundedNetwork:
     def describe(self) -> list[dict]:
         out = []
         for nd in self.nodes:
-            out.append({"name": nd.module_name or nd.name, "op": "Input" if nd.op is None else nd.op.describe(),
-                        "shape": list(nd.shape), "neurons": int(math.prod(nd.shape)),
-                        "grafted": nd.op.num_grafted if isinstance(nd.op, ReLUOp) else 0})
+            out.append(
+                {
+                    "name": nd.module_name or nd.name,
+                    "op": "Input" if nd.op is None else nd.op.describe(),
+                    "shape": list(nd.shape),
+                    "neurons": int(math.prod(nd.shape)),
+                    "grafted": nd.op.num_grafted if isinstance(nd.op, ReLUOp) else 0,
+                }
+            )
         return out
 
     # ---------------------------------------------------------------------------------------------
@@ -145,10 +160,19 @@ class BoundedNetwork:
         return bnds
 
     # ---------------------------------------------------------------------------------------------
-    def compute_bounds(self, x_L: Tensor, x_U: Tensor, method: str = "crown", C: Tensor | None = None,
-                       bound_upper: bool = True, alpha_iterations: int = 20, alpha_lr: float = 0.1,
-                       interm_bounds: dict | None = None, l2_center: Tensor | None = None,
-                       l2_eps: float | None = None) -> BoundResult:
+    def compute_bounds(
+        self,
+        x_L: Tensor,
+        x_U: Tensor,
+        method: str = "crown",
+        C: Tensor | None = None,
+        bound_upper: bool = True,
+        alpha_iterations: int = 20,
+        alpha_lr: float = 0.1,
+        interm_bounds: dict | None = None,
+        l2_center: Tensor | None = None,
+        l2_eps: float | None = None,
+    ) -> BoundResult:
         """Bounds of C @ f(x) for all x in [x_L, x_U].
 
         x_L, x_U: [B, *in_shape]; C: [B, S, n_out] or None (identity, S = n_out).
@@ -277,7 +301,7 @@ class BoundedNetwork:
             pair_rows = needed[col]
             chunk = self._chunk_size(i, 1, pair_rows.numel()) if chain is None else max(1, min(pair_rows.numel(), 8192))
             for s in range(0, pair_rows.numel(), chunk):
-                r, bi = pair_rows[s:s + chunk], b_idx[s:s + chunk]
+                r, bi = pair_rows[s : s + chunk], b_idx[s : s + chunk]
                 if chain is not None:
                     l_r, u_r = backward_patches(self.nodes, i, chain, r, x_L, x_U, bounds, self._l2_sub(None), b_idx=bi)
                     l_r, u_r = l_r[0], u_r[0]
@@ -294,7 +318,7 @@ class BoundedNetwork:
             return lo.reshape(ref_l.shape), up.reshape(ref_u.shape)
         chunk = self._chunk_size(i, B, rows.numel()) if chain is None else max(1, min(rows.numel(), 4096))
         for s in range(0, rows.numel(), chunk):
-            r = rows[s:s + chunk]
+            r = rows[s : s + chunk]
             if chain is not None:
                 l_r, u_r = backward_patches(self.nodes, i, chain, r, x_L, x_U, bounds, self._l2)
             else:
@@ -315,10 +339,10 @@ class BoundedNetwork:
         try:
             for b in torch.unique(b_idx).tolist():
                 sel = torch.nonzero(b_idx == b, as_tuple=True)[0]
-                sub = [None if bb is None else (bb[0][b:b + 1], bb[1][b:b + 1]) for bb in bounds]
+                sub = [None if bb is None else (bb[0][b : b + 1], bb[1][b : b + 1]) for bb in bounds]
                 if saved is not None:
-                    self._l2 = (saved[0][b:b + 1], saved[1])
-                lo, up = self._backward(i, None, x_L[b:b + 1], x_U[b:b + 1], sub, True, rows=rows[sel])
+                    self._l2 = (saved[0][b : b + 1], saved[1])
+                lo, up = self._backward(i, None, x_L[b : b + 1], x_U[b : b + 1], sub, True, rows=rows[sel])
                 lo_out[sel], up_out[sel] = lo[0], up[0]
         finally:
             self._l2 = saved
@@ -330,8 +354,17 @@ class BoundedNetwork:
         return max(1, min(R, int(self.memory_budget // per_row)))
 
     # ---------------------------------------------------------------------------------------------
-    def backward_bound(self, C_out: Tensor, x_L: Tensor, x_U: Tensor, bounds: list, *, bound_upper: bool = False,
-                       alphas: dict | None = None, extra_lA: dict | None = None):
+    def backward_bound(
+        self,
+        C_out: Tensor,
+        x_L: Tensor,
+        x_U: Tensor,
+        bounds: list,
+        *,
+        bound_upper: bool = False,
+        alphas: dict | None = None,
+        extra_lA: dict | None = None,
+    ):
         """Public backward pass from the output (for branch and bound): see :meth:`_backward`.
 
         C_out: [B, S, *out_shape]; bounds: from :meth:`intermediate_bounds`; alphas: {node index: {"l": [B,S,*shape]}}
@@ -339,8 +372,9 @@ class BoundedNetwork:
         coefficients when the pass reaches that node (beta-CROWN split multipliers: -beta*sign at a split
         pre-activation). Returns (lower [B,S], upper or None).
         """
-        return self._backward(len(self.nodes) - 1, C_out, x_L, x_U, bounds, bound_upper, alphas=alphas,
-                              extra_lA=extra_lA)
+        return self._backward(
+            len(self.nodes) - 1, C_out, x_L, x_U, bounds, bound_upper, alphas=alphas, extra_lA=extra_lA
+        )
 
     def intermediate_bounds(self, x_L: Tensor, x_U: Tensor, interm_bounds: dict | None = None) -> list:
         """CROWN bounds of every pre-activation a nonlinear op needs: list by node index of (lower, upper)
@@ -355,8 +389,18 @@ class BoundedNetwork:
         """{ReLU node index: index of its pre-activation node}."""
         return {k: nd.inputs[0] for k, nd in enumerate(self.nodes) if isinstance(nd.op, ReLUOp)}
 
-    def _backward(self, start: int, A0: Tensor | None, x_L, x_U, bounds, bound_upper: bool, rows=None,
-                  alphas: dict | None = None, extra_lA: dict | None = None):
+    def _backward(
+        self,
+        start: int,
+        A0: Tensor | None,
+        x_L,
+        x_U,
+        bounds,
+        bound_upper: bool,
+        rows=None,
+        alphas: dict | None = None,
+        extra_lA: dict | None = None,
+    ):
         """Backward linear bound propagation from node ``start``.
 
         A0: [B, S, *shape(start)] initial coefficients, or None with ``rows`` (flat unit rows of the node).
@@ -414,12 +458,12 @@ class BoundedNetwork:
         upper = None
         if bound_upper:
             upper = ubias + (self._concretize(uA, x_L, x_U, 1) if uA is not None else 0)
-        S = (A0.shape[1] if A0 is not None else len(rows))
+        S = A0.shape[1] if A0 is not None else len(rows)
         lower = _expand(lower, B, S, self.device)
         upper = None if upper is None else _expand(upper, B, S, self.device)
         return lower, upper
 
-    _l2: Optional[tuple[Tensor, float]] = None  # (centre [B, *in_shape], radius) of the L2 input ball
+    _l2: tuple[Tensor, float] | None = None  # (centre [B, *in_shape], radius) of the L2 input ball
 
     def _concretize(self, A: Tensor, x_L: Tensor, x_U: Tensor, sign: int) -> Tensor:
         """min (sign=-1) or max (sign=+1) of A . x over the box (and the L2 ball when set).

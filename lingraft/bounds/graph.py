@@ -15,19 +15,46 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from lingraft.bounds.ops import (
+    AddOp,
+    CatOp,
+    ConvOp,
+    ElementwiseAffineOp,
+    LinearOp,
+    MaxPoolOp,
+    OpaqueOp,
+    PadOp,
+    PermuteOp,
+    ReLUOp,
+    ReshapeOp,
+)
+from lingraft.bounds.ops.base import BoundOp
 from lingraft.errors import UnsupportedModelError
 from lingraft.models.layers import GraftedReLU, Normalize
-from lingraft.bounds.ops import (AddOp, CatOp, ConvOp, ElementwiseAffineOp, LinearOp, MaxPoolOp, OpaqueOp, PadOp, PermuteOp,
-                  ReLUOp, ReshapeOp)
-from lingraft.bounds.ops.base import BoundOp
 
-LEAF_TYPES = (nn.Linear, nn.Conv2d, nn.ReLU, GraftedReLU, Normalize, nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool2d,
-              nn.MaxPool2d, nn.Flatten, nn.ZeroPad2d, nn.ConstantPad2d, nn.Identity, nn.Dropout)
+LEAF_TYPES = (
+    nn.Linear,
+    nn.Conv2d,
+    nn.ReLU,
+    GraftedReLU,
+    Normalize,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.AvgPool2d,
+    nn.MaxPool2d,
+    nn.Flatten,
+    nn.ZeroPad2d,
+    nn.ConstantPad2d,
+    nn.Identity,
+    nn.Dropout,
+)
 
-SUPPORTED = ("Linear, Conv2d, ReLU, GraftedReLU, Normalize, BatchNorm (eval), AvgPool2d, MaxPool2d (no padding), "
-             "Flatten/Reshape/View/Squeeze/Unsqueeze, Permute/Transpose, constant Pad, Concat, Add/Sub of two tensors "
-             "(alpha too), Add/Sub/Mul/Div by constants (no rounding_mode), MatMul/linear by a constant, "
-             "modules with interval_bounds()")
+SUPPORTED = (
+    "Linear, Conv2d, ReLU, GraftedReLU, Normalize, BatchNorm (eval), AvgPool2d, MaxPool2d (no padding), "
+    "Flatten/Reshape/View/Squeeze/Unsqueeze, Permute/Transpose, constant Pad, Concat, Add/Sub of two tensors "
+    "(alpha too), Add/Sub/Mul/Div by constants (no rounding_mode), MatMul/linear by a constant, "
+    "modules with interval_bounds()"
+)
 
 
 @dataclass
@@ -83,8 +110,9 @@ def build_graph(model: nn.Module, in_shape) -> list[GraphNode]:
     try:
         gm = trace(model)
     except Exception as e:  # noqa: BLE001 - tracing errors are user-facing
-        raise UnsupportedModelError(f"cannot trace the model with torch.fx ({type(e).__name__}: {e}); "
-                                    "use a model built from supported layers") from None
+        raise UnsupportedModelError(
+            f"cannot trace the model with torch.fx ({type(e).__name__}: {e}); use a model built from supported layers"
+        ) from None
     rec = _Recorder(gm)
     # batch 2 so that any op that mixes the batch dimension shows up as a shape mismatch
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -180,8 +208,9 @@ class _Builder:
                 # an input failed to convert; this node's own op was accepted, keep checking downstream
                 self.failed.add(n.name)
         if self.unsupported:
-            raise UnsupportedModelError("unsupported operations: " + "; ".join(self.unsupported) +
-                                        f". lingraft supports: {SUPPORTED}")
+            raise UnsupportedModelError(
+                "unsupported operations: " + "; ".join(self.unsupported) + f". lingraft supports: {SUPPORTED}"
+            )
         if not isinstance(output, fx.Node) or not self._var(output):
             raise UnsupportedModelError("the model output must be a single tensor computed from the input")
         out_idx = self.index[self._resolve(output.name)]
@@ -292,15 +321,19 @@ class _Builder:
         if self._shape(x) != out_shape:
             raise _Unsupported(f"{name} with a constant that broadcasts the input to a larger shape")
         if _is_tensor(c) and c.dim() > len(out_shape):  # constant carries a batch dim of 1
-            if any(d != 1 for d in c.shape[:c.dim() - len(out_shape)]):
+            if any(d != 1 for d in c.shape[: c.dim() - len(out_shape)]):
                 raise _Unsupported(f"{name} with a batch-sized constant")
-            c = c.reshape(c.shape[c.dim() - len(out_shape):])
+            c = c.reshape(c.shape[c.dim() - len(out_shape) :])
         c = torch.as_tensor(c, dtype=torch.float32)
         # y = p + alpha*q (add), p - alpha*q (sub), p*q (mul), p/q (div), with exactly one of p, q constant
         if kind == "add":
             op = ElementwiseAffineOp(1.0, alpha * c, out_shape) if x_first else ElementwiseAffineOp(alpha, c, out_shape)
         elif kind == "sub":
-            op = ElementwiseAffineOp(1.0, -alpha * c, out_shape) if x_first else ElementwiseAffineOp(-alpha, c, out_shape)
+            op = (
+                ElementwiseAffineOp(1.0, -alpha * c, out_shape)
+                if x_first
+                else ElementwiseAffineOp(-alpha, c, out_shape)
+            )
         elif kind == "mul":
             op = ElementwiseAffineOp(c, 0.0, out_shape)
         else:
@@ -339,10 +372,16 @@ class _Builder:
             return self._add(n, ReLUOp(out_shape), [x], t)
         if isinstance(m, GraftedReLU):
             if not bool(((m.mask == 0) | (m.mask == 1)).all()):
-                raise _Unsupported(f"GraftedReLU ('{t}') whose mask is not 0/1 (a damaged or hand-edited "
-                                   "checkpoint: re-run lingraft graft)")
-            return self._add(n, ReLUOp(out_shape, m.mask.reshape(out_shape) > 0.5, m.a.reshape(out_shape),
-                                       m.b.reshape(out_shape)), [x], t)
+                raise _Unsupported(
+                    f"GraftedReLU ('{t}') whose mask is not 0/1 (a damaged or hand-edited "
+                    "checkpoint: re-run lingraft graft)"
+                )
+            return self._add(
+                n,
+                ReLUOp(out_shape, m.mask.reshape(out_shape) > 0.5, m.a.reshape(out_shape), m.b.reshape(out_shape)),
+                [x],
+                t,
+            )
         if isinstance(m, Normalize):
             C = in_shape[0] if len(in_shape) >= 1 else 1
             mean, std = m.mean, m.std
@@ -394,8 +433,18 @@ class _Unsupported(Exception):
 _RESHAPE_LIKE = {"flatten", "reshape", "view", "squeeze", "unsqueeze", "contiguous", "view_as", "reshape_as"}
 
 #: function/method name -> operand kind for the elementwise arithmetic the builder models
-_ARITH = {"add": "add", "iadd": "add", "sub": "sub", "isub": "sub", "mul": "mul", "imul": "mul",
-          "truediv": "div", "div": "div", "neg": "neg", "__neg__": "neg"}
+_ARITH = {
+    "add": "add",
+    "iadd": "add",
+    "sub": "sub",
+    "isub": "sub",
+    "mul": "mul",
+    "imul": "mul",
+    "truediv": "div",
+    "div": "div",
+    "neg": "neg",
+    "__neg__": "neg",
+}
 
 #: function/method name -> (parameter names in call order, defaults of the ones that may be left out).
 #: A ``*`` name takes the remaining positional arguments. Arguments are bound by these names, so positional
@@ -462,6 +511,7 @@ def fuse_grafted_relus(nodes: list[GraphNode]) -> list[GraphNode]:
     bounds and are never branched on, and the patch-mode conv passes apply again. Only the exact pattern is
     fused: s in {0, 1} per neuron, t = c = 0 where s = 1, every intermediate node used once.
     """
+
     def scale_only(i):
         """nodes[i]'s op when it is x * scale (no shift) used once, else None."""
         op = nodes[i].op
@@ -488,19 +538,28 @@ def fuse_grafted_relus(nodes: list[GraphNode]) -> list[GraphNode]:
             last, c = k, torch.zeros_like(t)
             if len(nd.consumers) == 1:
                 opc = nodes[nd.consumers[0]].op
-                if (isinstance(opc, ElementwiseAffineOp) and bool((opc.scale == 1).all())
-                        and not bool((opc.shift.expand_as(t)[sc == 1] != 0).any())):
+                if (
+                    isinstance(opc, ElementwiseAffineOp)
+                    and bool((opc.scale == 1).all())
+                    and not bool((opc.shift.expand_as(t)[sc == 1] != 0).any())
+                ):
                     last, c = nd.consumers[0], opc.shift.expand_as(t).clone()
             graft = sc == 0
-            fused = GraphNode(nodes[r].name, ReLUOp(nodes[r].shape, graft, t, c), list(nodes[m1].inputs),
-                              nodes[r].shape, nodes[r].module_name)
+            fused = GraphNode(
+                nodes[r].name,
+                ReLUOp(nodes[r].shape, graft, t, c),
+                list(nodes[m1].inputs),
+                nodes[r].shape,
+                nodes[r].module_name,
+            )
             replaced[last] = fused
             removed |= {m1, r, m2, k} - {last}
             break
     if not replaced:
         return nodes
-    return _renumber([replaced.get(i, nd) for i, nd in enumerate(nodes)],
-                     [i for i in range(len(nodes)) if i not in removed])
+    return _renumber(
+        [replaced.get(i, nd) for i, nd in enumerate(nodes)], [i for i in range(len(nodes)) if i not in removed]
+    )
 
 
 def _renumber(nodes: list[GraphNode], order: list[int]) -> list[GraphNode]:

@@ -112,8 +112,9 @@ def _sum(P: Tensor) -> Tensor:
     return P.flatten(2).sum(-1)
 
 
-def backward_patches(nodes, start: int, chain, rows: Tensor, x_L: Tensor, x_U: Tensor, bounds, l2=None,
-                     b_idx: Tensor | None = None):
+def backward_patches(
+    nodes, start: int, chain, rows: Tensor, x_L: Tensor, x_U: Tensor, bounds, l2=None, b_idx: Tensor | None = None
+):
     """Lower and upper bounds [B, R] of the rows of node ``start`` by the patch-mode backward pass.
 
     Pair mode (``b_idx`` [R]): row r is bounded for sample b_idx[r] only; returns [1, R].

@@ -21,12 +21,27 @@ from torch import Tensor, nn
 from lingraft.spec.benchmark import robustness_property
 
 #: VerifyResult status -> certify status
-STATUS_FROM_BAB = {"unsat": "verified", "sat": "falsified", "timeout": "unknown", "unknown": "unknown",
-                   "error": "unknown"}
+STATUS_FROM_BAB = {
+    "unsat": "verified",
+    "sat": "falsified",
+    "timeout": "unknown",
+    "unknown": "unknown",
+    "error": "unknown",
+}
 
 
-def decide_sample(model: nn.Module, x: Tensor, label: int, eps: float, *, in_shape, num_outputs: int,
-                  timeout: float, seed: int = 0, device=None) -> dict:
+def decide_sample(
+    model: nn.Module,
+    x: Tensor,
+    label: int,
+    eps: float,
+    *,
+    in_shape,
+    num_outputs: int,
+    timeout: float,
+    seed: int = 0,
+    device=None,
+) -> dict:
     """Run branch and bound on one sample x [*in_shape]. Returns {"status": certify status, "bab": verify status,
     "time_s": float, "branches": int, "method": what decided it, "counterexample": (x [n_in], y [n_out]) float64
     arrays for ``sat`` else None, "error": str (only on error)}."""
@@ -34,11 +49,17 @@ def decide_sample(model: nn.Module, x: Tensor, label: int, eps: float, *, in_sha
 
     t0 = time.perf_counter()
     prop = robustness_property(x, int(label), float(eps), int(num_outputs))
-    res = verify_property(model, prop, timeout=max(float(timeout), 1e-3), in_shape=tuple(in_shape), seed=seed,
-                          device=device)
-    out = {"status": STATUS_FROM_BAB.get(res.status, "unknown"), "bab": res.status,
-           "time_s": time.perf_counter() - t0, "branches": int(res.stats.get("branches", 0)),
-           "method": res.stats.get("method"), "counterexample": res.counterexample}
+    res = verify_property(
+        model, prop, timeout=max(float(timeout), 1e-3), in_shape=tuple(in_shape), seed=seed, device=device
+    )
+    out = {
+        "status": STATUS_FROM_BAB.get(res.status, "unknown"),
+        "bab": res.status,
+        "time_s": time.perf_counter() - t0,
+        "branches": int(res.stats.get("branches", 0)),
+        "method": res.stats.get("method"),
+        "counterexample": res.counterexample,
+    }
     if res.status == "error":
         out["error"] = str(res.stats.get("error", ""))
     return out

@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
-from lingraft.train.attack import pgd_attack
-from lingraft.bounds import BoundedNetwork, margin_spec, input_box
+from lingraft.bounds import BoundedNetwork, input_box, margin_spec
 from lingraft.bounds.tolerance import is_proved
 from lingraft.errors import UsageError
+from lingraft.train.attack import pgd_attack
 
 STATUSES = ("verified", "falsified", "unknown", "misclassified", "timeout")
 
@@ -49,7 +49,7 @@ class CertifyReport:
     certified_acc: float
     counts: dict
     unstable_per_layer: dict  # layer -> mean unstable (non-grafted) neurons per bounded image
-    neurons_per_layer: dict   # layer -> {"neurons": n, "grafted": g}
+    neurons_per_layer: dict  # layer -> {"neurons": n, "grafted": g}
     time_per_sample_s: float  # mean bound-propagation time per bounded sample
     total_time_s: float
     samples: list = field(default_factory=list)
@@ -128,9 +128,21 @@ class _BoundTally:
         self.neurons = {k: {"neurons": n_, "grafted": g} for k, (n_, g) in res.neurons.items()}
 
 
-def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float, settings: CertifySettings | None = None, *,
-            in_shape=None, indices=None, progress=None, device=None, net: BoundedNetwork | None = None,
-            bab_progress=None, **setting_overrides) -> CertifyReport:
+def certify(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    settings: CertifySettings | None = None,
+    *,
+    in_shape=None,
+    indices=None,
+    progress=None,
+    device=None,
+    net: BoundedNetwork | None = None,
+    bab_progress=None,
+    **setting_overrides,
+) -> CertifyReport:
     """Certify ``model`` on samples x [N, *in_shape] (values in [0, 1]) with labels y [N] at radius eps.
 
     settings: :class:`CertifySettings`; keyword arguments named like its fields override them (so
@@ -150,47 +162,97 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float, settings: Certif
     samples: list[SampleResult] = []
     tally = _BoundTally()
     for s in range(0, x.shape[0], cs.batch_size):
-        xb, yb = x[s:s + cs.batch_size].to(dev), y[s:s + cs.batch_size].to(dev)
+        xb, yb = x[s : s + cs.batch_size].to(dev), y[s : s + cs.batch_size].to(dev)
         if cs.timeout is not None and time.perf_counter() - t_start > cs.timeout:
             samples += [SampleResult(indices[s + k], int(yb[k]), -1, "timeout", None, 0.0) for k in range(len(xb))]
         else:
-            samples += _certify_batch(model, net, xb, yb, eps, cs, indices[s:s + len(xb)], cs.seed + s, tally)
+            samples += _certify_batch(model, net, xb, yb, eps, cs, indices[s : s + len(xb)], cs.seed + s, tally)
         if progress:
             progress(len(xb))
     bab = None
     if cs.bab_timeout > 0:
-        bab = _complete_unknowns(model, x, samples, eps, in_shape, net.num_outputs, cs.bab_timeout, cs.seed, dev,
-                                 t_start, cs.timeout, bab_progress)
+        bab = _complete_unknowns(
+            model,
+            x,
+            samples,
+            eps,
+            in_shape,
+            net.num_outputs,
+            cs.bab_timeout,
+            cs.seed,
+            dev,
+            t_start,
+            cs.timeout,
+            bab_progress,
+        )
     if not tally.neurons:  # nothing was bounded: still report the layers (and grafted counts) from the graph
-        tally.neurons = {name: {"neurons": int(math.prod(op.shape)), "grafted": op.num_grafted}
-                         for name, op in net.relu_layers()}
+        tally.neurons = {
+            name: {"neurons": int(math.prod(op.shape)), "grafted": op.num_grafted} for name, op in net.relu_layers()
+        }
     rows = [asdict(r) for r in samples]
     counts, clean, pgd, cert = summarize_samples(rows)
     return CertifyReport(
-        method=cs.method, eps=eps, norm=cs.norm, num_samples=len(rows), clean_acc=clean, pgd_acc=pgd,
-        certified_acc=cert, counts=counts,
+        method=cs.method,
+        eps=eps,
+        norm=cs.norm,
+        num_samples=len(rows),
+        clean_acc=clean,
+        pgd_acc=pgd,
+        certified_acc=cert,
+        counts=counts,
         unstable_per_layer={k: v / max(tally.bounded, 1) for k, v in tally.unstable.items()},
-        neurons_per_layer=tally.neurons, time_per_sample_s=tally.time_s / max(tally.bounded, 1),
-        total_time_s=time.perf_counter() - t_start, samples=rows, bab=bab)
+        neurons_per_layer=tally.neurons,
+        time_per_sample_s=tally.time_s / max(tally.bounded, 1),
+        total_time_s=time.perf_counter() - t_start,
+        samples=rows,
+        bab=bab,
+    )
 
 
-def _certify_batch(model: nn.Module, net: BoundedNetwork, xb: Tensor, yb: Tensor, eps: float, cs: CertifySettings,
-                   indices: list, seed: int, tally: _BoundTally) -> list[SampleResult]:
+def _certify_batch(
+    model: nn.Module,
+    net: BoundedNetwork,
+    xb: Tensor,
+    yb: Tensor,
+    eps: float,
+    cs: CertifySettings,
+    indices: list,
+    seed: int,
+    tally: _BoundTally,
+) -> list[SampleResult]:
     """Clean check, attack, bounds of one batch xb [B, *in_shape], yb [B] -> one SampleResult per sample."""
     with torch.no_grad():
         logits = model(xb)
     pred = logits.argmax(1)
     correct = pred == yb
-    _, attacked = pgd_attack(model, xb, yb, eps, steps=cs.pgd_steps, restarts=cs.pgd_restarts, norm=cs.norm,
-                             seed=seed)
+    _, attacked = pgd_attack(model, xb, yb, eps, steps=cs.pgd_steps, restarts=cs.pgd_restarts, norm=cs.norm, seed=seed)
     attacked = attacked & correct
     margins, proved, per_time = _bound(net, xb, yb, logits, correct & ~attacked, eps, cs, tally)
-    return [_sample_result(indices[k], int(yb[k]), int(pred[k]), bool(correct[k]), bool(attacked[k]),
-                           float(margins[k]), bool(proved[k]), per_time) for k in range(len(xb))]
+    return [
+        _sample_result(
+            indices[k],
+            int(yb[k]),
+            int(pred[k]),
+            bool(correct[k]),
+            bool(attacked[k]),
+            float(margins[k]),
+            bool(proved[k]),
+            per_time,
+        )
+        for k in range(len(xb))
+    ]
 
 
-def _bound(net: BoundedNetwork, xb: Tensor, yb: Tensor, logits: Tensor, todo: Tensor, eps: float,
-           cs: CertifySettings, tally: _BoundTally) -> tuple[Tensor, Tensor, float]:
+def _bound(
+    net: BoundedNetwork,
+    xb: Tensor,
+    yb: Tensor,
+    logits: Tensor,
+    todo: Tensor,
+    eps: float,
+    cs: CertifySettings,
+    tally: _BoundTally,
+) -> tuple[Tensor, Tensor, float]:
     """Bound the margins of the samples marked in todo [B] (bool). Returns (smallest margin lower bound [B], nan
     where not bounded; proved [B] bool; bound time per bounded sample)."""
     B = xb.shape[0]
@@ -202,8 +264,16 @@ def _bound(net: BoundedNetwork, xb: Tensor, yb: Tensor, logits: Tensor, todo: Te
     xl, xu = input_box(xt, eps)  # for L2 the ball lies in this box; the engine also uses the ball itself
     C = margin_spec(yt, net.num_outputs)
     l2 = cs.norm == "2"
-    res = net.compute_bounds(xl, xu, method=cs.method, C=C, bound_upper=False, alpha_iterations=cs.alpha_iterations,
-                             l2_center=(xt if l2 else None), l2_eps=(eps if l2 else None))
+    res = net.compute_bounds(
+        xl,
+        xu,
+        method=cs.method,
+        C=C,
+        bound_upper=False,
+        alpha_iterations=cs.alpha_iterations,
+        l2_center=(xt if l2 else None),
+        l2_eps=(eps if l2 else None),
+    )
     margins[todo.cpu()] = res.lower.min(1).values.cpu()
     # float32 rounding grows with the magnitudes involved: |f_y - f_j| is made of logits of this size
     scale = 2 * logits[todo].abs().amax(1, keepdim=True).double() + res.lower.double().abs()
@@ -213,8 +283,16 @@ def _bound(net: BoundedNetwork, xb: Tensor, yb: Tensor, logits: Tensor, todo: Te
     return margins, proved, res.time_s / n
 
 
-def _sample_result(index: int, label: int, prediction: int, correct: bool, attacked: bool, margin: float,
-                   proved: bool, bound_time: float) -> SampleResult:
+def _sample_result(
+    index: int,
+    label: int,
+    prediction: int,
+    correct: bool,
+    attacked: bool,
+    margin: float,
+    proved: bool,
+    bound_time: float,
+) -> SampleResult:
     """The status of one sample, by the precedence of the module docstring."""
     if not correct:
         return SampleResult(index, label, prediction, "misclassified", None, 0.0)
@@ -233,13 +311,31 @@ def summarize_samples(samples: list[dict]) -> tuple[dict, float, float, float]:
     return counts, clean, pgd, counts["verified"] / n
 
 
-def _complete_unknowns(model, x, samples: list[SampleResult], eps, in_shape, num_outputs, bab_timeout, seed, dev,
-                       t_start, timeout, bab_progress) -> dict:
+def _complete_unknowns(
+    model,
+    x,
+    samples: list[SampleResult],
+    eps,
+    in_shape,
+    num_outputs,
+    bab_timeout,
+    seed,
+    dev,
+    t_start,
+    timeout,
+    bab_progress,
+) -> dict:
     """Branch and bound on each ``unknown`` sample (in place); returns the summary dict of CertifyReport.bab."""
     from lingraft.certify.complete import decide_sample
 
-    summary = {"timeout_per_sample_s": bab_timeout, "attempted": 0, "verified": 0, "falsified": 0, "undecided": 0,
-               "time_s": 0.0}
+    summary = {
+        "timeout_per_sample_s": bab_timeout,
+        "attempted": 0,
+        "verified": 0,
+        "falsified": 0,
+        "undecided": 0,
+        "time_s": 0.0,
+    }
     for i, r in enumerate(samples):
         if r.status != "unknown":
             continue
@@ -248,8 +344,17 @@ def _complete_unknowns(model, x, samples: list[SampleResult], eps, in_shape, num
             budget = min(budget, timeout - (time.perf_counter() - t_start))
             if budget <= 0:
                 break  # the run's budget is spent: the rest stay unknown
-        out = decide_sample(model, x[i].to(dev), r.label, eps, in_shape=in_shape, num_outputs=num_outputs,
-                            timeout=budget, seed=seed + i, device=dev)
+        out = decide_sample(
+            model,
+            x[i].to(dev),
+            r.label,
+            eps,
+            in_shape=in_shape,
+            num_outputs=num_outputs,
+            timeout=budget,
+            seed=seed + i,
+            device=dev,
+        )
         r.status, r.bab = out["status"], out["bab"]
         r.time_s += out["time_s"]
         summary["attempted"] += 1

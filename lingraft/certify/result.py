@@ -16,8 +16,21 @@ from lingraft.errors import LingraftError
 SCHEMA_VERSION = 1
 
 #: the run settings a result records under "config", in this order
-CONFIG_FIELDS = ("model", "dataset", "eps", "norm", "method", "num_samples", "offset", "batch_size", "pgd_steps",
-                 "pgd_restarts", "seed", "timeout", "bab_timeout")
+CONFIG_FIELDS = (
+    "model",
+    "dataset",
+    "eps",
+    "norm",
+    "method",
+    "num_samples",
+    "offset",
+    "batch_size",
+    "pgd_steps",
+    "pgd_restarts",
+    "seed",
+    "timeout",
+    "bab_timeout",
+)
 
 
 def certify_config(**fields) -> dict:
@@ -38,8 +51,15 @@ def resume_settings(config: dict, model_sha256: str | None, data_dir: str | None
 
 def certify_result(report: CertifyReport, config: dict, versions: dict, device: str) -> dict:
     """The JSON result of one run: its config (see :func:`certify_config`), the environment and the report."""
-    return {"schema_version": SCHEMA_VERSION, "command": "certify", "config": config,
-            "config_hash": config_hash(config), "versions": versions, "device": device, **report.to_dict()}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "command": "certify",
+        "config": config,
+        "config_hash": config_hash(config),
+        "versions": versions,
+        "device": device,
+        **report.to_dict(),
+    }
 
 
 def load_certified_acc(path) -> float:
@@ -51,5 +71,7 @@ def load_certified_acc(path) -> float:
     except FileNotFoundError:
         raise LingraftError(f"baseline file not found: {p}") from None
     except (ValueError, KeyError, TypeError):
-        raise LingraftError(f"baseline {p} is not a lingraft certify JSON result (needs 'certified_acc'); "
-                            "write one with 'lingraft certify ... --json FILE'") from None
+        raise LingraftError(
+            f"baseline {p} is not a lingraft certify JSON result (needs 'certified_acc'); "
+            "write one with 'lingraft certify ... --json FILE'"
+        ) from None

@@ -1,7 +1,8 @@
 """Resumable certification: ``lingraft certify --state FILE``.
 
 The samples are certified in chunks (one bound batch each); after every chunk its report is appended to FILE as
-one JSON line (single write + fsync, see :class:`lingraft.io.resumable.ResumableLog`). The first line holds the hash of the
+one JSON line (single write + fsync, see :class:`lingraft.io.resumable.ResumableLog`). The first line holds the
+hash of the
 settings the results depend on. A rerun with the same settings skips the finished chunks, so an interrupted run
 (Ctrl-C, a killed CI job) loses at most the chunk in flight; a rerun with other settings is refused instead of
 mixing results. The merged report equals the one of an uninterrupted run, except for the wall-clock times.
@@ -27,17 +28,31 @@ from lingraft.io.resumable import ResumableLog
 STATE_FORMAT = "lingraft-certify-state"
 
 
-def certify_resumable(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, state_path, settings_hash: str,
-                      indices=None, batch_size: int = 32, seed: int = 0, timeout: float | None = None,
-                      progress=None, log=None, **kw) -> CertifyReport:
+def certify_resumable(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    *,
+    state_path,
+    settings_hash: str,
+    indices=None,
+    batch_size: int = 32,
+    seed: int = 0,
+    timeout: float | None = None,
+    progress=None,
+    log=None,
+    **kw,
+) -> CertifyReport:
     """:func:`lingraft.certify.certify` over x [N, *in_shape], y [N], chunk by chunk, recording each chunk in
     ``state_path``. ``settings_hash`` identifies everything the results depend on (model, data, eps, method...).
     Chunk k gets seed + its first sample's position, as inside one certify call, so a resumed run attacks with
     the same seeds. ``timeout``: seconds for this invocation. ``kw`` goes to certify. Returns the merged report."""
     t0 = time.perf_counter()
     path = Path(state_path)
-    state = ResumableLog(path, what="certify state file",
-                         fix="delete that line (its batch reruns) or remove the file to start over")
+    state = ResumableLog(
+        path, what="certify state file", fix="delete that line (its batch reruns) or remove the file to start over"
+    )
     done = _open_state(state, settings_hash, log)
     N = x.shape[0]
     indices = list(range(N)) if indices is None else list(indices)
@@ -53,8 +68,18 @@ def certify_resumable(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, sta
                 progress(min(batch_size, N - s))
             continue
         left = None if timeout is None else max(timeout - (time.perf_counter() - t0), 1e-9)
-        rep = certify(model, x[s:s + batch_size], y[s:s + batch_size], eps, indices=indices[s:s + batch_size],
-                      batch_size=batch_size, seed=seed + s, timeout=left, progress=progress, **kw)
+        rep = certify(
+            model,
+            x[s : s + batch_size],
+            y[s : s + batch_size],
+            eps,
+            indices=indices[s : s + batch_size],
+            batch_size=batch_size,
+            seed=seed + s,
+            timeout=left,
+            progress=progress,
+            **kw,
+        )
         d = rep.to_dict()
         if any(smp["status"] == "timeout" for smp in d["samples"]):
             parts.append(d)  # ran out of time: report it, but do not record it as finished
@@ -85,12 +110,17 @@ def _open_state(state: ResumableLog, settings_hash: str, log) -> dict[int, dict]
     header = {"format": STATE_FORMAT, "settings_hash": settings_hash}
     if records:
         head = records[0]
-        if not isinstance(head, dict) or head.get("format") != STATE_FORMAT or not all(
-                isinstance(r, dict) for r in records):
+        if (
+            not isinstance(head, dict)
+            or head.get("format") != STATE_FORMAT
+            or not all(isinstance(r, dict) for r in records)
+        ):
             raise not_state
         if head.get("settings_hash") != settings_hash:
-            raise LingraftError(f"{path} holds results for other settings (hash {head.get('settings_hash')}, now "
-                                f"{settings_hash}); remove it to start over or pick another --state")
+            raise LingraftError(
+                f"{path} holds results for other settings (hash {head.get('settings_hash')}, now "
+                f"{settings_hash}); remove it to start over or pick another --state"
+            )
         state.resume(log=log)  # ours: drop a torn last line before appending
     else:
         if path.exists() and path.stat().st_size > 0:
@@ -115,7 +145,7 @@ def _is_torn_header(path: Path) -> bool:
         return False
     pre = _head_prefix()
     n = min(len(data), len(pre))
-    return data[:n] == pre[:n] and re.fullmatch(rb'[0-9a-f]*"?', data[len(pre):]) is not None
+    return data[:n] == pre[:n] and re.fullmatch(rb'[0-9a-f]*"?', data[len(pre) :]) is not None
 
 
 def _starts_like_state(path: Path) -> bool:
@@ -150,8 +180,18 @@ def merge_reports(parts: list[dict]) -> CertifyReport:
         bab["timeout_per_sample_s"] = next(p["bab"]["timeout_per_sample_s"] for p in parts if p.get("bab"))
     first = parts[0]
     return CertifyReport(
-        method=first["method"], eps=first["eps"], norm=first["norm"], num_samples=len(samples),
-        clean_acc=clean, pgd_acc=pgd, certified_acc=cert, counts=counts,
-        unstable_per_layer={k: v / max(nb, 1) for k, v in unstable.items()}, neurons_per_layer=neurons,
+        method=first["method"],
+        eps=first["eps"],
+        norm=first["norm"],
+        num_samples=len(samples),
+        clean_acc=clean,
+        pgd_acc=pgd,
+        certified_acc=cert,
+        counts=counts,
+        unstable_per_layer={k: v / max(nb, 1) for k, v in unstable.items()},
+        neurons_per_layer=neurons,
         time_per_sample_s=sum(p["time_per_sample_s"] * bounded(p) for p in parts) / max(nb, 1),
-        total_time_s=sum(p["total_time_s"] for p in parts), samples=samples, bab=bab)
+        total_time_s=sum(p["total_time_s"] for p in parts),
+        samples=samples,
+        bab=bab,
+    )

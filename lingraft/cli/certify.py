@@ -13,18 +13,32 @@ from lingraft.config import config_option
 from lingraft.errors import UsageError
 
 
-@click.command("certify", epilog="Examples:\n\n\b\n  lingraft certify\n"
-               "  lingraft certify grafted.pt --eps 0.1 --method alpha-crown -n 500 --json result.json\n"
-               "  lingraft certify model.onnx --dataset mnist --eps 0.02 --min-certified-acc 0.8\n"
-               "  lingraft certify big.pt -n 10000 --bab-timeout 30 --state run.state --json result.json")
+@click.command(
+    "certify",
+    epilog="Examples:\n\n\b\n  lingraft certify\n"
+    "  lingraft certify grafted.pt --eps 0.1 --method alpha-crown -n 500 --json result.json\n"
+    "  lingraft certify model.onnx --dataset mnist --eps 0.02 --min-certified-acc 0.8\n"
+    "  lingraft certify big.pt -n 10000 --bab-timeout 30 --state run.state --json result.json",
+)
 @click.argument("model", required=False, type=click.Path(dir_okay=True))
 @config_option()
-@click.option("--eps", type=float, default=None, help="L-inf (or L2) radius in [0,1] pixel space. "
-              "Default: the checkpoint's certify_eps, else its training eps, else 0.1.")
+@click.option(
+    "--eps",
+    type=float,
+    default=None,
+    help="L-inf (or L2) radius in [0,1] pixel space. "
+    "Default: the checkpoint's certify_eps, else its training eps, else 0.1.",
+)
 @click.option("--norm", type=click.Choice(["inf", "2"]), default="inf", show_default=True)
 @click.option("--method", type=click.Choice(METHODS), default="crown", show_default=True)
-@click.option("-n", "--num-samples", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="First N test images (official order).")
+@click.option(
+    "-n",
+    "--num-samples",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="First N test images (official order).",
+)
 @click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--dataset", default=None, help="mnist, cifar10 or digits (default: the checkpoint's dataset).")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Folder with MNIST/CIFAR-10 files.")
@@ -32,25 +46,74 @@ from lingraft.errors import UsageError
 @click.option("--pgd-steps", type=click.IntRange(min=0), default=20, show_default=True)
 @click.option("--pgd-restarts", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Wall-clock budget (s) for the run.")
-@click.option("--bab-timeout", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Seconds of branch and bound (as in 'lingraft verify') per sample the bounds leave unknown, "
-              "to decide it; 0 = off. L-inf only.")
-@click.option("--min-certified-acc", type=click.FloatRange(0, 1), default=None,
-              help="Gate: exit 3 when certified accuracy is below this.")
-@click.option("--min-clean-acc", type=click.FloatRange(0, 1), default=None, help="Gate: exit 3 when clean accuracy is below.")
-@click.option("--baseline", type=click.Path(dir_okay=False), default=None,
-              help="Gate: a stored certify JSON result to compare against (with --max-drop).")
-@click.option("--max-drop", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="Allowed drop in certified accuracy vs --baseline.")
-@click.option("--state", type=click.Path(dir_okay=False), default=None,
-              help="Resume file: finished batches are appended to it, and a rerun with the same settings skips "
-              "them (an interrupted run loses at most one batch).")
+@click.option(
+    "--bab-timeout",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Seconds of branch and bound (as in 'lingraft verify') per sample the bounds leave unknown, "
+    "to decide it; 0 = off. L-inf only.",
+)
+@click.option(
+    "--min-certified-acc",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Gate: exit 3 when certified accuracy is below this.",
+)
+@click.option(
+    "--min-clean-acc", type=click.FloatRange(0, 1), default=None, help="Gate: exit 3 when clean accuracy is below."
+)
+@click.option(
+    "--baseline",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Gate: a stored certify JSON result to compare against (with --max-drop).",
+)
+@click.option(
+    "--max-drop",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Allowed drop in certified accuracy vs --baseline.",
+)
+@click.option(
+    "--state",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Resume file: finished batches are appended to it, and a rerun with the same settings skips "
+    "them (an interrupted run loses at most one batch).",
+)
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None, help="Per-sample results as CSV.")
 @json_option
 @common_options
-def command(model, config_path, eps, norm, method, num_samples, offset, dataset, data_dir, batch_size, pgd_steps,
-            pgd_restarts, timeout, bab_timeout, min_certified_acc, min_clean_acc, baseline, max_drop, state, csv_out,
-            json_out, verbose, quiet, seed, no_progress, device):
+def command(
+    model,
+    config_path,
+    eps,
+    norm,
+    method,
+    num_samples,
+    offset,
+    dataset,
+    data_dir,
+    batch_size,
+    pgd_steps,
+    pgd_restarts,
+    timeout,
+    bab_timeout,
+    min_certified_acc,
+    min_clean_acc,
+    baseline,
+    max_drop,
+    state,
+    csv_out,
+    json_out,
+    verbose,
+    quiet,
+    seed,
+    no_progress,
+    device,
+):
     """Certify MODEL (.pt checkpoint or .onnx; default: the shipped MNIST CNN-B) on test images.
 
     Each image is first checked clean, then attacked with PGD (a found adversarial example means the image is
@@ -86,23 +149,55 @@ def command(model, config_path, eps, norm, method, num_samples, offset, dataset,
         raise UsageError(f"model input {lm.in_shape} does not match dataset {ds} images {tuple(x.shape[1:])}")
     x = x.reshape(x.shape[0], *lm.in_shape)
     model_ = lm.model.to(dev)
-    cfg = certify_config(model=lm.path, dataset=ds, eps=eps, norm=norm, method=method, num_samples=num_samples,
-                         offset=offset, batch_size=batch_size, pgd_steps=pgd_steps, pgd_restarts=pgd_restarts,
-                         seed=seed, timeout=timeout, bab_timeout=bab_timeout)
-    settings = CertifySettings(method=method, norm=norm, batch_size=batch_size, pgd_steps=pgd_steps,
-                               pgd_restarts=pgd_restarts, seed=seed, timeout=timeout, bab_timeout=bab_timeout)
-    kw = dict(in_shape=lm.in_shape, indices=range(offset, offset + x.shape[0]), device=dev,
-              bab_progress=_bab_logger(verbose and not quiet))
+    cfg = certify_config(
+        model=lm.path,
+        dataset=ds,
+        eps=eps,
+        norm=norm,
+        method=method,
+        num_samples=num_samples,
+        offset=offset,
+        batch_size=batch_size,
+        pgd_steps=pgd_steps,
+        pgd_restarts=pgd_restarts,
+        seed=seed,
+        timeout=timeout,
+        bab_timeout=bab_timeout,
+    )
+    settings = CertifySettings(
+        method=method,
+        norm=norm,
+        batch_size=batch_size,
+        pgd_steps=pgd_steps,
+        pgd_restarts=pgd_restarts,
+        seed=seed,
+        timeout=timeout,
+        bab_timeout=bab_timeout,
+    )
+    kw = dict(
+        in_shape=lm.in_shape,
+        indices=range(offset, offset + x.shape[0]),
+        device=dev,
+        bab_progress=_bab_logger(verbose and not quiet),
+    )
     with progress_bar(x.shape[0], "certify", no_progress or quiet) as bar:
         if state:
             from lingraft.certify.state import certify_resumable
             from lingraft.io.files import file_sha256
 
             model_sha = file_sha256(lm.path) if Path(lm.path).is_file() else None
-            rep = certify_resumable(model_, x, y, eps, state_path=state,
-                                    settings_hash=config_hash(resume_settings(cfg, model_sha, data_dir)),
-                                    progress=bar.update, log=None if quiet else (lambda m: click.echo(m, err=True)),
-                                    **vars(settings), **kw)
+            rep = certify_resumable(
+                model_,
+                x,
+                y,
+                eps,
+                state_path=state,
+                settings_hash=config_hash(resume_settings(cfg, model_sha, data_dir)),
+                progress=bar.update,
+                log=None if quiet else (lambda m: click.echo(m, err=True)),
+                **vars(settings),
+                **kw,
+            )
         else:
             rep = certify(model_, x, y, eps, settings, progress=bar.update, **kw)
     result = certify_result(rep, cfg, versions(), str(dev))
@@ -118,29 +213,50 @@ def command(model, config_path, eps, norm, method, num_samples, offset, dataset,
 
 
 def render_report(rep, model_path, ds, verbose=0) -> str:
-    lines = [f"model {model_path}  dataset {ds}  eps {rep.eps:g} (L{rep.norm})  method {rep.method}  "
-             f"samples {rep.num_samples}"]
-    rows = [["clean accuracy", f"{100 * rep.clean_acc:.1f}%"], ["PGD accuracy", f"{100 * rep.pgd_acc:.1f}%"],
-            ["certified accuracy", f"{100 * rep.certified_acc:.1f}%"],
-            ["time per bounded sample", f"{rep.time_per_sample_s * 1000:.1f} ms"],
-            ["total time", f"{rep.total_time_s:.1f} s"]]
+    lines = [
+        f"model {model_path}  dataset {ds}  eps {rep.eps:g} (L{rep.norm})  method {rep.method}  "
+        f"samples {rep.num_samples}"
+    ]
+    rows = [
+        ["clean accuracy", f"{100 * rep.clean_acc:.1f}%"],
+        ["PGD accuracy", f"{100 * rep.pgd_acc:.1f}%"],
+        ["certified accuracy", f"{100 * rep.certified_acc:.1f}%"],
+        ["time per bounded sample", f"{rep.time_per_sample_s * 1000:.1f} ms"],
+        ["total time", f"{rep.total_time_s:.1f} s"],
+    ]
     lines.append(table(rows, ["metric", "value"]))
     lines.append("")
-    urows = [[k, v["neurons"], v["grafted"], round(rep.unstable_per_layer.get(k, 0.0), 1)]
-             for k, v in rep.neurons_per_layer.items()]
+    urows = [
+        [k, v["neurons"], v["grafted"], round(rep.unstable_per_layer.get(k, 0.0), 1)]
+        for k, v in rep.neurons_per_layer.items()
+    ]
     if urows:
         lines.append(table(urows, ["relu layer", "neurons", "grafted", "unstable/img"]))
         lines.append("")
     lines.append("status counts: " + ", ".join(f"{k} {v}" for k, v in rep.counts.items()))
     if rep.bab is not None:
         b = rep.bab
-        lines.append(f"branch and bound ({b['timeout_per_sample_s']:g} s per sample) on {b['attempted']} unknown: "
-                     f"verified {b['verified']}, falsified {b['falsified']}, undecided {b['undecided']} "
-                     f"({b['time_s']:.1f} s)")
+        lines.append(
+            f"branch and bound ({b['timeout_per_sample_s']:g} s per sample) on {b['attempted']} unknown: "
+            f"verified {b['verified']}, falsified {b['falsified']}, undecided {b['undecided']} "
+            f"({b['time_s']:.1f} s)"
+        )
     if verbose:
-        lines.append(table([[s["index"], s["label"], s["prediction"], s["status"],
-                             "" if s["margin_lower"] is None else f"{s['margin_lower']:.4f}"] for s in rep.samples],
-                           ["index", "label", "pred", "status", "margin lb"]))
+        lines.append(
+            table(
+                [
+                    [
+                        s["index"],
+                        s["label"],
+                        s["prediction"],
+                        s["status"],
+                        "" if s["margin_lower"] is None else f"{s['margin_lower']:.4f}",
+                    ]
+                    for s in rep.samples
+                ],
+                ["index", "label", "pred", "status", "margin lb"],
+            )
+        )
     return "\n".join(lines)
 
 
@@ -149,8 +265,11 @@ def _bab_logger(on: bool):
         return None
 
     def log(index, out):
-        click.echo(f"bab sample {index}: {out['bab']} -> {out['status']} ({out['time_s']:.1f} s, "
-                   f"{out['branches']} domains)", err=True)
+        click.echo(
+            f"bab sample {index}: {out['bab']} -> {out['status']} ({out['time_s']:.1f} s, {out['branches']} domains)",
+            err=True,
+        )
+
     return log
 
 
@@ -160,7 +279,9 @@ def _gates(rep, min_cert, min_clean, base, max_drop):
     if min_cert is not None and rep.certified_acc < min_cert:
         gate_fail(f"certified accuracy {rep.certified_acc:.4f} < --min-certified-acc {min_cert}")
     if base is not None and rep.certified_acc < base - max_drop - 1e-12:
-        gate_fail(f"certified accuracy {rep.certified_acc:.4f} dropped more than {max_drop} below the baseline {base:.4f}")
+        gate_fail(
+            f"certified accuracy {rep.certified_acc:.4f} dropped more than {max_drop} below the baseline {base:.4f}"
+        )
 
 
 def _write_csv(path, samples):

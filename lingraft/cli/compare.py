@@ -9,18 +9,30 @@ import click
 from lingraft.cli.options import common_options, emit_json, json_option, pick_device, table, versions
 
 
-@click.command("compare", epilog="Rerunning the same command reuses finished training, grafting and certification "
-               "(results.jsonl); Ctrl-C is safe.\n\nExamples:\n\n\b\n"
-               "  lingraft compare examples/compare-mnist.yaml --out-dir runs/compare-mnist\n"
-               "  lingraft compare examples/compare-mnist.yaml --out-dir runs/compare-mnist --only ce,fgsm\n"
-               "  lingraft compare my.yaml --json - --threads 2 > result.json\n")
+@click.command(
+    "compare",
+    epilog="Rerunning the same command reuses finished training, grafting and certification "
+    "(results.jsonl); Ctrl-C is safe.\n\nExamples:\n\n\b\n"
+    "  lingraft compare examples/compare-mnist.yaml --out-dir runs/compare-mnist\n"
+    "  lingraft compare examples/compare-mnist.yaml --out-dir runs/compare-mnist --only ce,fgsm\n"
+    "  lingraft compare my.yaml --json - --threads 2 > result.json\n",
+)
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--out-dir", type=click.Path(file_okay=False), default=None,
-              help="Folder for checkpoints, results.jsonl and the tables (default: runs/compare-<config name>).")
-@click.option("--only", default=None, metavar="NAME,...",
-              help="Run only these entries (their teachers are trained too); the table keeps earlier rows.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch CPU threads (default: torch's choice).")
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder for checkpoints, results.jsonl and the tables (default: runs/compare-<config name>).",
+)
+@click.option(
+    "--only",
+    default=None,
+    metavar="NAME,...",
+    help="Run only these entries (their teachers are trained too); the table keeps earlier rows.",
+)
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's choice)."
+)
 @click.option("--no-plot", is_flag=True, help="Do not write cert_vs_eps.png.")
 @json_option
 @common_options
@@ -32,9 +44,9 @@ def command(config, out_dir, only, threads, no_plot, json_out, verbose, quiet, s
     """
     import torch
 
+    from lingraft.errors import UsageError
     from lingraft.experiments.compare import run_compare
     from lingraft.experiments.compare_config import load_compare
-    from lingraft.errors import UsageError
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -46,8 +58,16 @@ def command(config, out_dir, only, threads, no_plot, json_out, verbose, quiet, s
             raise UsageError("--only needs entry names, e.g. --only ce,fgsm")
     out = Path(out_dir) if out_dir else Path("runs") / f"compare-{Path(config).stem}"
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
-    res = run_compare(spec, out, only=names, seed=seed, device=pick_device(device), log=log,
-                      progress=not (no_progress or quiet), plot=not no_plot)
+    res = run_compare(
+        spec,
+        out,
+        only=names,
+        seed=seed,
+        device=pick_device(device),
+        log=log,
+        progress=not (no_progress or quiet),
+        plot=not no_plot,
+    )
     res["versions"] = versions()
     if json_out:
         emit_json(res, json_out)

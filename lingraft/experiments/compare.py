@@ -22,7 +22,6 @@ This module runs the steps; :mod:`~lingraft.experiments.compare_config` parses t
 :mod:`~lingraft.experiments.compare_report` writes the tables and the plot.
 """
 
-
 from __future__ import annotations
 
 import datetime as _dt
@@ -42,6 +41,7 @@ __all__ = ["run_compare"]
 
 
 # ----------------------------------------------------------------------------------------------- steps
+
 
 def _read_done(path: Path, h: str) -> dict | None:
     """The record of a finished step if ``path`` exists and carries hash ``h``."""
@@ -67,8 +67,9 @@ def _clear_stale(folder: Path, h: str, files: list[str], log: Callable[[str], No
     atomic_write_json(mark, {"hash": h})
 
 
-def _reuse_step(folder: Path, h: str, ckpt: Path, step: str, outputs: list[str],
-                log: Callable[[str], None]) -> dict | None:
+def _reuse_step(
+    folder: Path, h: str, ckpt: Path, step: str, outputs: list[str], log: Callable[[str], None]
+) -> dict | None:
     """The record of ``step`` ("train" or "graft") if it finished with hash ``h`` and its checkpoint ``ckpt`` is
     there (logged as reused); otherwise None, after removing the outputs a run with another config left."""
     done = _read_done(folder / f"{step}.done.json", h)
@@ -80,8 +81,16 @@ def _reuse_step(folder: Path, h: str, ckpt: Path, step: str, outputs: list[str],
     return None
 
 
-def _ensure_trained(spec: CompareSpec, e: Entry, out: Path, hashes: dict, seed: int, device: str,
-                    log: Callable[[str], None], progress: bool) -> dict:
+def _ensure_trained(
+    spec: CompareSpec,
+    e: Entry,
+    out: Path,
+    hashes: dict,
+    seed: int,
+    device: str,
+    log: Callable[[str], None],
+    progress: bool,
+) -> dict:
     """Train entry ``e`` into OUT/NAME/model.pt unless done with the same hash; returns train.done.json's record."""
     from lingraft.train.loop import TrainConfig, train
 
@@ -89,29 +98,43 @@ def _ensure_trained(spec: CompareSpec, e: Entry, out: Path, hashes: dict, seed: 
     folder.mkdir(parents=True, exist_ok=True)
     h = hashes[e.name]["train"]
     ckpt = folder / "model.pt"
-    done = _reuse_step(folder, h, ckpt, "train", ["model.pt", "model.json", "model.pt.state", "train.done.json"],
-                       log)
+    done = _reuse_step(folder, h, ckpt, "train", ["model.pt", "model.json", "model.pt.state", "train.done.json"], log)
     if done is not None:
         return done
     teacher = None
     if e.teacher is not None:
         teacher = str(out / e.teacher / "model.pt") if e.teacher_entry else e.teacher
-    cfg = TrainConfig(arch=e.arch, dataset=spec.dataset, teacher=teacher, data_dir=spec.data_dir, device=device,
-                      seed=seed, **e.train)
-    log(f"[{e.name}] training {e.arch} (method {cfg.method}, loss {cfg.loss}"
-        + (f", teacher {e.teacher}" if e.teacher else "") + f", {cfg.epochs} epoch(s))")
+    cfg = TrainConfig(
+        arch=e.arch, dataset=spec.dataset, teacher=teacher, data_dir=spec.data_dir, device=device, seed=seed, **e.train
+    )
+    log(
+        f"[{e.name}] training {e.arch} (method {cfg.method}, loss {cfg.loss}"
+        + (f", teacher {e.teacher}" if e.teacher else "")
+        + f", {cfg.epochs} epoch(s))"
+    )
     t0 = time.perf_counter()
-    metrics = train(cfg, ckpt, progress=progress, log=lambda s: log(f"[{e.name}] {s}"),
-                    meta={"command": "lingraft compare", "compare_hash": h})
-    rec = {"hash": h, "checkpoint": str(ckpt), "train_s": round(time.perf_counter() - t0, 3),
-           "train_loop_s": metrics.get("train_time_s"), "best": metrics.get("best"),
-           "finished_at": _now()}
+    metrics = train(
+        cfg,
+        ckpt,
+        progress=progress,
+        log=lambda s: log(f"[{e.name}] {s}"),
+        meta={"command": "lingraft compare", "compare_hash": h},
+    )
+    rec = {
+        "hash": h,
+        "checkpoint": str(ckpt),
+        "train_s": round(time.perf_counter() - t0, 3),
+        "train_loop_s": metrics.get("train_time_s"),
+        "best": metrics.get("best"),
+        "finished_at": _now(),
+    }
     atomic_write_json(folder / "train.done.json", rec)
     return rec
 
 
-def _ensure_grafted(spec: CompareSpec, e: Entry, out: Path, hashes: dict, seed: int, device,
-                    log: Callable[[str], None]) -> dict:
+def _ensure_grafted(
+    spec: CompareSpec, e: Entry, out: Path, hashes: dict, seed: int, device, log: Callable[[str], None]
+) -> dict:
     """Graft OUT/NAME/model.pt into grafted.pt unless done with the same hash; returns graft.done.json's record."""
     from lingraft.graft.pipeline import run_graft
 
@@ -126,12 +149,28 @@ def _ensure_grafted(spec: CompareSpec, e: Entry, out: Path, hashes: dict, seed: 
         kw["gammas"] = tuple(kw["gammas"])
     log(f"[{e.name}] grafting ratio {kw['ratio']} at eps {spec.eps}")
     t0 = time.perf_counter()
-    res = run_graft(folder / "model.pt", out_path=str(ckpt), eps=spec.eps, num_samples=0, dataset=spec.dataset,
-                    data_dir=spec.data_dir, seed=seed, device=device, log=lambda s: log(f"[{e.name}] {s}"),
-                    command="lingraft compare", **kw)
-    rec = {"hash": h, "checkpoint": str(ckpt), "graft_s": round(time.perf_counter() - t0, 3),
-           "finetune_s": round(float(res["finetune"]["time_s"]), 3), "relu_neurons": res["relu_neurons"],
-           "grafted_neurons": res["grafted_neurons"], "finished_at": _now()}
+    res = run_graft(
+        folder / "model.pt",
+        out_path=str(ckpt),
+        eps=spec.eps,
+        num_samples=0,
+        dataset=spec.dataset,
+        data_dir=spec.data_dir,
+        seed=seed,
+        device=device,
+        log=lambda s: log(f"[{e.name}] {s}"),
+        command="lingraft compare",
+        **kw,
+    )
+    rec = {
+        "hash": h,
+        "checkpoint": str(ckpt),
+        "graft_s": round(time.perf_counter() - t0, 3),
+        "finetune_s": round(float(res["finetune"]["time_s"]), 3),
+        "relu_neurons": res["relu_neurons"],
+        "grafted_neurons": res["grafted_neurons"],
+        "finished_at": _now(),
+    }
     atomic_write_json(folder / "graft.done.json", rec)
     return rec
 
@@ -140,8 +179,17 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def run_compare(spec: CompareSpec, out_dir, *, only: list[str] | None = None, seed: int = 0, device=None,
-                log: Callable[[str], None] = print, progress: bool = False, plot: bool = True) -> dict:
+def run_compare(
+    spec: CompareSpec,
+    out_dir,
+    *,
+    only: list[str] | None = None,
+    seed: int = 0,
+    device=None,
+    log: Callable[[str], None] = print,
+    progress: bool = False,
+    plot: bool = True,
+) -> dict:
     """Train, graft and certify the (``only``-selected) entries, reusing finished steps, then write
     results.jsonl, table.md, table.csv, table.json and cert_vs_eps.png into ``out_dir``. Returns table.json's dict.
 
@@ -189,8 +237,17 @@ def run_compare(spec: CompareSpec, out_dir, *, only: list[str] | None = None, se
     return result
 
 
-def _certify_units(units: list[dict], folder: Path, x_all, y_all, c: dict, seed: int, dev, results: ResumableLog,
-                   log: Callable[[str], None]) -> None:
+def _certify_units(
+    units: list[dict],
+    folder: Path,
+    x_all,
+    y_all,
+    c: dict,
+    seed: int,
+    dev,
+    results: ResumableLog,
+    log: Callable[[str], None],
+) -> None:
     """Certify the units of one entry (its checkpoints in ``folder``) on the first ``num_samples`` of x_all
     [N, *in_shape], y_all [N], appending one results line per unit as it finishes."""
     from lingraft.io.checkpoint import load_checkpoint
@@ -203,21 +260,41 @@ def _certify_units(units: list[dict], folder: Path, x_all, y_all, c: dict, seed:
         n = u["num_samples"]
         rep = _certify_unit(models[u["variant"]], x_all[:n], y_all[:n], u, c, seed, dev)
         results.append({**u, **rep, "finished_at": _now()})
-        log(f"[{folder.name}] {u['variant']:7s} {u['method']:11s} eps {u['eps']:g}: clean {rep['clean_acc']:.3f} "
+        log(
+            f"[{folder.name}] {u['variant']:7s} {u['method']:11s} eps {u['eps']:g}: clean {rep['clean_acc']:.3f} "
             f"pgd {rep['pgd_acc']:.3f} certified {rep['certified_acc']:.3f} "
-            f"({short_number(rep['time_per_sample_s'], 1000)} ms/img, unstable {short_number(rep['unstable'])})")
+            f"({short_number(rep['time_per_sample_s'], 1000)} ms/img, unstable {short_number(rep['unstable'])})"
+        )
 
 
 def _certify_unit(model, x, y, u: dict, c: dict, seed: int, dev) -> dict:
     """certify() of one unit: x [n, *in_shape], y [n]; the summary numbers results.jsonl records."""
     from lingraft.certify.pipeline import certify
 
-    rep = certify(model, x, y, u["eps"], method=u["method"], batch_size=c["batch_size"], pgd_steps=c["pgd_steps"],
-                  pgd_restarts=c["pgd_restarts"], alpha_iterations=c["alpha_iterations"], seed=seed, device=dev)
+    rep = certify(
+        model,
+        x,
+        y,
+        u["eps"],
+        method=u["method"],
+        batch_size=c["batch_size"],
+        pgd_steps=c["pgd_steps"],
+        pgd_restarts=c["pgd_restarts"],
+        alpha_iterations=c["alpha_iterations"],
+        seed=seed,
+        device=dev,
+    )
     bounded = rep.counts["verified"] + rep.counts["unknown"]
-    return {"clean_acc": rep.clean_acc, "pgd_acc": rep.pgd_acc, "certified_acc": rep.certified_acc,
-            # None when no image reached bound propagation (all misclassified or falsified): nothing to count
-            "counts": rep.counts, "bounded": bounded,
-            "unstable": float(sum(rep.unstable_per_layer.values())) if bounded else None,
-            "unstable_per_layer": rep.unstable_per_layer, "neurons_per_layer": rep.neurons_per_layer,
-            "time_per_sample_s": rep.time_per_sample_s if bounded else None, "total_time_s": rep.total_time_s}
+    return {
+        "clean_acc": rep.clean_acc,
+        "pgd_acc": rep.pgd_acc,
+        "certified_acc": rep.certified_acc,
+        # None when no image reached bound propagation (all misclassified or falsified): nothing to count
+        "counts": rep.counts,
+        "bounded": bounded,
+        "unstable": float(sum(rep.unstable_per_layer.values())) if bounded else None,
+        "unstable_per_layer": rep.unstable_per_layer,
+        "neurons_per_layer": rep.neurons_per_layer,
+        "time_per_sample_s": rep.time_per_sample_s if bounded else None,
+        "total_time_s": rep.total_time_s,
+    }

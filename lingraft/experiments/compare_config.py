@@ -24,10 +24,32 @@ from lingraft.io.files import file_sha256
 
 TOP_KEYS = ("dataset", "eps", "eps_grid", "train", "graft", "certify", "entries", "data_dir")
 # run_graft keyword arguments a compare file may set (everything else run_graft takes is fixed by compare)
-GRAFT_KEYS = ("ratio", "epochs", "num_train", "batch_size", "lr", "lr_graft", "train_eps", "rule", "scope",
-              "gammas", "significance", "significance_input", "score_images", "score_bound", "init")
-CERTIFY_KEYS = ("num_samples", "methods", "grid_num_samples", "batch_size", "pgd_steps", "pgd_restarts",
-                "alpha_iterations")
+GRAFT_KEYS = (
+    "ratio",
+    "epochs",
+    "num_train",
+    "batch_size",
+    "lr",
+    "lr_graft",
+    "train_eps",
+    "rule",
+    "scope",
+    "gammas",
+    "significance",
+    "significance_input",
+    "score_images",
+    "score_bound",
+    "init",
+)
+CERTIFY_KEYS = (
+    "num_samples",
+    "methods",
+    "grid_num_samples",
+    "batch_size",
+    "pgd_steps",
+    "pgd_restarts",
+    "alpha_iterations",
+)
 _METHODS = METHODS
 # TrainConfig fields the compare file does not control per entry (set from the top level or the CLI)
 _TRAIN_FIXED = ("arch", "dataset", "teacher", "data_dir", "device", "seed")
@@ -67,6 +89,7 @@ class CompareSpec:
 
 
 # ----------------------------------------------------------------------------------------------- parsing
+
 
 def _number(value: Any, what: str) -> float:
     """A finite float from a YAML number or an ``"a/b"`` string."""
@@ -153,8 +176,16 @@ def parse_compare(cfg: dict, *, base_dir=None, where: str = "compare config") ->
     names = [x.name for x in entries]
     for x in entries:
         _check_loss(x, names, base, where)
-    return CompareSpec(dataset=dataset, eps=eps, eps_grid=grid, graft=graft, certify=cert,
-                       entries=_training_order(entries), data_dir=data_dir, source=where)
+    return CompareSpec(
+        dataset=dataset,
+        eps=eps,
+        eps_grid=grid,
+        graft=graft,
+        certify=cert,
+        entries=_training_order(entries),
+        data_dir=data_dir,
+        source=where,
+    )
 
 
 def _parse_graft(value: Any, where: str) -> dict:
@@ -163,8 +194,10 @@ def _parse_graft(value: Any, where: str) -> dict:
     validate_keys(graft, GRAFT_KEYS, f"'graft' of {where}")
     graft = normalize_keys(graft, "graft")
     if "gammas" in graft:
-        graft["gammas"] = [_number(g, "graft gammas") for g in (graft["gammas"] if isinstance(graft["gammas"], list)
-                                                               else [graft["gammas"]])]
+        graft["gammas"] = [
+            _number(g, "graft gammas")
+            for g in (graft["gammas"] if isinstance(graft["gammas"], list) else [graft["gammas"]])
+        ]
     ratio = _number(graft.get("ratio", 0.5), "graft ratio")
     if not 0 <= ratio <= 1:
         raise UsageError(f"graft ratio must be in [0, 1], got {ratio}")
@@ -186,8 +219,13 @@ def _parse_certify(value: Any, where: str) -> dict:
     for m in methods:
         check_choice(m, _METHODS, "certify method")
     cert["methods"] = list(dict.fromkeys(methods))
-    for key, default, low in (("num_samples", 200, 1), ("batch_size", 32, 1), ("pgd_steps", 20, 0),
-                              ("pgd_restarts", 1, 1), ("alpha_iterations", 20, 1)):
+    for key, default, low in (
+        ("num_samples", 200, 1),
+        ("batch_size", 32, 1),
+        ("pgd_steps", 20, 0),
+        ("pgd_restarts", 1, 1),
+        ("alpha_iterations", 20, 1),
+    ):
         v = cert.get(key, default)
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise UsageError(f"certify {key} must be an integer >= {low}, got {v!r}")
@@ -199,8 +237,9 @@ def _parse_certify(value: Any, where: str) -> dict:
     return cert
 
 
-def _parse_entries(raw: Any, shared: dict, train_fields: Iterable[str], dataset: str, eps: float,
-                   where: str) -> list[Entry]:
+def _parse_entries(
+    raw: Any, shared: dict, train_fields: Iterable[str], dataset: str, eps: float, where: str
+) -> list[Entry]:
     """The ``entries`` list in file order; each entry's train options are the shared ones overridden by its own
     (its train eps defaults to the certification eps). Teachers are resolved later (:func:`_check_loss`)."""
     from lingraft.models import list_models
@@ -247,12 +286,15 @@ def _check_loss(x: Entry, names: list[str], base: Path, where: str) -> None:
     t = x.teacher
     if t is None:
         if needs:
-            raise UsageError(f"entry {x.name!r}: loss {loss!r} needs a teacher; add 'teacher: ENTRY_NAME' "
-                             "or a checkpoint path")
+            raise UsageError(
+                f"entry {x.name!r}: loss {loss!r} needs a teacher; add 'teacher: ENTRY_NAME' or a checkpoint path"
+            )
         return
     if not needs:
-        raise UsageError(f"entry {x.name!r} sets a teacher but loss {loss!r} does not use one; "
-                         "remove 'teacher' or use loss kd or nkd")
+        raise UsageError(
+            f"entry {x.name!r} sets a teacher but loss {loss!r} does not use one; "
+            "remove 'teacher' or use loss kd or nkd"
+        )
     if not isinstance(t, str) or not t.strip():
         raise UsageError(f"entry {x.name!r}: teacher must be an entry name or a checkpoint path, got {t!r}")
     if t in names:
@@ -267,8 +309,10 @@ def _check_loss(x: Entry, names: list[str], base: Path, where: str) -> None:
         return
     close = difflib.get_close_matches(t, names, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise UsageError(f"entry {x.name!r}: unknown teacher {t!r}{hint}; name another entry "
-                     f"({', '.join(names)}) or give a checkpoint path")
+    raise UsageError(
+        f"entry {x.name!r}: unknown teacher {t!r}{hint}; name another entry "
+        f"({', '.join(names)}) or give a checkpoint path"
+    )
 
 
 def _training_order(entries: list[Entry]) -> list[Entry]:
@@ -281,7 +325,7 @@ def _training_order(entries: list[Entry]) -> list[Entry]:
         if state.get(e.name) == 2:
             return
         if state.get(e.name) == 1:
-            cyc = stack[stack.index(e.name):] + [e.name]
+            cyc = stack[stack.index(e.name) :] + [e.name]
             raise UsageError(f"teacher cycle {' -> '.join(cyc)}; an entry cannot (indirectly) teach itself")
         state[e.name] = 1
         if e.teacher_entry:
@@ -296,6 +340,7 @@ def _training_order(entries: list[Entry]) -> list[Entry]:
 
 # ----------------------------------------------------------------------------------------------- hashing
 
+
 def step_hashes(spec: CompareSpec, seed: int) -> dict[str, dict[str, str]]:
     """{entry: {"train": hash, "graft": hash}}; a student's train hash includes its teacher's."""
     out: dict[str, dict[str, str]] = {}
@@ -306,8 +351,16 @@ def step_hashes(spec: CompareSpec, seed: int) -> dict[str, dict[str, str]]:
             teacher = out[e.teacher]["train"]
         else:
             teacher = file_sha256(e.teacher)[:16]
-        th = config_hash({"v": _HASH_VERSION, "arch": e.arch, "dataset": spec.dataset, "train": e.train,
-                          "teacher": teacher, "seed": seed})
+        th = config_hash(
+            {
+                "v": _HASH_VERSION,
+                "arch": e.arch,
+                "dataset": spec.dataset,
+                "train": e.train,
+                "teacher": teacher,
+                "seed": seed,
+            }
+        )
         gh = config_hash({"v": _HASH_VERSION, "parent": th, "graft": spec.graft, "eps": spec.eps, "seed": seed})
         out[e.name] = {"train": th, "graft": gh}
     return out
@@ -317,8 +370,18 @@ def unit_key(model_hash: str, eps: float, method: str, num_samples: int, spec: C
     """Identity of one certification unit: the model's step hash plus everything certify() depends on."""
     keys = ("batch_size", "pgd_steps", "pgd_restarts") + (("alpha_iterations",) if method == "alpha-crown" else ())
     opts = {k: spec.certify[k] for k in keys}
-    return config_hash({"v": _HASH_VERSION, "model": model_hash, "eps": eps, "method": method, "n": num_samples,
-                        "dataset": spec.dataset, "opts": opts, "seed": seed})
+    return config_hash(
+        {
+            "v": _HASH_VERSION,
+            "model": model_hash,
+            "eps": eps,
+            "method": method,
+            "n": num_samples,
+            "dataset": spec.dataset,
+            "opts": opts,
+            "seed": seed,
+        }
+    )
 
 
 def certify_units(spec: CompareSpec, hashes: dict, entry: str, seed: int) -> list[dict]:
@@ -331,8 +394,7 @@ def certify_units(spec: CompareSpec, hashes: dict, entry: str, seed: int) -> lis
         todo += [(e, "crown", c["grid_num_samples"]) for e in spec.eps_grid]
         for eps, method, n in todo:
             k = unit_key(mh, eps, method, n, spec, seed)
-            out.setdefault(k, {"unit": k, "entry": entry, "variant": variant, "eps": eps, "method": method,
-                               "num_samples": n})
+            out.setdefault(
+                k, {"unit": k, "entry": entry, "variant": variant, "eps": eps, "method": method, "num_samples": n}
+            )
     return list(out.values())
-
-

@@ -24,16 +24,23 @@ from lingraft.env import versions
 from lingraft.errors import LingraftError, UsageError
 from lingraft.io.files import file_sha256
 
-__all__ = ["SCHEMA_VERSION", "METHODS", "RUN_OPTIONS", "resolve_options", "work_dir_for", "resolve_model_entry",
-           "JobRunner"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "METHODS",
+    "RUN_OPTIONS",
+    "resolve_options",
+    "work_dir_for",
+    "resolve_model_entry",
+    "JobRunner",
+]
 
 SCHEMA_VERSION = 1
 
 #: Options a sweep file may set under ``options:`` (dashes or underscores), with their defaults.
 RUN_OPTIONS: dict[str, Any] = {
     # certification
-    "dataset": None,            # default: the model's dataset
-    "data_dir": None,           # relative paths resolve against the sweep file's folder
+    "dataset": None,  # default: the model's dataset
+    "data_dir": None,  # relative paths resolve against the sweep file's folder
     "num_samples": 100,
     "offset": 0,
     "batch_size": 32,
@@ -41,10 +48,10 @@ RUN_OPTIONS: dict[str, Any] = {
     "pgd_steps": 20,
     "pgd_restarts": 1,
     "alpha_iterations": 20,
-    "timeout": None,            # seconds per job (samples not reached are 'timeout')
-    "bab_timeout": 0.0,         # seconds of branch and bound per sample the bounds leave unknown (0 = off)
+    "timeout": None,  # seconds per job (samples not reached are 'timeout')
+    "bab_timeout": 0.0,  # seconds of branch and bound per sample the bounds leave unknown (0 = off)
     "seed": 0,
-    "keep_samples": True,       # store per-sample status/margin/time in each result line
+    "keep_samples": True,  # store per-sample status/margin/time in each result line
     # grafting (jobs with ratio > 0)
     "epochs": 1,
     "num_train": 10000,
@@ -63,13 +70,46 @@ RUN_OPTIONS: dict[str, Any] = {
 }
 
 # Options that change the grafted checkpoint (everything else only changes certification).
-_GRAFT_KEYS = ("dataset", "data_dir", "epochs", "num_train", "score_images", "score_bound", "rule", "scope", "gammas",
-               "significance", "significance_input", "init", "lr", "lr_graft", "train_eps", "graft_batch_size", "seed")
-_CHOICES = {"norm": ("inf", "2"), "score_bound": ("ibp", "crown"), "rule": ("lg", "random", "magnitude", "instability"),
-            "scope": ("global", "layer"), "significance": ("gradient", "magnitude"),
-            "significance_input": ("clean", "fgsm"), "init": ("paper", "identity", "zero", "fit")}
-_INT_MIN = {"num_samples": 1, "offset": 0, "batch_size": 1, "pgd_steps": 0, "pgd_restarts": 1, "alpha_iterations": 0,
-            "epochs": 0, "num_train": 1, "score_images": 1, "graft_batch_size": 1}
+_GRAFT_KEYS = (
+    "dataset",
+    "data_dir",
+    "epochs",
+    "num_train",
+    "score_images",
+    "score_bound",
+    "rule",
+    "scope",
+    "gammas",
+    "significance",
+    "significance_input",
+    "init",
+    "lr",
+    "lr_graft",
+    "train_eps",
+    "graft_batch_size",
+    "seed",
+)
+_CHOICES = {
+    "norm": ("inf", "2"),
+    "score_bound": ("ibp", "crown"),
+    "rule": ("lg", "random", "magnitude", "instability"),
+    "scope": ("global", "layer"),
+    "significance": ("gradient", "magnitude"),
+    "significance_input": ("clean", "fgsm"),
+    "init": ("paper", "identity", "zero", "fit"),
+}
+_INT_MIN = {
+    "num_samples": 1,
+    "offset": 0,
+    "batch_size": 1,
+    "pgd_steps": 0,
+    "pgd_restarts": 1,
+    "alpha_iterations": 0,
+    "epochs": 0,
+    "num_train": 1,
+    "score_images": 1,
+    "graft_batch_size": 1,
+}
 
 
 def _bad(name: str, value: Any, want: str, where: str) -> UsageError:
@@ -169,14 +209,16 @@ def resolve_model_entry(model: str, where: str = "the sweep file") -> str:
     from lingraft.models import list_models
 
     what = "an architecture name without weights" if model in list_models() else "not a file or shipped model"
-    raise UsageError(f"model '{model}' in {where} is {what}; give a checkpoint path like ckpt/model.pt "
-                     "(train one with 'lingraft train'), an .onnx file, or 'default'")
+    raise UsageError(
+        f"model '{model}' in {where} is {what}; give a checkpoint path like ckpt/model.pt "
+        "(train one with 'lingraft train'), an .onnx file, or 'default'"
+    )
 
 
 @dataclass
 class _ModelFacts:
     path: str
-    source: str       # "checkpoint" or "onnx"
+    source: str  # "checkpoint" or "onnx"
     dataset: str
     in_shape: tuple
     sha256: str
@@ -189,8 +231,15 @@ class JobRunner:
     torch device. The last loaded network is cached (jobs come model-major), as is each model's file hash.
     """
 
-    def __init__(self, options: dict, *, work_dir: str | os.PathLike, device: Any = None, where: str = "the sweep file",
-                 log: Callable[[str], Any] = lambda s: None):
+    def __init__(
+        self,
+        options: dict,
+        *,
+        work_dir: str | os.PathLike,
+        device: Any = None,
+        where: str = "the sweep file",
+        log: Callable[[str], Any] = lambda s: None,
+    ):
         self.options = options
         self.work_dir = Path(work_dir)
         self.device = device
@@ -215,8 +264,10 @@ class JobRunner:
                 raise UsageError(f"{self.where}: {e}") from None
             facts = self.facts(job["model"])
             if job["ratio"] > 0 and facts.source != "checkpoint":
-                raise UsageError(f"{self.where}: model {facts.path} is ONNX and cannot be grafted (ratio "
-                                 f"{job['ratio']:g}); use a lingraft .pt checkpoint or only ratio 0")
+                raise UsageError(
+                    f"{self.where}: model {facts.path} is ONNX and cannot be grafted (ratio "
+                    f"{job['ratio']:g}); use a lingraft .pt checkpoint or only ratio 0"
+                )
             key = (facts.dataset, o["data_dir"])
             if key in checked_data:
                 continue
@@ -226,12 +277,16 @@ class JobRunner:
             except LingraftError as e:
                 raise type(e)(f"{self.where}: {e}", e.exit_code) from None
             if o["offset"] + o["num_samples"] > x.shape[0]:
-                raise UsageError(f"{self.where}: options ask for {o['num_samples']} test images from offset "
-                                 f"{o['offset']} but {facts.dataset} has {x.shape[0]}; lower num-samples")
+                raise UsageError(
+                    f"{self.where}: options ask for {o['num_samples']} test images from offset "
+                    f"{o['offset']} but {facts.dataset} has {x.shape[0]}; lower num-samples"
+                )
             info = dataset_info(facts.dataset)
             if math.prod(info.in_shape) != math.prod(facts.in_shape):
-                raise UsageError(f"{self.where}: model {facts.path} takes {facts.in_shape} inputs but dataset "
-                                 f"{facts.dataset} has {info.in_shape}; fix 'dataset' in options")
+                raise UsageError(
+                    f"{self.where}: model {facts.path} takes {facts.in_shape} inputs but dataset "
+                    f"{facts.dataset} has {info.in_shape}; fix 'dataset' in options"
+                )
 
     def facts(self, model: str) -> _ModelFacts:
         """Load ``model`` once (errors prefixed with the sweep file) and remember what jobs need to know."""
@@ -240,8 +295,10 @@ class JobRunner:
         lm = self._load(model)
         ds = self.options["dataset"] or lm.dataset
         if ds is None:
-            raise UsageError(f"{self.where}: model {model} does not record its dataset; add "
-                             "'dataset: mnist' (or cifar10, digits) under options")
+            raise UsageError(
+                f"{self.where}: model {model} does not record its dataset; add "
+                "'dataset: mnist' (or cifar10, digits) under options"
+            )
         f = _ModelFacts(lm.path, lm.source, str(ds).lower(), tuple(lm.in_shape), file_sha256(lm.path))
         self._facts[model] = f
         return f
@@ -262,8 +319,12 @@ class JobRunner:
     def graft_path(self, job: dict) -> Path:
         """Where the grafted checkpoint of ``job`` lives (same for every bound method)."""
         f = self.facts(job["model"])
-        key = {"model_sha256": f.sha256, "ratio": float(job["ratio"]), "eps": float(job["eps"]),
-               **{k: self.options[k] for k in _GRAFT_KEYS}}
+        key = {
+            "model_sha256": f.sha256,
+            "ratio": float(job["ratio"]),
+            "eps": float(job["eps"]),
+            **{k: self.options[k] for k in _GRAFT_KEYS},
+        }
         return self.work_dir / f"{Path(f.path).stem}-r{job['ratio']:g}-e{job['eps']:.6g}-{config_hash(key)[:10]}.pt"
 
     def graft_settings(self, job: dict, out: Path):
@@ -272,13 +333,29 @@ class JobRunner:
         from lingraft.graft.settings import GraftSettings
 
         o = self.options
-        return GraftSettings(ratio=job["ratio"], eps=job["eps"], out_path=str(out), rule=o["rule"], scope=o["scope"],
-                             gammas=tuple(o["gammas"]), significance=o["significance"],
-                             significance_input=o["significance_input"], score_images=o["score_images"],
-                             score_bound=o["score_bound"], init=o["init"], epochs=o["epochs"],
-                             num_train=o["num_train"], batch_size=o["graft_batch_size"], lr=o["lr"],
-                             lr_graft=o["lr_graft"], train_eps=o["train_eps"], num_samples=0, dataset=o["dataset"],
-                             data_dir=o["data_dir"], seed=o["seed"])
+        return GraftSettings(
+            ratio=job["ratio"],
+            eps=job["eps"],
+            out_path=str(out),
+            rule=o["rule"],
+            scope=o["scope"],
+            gammas=tuple(o["gammas"]),
+            significance=o["significance"],
+            significance_input=o["significance_input"],
+            score_images=o["score_images"],
+            score_bound=o["score_bound"],
+            init=o["init"],
+            epochs=o["epochs"],
+            num_train=o["num_train"],
+            batch_size=o["graft_batch_size"],
+            lr=o["lr"],
+            lr_graft=o["lr_graft"],
+            train_eps=o["train_eps"],
+            num_samples=0,
+            dataset=o["dataset"],
+            data_dir=o["data_dir"],
+            seed=o["seed"],
+        )
 
     def _graft(self, job: dict) -> tuple[str, dict]:
         from lingraft.graft.pipeline import run_graft
@@ -288,16 +365,24 @@ class JobRunner:
         if not out.is_file():
             self.log(f"grafting {Path(job['model']).name} at ratio {job['ratio']:g}, eps {job['eps']:g} -> {out}")
             self.work_dir.mkdir(parents=True, exist_ok=True)
-            res = run_graft(job["model"], self.graft_settings(job, out), device=self.device, log=self.log,
-                            command="lingraft run")
+            res = run_graft(
+                job["model"], self.graft_settings(job, out), device=self.device, log=self.log, command="lingraft run"
+            )
             info["graft_time_s"] = res["finetune"]["time_s"]
         return str(out), info
 
     def config_of(self, job: dict) -> dict:
         """The resolved configuration of one job (what its result depends on)."""
         f = self.facts(job["model"])
-        return {"model": f.path, "model_sha256": f.sha256, "dataset": f.dataset, "method": job["method"],
-                "eps": float(job["eps"]), "ratio": float(job["ratio"]), "options": dict(self.options)}
+        return {
+            "model": f.path,
+            "model_sha256": f.sha256,
+            "dataset": f.dataset,
+            "method": job["method"],
+            "eps": float(job["eps"]),
+            "ratio": float(job["ratio"]),
+            "options": dict(self.options),
+        }
 
     def __call__(self, job: dict) -> dict:
         import torch
@@ -318,10 +403,24 @@ class JobRunner:
         x = x.reshape(x.shape[0], *lm.in_shape)
         dev = self.device if self.device is not None else torch.device("cpu")
         torch.manual_seed(o["seed"])
-        rep = certify(lm.model.to(dev), x, y, job["eps"], in_shape=lm.in_shape, method=job["method"], norm=o["norm"],
-                      batch_size=o["batch_size"], pgd_steps=o["pgd_steps"], pgd_restarts=o["pgd_restarts"],
-                      seed=o["seed"], timeout=o["timeout"], indices=range(o["offset"], o["offset"] + x.shape[0]),
-                      alpha_iterations=o["alpha_iterations"], device=dev, bab_timeout=o["bab_timeout"])
+        rep = certify(
+            lm.model.to(dev),
+            x,
+            y,
+            job["eps"],
+            in_shape=lm.in_shape,
+            method=job["method"],
+            norm=o["norm"],
+            batch_size=o["batch_size"],
+            pgd_steps=o["pgd_steps"],
+            pgd_restarts=o["pgd_restarts"],
+            seed=o["seed"],
+            timeout=o["timeout"],
+            indices=range(o["offset"], o["offset"] + x.shape[0]),
+            alpha_iterations=o["alpha_iterations"],
+            device=dev,
+            bab_timeout=o["bab_timeout"],
+        )
         d = rep.to_dict()
         if not o["keep_samples"]:
             d.pop("samples")
@@ -330,7 +429,18 @@ class JobRunner:
             graft["relu_neurons"] = sum(v["neurons"] or 0 for v in summary.values())
             graft["grafted_neurons"] = sum(v["grafted"] for v in summary.values())
         cfg = self.config_of(job)
-        return {"schema_version": SCHEMA_VERSION, "command": "run", "config": cfg, "config_hash": config_hash(cfg),
-                "seed": o["seed"], "versions": versions(), "device": str(dev), "model": facts.path,
-                "certified_model": lm.path, "dataset": facts.dataset, "ratio": float(job["ratio"]), **d,
-                "graft": graft}
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "command": "run",
+            "config": cfg,
+            "config_hash": config_hash(cfg),
+            "seed": o["seed"],
+            "versions": versions(),
+            "device": str(dev),
+            "model": facts.path,
+            "certified_model": lm.path,
+            "dataset": facts.dataset,
+            "ratio": float(job["ratio"]),
+            **d,
+            "graft": graft,
+        }

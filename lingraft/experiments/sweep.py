@@ -18,18 +18,19 @@ keeps resume working. :func:`run_sweep` appends ``{"job_id", "job", "status", "r
 from __future__ import annotations
 
 import contextlib
-import difflib
 import datetime as _dt
+import difflib
 import json
 import math
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from lingraft.config import config_hash, load_config, normalize_keys, validate_keys
 from lingraft.errors import LingraftError, UsageError
@@ -67,6 +68,7 @@ class SweepSpec:
 
 # ----------------------------------------------------------------------------------------------- loading
 
+
 def _as_list(value: Any) -> list:
     return value if isinstance(value, list) else [value]
 
@@ -81,7 +83,9 @@ def _parse_number(value: Any, key: str, where: str) -> float:
         try:
             x = float(Fraction(value.replace(" ", "")))
         except (ValueError, ZeroDivisionError):
-            raise UsageError(f"'{key}' in {where} has {value!r}, not a number; give numbers like 0.01 or 2/255") from None
+            raise UsageError(
+                f"'{key}' in {where} has {value!r}, not a number; give numbers like 0.01 or 2/255"
+            ) from None
     else:
         raise UsageError(f"'{key}' in {where} has {value!r}, not a number; give numbers like 0.01 or 2/255")
     if not math.isfinite(x):
@@ -185,15 +189,24 @@ def load_sweep(
     results_path = Path(os.path.expanduser(results))
     if not results_path.is_absolute():
         results_path = base_dir / results_path
-    return SweepSpec(models=models, eps=eps, methods=methods, ratios=ratios, extra=options,
-                     results=str(results_path), base_dir=str(base_dir))
+    return SweepSpec(
+        models=models,
+        eps=eps,
+        methods=methods,
+        ratios=ratios,
+        extra=options,
+        results=str(results_path),
+        base_dir=str(base_dir),
+    )
 
 
 # --------------------------------------------------------------------------------------------- expanding
 
+
 def _looks_like_path(model: str) -> bool:
-    return ("/" in model or os.sep in model or model.startswith(("~", "."))
-            or model.lower().endswith(_CHECKPOINT_SUFFIXES))
+    return (
+        "/" in model or os.sep in model or model.startswith(("~", ".")) or model.lower().endswith(_CHECKPOINT_SUFFIXES)
+    )
 
 
 def _resolve_model(model: str, base_dir: str | None) -> str:
@@ -224,8 +237,13 @@ def expand_jobs(spec: SweepSpec) -> list[dict]:
         for method in spec.methods:
             for ratio in spec.ratios:
                 for eps in spec.eps:
-                    params = {"model": model, "method": method, "ratio": float(ratio), "eps": float(eps),
-                              "options": dict(spec.extra)}
+                    params = {
+                        "model": model,
+                        "method": method,
+                        "ratio": float(ratio),
+                        "eps": float(eps),
+                        "options": dict(spec.extra),
+                    }
                     jid = job_id(params)
                     if jid in seen:
                         continue
@@ -235,6 +253,7 @@ def expand_jobs(spec: SweepSpec) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ results
+
 
 def read_results(path: str | os.PathLike) -> list[dict]:
     """All records of a results file in file order, tolerating a torn last line.
@@ -266,6 +285,7 @@ def _short_job(job: dict) -> str:
 
 # --------------------------------------------------------------------------------------- signal handling
 
+
 class _InterruptGuard:
     """While active, SIGINT and SIGTERM raise KeyboardInterrupt, except inside :meth:`critical`, where the
     signal is remembered and raised right after the block, so a results line is never half-written."""
@@ -281,7 +301,7 @@ class _InterruptGuard:
             return
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
-    def __enter__(self) -> "_InterruptGuard":
+    def __enter__(self) -> _InterruptGuard:
         # signal.signal only works in the main thread; elsewhere run unguarded (Ctrl-C goes to main anyway).
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -331,6 +351,7 @@ def _exclusive(path: Path) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------------ running
+
 
 def run_sweep(
     spec: SweepSpec,

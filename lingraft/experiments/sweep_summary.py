@@ -14,8 +14,21 @@ from pathlib import Path
 
 from lingraft.experiments.sweep import latest_records
 
-SUMMARY_KEYS = ["model", "method", "ratio", "eps", "status", "clean_acc", "pgd_acc", "certified_acc",
-                "grafted_neurons", "relu_neurons", "time_per_sample_s", "elapsed_s", "error"]
+SUMMARY_KEYS = [
+    "model",
+    "method",
+    "ratio",
+    "eps",
+    "status",
+    "clean_acc",
+    "pgd_acc",
+    "certified_acc",
+    "grafted_neurons",
+    "relu_neurons",
+    "time_per_sample_s",
+    "elapsed_s",
+    "error",
+]
 SUMMARY_HEADER = ["model", "method", "ratio", "eps", "status", "clean", "PGD", "certified", "grafted", "ms/img", "s"]
 
 
@@ -26,12 +39,23 @@ def summary_rows(records: Iterable[dict]) -> list[dict]:
         job = rec.get("job") or {}
         res = rec.get("result") or {}
         g = res.get("graft") or {}
-        rows.append({"model": job.get("model"), "method": job.get("method"), "ratio": job.get("ratio"),
-                     "eps": job.get("eps"), "status": rec.get("status"), "clean_acc": res.get("clean_acc"),
-                     "pgd_acc": res.get("pgd_acc"), "certified_acc": res.get("certified_acc"),
-                     "grafted_neurons": g.get("grafted_neurons"), "relu_neurons": g.get("relu_neurons"),
-                     "time_per_sample_s": res.get("time_per_sample_s"), "elapsed_s": rec.get("elapsed_s"),
-                     "error": rec.get("error")})
+        rows.append(
+            {
+                "model": job.get("model"),
+                "method": job.get("method"),
+                "ratio": job.get("ratio"),
+                "eps": job.get("eps"),
+                "status": rec.get("status"),
+                "clean_acc": res.get("clean_acc"),
+                "pgd_acc": res.get("pgd_acc"),
+                "certified_acc": res.get("certified_acc"),
+                "grafted_neurons": g.get("grafted_neurons"),
+                "relu_neurons": g.get("relu_neurons"),
+                "time_per_sample_s": res.get("time_per_sample_s"),
+                "elapsed_s": rec.get("elapsed_s"),
+                "error": rec.get("error"),
+            }
+        )
     return rows
 
 
@@ -48,9 +72,19 @@ def summary_cells(row: dict) -> list:
     """The terminal-table cells of one :func:`summary_rows` row (columns :data:`SUMMARY_HEADER`)."""
     grafted = "-" if row["grafted_neurons"] is None else f"{row['grafted_neurons']}/{row['relu_neurons']}"
     ms = row["time_per_sample_s"]
-    return [model_label(str(row["model"])), row["method"], row["ratio"], row["eps"], row["status"],
-            _pct(row["clean_acc"]), _pct(row["pgd_acc"]), _pct(row["certified_acc"]), grafted,
-            "-" if ms is None else f"{1000 * ms:.2f}", f"{row['elapsed_s'] or 0.0:.1f}"]
+    return [
+        model_label(str(row["model"])),
+        row["method"],
+        row["ratio"],
+        row["eps"],
+        row["status"],
+        _pct(row["clean_acc"]),
+        _pct(row["pgd_acc"]),
+        _pct(row["certified_acc"]),
+        grafted,
+        "-" if ms is None else f"{1000 * ms:.2f}",
+        f"{row['elapsed_s'] or 0.0:.1f}",
+    ]
 
 
 def summary_columns(rows: list[dict]) -> tuple[list[str], list[list]]:

@@ -17,8 +17,15 @@ __all__ = ["INITS", "apply_graft", "graft_summary"]
 INITS = ("paper", "identity", "zero", "fit")
 
 
-def apply_graft(model: nn.Module, masks: dict[str, Tensor], *, init: str = "paper", scores: NeuronScores | None = None,
-                init_a: float = 0.4, init_b: float = 0.0) -> nn.Module:
+def apply_graft(
+    model: nn.Module,
+    masks: dict[str, Tensor],
+    *,
+    init: str = "paper",
+    scores: NeuronScores | None = None,
+    init_a: float = 0.4,
+    init_b: float = 0.0,
+) -> nn.Module:
     """Return a copy of ``model`` whose ReLU modules are GraftedReLU with the given masks. Already grafted neurons
     keep their a, b; new ones get the ``init`` values (paper: a=0.4, b=0; identity: a=1; zero: a=b=0; fit: the
     least-squares line of relu over the score images)."""

@@ -27,8 +27,8 @@ __all__ = ["FinetuneConfig", "finetune", "graft_param_groups"]
 class FinetuneConfig:
     epochs: int = 1
     batch_size: int = 128
-    lr: float = 1e-3            # network weights
-    lr_graft: float = 0.01      # grafted a, b
+    lr: float = 1e-3  # network weights
+    lr_graft: float = 0.01  # grafted a, b
     weight_decay: float = 5e-4  # weights only; a, b get none
     momentum: float = 0.9
     eps: float = 0.1
@@ -46,12 +46,17 @@ def _owner(model: nn.Module, param_name: str) -> nn.Module | None:
 
 def graft_param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
     """Two SGD groups: the network weights (cfg.lr, weight decay) and the GraftedReLU a, b (cfg.lr_graft, none)."""
-    graft_params = [p for n, p in model.named_parameters()
-                    if (n.endswith(".a") or n.endswith(".b")) and isinstance(_owner(model, n), GraftedReLU)]
+    graft_params = [
+        p
+        for n, p in model.named_parameters()
+        if (n.endswith(".a") or n.endswith(".b")) and isinstance(_owner(model, n), GraftedReLU)
+    ]
     graft_ids = {id(p) for p in graft_params}
     weights = [p for p in model.parameters() if id(p) not in graft_ids]
-    return [{"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-            {"params": graft_params, "lr": cfg.lr_graft, "weight_decay": 0.0}]
+    return [
+        {"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"params": graft_params, "lr": cfg.lr_graft, "weight_decay": 0.0},
+    ]
 
 
 def _cosine(steps: int):
@@ -59,8 +64,17 @@ def _cosine(steps: int):
     return lambda t: 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps))
 
 
-def finetune(model: nn.Module, x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor, cfg: FinetuneConfig,
-             *, log=print, progress=None) -> tuple[nn.Module, dict]:
+def finetune(
+    model: nn.Module,
+    x_train: Tensor,
+    y_train: Tensor,
+    x_val: Tensor,
+    y_val: Tensor,
+    cfg: FinetuneConfig,
+    *,
+    log=print,
+    progress=None,
+) -> tuple[nn.Module, dict]:
     """Fine-tune the grafted ``model`` on x_train [N, ...], y_train [N]; validate on x_val, y_val after each epoch.
 
     Returns (the model with its best weights, in eval mode; {"best": metrics, "history": per-epoch metrics from
@@ -80,9 +94,22 @@ def finetune(model: nn.Module, x_train: Tensor, y_train: Tensor, x_val: Tensor, 
     t0 = time.perf_counter()
     for ep in range(1, cfg.epochs + 1):
         # a diverged loss is not fatal here: the best (possibly the un-tuned) weights are kept
-        run_epoch(model, LossPlugin(), recipe, opt, sched, x_train, y_train, batch_size=cfg.batch_size,
-                  shuffle_gen=gen, pos=EpochPosition(), device=dev, epoch=ep, on_batch=on_batch,
-                  raise_on_divergence=False)
+        run_epoch(
+            model,
+            LossPlugin(),
+            recipe,
+            opt,
+            sched,
+            x_train,
+            y_train,
+            batch_size=cfg.batch_size,
+            shuffle_gen=gen,
+            pos=EpochPosition(),
+            device=dev,
+            epoch=ep,
+            on_batch=on_batch,
+            raise_on_divergence=False,
+        )
         model.eval()
         ev = evaluate(model, x_val, y_val, cfg.eps, seed=cfg.seed)
         history.append({"epoch": ep, **ev})

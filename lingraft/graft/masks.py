@@ -21,10 +21,18 @@ MASK_FORMAT = "lingraft-graft-mask"
 def save_masks(path, masks: dict[str, Tensor], meta: dict | None = None) -> None:
     """Write masks as JSON: {"format": "lingraft-graft-mask", "masks": {layer: {"shape": [...],
     "grafted": [flat indices]}}}."""
-    atomic_write_json(path, {"format": MASK_FORMAT, "version": 1, "meta": meta or {},
-                             "masks": {n: {"shape": list(m.shape),
-                                           "grafted": torch.nonzero(m.flatten()).flatten().tolist()}
-                                       for n, m in masks.items()}})
+    atomic_write_json(
+        path,
+        {
+            "format": MASK_FORMAT,
+            "version": 1,
+            "meta": meta or {},
+            "masks": {
+                n: {"shape": list(m.shape), "grafted": torch.nonzero(m.flatten()).flatten().tolist()}
+                for n, m in masks.items()
+            },
+        },
+    )
 
 
 def load_masks(path) -> dict[str, Tensor]:
@@ -35,8 +43,9 @@ def load_masks(path) -> dict[str, Tensor]:
     except FileNotFoundError:
         raise LingraftError(f"mask file not found: {p}") from None
     except (ValueError, UnicodeDecodeError):
-        raise LingraftError(f"mask file {p} is not JSON; write one with "
-                            "'lingraft graft ... --save-mask FILE'") from None
+        raise LingraftError(
+            f"mask file {p} is not JSON; write one with 'lingraft graft ... --save-mask FILE'"
+        ) from None
     if not isinstance(d, dict) or d.get("format") != MASK_FORMAT:
         raise LingraftError(f"{p} is not a lingraft graft mask (format 'lingraft-graft-mask')")
     out = {}
@@ -59,8 +68,10 @@ def check_masks_fit(model: nn.Module, masks: dict[str, Tensor], in_shape) -> Non
     """Raise UsageError unless every mask names a ReLU module of ``model`` with the right activation shape."""
     relus = relu_modules(model)
     shapes = {}
-    hs = [m.register_forward_hook(lambda mod, i, o, n=n: shapes.__setitem__(n, tuple(o.shape[1:])))
-          for n, m in relus.items()]
+    hs = [
+        m.register_forward_hook(lambda mod, i, o, n=n: shapes.__setitem__(n, tuple(o.shape[1:])))
+        for n, m in relus.items()
+    ]
     with torch.no_grad():
         model(torch.zeros(1, *in_shape, device=next(model.parameters()).device))
     for h in hs:

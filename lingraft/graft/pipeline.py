@@ -23,9 +23,24 @@ from lingraft.graft.scores import NeuronScores, compute_scores, relu_modules
 from lingraft.graft.selection import RULES, select_neurons
 from lingraft.graft.settings import GraftSettings
 
-__all__ = ["RULES", "INITS", "NeuronScores", "relu_modules", "compute_scores", "select_neurons", "apply_graft",
-           "graft_summary", "FinetuneConfig", "finetune", "save_masks", "load_masks", "check_masks_fit",
-           "GraftSettings", "run_graft", "CLEAN_DROP_WARN"]
+__all__ = [
+    "RULES",
+    "INITS",
+    "NeuronScores",
+    "relu_modules",
+    "compute_scores",
+    "select_neurons",
+    "apply_graft",
+    "graft_summary",
+    "FinetuneConfig",
+    "finetune",
+    "save_masks",
+    "load_masks",
+    "check_masks_fit",
+    "GraftSettings",
+    "run_graft",
+    "CLEAN_DROP_WARN",
+]
 
 #: a clean-accuracy drop (test images of the before/after table) above this gets a warning with the usual fix
 CLEAN_DROP_WARN = 0.03
@@ -49,8 +64,10 @@ def _load_source(model_path, s: GraftSettings):
 
     lm = load_model(model_path, dataset=s.dataset)
     if lm.source != "checkpoint":
-        raise UsageError("graft needs a lingraft checkpoint (.pt) so the grafted model can be fine-tuned and saved; "
-                         "ONNX models can be certified but not grafted")
+        raise UsageError(
+            "graft needs a lingraft checkpoint (.pt) so the grafted model can be fine-tuned and saved; "
+            "ONNX models can be certified but not grafted"
+        )
     ds = s.dataset or lm.dataset
     if ds is None:
         raise UsageError("the checkpoint does not record its dataset; pass --dataset")
@@ -77,9 +94,10 @@ def _split_training_data(lm, ds: str, s: GraftSettings) -> _GraftData:
     g = torch.Generator().manual_seed(s.seed)
     val_size = min(1000, x_tr.shape[0] // 5)
     x_pool, y_pool = x_tr[:-val_size], y_tr[:-val_size]
-    pick = torch.randperm(x_pool.shape[0], generator=g)[:s.score_images]
-    return _GraftData(x_tr[-val_size:], y_tr[-val_size:], x_pool, y_pool,
-                      x_pool[pick].reshape(-1, *lm.in_shape), y_pool[pick])
+    pick = torch.randperm(x_pool.shape[0], generator=g)[: s.score_images]
+    return _GraftData(
+        x_tr[-val_size:], y_tr[-val_size:], x_pool, y_pool, x_pool[pick].reshape(-1, *lm.in_shape), y_pool[pick]
+    )
 
 
 def _score_and_select(model: nn.Module, lm, data: _GraftData, eps: float, s: GraftSettings, dev, log):
@@ -92,16 +110,28 @@ def _score_and_select(model: nn.Module, lm, data: _GraftData, eps: float, s: Gra
         check_masks_fit(model, masks, lm.in_shape)
         log(f"loaded mask {s.mask_path}")
         return masks, None
-    log(f"scoring {sum(1 for _ in relu_modules(model))} ReLU layers on {data.x_score.shape[0]} training images "
-        f"({s.score_bound} bounds at eps {eps})")
-    scores = compute_scores(model, data.x_score, data.y_score, eps, in_shape=lm.in_shape, bound_method=s.score_bound,
-                            significance_input=s.significance_input, device=dev)
+    log(
+        f"scoring {sum(1 for _ in relu_modules(model))} ReLU layers on {data.x_score.shape[0]} training images "
+        f"({s.score_bound} bounds at eps {eps})"
+    )
+    scores = compute_scores(
+        model,
+        data.x_score,
+        data.y_score,
+        eps,
+        in_shape=lm.in_shape,
+        bound_method=s.score_bound,
+        significance_input=s.significance_input,
+        device=dev,
+    )
     if s.scores_only:
-        atomic_write_json(s.scores_only, {"format": "lingraft-graft-scores", "model": lm.path, "eps": eps,
-                                          "scores": scores.to_dict()})
+        atomic_write_json(
+            s.scores_only, {"format": "lingraft-graft-scores", "model": lm.path, "eps": eps, "scores": scores.to_dict()}
+        )
         return None, scores
-    masks = select_neurons(scores, s.ratio, rule=s.rule, scope=s.scope, gammas=s.gammas,
-                           significance=s.significance, seed=s.seed)
+    masks = select_neurons(
+        scores, s.ratio, rule=s.rule, scope=s.scope, gammas=s.gammas, significance=s.significance, seed=s.seed
+    )
     return masks, scores
 
 
@@ -109,14 +139,16 @@ def _finetune_grafted(grafted: nn.Module, lm, data: _GraftData, train_eps: float
     """(fine-tuned model, finetune info) on the first s.num_train pool images; unchanged when s.epochs is 0."""
     if s.epochs <= 0:
         return grafted, {"time_s": 0.0, "history": [], "best": None}
-    xt, yt = data.x_pool[:s.num_train].reshape(-1, *lm.in_shape), data.y_pool[:s.num_train]
-    fcfg = FinetuneConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, lr_graft=s.lr_graft, eps=train_eps,
-                          seed=s.seed)
+    xt, yt = data.x_pool[: s.num_train].reshape(-1, *lm.in_shape), data.y_pool[: s.num_train]
+    fcfg = FinetuneConfig(
+        epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, lr_graft=s.lr_graft, eps=train_eps, seed=s.seed
+    )
     return finetune(grafted, xt, yt, data.x_val.reshape(-1, *lm.in_shape), data.y_val, fcfg, log=log)
 
 
-def _certify_before_after(model: nn.Module, grafted: nn.Module, lm, ds: str, eps: float, s: GraftSettings, dev,
-                          log) -> dict:
+def _certify_before_after(
+    model: nn.Module, grafted: nn.Module, lm, ds: str, eps: float, s: GraftSettings, dev, log
+) -> dict:
     """{"before": {method: report}, "after": {...}} on s.num_samples test images (empty when 0)."""
     from lingraft.certify.pipeline import certify
     from lingraft.data.datasets import load_dataset, subset
@@ -132,8 +164,10 @@ def _certify_before_after(model: nn.Module, grafted: nn.Module, lm, ds: str, eps
             d = rep.to_dict()
             d.pop("samples")
             evaluation[tag][meth] = d
-            log(f"{tag:6s} {meth:11s} clean {rep.clean_acc:.3f} pgd {rep.pgd_acc:.3f} "
-                f"certified {rep.certified_acc:.3f} ({rep.time_per_sample_s * 1000:.1f} ms/img)")
+            log(
+                f"{tag:6s} {meth:11s} clean {rep.clean_acc:.3f} pgd {rep.pgd_acc:.3f} "
+                f"certified {rep.certified_acc:.3f} ({rep.time_per_sample_s * 1000:.1f} ms/img)"
+            )
     return evaluation
 
 
@@ -145,8 +179,9 @@ def _save_grafted(grafted: nn.Module, lm, ds: str, s: GraftSettings, meta: dict,
         log(f"wrote {s.out_path}")
 
 
-def run_graft(model_path, settings: GraftSettings | None = None, *, device=None, log=print, command="",
-              **options) -> dict:
+def run_graft(
+    model_path, settings: GraftSettings | None = None, *, device=None, log=print, command="", **options
+) -> dict:
     """The whole ``lingraft graft`` job: load, score, select, graft, fine-tune, save, evaluate before/after.
 
     Pass a :class:`GraftSettings`, or its fields as keywords (``run_graft(path, ratio=0.5, eps=0.1,
@@ -172,21 +207,47 @@ def run_graft(model_path, settings: GraftSettings | None = None, *, device=None,
     grafted = apply_graft(model, masks, init=s.init, scores=scores)
     grafted, ft = _finetune_grafted(grafted, lm, data, train_eps, s, log)
     summary = graft_summary(grafted)
-    meta = {"graft": {"source": lm.path, "ratio": s.ratio, "rule": s.rule, "scope": s.scope,
-                      "gammas": list(s.gammas), "significance": s.significance, "init": s.init, "eps": eps,
-                      "train_eps": train_eps, "epochs": s.epochs, "num_train": s.num_train, "finetune": ft,
-                      "score_time_s": score_time},
-            "eps": eps, "command": command, "parent_meta": lm.meta}
+    meta = {
+        "graft": {
+            "source": lm.path,
+            "ratio": s.ratio,
+            "rule": s.rule,
+            "scope": s.scope,
+            "gammas": list(s.gammas),
+            "significance": s.significance,
+            "init": s.init,
+            "eps": eps,
+            "train_eps": train_eps,
+            "epochs": s.epochs,
+            "num_train": s.num_train,
+            "finetune": ft,
+            "score_time_s": score_time,
+        },
+        "eps": eps,
+        "command": command,
+        "parent_meta": lm.meta,
+    }
     _save_grafted(grafted, lm, ds, s, meta, log)
     evaluation = _certify_before_after(model, grafted, lm, ds, eps, s, dev, log)
     warnings = _clean_drop_warning(evaluation)
     for w in warnings:
         log(f"warning: {w}")
-    return {"schema_version": 1, "command": "graft", "model": lm.path, "out": s.out_path, "ratio": s.ratio,
-            "rule": s.rule, "scope": s.scope, "eps": eps,
-            "relu_neurons": sum(v["neurons"] for v in summary.values()),
-            "grafted_neurons": sum(v["grafted"] for v in summary.values()), "layers": summary,
-            "finetune": {"time_s": ft["time_s"], "best": ft["best"]}, "evaluation": evaluation, "warnings": warnings}
+    return {
+        "schema_version": 1,
+        "command": "graft",
+        "model": lm.path,
+        "out": s.out_path,
+        "ratio": s.ratio,
+        "rule": s.rule,
+        "scope": s.scope,
+        "eps": eps,
+        "relu_neurons": sum(v["neurons"] for v in summary.values()),
+        "grafted_neurons": sum(v["grafted"] for v in summary.values()),
+        "layers": summary,
+        "finetune": {"time_s": ft["time_s"], "best": ft["best"]},
+        "evaluation": evaluation,
+        "warnings": warnings,
+    }
 
 
 def _clean_drop_warning(evaluation: dict) -> list[str]:
@@ -199,8 +260,10 @@ def _clean_drop_warning(evaluation: dict) -> list[str]:
     cb, ca = before[common[0]]["clean_acc"], after[common[0]]["clean_acc"]
     if ca >= cb - CLEAN_DROP_WARN:
         return []
-    return [f"clean accuracy fell from {100 * cb:.1f}% to {100 * ca:.1f}% after grafting; fine-tune longer "
-            "(e.g. --epochs 3 --num-train 59000) or graft a smaller --ratio"]
+    return [
+        f"clean accuracy fell from {100 * cb:.1f}% to {100 * ca:.1f}% after grafting; fine-tune longer "
+        "(e.g. --epochs 3 --num-train 59000) or graft a smaller --ratio"
+    ]
 
 
 def _arch_kwargs(lm) -> dict:

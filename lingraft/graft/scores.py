@@ -34,12 +34,14 @@ class NeuronScores:
     magnitude: dict = field(default_factory=dict)
     shapes: dict = field(default_factory=dict)
     grafted: dict = field(default_factory=dict)  # already-grafted neurons (bool), excluded from selection
-    fit_a: dict = field(default_factory=dict)    # least-squares linear fit of relu(z) over the score images
+    fit_a: dict = field(default_factory=dict)  # least-squares linear fit of relu(z) over the score images
     fit_b: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {k: {n: v.tolist() if torch.is_tensor(v) else v for n, v in getattr(self, k).items()}
-                for k in ("instability", "gradient", "magnitude", "shapes", "grafted", "fit_a", "fit_b")}
+        return {
+            k: {n: v.tolist() if torch.is_tensor(v) else v for n, v in getattr(self, k).items()}
+            for k in ("instability", "gradient", "magnitude", "shapes", "grafted", "fit_a", "fit_b")
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> NeuronScores:
@@ -91,6 +93,7 @@ class _ActivationRecorder:
             self.pre[name] = inp[0].detach()
             out.retain_grad()
             self.out[name] = out
+
         return record
 
     def remove(self) -> None:
@@ -121,8 +124,9 @@ def _finish(sums: dict, relus: dict[str, nn.Module], n: int) -> NeuronScores:
         sc.instability[name] = (sums["inst"][name] / n).cpu()
         sc.gradient[name] = (sums["grad"][name] / n).cpu()
         sc.magnitude[name] = (sums["mag"][name] / n).cpu()
-        sc.grafted[name] = (m.mask.reshape(shape) > 0.5).cpu() if isinstance(m, GraftedReLU) \
-            else torch.zeros(shape, dtype=torch.bool)
+        sc.grafted[name] = (
+            (m.mask.reshape(shape) > 0.5).cpu() if isinstance(m, GraftedReLU) else torch.zeros(shape, dtype=torch.bool)
+        )
         mz, mzz, mr, mzr = (sums[k][name].cpu() / n for k in ("z", "zz", "r", "zr"))
         var = (mzz - mz * mz).clamp(min=1e-12)
         a = ((mzr - mz * mr) / var).clamp(0, 1)
@@ -130,8 +134,18 @@ def _finish(sums: dict, relus: dict[str, nn.Module], n: int) -> NeuronScores:
     return sc
 
 
-def compute_scores(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, in_shape=None, bound_method: str = "crown",
-                   significance_input: str = "clean", batch_size: int = 50, device=None) -> NeuronScores:
+def compute_scores(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    *,
+    in_shape=None,
+    bound_method: str = "crown",
+    significance_input: str = "clean",
+    batch_size: int = 50,
+    device=None,
+) -> NeuronScores:
     """Instability, gradient and magnitude scores of every ReLU neuron over images x [N, *in] with labels y [N]."""
     if bound_method not in ("ibp", "crown"):
         raise UsageError(f"graft bound method must be ibp or crown, got {bound_method!r}")
@@ -147,7 +161,7 @@ def compute_scores(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, in_sha
     sums = {k: {n: 0.0 for n in relus} for k in _SUMS}
     try:
         for s in range(0, x.shape[0], batch_size):
-            xb, yb = x[s:s + batch_size].to(dev), y[s:s + batch_size].to(dev)
+            xb, yb = x[s : s + batch_size].to(dev), y[s : s + batch_size].to(dev)
             xl, xu = (xb - eps).clamp(0, 1), (xb + eps).clamp(0, 1)
             bnds = _preactivation_bounds(net, xl, xu, bound_method)
             for name in relus:

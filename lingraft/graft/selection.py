@@ -66,8 +66,16 @@ def _choose_baseline(chosen: Tensor, need: int, rule: str, inst: Tensor, mag: Te
     chosen[torch.topk(score, need).indices] = True
 
 
-def select_neurons(scores: NeuronScores, ratio: float, *, rule: str = "lg", scope: str = "global",
-                   gammas=(2.0, 1.5, 1.0, 0.0), significance: str = "gradient", seed: int = 0) -> dict[str, Tensor]:
+def select_neurons(
+    scores: NeuronScores,
+    ratio: float,
+    *,
+    rule: str = "lg",
+    scope: str = "global",
+    gammas=(2.0, 1.5, 1.0, 0.0),
+    significance: str = "gradient",
+    seed: int = 0,
+) -> dict[str, Tensor]:
     """Masks (bool, layer activation shape) of the neurons to graft: ``ratio`` of all ReLU neurons (counting
     already-grafted ones, which stay grafted). Returns {layer: mask}."""
     _check_options(ratio, rule, scope, significance)
@@ -90,6 +98,6 @@ def select_neurons(scores: NeuronScores, ratio: float, *, rule: str = "lg", scop
         off = 0
         for n in group:
             k = masks[n].numel()
-            masks[n] = chosen[off:off + k].reshape(masks[n].shape)
+            masks[n] = chosen[off : off + k].reshape(masks[n].shape)
             off += k
     return masks

@@ -33,11 +33,11 @@ class GraftSettings:
     batch_size: int = 128
     lr: float = 1e-3
     lr_graft: float = 0.01
-    train_eps: float | None = None   # None: eps
+    train_eps: float | None = None  # None: eps
     # files
-    scores_only: str | None = None   # write the scores JSON here and stop
-    mask_path: str | None = None     # graft this saved mask instead of selecting
-    save_mask: str | None = None     # also write the chosen mask here
+    scores_only: str | None = None  # write the scores JSON here and stop
+    mask_path: str | None = None  # graft this saved mask instead of selecting
+    save_mask: str | None = None  # also write the chosen mask here
     # before/after certification table (num_samples 0: none)
     num_samples: int = 200
     methods: tuple = ("crown", "alpha-crown")

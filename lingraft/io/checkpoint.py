@@ -41,8 +41,15 @@ from lingraft.errors import LingraftError, UsageError
 from lingraft.io.files import _json_default, atomic_write, atomic_write_json, file_sha256
 from lingraft.models.layers import GraftedReLU, first_non_binary, is_binary_mask
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "replace_module", "sidecar_path",
-           "grafted_modules"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "save_checkpoint",
+    "load_checkpoint",
+    "replace_module",
+    "sidecar_path",
+    "grafted_modules",
+]
 
 FORMAT = "lingraft-checkpoint"
 FORMAT_VERSION = 1
@@ -143,8 +150,11 @@ def _check_sidecar(path: Path) -> dict | None:
     recorded = side.get("sha256")
     sp = sidecar_path(path)
     if not isinstance(recorded, str):
-        warnings.warn(f"sidecar {sp} records no sha256, so {path} cannot be checked against it; re-save the "
-                      "checkpoint to rewrite it", stacklevel=3)
+        warnings.warn(
+            f"sidecar {sp} records no sha256, so {path} cannot be checked against it; re-save the "
+            "checkpoint to rewrite it",
+            stacklevel=3,
+        )
         return None
     try:
         actual = file_sha256(path)
@@ -157,18 +167,20 @@ def _check_sidecar(path: Path) -> dict | None:
     raise LingraftError(
         f"checkpoint {path} does not match its sidecar {sp.name} (sha256 {actual[:12]}..., the sidecar records "
         f"{recorded[:12]}...): the .pt is corrupted or was replaced; re-copy both files or re-create the "
-        f"checkpoint (if you replaced the .pt on purpose, delete {sp})")
+        f"checkpoint (if you replaced the .pt on purpose, delete {sp})"
+    )
 
 
 def _rewrite_stale_sidecar(path: Path, ckpt: dict) -> None:
     sp = sidecar_path(path)
-    what = (f"{sp} belongs to a save of {path.name} that was interrupted before the .pt was replaced; loaded "
-            f"{path}, the previous intact checkpoint, with its own metadata")
+    what = (
+        f"{sp} belongs to a save of {path.name} that was interrupted before the .pt was replaced; loaded "
+        f"{path}, the previous intact checkpoint, with its own metadata"
+    )
     try:
         atomic_write_json(sp, _sidecar(ckpt, path, file_sha256(path), None))
     except (OSError, LingraftError) as e:
-        warnings.warn(f"{what}; could not rewrite the sidecar ({e}): delete it or re-save the checkpoint",
-                      stacklevel=3)
+        warnings.warn(f"{what}; could not rewrite the sidecar ({e}): delete it or re-save the checkpoint", stacklevel=3)
         return
     warnings.warn(f"{what}, and rewrote the sidecar to match", stacklevel=3)
 
@@ -214,15 +226,19 @@ def _torch_load(path: Path, map_location):
             raise LingraftError(
                 f"checkpoint {path} contains pickled objects or code that safe loading (weights_only) refuses; "
                 "lingraft never runs code from a checkpoint: re-save the weights with lingraft.io.checkpoint."
-                "save_checkpoint") from None
-        raise LingraftError(f"checkpoint {path} is not a PyTorch file or is corrupted; "
-                            "re-create or re-copy it") from None
+                "save_checkpoint"
+            ) from None
+        raise LingraftError(
+            f"checkpoint {path} is not a PyTorch file or is corrupted; re-create or re-copy it"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as e:
         if is_zip or isinstance(e, EOFError):
-            raise LingraftError(f"checkpoint {path} is truncated or corrupted ({type(e).__name__}); "
-                                "re-create or re-copy it") from None
-        raise LingraftError(f"checkpoint {path} is not a PyTorch file; "
-                            "pass a .pt written by 'lingraft train'") from None
+            raise LingraftError(
+                f"checkpoint {path} is truncated or corrupted ({type(e).__name__}); re-create or re-copy it"
+            ) from None
+        raise LingraftError(
+            f"checkpoint {path} is not a PyTorch file; pass a .pt written by 'lingraft train'"
+        ) from None
 
 
 def load_checkpoint(path, map_location="cpu") -> tuple[nn.Module, dict]:
@@ -233,21 +249,28 @@ def load_checkpoint(path, map_location="cpu") -> tuple[nn.Module, dict]:
     path = Path(os.fspath(path))
     ckpt, stale_sidecar = _torch_load(path, map_location)
     if not isinstance(ckpt, dict):
-        raise LingraftError(f"{path} holds a {type(ckpt).__name__}, not a lingraft checkpoint; "
-                            "re-save the model with lingraft.io.checkpoint.save_checkpoint")
+        raise LingraftError(
+            f"{path} holds a {type(ckpt).__name__}, not a lingraft checkpoint; "
+            "re-save the model with lingraft.io.checkpoint.save_checkpoint"
+        )
     if ckpt.get("format") != FORMAT:
         if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
             first = next(iter(ckpt))
             raise LingraftError(
                 f"{path} is a bare state_dict ({len(ckpt)} tensors, e.g. {first!r}), not a lingraft checkpoint; "
                 "load it into create_model(ARCH, ...) and save with lingraft.io.checkpoint.save_checkpoint, "
-                "or export the network to ONNX")
-        raise LingraftError(f"{path} is not a lingraft checkpoint (no format '{FORMAT}'; keys: "
-                            f"{', '.join(map(str, list(ckpt)[:5]))}); pass a .pt written by 'lingraft train'")
+                "or export the network to ONNX"
+            )
+        raise LingraftError(
+            f"{path} is not a lingraft checkpoint (no format '{FORMAT}'; keys: "
+            f"{', '.join(map(str, list(ckpt)[:5]))}); pass a .pt written by 'lingraft train'"
+        )
     version = ckpt.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise LingraftError(f"{path} has checkpoint format version {version!r}, newer than this lingraft supports "
-                            f"({FORMAT_VERSION}); upgrade lingraft")
+        raise LingraftError(
+            f"{path} has checkpoint format version {version!r}, newer than this lingraft supports "
+            f"({FORMAT_VERSION}); upgrade lingraft"
+        )
     for key in ("arch", "arch_kwargs", "state_dict"):
         if key not in ckpt:
             raise LingraftError(f"{path} lacks the '{key}' entry; the checkpoint is damaged, re-create it")
@@ -256,24 +279,28 @@ def load_checkpoint(path, map_location="cpu") -> tuple[nn.Module, dict]:
 
     arch = ckpt["arch"]
     if arch not in list_models():
-        raise LingraftError(f"{path} was saved from architecture {arch!r}, which this lingraft does not know "
-                            f"(available: {', '.join(list_models())}); use the lingraft version that wrote it")
+        raise LingraftError(
+            f"{path} was saved from architecture {arch!r}, which this lingraft does not know "
+            f"(available: {', '.join(list_models())}); use the lingraft version that wrote it"
+        )
     try:
         model = create_model(arch, **ckpt["arch_kwargs"])
     except (TypeError, ValueError, LingraftError) as e:
-        raise LingraftError(f"{path}: cannot build {arch!r} from its arch_kwargs ({e}); "
-                            "the checkpoint is damaged") from None
+        raise LingraftError(
+            f"{path}: cannot build {arch!r} from its arch_kwargs ({e}); the checkpoint is damaged"
+        ) from None
     for name, shape in (ckpt.get("grafted") or {}).items():
         replace_module(model, name, GraftedReLU(shape))
 
     state = ckpt["state_dict"]
-    for name in (ckpt.get("grafted") or {}):
+    for name in ckpt.get("grafted") or {}:
         m = state.get(f"{name}.mask")
         if isinstance(m, torch.Tensor) and not is_binary_mask(m):
             raise LingraftError(
                 f"{path}: GraftedReLU {name!r} mask holds values other than 0/1 (e.g. {first_non_binary(m):g}); "
                 "a mask marks each neuron grafted (1) or not (0), so the checkpoint is damaged or was edited: "
-                "re-create it with 'lingraft graft' (or round the mask to 0/1 and re-save)")
+                "re-create it with 'lingraft graft' (or round the mask to 0/1 and re-save)"
+            )
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -283,12 +310,16 @@ def load_checkpoint(path, map_location="cpu") -> tuple[nn.Module, dict]:
             parts.append(f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
         if unexpected:
             parts.append(f"unexpected {', '.join(unexpected[:3])}" + (" ..." if len(unexpected) > 3 else ""))
-        raise LingraftError(f"{path}: weights do not match architecture {arch!r} ({'; '.join(parts)}); "
-                            "the checkpoint is damaged or was edited")
+        raise LingraftError(
+            f"{path}: weights do not match architecture {arch!r} ({'; '.join(parts)}); "
+            "the checkpoint is damaged or was edited"
+        )
     for k, v in expected.items():
         if tuple(state[k].shape) != tuple(v.shape):
-            raise LingraftError(f"{path}: weight {k!r} has shape {list(state[k].shape)} but {arch!r} needs "
-                                f"{list(v.shape)}; the checkpoint is damaged or was edited")
+            raise LingraftError(
+                f"{path}: weight {k!r} has shape {list(state[k].shape)} but {arch!r} needs "
+                f"{list(v.shape)}; the checkpoint is damaged or was edited"
+            )
     model.load_state_dict(state, strict=True)
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)  # buffers created by the constructor (e.g. GraftedReLU masks) follow too

@@ -15,8 +15,9 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lingraft.errors import LingraftError
 
@@ -64,10 +65,15 @@ def describe_os_error(e: OSError, path=None) -> str:
     return (e.strerror or str(e)).rstrip(".")
 
 
-_FIX = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or write elsewhere",
-        errno.EROFS: "write elsewhere", errno.EACCES: "check the folder's permissions or write elsewhere",
-        errno.EPERM: "check the folder's permissions or write elsewhere", errno.ENOTDIR: "choose another folder",
-        errno.EISDIR: "give a file name"}
+_FIX = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "free some space or write elsewhere",
+    errno.EROFS: "write elsewhere",
+    errno.EACCES: "check the folder's permissions or write elsewhere",
+    errno.EPERM: "check the folder's permissions or write elsewhere",
+    errno.ENOTDIR: "choose another folder",
+    errno.EISDIR: "give a file name",
+}
 
 
 def _write_error(e: OSError, path: Path) -> FileWriteError:
@@ -89,8 +95,12 @@ def ensure_parent(path: str | os.PathLike) -> None:
         raise _write_error(e, path) from None
 
 
-def atomic_write(path: str | os.PathLike, writer: Callable[[Any], None], mode: str = "wb",
-                 before_replace: Callable[[Path], None] | None = None) -> None:
+def atomic_write(
+    path: str | os.PathLike,
+    writer: Callable[[Any], None],
+    mode: str = "wb",
+    before_replace: Callable[[Path], None] | None = None,
+) -> None:
     """Call ``writer(fileobj)`` on a temp file next to ``path``, then atomically rename it to ``path``.
 
     ``before_replace(temp_path)``, if given, runs after the temp file is complete and synced and before the
@@ -230,8 +240,14 @@ def _parses(line: bytes) -> bool:
         return False
 
 
-def read_jsonl(path, *, repair: bool = False, what: str = "file", fix: str = "delete that line and rerun",
-               log: Callable[[str], Any] | None = None) -> list:
+def read_jsonl(
+    path,
+    *,
+    repair: bool = False,
+    what: str = "file",
+    fix: str = "delete that line and rerun",
+    log: Callable[[str], Any] | None = None,
+) -> list:
     """Every value of the JSON-lines file ``path`` in file order ([] when it does not exist).
 
     A *torn* last line (what a kill during :func:`append_jsonl` leaves) is skipped: the file does not end in a

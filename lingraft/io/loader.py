@@ -19,7 +19,7 @@ def models_dir() -> Path:
     env = os.environ.get("LINGRAFT_MODELS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[1] / "models"
+    return Path(__file__).resolve().parents[2] / "models"  # the repository's models/, beside the package
 
 
 def default_model_path() -> Path:
@@ -31,7 +31,7 @@ class LoadedModel:
     model: nn.Module
     in_shape: tuple
     dataset: str | None
-    source: str            # "checkpoint" or "onnx"
+    source: str  # "checkpoint" or "onnx"
     path: str
     arch: str | None = None
     meta: dict = field(default_factory=dict)
@@ -93,9 +93,11 @@ def check_input_matches_dataset(lm: LoadedModel, dataset: str | None = None) -> 
         return
     info = dataset_info(ds)
     if _prod(info.in_shape) != _prod(lm.in_shape):
-        raise LingraftError(f"{lm.source} {lm.path} takes inputs {tuple(lm.in_shape)} but its dataset {ds} has "
-                            f"{tuple(info.in_shape)} images; its in_shape or dataset entry is wrong: "
-                            "re-create it with the right ones")
+        raise LingraftError(
+            f"{lm.source} {lm.path} takes inputs {tuple(lm.in_shape)} but its dataset {ds} has "
+            f"{tuple(info.in_shape)} images; its in_shape or dataset entry is wrong: "
+            "re-create it with the right ones"
+        )
 
 
 def _prod(t):

@@ -7,7 +7,7 @@ returns an ``nn.Module`` whose first layer is :class:`lingraft.models.layers.Nor
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from lingraft.bounds.ops.attention import conv_bounds, local_attention_interval, scale_bounds
 from lingraft.errors import UsageError
-from lingraft.models.layers import Normalize
 from lingraft.models import register
+from lingraft.models.layers import Normalize
 
 _NEG_INF = float("-inf")
 
@@ -31,8 +31,9 @@ _NEG_INF = float("-inf")
 # ----------------------------------------------------------------------------------------------------
 
 
-def window_index(h: int, w: int, k: int, stride: int = 1, padding: str = "zeros",
-                 device: torch.device | None = None) -> tuple[Tensor, Tensor, int, int]:
+def window_index(
+    h: int, w: int, k: int, stride: int = 1, padding: str = "zeros", device: torch.device | None = None
+) -> tuple[Tensor, Tensor, int, int]:
     """Flat source indices of every k x k window.
 
     Window position ``a * k + b`` (a = row, b = column of the window, the order of ``F.unfold``) of the
@@ -47,8 +48,9 @@ def window_index(h: int, w: int, k: int, stride: int = 1, padding: str = "zeros"
         raise UsageError(f"attention window size must be odd, got {k}; use 3, 5 or 7")
     r = k // 2
     if padding == "reflect" and (r >= h or r >= w):
-        raise UsageError(f"reflect padding of {r} needs a feature map larger than {r}x{r}, got {h}x{w}; "
-                         "use padding='zeros'")
+        raise UsageError(
+            f"reflect padding of {r} needs a feature map larger than {r}x{r}, got {h}x{w}; use padding='zeros'"
+        )
     if padding not in ("zeros", "reflect"):
         raise UsageError(f"unknown attention padding {padding!r}; use 'zeros' or 'reflect'")
     oy = torch.arange(0, h, stride, device=device)
@@ -99,6 +101,7 @@ def _windows_bounds(lower: Tensor, upper: Tensor, idx: Tensor, heads: int) -> tu
 
 def position_grid(h: int, w: int, device=None, dtype=None) -> Tensor:
     """[1, 2, h, w] coordinate grid in [-1, 1]: channel 0 = column (x) coordinate, channel 1 = row (y)."""
+
     def lin(n: int) -> list[float]:  # torch.linspace(-1, 1, n), built in Python so it exports as a constant
         return [-1.0 + 2.0 * i / (n - 1) for i in range(n)] if n > 1 else [-1.0]
 
@@ -127,8 +130,16 @@ class ACmix(nn.Module):
     same kernels and its bias init returns None, i.e. removes the bias.
     """
 
-    def __init__(self, in_planes: int, out_planes: int, kernel_att: int = 7, head: int = 4, kernel_conv: int = 3,
-                 stride: int = 1, padding: str = "reflect"):
+    def __init__(
+        self,
+        in_planes: int,
+        out_planes: int,
+        kernel_att: int = 7,
+        head: int = 4,
+        kernel_conv: int = 3,
+        stride: int = 1,
+        padding: str = "reflect",
+    ):
         super().__init__()
         if out_planes % head:
             raise UsageError(f"ACmix: out_planes={out_planes} must be divisible by head={head}")
@@ -157,8 +168,10 @@ class ACmix(nn.Module):
         self.register_buffer("shift_weight", shift.unsqueeze(0).repeat(out_planes, 1, 1, 1))
 
     def extra_repr(self) -> str:
-        return (f"{self.in_planes}, {self.out_planes}, kernel_att={self.kernel_att}, head={self.head}, "
-                f"kernel_conv={self.kernel_conv}, stride={self.stride}, padding={self.padding!r}")
+        return (
+            f"{self.in_planes}, {self.out_planes}, kernel_att={self.kernel_att}, head={self.head}, "
+            f"kernel_conv={self.kernel_conv}, stride={self.stride}, padding={self.padding!r}"
+        )
 
     # -- pieces shared by forward and bounds ---------------------------------------------------------
 
@@ -198,7 +211,7 @@ class ACmix(nn.Module):
         # convolution: fc mixes the 3*head maps of each head channel d, dep_conv shifts and sums per d
         qkv = torch.cat([t.view(b, nh, hd, h * w) for t in (q, k, v)], 1)  # [B, 3nh, hd, HW]
         f = self.fc(qkv)  # [B, kk, hd, HW]
-        f = f.permute(0, 2, 1, 3).reshape(b, hd * self.kernel_conv ** 2, h, w)  # channel d*kk + i
+        f = f.permute(0, 2, 1, 3).reshape(b, hd * self.kernel_conv**2, h, w)  # channel d*kk + i
         out_conv = self._dep_conv(f, self.shift_weight)
 
         return self.rate1 * out_att + self.rate2 * out_conv
@@ -211,7 +224,7 @@ class ACmix(nn.Module):
         q, k, v and fc are all linear per pixel, so composing them first makes the interval of f exact
         (propagating intervals through q/k/v and then fc separately would lose their correlation).
         """
-        nh, hd, kk = self.head, self.head_dim, self.kernel_conv ** 2
+        nh, hd, kk = self.head, self.head_dim, self.kernel_conv**2
         ws = torch.cat([c.weight.flatten(1).view(nh, hd, -1) for c in (self.conv1, self.conv2, self.conv3)])
         bs = torch.cat([c.bias.view(nh, hd) for c in (self.conv1, self.conv2, self.conv3)])  # [3nh, hd]
         fw = self.fc.weight.flatten(1)  # [kk, 3nh]
@@ -240,10 +253,19 @@ class ACmix(nn.Module):
         c, rad = (upper + lower) / 2, (upper - lower) / 2
         query_input = (self._query_positions(c, h_out, w_out), self._query_positions(rad, h_out, w_out))
         al, au = local_attention_interval(
-            (ql, qu), _windows_bounds(kl, ku, idx, nh), _windows_bounds(vl, vu, idx, nh), valid, query_input,
-            (gather_windows(c, idx), gather_windows(rad, idx)), self.conv1.weight.view(nh, hd, -1),
-            self.conv1.bias.view(nh, hd), self.conv2.weight.view(nh, hd, -1), self.conv2.bias.view(nh, hd),
-            key_bias=self._pe_delta(h, w, idx, lower), scale=scaling)
+            (ql, qu),
+            _windows_bounds(kl, ku, idx, nh),
+            _windows_bounds(vl, vu, idx, nh),
+            valid,
+            query_input,
+            (gather_windows(c, idx), gather_windows(rad, idx)),
+            self.conv1.weight.view(nh, hd, -1),
+            self.conv1.bias.view(nh, hd),
+            self.conv2.weight.view(nh, hd, -1),
+            self.conv2.bias.view(nh, hd),
+            key_bias=self._pe_delta(h, w, idx, lower),
+            scale=scaling,
+        )
         al, au = al.reshape(b, self.out_planes, h_out, w_out), au.reshape(b, self.out_planes, h_out, w_out)
 
         # conv path: an affine map of x
@@ -303,7 +325,7 @@ class SASA(nn.Module):
         return idx, valid
 
     def _key_bias(self) -> Tensor:
-        return self.relative_embedding().view(1, self.heads, -1, self.kernel_size ** 2, 1)  # [1, nh, hd, K, 1]
+        return self.relative_embedding().view(1, self.heads, -1, self.kernel_size**2, 1)  # [1, nh, hd, K, 1]
 
     def logits(self, x: Tensor) -> Tensor:
         """Attention logits [B, heads, K, H*W]; -inf at window positions outside the image."""
@@ -339,9 +361,18 @@ class SASA(nn.Module):
         bq = None if self.query.bias is None else self.query.bias.view(nh, hd)
         bk = None if self.key.bias is None else self.key.bias.view(nh, hd)
         lo, hi = local_attention_interval(
-            (ql, qu), _windows_bounds(kl, ku, idx, nh), _windows_bounds(vl, vu, idx, nh), valid,
-            (c.flatten(2), rad.flatten(2)), (gather_windows(c, idx), gather_windows(rad, idx)),
-            self.query.weight.view(nh, hd, -1), bq, self.key.weight.view(nh, hd, -1), bk, key_bias=self._key_bias())
+            (ql, qu),
+            _windows_bounds(kl, ku, idx, nh),
+            _windows_bounds(vl, vu, idx, nh),
+            valid,
+            (c.flatten(2), rad.flatten(2)),
+            (gather_windows(c, idx), gather_windows(rad, idx)),
+            self.query.weight.view(nh, hd, -1),
+            bq,
+            self.key.weight.view(nh, hd, -1),
+            bk,
+            key_bias=self._key_bias(),
+        )
         return lo.reshape(b, self.out_channels, h, w), hi.reshape(b, self.out_channels, h, w)
 
 

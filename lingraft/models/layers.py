@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class Normalize(nn.Module):
@@ -74,17 +74,21 @@ class GraftedReLU(nn.Module):
         self.a = nn.Parameter(torch.full(shape, float(init_a)))
         self.b = nn.Parameter(torch.full(shape, float(init_b)))
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # load_state_dict copies buffers without the constructor's check; a mask that is not 0/1 would make the
         # module compute relu((1-m)x) + m(ax+b) while the bound engine bounds a*x+b wherever m > 0.5
         m = state_dict.get(prefix + "mask")
         if isinstance(m, torch.Tensor) and not is_binary_mask(m):
-            error_msgs.append(f"GraftedReLU {prefix.rstrip('.') or '(root)'!r}: mask holds values other than 0/1 "
-                              f"(e.g. {first_non_binary(m):g}); a mask must be 0/1 (1 = grafted)")
+            error_msgs.append(
+                f"GraftedReLU {prefix.rstrip('.') or '(root)'!r}: mask holds values other than 0/1 "
+                f"(e.g. {first_non_binary(m):g}); a mask must be 0/1 (1 = grafted)"
+            )
             return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     @property
     def num_grafted(self) -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lingraft.models.layers import Normalize
 from lingraft.models import register
+from lingraft.models.layers import Normalize
 
 
 def _flat_size(layers: nn.Module, in_shape) -> int:
@@ -53,15 +53,20 @@ def convbig(in_shape, num_classes, mean, std):
     c = in_shape[0]
     feats = nn.Sequential(
         Normalize(mean, std),
-        nn.Conv2d(c, 32, 3, stride=1, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 32, 4, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, stride=1, padding=1), nn.ReLU(),
-        nn.Conv2d(64, 64, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(c, 32, 3, stride=1, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=1, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 4, stride=2, padding=1),
+        nn.ReLU(),
         nn.Flatten(),
     )
     n = _flat_size(feats, in_shape)
-    return nn.Sequential(*feats, nn.Linear(n, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
-                         nn.Linear(512, num_classes))
+    return nn.Sequential(
+        *feats, nn.Linear(n, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, num_classes)
+    )
 
 
 class BasicBlock(nn.Module):

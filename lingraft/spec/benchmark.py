@@ -80,5 +80,9 @@ def write_benchmark(model, x: Tensor, y: Tensor, eps: float, onnx_path, timeout:
         rows.append(f"{onnx_path.name},{name},{timeout:g}")
         paths.append(str(folder / name))
     atomic_write_text(folder / "instances.csv", "\n".join(rows) + "\n")
-    return {"eps": eps, "properties": paths, "instances": str(folder / "instances.csv"),
-            "skipped_misclassified": x.shape[0] - len(keep)}
+    return {
+        "eps": eps,
+        "properties": paths,
+        "instances": str(folder / "instances.csv"),
+        "skipped_misclassified": x.shape[0] - len(keep),
+    }

@@ -100,8 +100,7 @@ class VnnlibProperty:
         y = np.asarray(y, dtype=np.float64).reshape(-1)
         if x.size != self.num_inputs or y.size != self.num_outputs:
             return self.is_violated_by(x, y)  # raises the size error
-        return any(region.contains_float32(x) and any(oc.holds(y) for oc in region.outputs)
-                   for region in self.regions)
+        return any(region.contains_float32(x) and any(oc.holds(y) for oc in region.outputs) for region in self.regions)
 
 
 # ----------------------------------------------------------------------------------------------

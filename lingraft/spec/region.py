@@ -58,13 +58,13 @@ class RegionSpec:
     def S(self) -> int:
         return int(self.C.shape[0])
 
-    def to(self, device) -> "RegionSpec":
+    def to(self, device) -> RegionSpec:
         for k in ("x_L", "x_U", "a_L", "a_U", "C", "b", "group", "out_scale"):
             if getattr(self, k) is not None:
                 setattr(self, k, getattr(self, k).to(device))
         return self
 
-    def set_output_scale(self, model) -> "RegionSpec":
+    def set_output_scale(self, model) -> RegionSpec:
         """Record ``|C| |y(c)|`` at the centre c of the box (model: the network, on the spec's device)."""
         with torch.no_grad():
             y = model((self.x_L + self.x_U) / 2).reshape(1, -1).double()
@@ -147,15 +147,19 @@ def region_spec(region: Region, in_shape: tuple, n_out: int) -> RegionSpec:
     """Build the tensors of one region for a network with per-sample input shape ``in_shape``."""
     n_in = int(np.prod(in_shape))
     if region.lower.size != n_in:
-        raise LingraftError(f"property has {region.lower.size} inputs but the network takes {n_in} "
-                            "(use the property file that matches the network)")
+        raise LingraftError(
+            f"property has {region.lower.size} inputs but the network takes {n_in} "
+            "(use the property file that matches the network)"
+        )
     if not (np.all(np.isfinite(region.lower)) and np.all(np.isfinite(region.upper))):
         raise LingraftError("property leaves some input unbounded; every X_i needs a lower and an upper bound")
     rows, bs, groups = [], [], []
     for g, oc in enumerate(region.outputs):
         if oc.A.shape[1] != n_out:
-            raise LingraftError(f"property has {oc.A.shape[1]} outputs but the network has {n_out} "
-                                "(use the property file that matches the network)")
+            raise LingraftError(
+                f"property has {oc.A.shape[1]} outputs but the network has {n_out} "
+                "(use the property file that matches the network)"
+            )
         if oc.A.shape[0] == 0:
             # an empty conjunction is always true: every point is unsafe; a row 0 <= 1 encodes that
             rows.append(np.zeros((1, n_out)))
@@ -171,8 +175,14 @@ def region_spec(region: Region, in_shape: tuple, n_out: int) -> RegionSpec:
     xl, xu = _round_box(region.lower, region.upper, outward=True)
     al, au = _round_box(region.lower, region.upper, outward=False)
     shape = (1, *in_shape)
-    return RegionSpec(region=region,
-                      x_L=torch.from_numpy(xl).reshape(shape), x_U=torch.from_numpy(xu).reshape(shape),
-                      a_L=torch.from_numpy(al).reshape(shape), a_U=torch.from_numpy(au).reshape(shape),
-                      C=torch.from_numpy(A.astype(np.float32)), b=torch.from_numpy(b.astype(np.float64)),
-                      group=torch.tensor(groups, dtype=torch.long), G=len(region.outputs))
+    return RegionSpec(
+        region=region,
+        x_L=torch.from_numpy(xl).reshape(shape),
+        x_U=torch.from_numpy(xu).reshape(shape),
+        a_L=torch.from_numpy(al).reshape(shape),
+        a_U=torch.from_numpy(au).reshape(shape),
+        C=torch.from_numpy(A.astype(np.float32)),
+        b=torch.from_numpy(b.astype(np.float64)),
+        group=torch.tensor(groups, dtype=torch.long),
+        G=len(region.outputs),
+    )

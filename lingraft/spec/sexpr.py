@@ -11,11 +11,11 @@ import os
 import re
 import zlib
 from pathlib import Path
-from typing import Union, cast
+from typing import cast
 
 from lingraft.errors import LingraftError
 
-PathOrText = Union[str, bytes, os.PathLike]
+PathOrText = str | bytes | os.PathLike
 
 # Deeper nesting than this is never produced by real benchmarks; the cap keeps the (recursive)
 # semantic pass far away from Python's recursion limit.
@@ -33,8 +33,6 @@ class VnnlibError(LingraftError):
 
     The message is one line: ``path:line:col: what is wrong (how to fix)``.
     """
-
-
 
 
 class Source:
@@ -89,7 +87,7 @@ class SexprList(list):
         self.pos = pos
 
 
-Node = Union[Sym, SexprList]
+Node = Sym | SexprList
 
 
 def _looks_like_text(s: str) -> bool:

@@ -287,7 +287,7 @@ class _Parser:
                 raise self.err(
                     node, "non-box input constraint is unsupported (bound each input separately, e.g. '(<= X_0 1)')"
                 )
-            ((_, i), c), = coef.items()
+            (((_, i), c),) = coef.items()
             bound = -const / c + 0.0  # + 0.0 turns -0.0 into 0.0
             return ("hi", i, bound, node.pos) if c > 0 else ("lo", i, bound, node.pos)
         return ("row", {j: c for (_, j), c in coef.items()}, 0.0 - const, node.pos)

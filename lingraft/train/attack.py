@@ -21,6 +21,7 @@ __all__ = ["pgd_attack", "pgd_attack_spec", "fgsm", "margin_loss", "spec_margins
 
 # --------------------------------------------------------------------------------------------- objectives
 
+
 def margin_loss(logits: Tensor, y: Tensor) -> Tensor:
     """CW-style margin max_{j != y} z_j - z_y per sample: logits [B, K], y [B] -> [B] (> 0 means misclassified)."""
     z_y = logits.gather(1, y[:, None]).squeeze(1)
@@ -39,6 +40,7 @@ def spec_margins(logits: Tensor, C: Tensor, d: Tensor | None = None) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
 
 def _rand(shape, generator: torch.Generator | None, like: Tensor, normal: bool = False) -> Tensor:
     """Uniform [0,1) (or standard normal) noise of ``shape`` on like's device, drawn from ``generator``."""
@@ -73,7 +75,7 @@ class _Problem:
 
     def __init__(self, objective: Callable[[Tensor, Tensor], Tensor], success: Callable[[Tensor, Tensor], Tensor]):
         self.objective = objective  # (logits of the active samples, their batch indices) -> [b]
-        self.success = success      # (logits, indices) -> [b] bool
+        self.success = success  # (logits, indices) -> [b] bool
 
 
 class _BestIterates:
@@ -85,8 +87,8 @@ class _BestIterates:
         with torch.no_grad():
             logits = model(x_start)
             self.obj = problem.objective(logits, all_idx).detach().clone()  # [B]
-            self.succ = problem.success(logits, all_idx).clone()             # [B] bool
-        self.x = x_start.detach().clone()                                    # [B, ...]
+            self.succ = problem.success(logits, all_idx).clone()  # [B] bool
+        self.x = x_start.detach().clone()  # [B, ...]
 
     def record(self, xa: Tensor, logits: Tensor, idx: Tensor) -> Tensor:
         """Offer the points xa [b, ...] (logits [b, K]) of samples idx [b]; returns their success [b] bool."""
@@ -123,8 +125,9 @@ class _Restart:
         return grad[keep]
 
 
-def _random_start(lo: Tensor, hi: Tensor, center: Tensor | None, eps: float | None, l2: bool,
-                  generator: torch.Generator | None) -> Tensor:
+def _random_start(
+    lo: Tensor, hi: Tensor, center: Tensor | None, eps: float | None, l2: bool, generator: torch.Generator | None
+) -> Tensor:
     """A random feasible point per sample: uniform in the box, or uniform radius on a random L2 direction."""
     if l2:
         direction = _rand(center.shape, generator, center, normal=True)
@@ -134,8 +137,9 @@ def _random_start(lo: Tensor, hi: Tensor, center: Tensor | None, eps: float | No
     return lo + (hi - lo) * _rand(lo.shape, generator, lo)
 
 
-def _ascent_direction(model: nn.Module, problem: _Problem, r: _Restart, odi: bool,
-                      generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+def _ascent_direction(
+    model: nn.Module, problem: _Problem, r: _Restart, odi: bool, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
     """(gradient [b, ...] of the objective, or of the ODI objective w . f(x), at r.xa; logits [b, K] there)."""
     with torch.enable_grad():
         xr = r.xa.detach().requires_grad_(True)
@@ -170,9 +174,20 @@ def _step(r: _Restart, grad: Tensor, odi: bool, center: Tensor | None, eps: floa
         r.xa = torch.min(torch.max(xa, r.lo), r.hi)
 
 
-def _run_restart(model: nn.Module, problem: _Problem, best: _BestIterates, r: _Restart, *, steps: int,
-                 odi_steps: int, center: Tensor | None, eps: float | None, l2: bool,
-                 generator: torch.Generator | None, early_stop: bool) -> None:
+def _run_restart(
+    model: nn.Module,
+    problem: _Problem,
+    best: _BestIterates,
+    r: _Restart,
+    *,
+    steps: int,
+    odi_steps: int,
+    center: Tensor | None,
+    eps: float | None,
+    l2: bool,
+    generator: torch.Generator | None,
+    early_stop: bool,
+) -> None:
     """``odi_steps`` ODI steps then ``steps`` PGD steps from r.xa, offering every iterate to ``best``."""
     for t in range(odi_steps + steps):
         odi = t < odi_steps
@@ -190,9 +205,23 @@ def _run_restart(model: nn.Module, problem: _Problem, best: _BestIterates, r: _R
             best.record(r.xa, model(r.xa), r.idx)
 
 
-def _pgd(model: nn.Module, x_start: Tensor, lo: Tensor, hi: Tensor, problem: _Problem, *, steps: int, restarts: int,
-         step: Tensor | float, norm: str, center: Tensor | None, eps: float | None,
-         generator: torch.Generator | None, early_stop: bool, odi_steps: int = 0) -> tuple[Tensor, Tensor]:
+def _pgd(
+    model: nn.Module,
+    x_start: Tensor,
+    lo: Tensor,
+    hi: Tensor,
+    problem: _Problem,
+    *,
+    steps: int,
+    restarts: int,
+    step: Tensor | float,
+    norm: str,
+    center: Tensor | None,
+    eps: float | None,
+    generator: torch.Generator | None,
+    early_stop: bool,
+    odi_steps: int = 0,
+) -> tuple[Tensor, Tensor]:
     """Generic PGD maximising ``problem.objective`` over {lo <= x <= hi} (∩ L2 ball around ``center`` for norm "2").
 
     x_start [B, ...] (feasible) is evaluated first; each restart begins at a random feasible point, optionally
@@ -210,8 +239,19 @@ def _pgd(model: nn.Module, x_start: Tensor, lo: Tensor, hi: Tensor, problem: _Pr
         lo_i, hi_i = lo[idx], hi[idx]
         xa = _random_start(lo_i, hi_i, center[idx] if l2 else None, eps, l2, generator)
         r = _Restart(idx, xa, lo_i, hi_i, step[idx] if isinstance(step, Tensor) else step)
-        _run_restart(model, problem, best, r, steps=steps, odi_steps=odi_steps, center=center, eps=eps, l2=l2,
-                     generator=generator, early_stop=early_stop)
+        _run_restart(
+            model,
+            problem,
+            best,
+            r,
+            steps=steps,
+            odi_steps=odi_steps,
+            center=center,
+            eps=eps,
+            l2=l2,
+            generator=generator,
+            early_stop=early_stop,
+        )
 
     with torch.no_grad():  # re-check the returned points with a plain forward pass
         final = problem.success(model(best.x), all_idx)
@@ -220,11 +260,25 @@ def _pgd(model: nn.Module, x_start: Tensor, lo: Tensor, hi: Tensor, problem: _Pr
 
 # --------------------------------------------------------------------------------------------- public attacks
 
-def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float | None, *, steps: int = 20, restarts: int = 1,
-               step_size: float | None = None, norm: str = "inf", x_min: float | Tensor = 0.0,
-               x_max: float | Tensor = 1.0, seed: int | None = None, early_stop: bool = True,
-               loss: str = "margin", generator: torch.Generator | None = None,
-               odi_steps: int = 0) -> tuple[Tensor, Tensor]:
+
+def pgd_attack(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float | None,
+    *,
+    steps: int = 20,
+    restarts: int = 1,
+    step_size: float | None = None,
+    norm: str = "inf",
+    x_min: float | Tensor = 0.0,
+    x_max: float | Tensor = 1.0,
+    seed: int | None = None,
+    early_stop: bool = True,
+    loss: str = "margin",
+    generator: torch.Generator | None = None,
+    odi_steps: int = 0,
+) -> tuple[Tensor, Tensor]:
     """Untargeted PGD: maximise the margin (or CE) loss of label ``y`` inside the eps-ball ∩ [x_min, x_max].
 
     x [B, ...] in [0, 1], y [B] int64. ``x_min``/``x_max`` are floats or [B, ...] tensors (e.g. a VNN-LIB box);
@@ -269,14 +323,38 @@ def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float | None, *, ste
         return logits.argmax(dim=1) != y[idx]
 
     steps_eff = 0 if (eps is not None and eps == 0) else steps
-    return _pgd(model, x_start, lo, hi, _Problem(objective, success), steps=steps_eff, restarts=restarts,
-                step=step, norm=norm if eps is not None else "inf", center=x, eps=eps,
-                generator=generator, early_stop=early_stop, odi_steps=odi_steps if steps_eff else 0)
+    return _pgd(
+        model,
+        x_start,
+        lo,
+        hi,
+        _Problem(objective, success),
+        steps=steps_eff,
+        restarts=restarts,
+        step=step,
+        norm=norm if eps is not None else "inf",
+        center=x,
+        eps=eps,
+        generator=generator,
+        early_stop=early_stop,
+        odi_steps=odi_steps if steps_eff else 0,
+    )
 
 
-def pgd_attack_spec(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Tensor, *, d: Tensor | None = None,
-                    steps: int = 50, restarts: int = 10, step_size: float | None = None, seed: int | None = 0,
-                    early_stop: bool = True, odi_steps: int = 5) -> tuple[Tensor, Tensor]:
+def pgd_attack_spec(
+    model: nn.Module,
+    x_lower: Tensor,
+    x_upper: Tensor,
+    C: Tensor,
+    *,
+    d: Tensor | None = None,
+    steps: int = 50,
+    restarts: int = 10,
+    step_size: float | None = None,
+    seed: int | None = 0,
+    early_stop: bool = True,
+    odi_steps: int = 5,
+) -> tuple[Tensor, Tensor]:
     """Search the box [x_lower, x_upper] for an input violating a linear output specification.
 
     Sign convention: the property HOLDS iff every row of C f(x) + d is > 0 (e.g. row "y_label - y_j" for
@@ -310,14 +388,36 @@ def pgd_attack_spec(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Tenso
     steps = max(int(steps), 1)
     step = (2.5 * (x_upper - x_lower) / 2 / steps) if step_size is None else float(step_size)
     centre = (x_lower + x_upper) / 2
-    return _pgd(model, centre, x_lower, x_upper, _Problem(objective, success), steps=steps, restarts=restarts,
-                step=step, norm="inf", center=None, eps=None, generator=_make_generator(seed, x_lower.device),
-                early_stop=early_stop, odi_steps=max(int(odi_steps), 0))
+    return _pgd(
+        model,
+        centre,
+        x_lower,
+        x_upper,
+        _Problem(objective, success),
+        steps=steps,
+        restarts=restarts,
+        step=step,
+        norm="inf",
+        center=None,
+        eps=None,
+        generator=_make_generator(seed, x_lower.device),
+        early_stop=early_stop,
+        odi_steps=max(int(odi_steps), 0),
+    )
 
 
-def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, step_size: float | None = None,
-         random_start: bool = True, x_min: float = 0.0, x_max: float = 1.0,
-         generator: torch.Generator | None = None) -> Tensor:
+def fgsm(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    *,
+    step_size: float | None = None,
+    random_start: bool = True,
+    x_min: float = 0.0,
+    x_max: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """One signed-gradient step on the CE loss ("fast is better than free", Wong et al. 2020).
 
     delta starts uniform in [-eps, eps] (if ``random_start``), then delta += step_size * sign(grad) (default
@@ -336,4 +436,3 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, step_size: float
         (grad,) = torch.autograd.grad(loss, xr)
     delta = (delta + step * grad.sign()).clamp(-eps, eps)
     return (x + delta).clamp(x_min, x_max).detach()
-

@@ -25,25 +25,25 @@ class TrainConfig:
     epochs: int = 5
     batch_size: int = 128
     optimizer: str = "sgd"
-    lr: float | None = None          # None: 0.1 for sgd, 1e-3 for adam
+    lr: float | None = None  # None: 0.1 for sgd, 1e-3 for adam
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: str = "cosine"         # per-iteration cosine, step (x0.1 at 50% and 75%), none
-    method: str = "ce"               # ce | fgsm | pgd
-    eps: float = 0.1                 # training (and PGD-validation) radius
-    grad_align: float = 0.2          # GradAlign weight (method fgsm only; 0 disables)
-    fgsm_step: float = 1.25          # FGSM step = fgsm_step * eps
-    pgd_steps: int = 10              # PGD steps for method pgd
-    eps_ramp_epochs: float = 1       # linear eps warm-up over this many epochs (0: none)
-    loss: str = "ce"                 # name in lingraft.train.losses.LOSSES
+    schedule: str = "cosine"  # per-iteration cosine, step (x0.1 at 50% and 75%), none
+    method: str = "ce"  # ce | fgsm | pgd
+    eps: float = 0.1  # training (and PGD-validation) radius
+    grad_align: float = 0.2  # GradAlign weight (method fgsm only; 0 disables)
+    fgsm_step: float = 1.25  # FGSM step = fgsm_step * eps
+    pgd_steps: int = 10  # PGD steps for method pgd
+    eps_ramp_epochs: float = 1  # linear eps warm-up over this many epochs (0: none)
+    loss: str = "ce"  # name in lingraft.train.losses.LOSSES
     loss_kwargs: dict = field(default_factory=dict)  # extra keyword arguments of that loss (e.g. temperature)
-    teacher: str | None = None       # checkpoint path, for kd / nkd
+    teacher: str | None = None  # checkpoint path, for kd / nkd
     seed: int = 0
-    num_train: int | None = None     # use only the first N training images (after holding out validation)
-    val_size: int = 1000             # validation = the LAST val_size images of the training split
+    num_train: int | None = None  # use only the first N training images (after holding out validation)
+    val_size: int = 1000  # validation = the LAST val_size images of the training split
     data_dir: str | None = None
     device: str = "auto"
-    eval_pgd_steps: int = 20         # PGD steps of the per-epoch validation attack
+    eval_pgd_steps: int = 20  # PGD steps of the per-epoch validation attack
 
     def __post_init__(self):
         self.optimizer = str(self.optimizer).lower()

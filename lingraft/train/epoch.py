@@ -23,8 +23,9 @@ from lingraft.train.plugins import LossPlugin
 __all__ = ["AttackRecipe", "EpochPosition", "fresh_running", "batch_loss", "run_epoch", "grad_align_reg"]
 
 
-def grad_align_reg(model: nn.Module, x: Tensor, y: Tensor, eps: float, lam: float,
-                   generator: torch.Generator | None = None) -> Tensor:
+def grad_align_reg(
+    model: nn.Module, x: Tensor, y: Tensor, eps: float, lam: float, generator: torch.Generator | None = None
+) -> Tensor:
     """GradAlign (Andriushchenko & Flammarion, 2020): lam * (1 - mean cos(grad_x L(x), grad_x L(x + eta))).
 
     eta ~ U[-eps, eps]^d. As in the official code, the first gradient is taken at the clean x and treated as a
@@ -73,14 +74,16 @@ class AttackRecipe:
         if self.method == "fgsm":
             return fgsm(model, xb, yb, eps, step_size=self.fgsm_step * eps, generator=self.generator)
         if self.method == "pgd":
-            x_adv, _ = pgd_attack(model, xb, yb, eps, steps=self.pgd_steps, loss="ce", early_stop=False,
-                                  generator=self.generator)
+            x_adv, _ = pgd_attack(
+                model, xb, yb, eps, steps=self.pgd_steps, loss="ce", early_stop=False, generator=self.generator
+            )
             return x_adv
         return xb
 
 
-def batch_loss(model: nn.Module, plugin: LossPlugin, recipe: AttackRecipe, xb: Tensor, yb: Tensor,
-               eps: float) -> tuple[Tensor, Tensor]:
+def batch_loss(
+    model: nn.Module, plugin: LossPlugin, recipe: AttackRecipe, xb: Tensor, yb: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
     """Loss (scalar) and logits [B, K] of the clean batch xb [B, ...], yb [B] under ``recipe`` at radius eps."""
     x_in = recipe.perturb(model, xb, yb, eps)
     logits = plugin.forward(model, x_in)
@@ -100,17 +103,30 @@ def fresh_running() -> dict:
 class EpochPosition:
     """Where the current epoch stands; exact between optimizer steps, so an interrupted epoch can resume."""
 
-    perm: Tensor | None = None      # [N] sample order of this epoch (None: draw a new one)
-    batch_done: int = 0             # batches of this epoch already trained
+    perm: Tensor | None = None  # [N] sample order of this epoch (None: draw a new one)
+    batch_done: int = 0  # batches of this epoch already trained
     running: dict = field(default_factory=fresh_running)
     gen_state: Tensor | None = None  # shuffling RNG state at the start of the next batch
-    in_update: bool = False         # True while optimizer/scheduler/counters advance (not a resumable point)
+    in_update: bool = False  # True while optimizer/scheduler/counters advance (not a resumable point)
 
 
-def run_epoch(model: nn.Module, plugin: LossPlugin, recipe: AttackRecipe, opt: torch.optim.Optimizer,
-              sched: torch.optim.lr_scheduler.LRScheduler, x: Tensor, y: Tensor, *, batch_size: int,
-              shuffle_gen: torch.Generator, pos: EpochPosition, device: torch.device, epoch: int,
-              on_batch: Callable[[int, float], None] | None = None, raise_on_divergence: bool = True) -> None:
+def run_epoch(
+    model: nn.Module,
+    plugin: LossPlugin,
+    recipe: AttackRecipe,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    x: Tensor,
+    y: Tensor,
+    *,
+    batch_size: int,
+    shuffle_gen: torch.Generator,
+    pos: EpochPosition,
+    device: torch.device,
+    epoch: int,
+    on_batch: Callable[[int, float], None] | None = None,
+    raise_on_divergence: bool = True,
+) -> None:
     """Train one epoch, or its rest from ``pos.batch_done``, over x [N, ...], y [N] (batches move to ``device``).
 
     A new epoch draws its order from ``shuffle_gen``. ``pos`` is updated after every step; ``on_batch(batch size,
@@ -128,13 +144,14 @@ def run_epoch(model: nn.Module, plugin: LossPlugin, recipe: AttackRecipe, opt: t
     pos.in_update = False
     for b in range(pos.batch_done, iters):
         pos.gen_state = shuffle_gen.get_state()  # RNG at the start of this batch, for a save after an interrupt
-        idx = pos.perm[b * batch_size:(b + 1) * batch_size].to(x.device)
+        idx = pos.perm[b * batch_size : (b + 1) * batch_size].to(x.device)
         xb, yb = x[idx].to(device), y[idx].to(device)
         eps_t = recipe.eps_at(sched.last_epoch)  # last_epoch = the global (0-based) step index
         loss, logits = batch_loss(model, plugin, recipe, xb, yb, eps_t)
         if raise_on_divergence and not torch.isfinite(loss):
-            raise LingraftError(f"training diverged (loss {loss.item()}) at epoch {epoch}, batch {b + 1}; "
-                                "lower --lr or --eps")
+            raise LingraftError(
+                f"training diverged (loss {loss.item()}) at epoch {epoch}, batch {b + 1}; lower --lr or --eps"
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         pos.in_update = True

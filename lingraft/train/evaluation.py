@@ -10,8 +10,17 @@ from lingraft.train.attack import pgd_attack
 __all__ = ["evaluate"]
 
 
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, eps: float | None, *, batch_size: int = 256,
-             pgd_steps: int = 20, pgd_restarts: int = 1, seed: int = 0) -> dict:
+def evaluate(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float | None,
+    *,
+    batch_size: int = 256,
+    pgd_steps: int = 20,
+    pgd_restarts: int = 1,
+    seed: int = 0,
+) -> dict:
     """Clean and PGD (L-inf, margin loss) accuracy of ``model`` on x [N, ...], y [N].
 
     The model is evaluated in eval mode (its previous mode is restored). pgd_acc counts samples that are
@@ -25,14 +34,13 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, eps: float | None, *, batch
     attack = eps is not None and eps > 0 and pgd_steps > 0
     try:
         for i, start in enumerate(range(0, n, batch_size)):
-            xb = x[start:start + batch_size].to(device)
-            yb = y[start:start + batch_size].to(device)
+            xb = x[start : start + batch_size].to(device)
+            yb = y[start : start + batch_size].to(device)
             with torch.no_grad():
                 ok = model(xb).argmax(dim=1) == yb
             clean += int(ok.sum())
             if attack:
-                _, success = pgd_attack(model, xb, yb, eps, steps=pgd_steps, restarts=pgd_restarts,
-                                        seed=seed + i)
+                _, success = pgd_attack(model, xb, yb, eps, steps=pgd_steps, restarts=pgd_restarts, seed=seed + i)
                 robust += int((ok & ~success).sum())
             else:
                 robust += int(ok.sum())

@@ -34,12 +34,23 @@ from lingraft.train.evaluation import evaluate
 from lingraft.train.plugins import LossPlugin, RegistryLoss, make_loss_plugin
 from lingraft.train.state import STATE_FORMAT, config_diff, load_state, state_path_for, to_plain
 
-__all__ = ["TrainConfig", "train", "evaluate", "pick_device", "grad_align_reg", "LossPlugin", "make_loss_plugin",
-           "STATE_FORMAT", "config_from_dict", "RegistryLoss"]
+__all__ = [
+    "TrainConfig",
+    "train",
+    "evaluate",
+    "pick_device",
+    "grad_align_reg",
+    "LossPlugin",
+    "make_loss_plugin",
+    "STATE_FORMAT",
+    "config_from_dict",
+    "RegistryLoss",
+]
 
 
 def lr_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
     """The learning-rate multiplier of each step: cosine to 0, step (x0.1 at 50% and 75%) or constant ('none')."""
+
     def factor(step: int) -> float:
         t = min(step, total_steps) / max(total_steps, 1)
         if schedule == "cosine":
@@ -47,6 +58,7 @@ def lr_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
         if schedule == "step":
             return 0.1 ** ((t >= 0.5) + (t >= 0.75))
         return 1.0
+
     return factor
 
 
@@ -65,8 +77,15 @@ class _Trainer:
     """One training run: data, model, optimizer and RNG (built in ``__init__``), optionally restored from a resume
     state (:meth:`restore`), then advanced one epoch at a time (:meth:`fit`)."""
 
-    def __init__(self, cfg: TrainConfig, out_path: Path, *, log: Callable[[str], None], meta: dict | None,
-                 loss_plugin: LossPlugin | None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        out_path: Path,
+        *,
+        log: Callable[[str], None],
+        meta: dict | None,
+        loss_plugin: LossPlugin | None,
+    ):
         self.cfg, self.out_path, self.log, self.meta = cfg, out_path, log, meta
         self.state_path = state_path_for(out_path)
         self.device = pick_device(cfg.device)
@@ -88,21 +107,24 @@ class _Trainer:
         from lingraft.models import list_models
 
         if self.cfg.arch not in list_models():
-            raise UsageError(f"unknown model {self.cfg.arch!r}{did_you_mean(self.cfg.arch, list_models())}; "
-                             f"available: {', '.join(list_models())}")
+            raise UsageError(
+                f"unknown model {self.cfg.arch!r}{did_you_mean(self.cfg.arch, list_models())}; "
+                f"available: {', '.join(list_models())}"
+            )
 
     def _load_data(self) -> None:
         """Validation = the last val_size training images; training = the first num_train of the rest."""
         cfg = self.cfg
         x_all, y_all = load_dataset(self.info.name, "train", cfg.data_dir)
         if cfg.val_size >= len(x_all):
-            raise UsageError(f"val_size {cfg.val_size} leaves no training data ({len(x_all)} images); "
-                             "use a smaller one")
+            raise UsageError(
+                f"val_size {cfg.val_size} leaves no training data ({len(x_all)} images); use a smaller one"
+            )
         cut = len(x_all) - cfg.val_size
         x_tr, y_tr = x_all[:cut], y_all[:cut]
         self.x_val, self.y_val = x_all[cut:], y_all[cut:]
         if cfg.num_train is not None:
-            x_tr, y_tr = x_tr[:cfg.num_train], y_tr[:cfg.num_train]
+            x_tr, y_tr = x_tr[: cfg.num_train], y_tr[: cfg.num_train]
         self.x_tr, self.y_tr = x_tr.to(self.device), y_tr.to(self.device)
         self.n_train = len(self.x_tr)
         self.iters = math.ceil(self.n_train / cfg.batch_size)
@@ -114,8 +136,10 @@ class _Trainer:
         teacher, teacher_ck = load_checkpoint(cfg.teacher, map_location=self.device)
         t_shape = tuple(teacher_ck.get("arch_kwargs", {}).get("in_shape", ()))
         if t_shape != tuple(info.in_shape):
-            raise UsageError(f"teacher {cfg.teacher} takes inputs {t_shape} but dataset {cfg.dataset} has "
-                             f"{tuple(info.in_shape)}; use a teacher trained on {cfg.dataset}")
+            raise UsageError(
+                f"teacher {cfg.teacher} takes inputs {t_shape} but dataset {cfg.dataset} has "
+                f"{tuple(info.in_shape)}; use a teacher trained on {cfg.dataset}"
+            )
         teacher.requires_grad_(False)
         return teacher
 
@@ -124,15 +148,23 @@ class _Trainer:
         from lingraft.models import create_model
 
         cfg, info = self.cfg, self.info
-        self.arch_kwargs = {"in_shape": list(info.in_shape), "num_classes": info.num_classes,
-                            "mean": list(info.mean), "std": list(info.std)}
+        self.arch_kwargs = {
+            "in_shape": list(info.in_shape),
+            "num_classes": info.num_classes,
+            "mean": list(info.mean),
+            "std": list(info.std),
+        }
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.model = create_model(cfg.arch, **self.arch_kwargs).to(self.device)
         teacher = self._load_teacher()
         self.plugin = loss_plugin if loss_plugin is not None else make_loss_plugin(cfg.loss, cfg.loss_kwargs)
-        extra_params = self.plugin.setup(self.model, in_shape=info.in_shape, num_classes=info.num_classes,
-                                         device=self.device, teacher=teacher) or []
+        extra_params = (
+            self.plugin.setup(
+                self.model, in_shape=info.in_shape, num_classes=info.num_classes, device=self.device, teacher=teacher
+            )
+            or []
+        )
         params = list(self.model.parameters()) + list(extra_params)
         if cfg.optimizer == "sgd":
             self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -141,9 +173,15 @@ class _Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(cfg.schedule, self.iters * cfg.epochs))
         self.gen = torch.Generator()  # CPU generator: shuffling and attack noise (identical streams on CPU and GPU)
         self.gen.manual_seed(cfg.seed)
-        self.recipe = AttackRecipe(cfg.method, cfg.eps, fgsm_step=cfg.fgsm_step, grad_align=cfg.grad_align,
-                                   pgd_steps=cfg.pgd_steps, ramp_steps=cfg.eps_ramp_epochs * self.iters,
-                                   generator=self.gen)
+        self.recipe = AttackRecipe(
+            cfg.method,
+            cfg.eps,
+            fgsm_step=cfg.fgsm_step,
+            grad_align=cfg.grad_align,
+            pgd_steps=cfg.pgd_steps,
+            ramp_steps=cfg.eps_ramp_epochs * self.iters,
+            generator=self.gen,
+        )
 
     # ----------------------------------------------------------------------------------------------- resume
     def restore(self, resume: bool) -> None:
@@ -157,8 +195,10 @@ class _Trainer:
         st = load_state(self.state_path)
         diff = config_diff(st.get("config", {}), self.cfg_dict)
         if diff:
-            raise LingraftError(f"{self.state_path} belongs to a run with a different config ({diff}); "
-                                "delete it, pass --no-resume, or use another output path")
+            raise LingraftError(
+                f"{self.state_path} belongs to a run with a different config ({diff}); "
+                "delete it, pass --no-resume, or use another output path"
+            )
         self.model.load_state_dict(st["model"])
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
@@ -167,47 +207,83 @@ class _Trainer:
         self.history = list(st["history"])
         self.best = dict(st["best"])
         self.epoch_done = int(st["epoch"])
-        self.pos = EpochPosition(perm=st.get("perm"), batch_done=int(st.get("batch", 0)),
-                                 running=dict(st.get("running", fresh_running())))
+        self.pos = EpochPosition(
+            perm=st.get("perm"), batch_done=int(st.get("batch", 0)), running=dict(st.get("running", fresh_running()))
+        )
         self.train_time = float(st.get("train_time_s", 0.0))
         if st["config"].get("epochs") != cfg.epochs and cfg.schedule != "none":
-            self.log(f"note: epochs changed {st['config'].get('epochs')} -> {cfg.epochs}; the {cfg.schedule} "
-                     "learning-rate schedule is recomputed for the new length")
+            self.log(
+                f"note: epochs changed {st['config'].get('epochs')} -> {cfg.epochs}; the {cfg.schedule} "
+                "learning-rate schedule is recomputed for the new length"
+            )
         batches = self.pos.batch_done
-        self.log(f"resuming from {self.state_path}: {self.epoch_done} epoch(s)"
-                 + (f" + {batches} batch(es)" if batches else "") + " done")
+        self.log(
+            f"resuming from {self.state_path}: {self.epoch_done} epoch(s)"
+            + (f" + {batches} batch(es)" if batches else "")
+            + " done"
+        )
 
     # ------------------------------------------------------------------------------------------------- save
     def save_state(self, gen_state: torch.Tensor, *, mid_epoch: bool) -> None:
         """Write the resume state atomically; ``mid_epoch`` keeps the position inside the current epoch."""
         pos = self.pos
-        st = {"format": STATE_FORMAT, "version": 1, "lingraft_version": __version__, "config": self.cfg_dict,
-              "epoch": self.epoch_done, "batch": pos.batch_done if mid_epoch else 0,
-              "perm": pos.perm.cpu() if (mid_epoch and pos.perm is not None) else None,
-              "running": pos.running if mid_epoch else fresh_running(),
-              "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-              "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-              "plugin": self.plugin.state_dict(), "generator": gen_state, "history": self.history,
-              "best": self.best, "train_time_s": self.train_time}
+        st = {
+            "format": STATE_FORMAT,
+            "version": 1,
+            "lingraft_version": __version__,
+            "config": self.cfg_dict,
+            "epoch": self.epoch_done,
+            "batch": pos.batch_done if mid_epoch else 0,
+            "perm": pos.perm.cpu() if (mid_epoch and pos.perm is not None) else None,
+            "running": pos.running if mid_epoch else fresh_running(),
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "plugin": self.plugin.state_dict(),
+            "generator": gen_state,
+            "history": self.history,
+            "best": self.best,
+            "train_time_s": self.train_time,
+        }
         atomic_write(self.state_path, lambda f: torch.save(st, f))
 
     def write_checkpoint(self, weights: dict, complete: bool, write: bool = True) -> dict:
         """The metrics dict; when ``write``, also save ``weights`` as the checkpoint (the model keeps its own)."""
         history = self.history
-        result = {"best_epoch": self.best["epoch"], "best": self.best["metrics"],
-                  "final": history[-1] if history else None, "history": history,
-                  "train_time_s": round(self.train_time, 3), "epochs_done": self.epoch_done, "complete": complete,
-                  "checkpoint": str(self.out_path)}
+        result = {
+            "best_epoch": self.best["epoch"],
+            "best": self.best["metrics"],
+            "final": history[-1] if history else None,
+            "history": history,
+            "train_time_s": round(self.train_time, 3),
+            "epochs_done": self.epoch_done,
+            "complete": complete,
+            "checkpoint": str(self.out_path),
+        }
         full_meta = dict(self.meta or {})
-        full_meta.update({"config": self.cfg_dict, "metrics": result, "lingraft_version": __version__,
-                          "num_train": self.n_train, "num_val": len(self.x_val), "device": str(self.device)})
+        full_meta.update(
+            {
+                "config": self.cfg_dict,
+                "metrics": result,
+                "lingraft_version": __version__,
+                "num_train": self.n_train,
+                "num_val": len(self.x_val),
+                "device": str(self.device),
+            }
+        )
         if not write:
             return result
         current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.model.load_state_dict(weights)
         try:
-            save_checkpoint(self.out_path, self.model, arch=self.cfg.arch, arch_kwargs=self.arch_kwargs,
-                            dataset=self.info.name, meta=full_meta)
+            save_checkpoint(
+                self.out_path,
+                self.model,
+                arch=self.cfg.arch,
+                arch_kwargs=self.arch_kwargs,
+                dataset=self.info.name,
+                meta=full_meta,
+            )
         finally:
             self.model.load_state_dict(current)
         return result
@@ -228,25 +304,42 @@ class _Trainer:
             if bar is not None:
                 bar.set_postfix(loss=f"{pos.running['loss'] / pos.running['seen']:.4f}", eps=f"{eps_t:.4f}")
                 bar.update(1)
-            if state_every_s is not None and time.monotonic() - self._last_save > state_every_s \
-                    and pos.batch_done < self.iters:
+            if (
+                state_every_s is not None
+                and time.monotonic() - self._last_save > state_every_s
+                and pos.batch_done < self.iters
+            ):
                 self._book_time()
                 self.save_state(pos.gen_state, mid_epoch=True)
                 self._last_save = time.monotonic()
 
         self._time_mark = time.monotonic()
         try:
-            run_epoch(self.model, self.plugin, self.recipe, self.opt, self.sched, self.x_tr, self.y_tr,
-                      batch_size=self.cfg.batch_size, shuffle_gen=self.gen, pos=pos, device=self.device,
-                      epoch=epoch, on_batch=after_batch)
+            run_epoch(
+                self.model,
+                self.plugin,
+                self.recipe,
+                self.opt,
+                self.sched,
+                self.x_tr,
+                self.y_tr,
+                batch_size=self.cfg.batch_size,
+                shuffle_gen=self.gen,
+                pos=pos,
+                device=self.device,
+                epoch=epoch,
+                on_batch=after_batch,
+            )
         except KeyboardInterrupt:
             # Between batches the state is exact: save it so a rerun loses nothing. An interrupt in the middle of
             # an update (rare) falls back to the last saved state.
             if pos.batch_done > 0 and not pos.in_update:
                 self._book_time()
                 self.save_state(pos.gen_state, mid_epoch=True)
-                self.log(f"interrupted: state saved to {self.state_path} ({self.epoch_done} epoch(s) + "
-                         f"{pos.batch_done} batch(es)); rerun the same command to resume")
+                self.log(
+                    f"interrupted: state saved to {self.state_path} ({self.epoch_done} epoch(s) + "
+                    f"{pos.batch_done} batch(es)); rerun the same command to resume"
+                )
             raise
         self._book_time()
 
@@ -260,11 +353,17 @@ class _Trainer:
         else:  # no validation set: fall back to training accuracy, so the last epoch wins ties
             acc = running["correct"] / max(running["seen"], 1)
             ev = {"clean_acc": acc, "pgd_acc": acc}
-        return {"epoch": epoch, "train_loss": running["loss"] / max(running["seen"], 1),
-                "train_acc": running["correct"] / max(running["seen"], 1),
-                "val_clean_acc": ev["clean_acc"], "val_pgd_acc": ev["pgd_acc"],
-                "lr": self.opt.param_groups[0]["lr"], "eps": cfg.eps,
-                "epoch_time_s": round(running["time"], 3), "eval_time_s": round(time.monotonic() - t_eval, 3)}
+        return {
+            "epoch": epoch,
+            "train_loss": running["loss"] / max(running["seen"], 1),
+            "train_acc": running["correct"] / max(running["seen"], 1),
+            "val_clean_acc": ev["clean_acc"],
+            "val_pgd_acc": ev["pgd_acc"],
+            "lr": self.opt.param_groups[0]["lr"],
+            "eps": cfg.eps,
+            "epoch_time_s": round(running["time"], 3),
+            "eval_time_s": round(time.monotonic() - t_eval, 3),
+        }
 
     def _record(self, metrics: dict) -> bool:
         """Close the epoch: history, best weights, log line, end-of-epoch state. True when it is the new best."""
@@ -275,12 +374,12 @@ class _Trainer:
         score = _score(cfg, metrics)
         improved = self.best["score"] is None or tuple(score) >= tuple(self.best["score"])
         if improved:
-            self.best = {"score": list(score), "epoch": epoch, "metrics": metrics,
-                         "state_dict": _cpu_copy(self.model)}
-        self.log(f"epoch {epoch}/{cfg.epochs}: loss {metrics['train_loss']:.4f} train_acc {metrics['train_acc']:.4f} "
-                 f"val clean {metrics['val_clean_acc']:.4f} pgd {metrics['val_pgd_acc']:.4f} "
-                 f"({metrics['epoch_time_s']:.1f} s + eval {metrics['eval_time_s']:.1f} s)"
-                 + (" *" if improved else ""))
+            self.best = {"score": list(score), "epoch": epoch, "metrics": metrics, "state_dict": _cpu_copy(self.model)}
+        self.log(
+            f"epoch {epoch}/{cfg.epochs}: loss {metrics['train_loss']:.4f} train_acc {metrics['train_acc']:.4f} "
+            f"val clean {metrics['val_clean_acc']:.4f} pgd {metrics['val_pgd_acc']:.4f} "
+            f"({metrics['epoch_time_s']:.1f} s + eval {metrics['eval_time_s']:.1f} s)" + (" *" if improved else "")
+        )
         self.save_state(self.gen.get_state(), mid_epoch=False)
         self._last_save = time.monotonic()
         return improved
@@ -295,9 +394,18 @@ class _Trainer:
         result: dict = {}
         while self.epoch_done < cfg.epochs:
             epoch = self.epoch_done + 1
-            bar = tqdm(total=self.iters, initial=self.pos.batch_done if self.pos.perm is not None else 0,
-                       desc=f"epoch {epoch}/{cfg.epochs}", file=sys.stderr, leave=False,
-                       dynamic_ncols=True) if use_tqdm else None
+            bar = (
+                tqdm(
+                    total=self.iters,
+                    initial=self.pos.batch_done if self.pos.perm is not None else 0,
+                    desc=f"epoch {epoch}/{cfg.epochs}",
+                    file=sys.stderr,
+                    leave=False,
+                    dynamic_ncols=True,
+                )
+                if use_tqdm
+                else None
+            )
             try:
                 self._train_epoch(epoch, bar, state_every_s)
             finally:
@@ -321,9 +429,18 @@ def _tqdm_available() -> bool:
     return True
 
 
-def train(config: TrainConfig, out_path, *, progress: bool = True, log: Callable[[str], None] = print,
-          resume: bool = True, meta: dict | None = None, loss_plugin: LossPlugin | None = None,
-          stop_after_epochs: int | None = None, state_every_s: float = 300.0) -> dict:
+def train(
+    config: TrainConfig,
+    out_path,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    resume: bool = True,
+    meta: dict | None = None,
+    loss_plugin: LossPlugin | None = None,
+    stop_after_epochs: int | None = None,
+    state_every_s: float = 300.0,
+) -> dict:
     """Train ``config.arch`` on ``config.dataset`` and save the best checkpoint to ``out_path``.
 
     Best = highest validation PGD accuracy for fgsm/pgd (ties: clean), highest clean accuracy for ce.

@@ -81,8 +81,7 @@ def label_smoothing_loss(logits: Tensor, target: Tensor, smoothing: float = 0.1)
     return F.cross_entropy(logits, target, label_smoothing=float(smoothing))
 
 
-def kd_loss(logits_s: Tensor, logits_t: Tensor, target: Tensor, temperature: float = 4.0,
-            alpha: float = 0.9) -> Tensor:
+def kd_loss(logits_s: Tensor, logits_t: Tensor, target: Tensor, temperature: float = 4.0, alpha: float = 0.9) -> Tensor:
     """Hinton KD: (1 - alpha) * CE(z_s, y) + alpha * T^2 * KL(p_t^T || p_s^T), KL summed over classes, batch mean.
 
     p^T = softmax(z / T). logits_s, logits_t: [B, C] (teacher detached), target [B] -> scalar.
@@ -95,8 +94,9 @@ def kd_loss(logits_s: Tensor, logits_t: Tensor, target: Tensor, temperature: flo
     return (1.0 - alpha) * F.cross_entropy(logits_s, target) + alpha * t * t * kl
 
 
-def nkd_loss(logits_s: Tensor, logits_t: Tensor, target: Tensor, temperature: float = 1.0,
-             gamma: float = 1.5) -> Tensor:
+def nkd_loss(
+    logits_s: Tensor, logits_t: Tensor, target: Tensor, temperature: float = 1.0, gamma: float = 1.5
+) -> Tensor:
     """Normalized KD (NKD, arXiv 2303.13005), with plain CE added as in the official trainer.
 
     L = CE(z_s, y) - mean_b(p^t_y * log p^s_y) - gamma * T^2 * mean_b(sum_{j != y} q^t_j * log q^s_j)
@@ -117,8 +117,7 @@ def nkd_loss(logits_s: Tensor, logits_t: Tensor, target: Tensor, temperature: fl
     return F.cross_entropy(logits_s, target) + loss_t + loss_non
 
 
-def uskd_non_target_label(logits: Tensor, weak_logits: Tensor, target: Tensor,
-                          official_rank: bool = False) -> Tensor:
+def uskd_non_target_label(logits: Tensor, weak_logits: Tensor, target: Tensor, official_rank: bool = False) -> Tensor:
     """USKD's Zipf soft label over the C-1 non-target classes (detached). [B, C], [B, C], [B] -> [B, C-1].
 
     Default (the paper's formula, as the lead's brief asks): score_j = w_j / (1 - w_y) + s_j / (1 - s_y) for
@@ -150,8 +149,15 @@ def uskd_non_target_label(logits: Tensor, weak_logits: Tensor, target: Tensor,
         return z / z.sum(dim=1, keepdim=True)
 
 
-def uskd_loss(logits: Tensor, weak_logits: Tensor, target: Tensor, alpha: float = 0.1, beta: float = 0.1,
-              mu: float = 0.1, official_rank: bool = False) -> Tensor:
+def uskd_loss(
+    logits: Tensor,
+    weak_logits: Tensor,
+    target: Tensor,
+    alpha: float = 0.1,
+    beta: float = 0.1,
+    mu: float = 0.1,
+    official_rank: bool = False,
+) -> Tensor:
     """Teacher-free USKD (arXiv 2303.13005). Defaults = the official CIFAR-100 config (alpha=beta=mu=0.1).
 
     logits [B, C]: the model's output; weak_logits [B, C]: a weak linear head (trained by this loss) applied to
@@ -190,7 +196,8 @@ def zipf_votes(dense_logits: Tensor) -> Tensor:
     b, c = dense_logits.shape[:2]
     am = dense_logits.detach().reshape(b, c, -1).argmax(dim=1)  # [B, L]
     return torch.zeros(b, c, device=dense_logits.device, dtype=torch.float32).scatter_add_(
-        1, am, torch.ones_like(am, dtype=torch.float32))
+        1, am, torch.ones_like(am, dtype=torch.float32)
+    )
 
 
 def zipf_soft_label(dense_logits: Tensor, target: Tensor, power: float = 1.0) -> Tensor:
@@ -227,14 +234,20 @@ def zipf_loss(logits: Tensor, dense_logits: Tensor, target: Tensor, lam: float =
 # ----------------------------------------------------------------------------------------------- dense logits
 def _fast_flatten_linear(head: Callable[[Tensor], Tensor], shape: tuple[int, int, int]):
     """(linear, rest) if head is Sequential(Flatten, Linear(K*H*W, O), *rest), else None."""
-    if (isinstance(head, nn.Sequential) and len(head) >= 2 and isinstance(head[0], nn.Flatten)
-            and isinstance(head[1], nn.Linear) and head[1].in_features == shape[0] * shape[1] * shape[2]):
+    if (
+        isinstance(head, nn.Sequential)
+        and len(head) >= 2
+        and isinstance(head[0], nn.Flatten)
+        and isinstance(head[1], nn.Linear)
+        and head[1].in_features == shape[0] * shape[1] * shape[2]
+    ):
         return head[1], head[2:]
     return None
 
 
-def dense_logits_from_head(features: Tensor, head: Callable[[Tensor], Tensor], upsample_small: bool = True,
-                           max_chunk_elems: int = 1 << 24) -> Tensor:
+def dense_logits_from_head(
+    features: Tensor, head: Callable[[Tensor], Tensor], upsample_small: bool = True, max_chunk_elems: int = 1 << 24
+) -> Tensor:
     """Per-location logits of a Flatten->Linear->... head, for Zipf's votes. Computed without autograd.
 
     features [B, K, H, W] (last feature map); head maps a tensor shaped like features to logits [B, C].
@@ -273,7 +286,7 @@ def dense_logits_from_head(features: Tensor, head: Callable[[Tensor], Tensor], u
         chunk = max(1, max_chunk_elems // max(1, b * x[0].numel()))
         outs = []
         for i in range(0, n_loc, chunk):
-            m = masks[i:i + chunk]  # [l, 1, hu, wu]
+            m = masks[i : i + chunk]  # [l, 1, hu, wu]
             masked = (x[:, None] * m[None]).reshape(-1, k, hu, wu)  # [B*l, K, hu, wu]
             if up:
                 masked = F.avg_pool2d(masked, 2)
@@ -284,8 +297,9 @@ def dense_logits_from_head(features: Tensor, head: Callable[[Tensor], Tensor], u
 
 # ----------------------------------------------------------------------------------------------- feature taps
 def _is_resnet_like(model: nn.Module) -> bool:
-    return all(hasattr(model, a) for a in ("norm", "conv1", "relu1", "block1", "block2", "flatten", "fc1",
-                                           "relu_fc", "fc2"))
+    return all(
+        hasattr(model, a) for a in ("norm", "conv1", "relu1", "block1", "block2", "flatten", "fc1", "relu_fc", "fc2")
+    )
 
 
 def _model_name(model: nn.Module) -> str:
@@ -301,19 +315,25 @@ def split_at_flatten(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     MLPs (no conv feature map) and other models raise UsageError.
     """
     if _is_resnet_like(model):
-        return (nn.Sequential(model.norm, model.conv1, model.relu1, model.block1, model.block2),
-                nn.Sequential(model.flatten, model.fc1, model.relu_fc, model.fc2))
+        return (
+            nn.Sequential(model.norm, model.conv1, model.relu1, model.block1, model.block2),
+            nn.Sequential(model.flatten, model.fc1, model.relu_fc, model.fc2),
+        )
     if not isinstance(model, nn.Sequential):
-        raise UsageError(f"cannot split {_model_name(model)} into features and head; use an nn.Sequential zoo "
-                         "model (cnn-b, convbig) or resnet-4b")
+        raise UsageError(
+            f"cannot split {_model_name(model)} into features and head; use an nn.Sequential zoo "
+            "model (cnn-b, convbig) or resnet-4b"
+        )
     flat = [i for i, m in enumerate(model) if isinstance(m, nn.Flatten)]
     if len(flat) != 1:
         raise UsageError(f"cannot split the model at Flatten: it has {len(flat)} Flatten layers, need exactly 1")
     i = flat[0]
     has_conv = any(isinstance(m, nn.Conv2d) for m in model[:i])
     if not has_conv or not isinstance(model[i - 1], _ACTIVATIONS):
-        raise UsageError("the model has no conv feature map before Flatten (an MLP?); zipf on MLPs ranks the "
-                         "model's own logits: pass them as dense_logits instead of a feature map")
+        raise UsageError(
+            "the model has no conv feature map before Flatten (an MLP?); zipf on MLPs ranks the "
+            "model's own logits: pass them as dense_logits instead of a feature map"
+        )
     return model[:i], model[i:]
 
 
@@ -328,12 +348,14 @@ def uskd_feature_layer(model: nn.Module) -> nn.Module:
     if _is_resnet_like(model):
         return model.block1.relu2
     if not isinstance(model, nn.Sequential):
-        raise UsageError(f"cannot find USKD's intermediate layer in {_model_name(model)}; use an nn.Sequential "
-                         "zoo model or resnet-4b")
+        raise UsageError(
+            f"cannot find USKD's intermediate layer in {_model_name(model)}; use an nn.Sequential "
+            "zoo model or resnet-4b"
+        )
     layers = list(model)
 
     def act_after(i: int) -> nn.Module | None:
-        for m in layers[i + 1:]:
+        for m in layers[i + 1 :]:
             if isinstance(m, _ACTIVATIONS):
                 return m
             if isinstance(m, (nn.Conv2d, nn.Linear, nn.Flatten)):

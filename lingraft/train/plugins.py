@@ -28,8 +28,9 @@ class LossPlugin:
 
     name = "ce"
 
-    def setup(self, model: nn.Module, *, in_shape: tuple, num_classes: int, device: torch.device,
-              teacher: nn.Module | None) -> list[nn.Parameter]:
+    def setup(
+        self, model: nn.Module, *, in_shape: tuple, num_classes: int, device: torch.device, teacher: nn.Module | None
+    ) -> list[nn.Parameter]:
         return []
 
     def forward(self, model: nn.Module, x: Tensor) -> Tensor:
@@ -63,11 +64,13 @@ class RegistryLoss(LossPlugin):
         try:
             from lingraft.train import losses
         except ImportError:
-            raise UsageError(f"loss {name!r} needs lingraft.train.losses, which is not installed; "
-                             "use --loss ce") from None
+            raise UsageError(
+                f"loss {name!r} needs lingraft.train.losses, which is not installed; use --loss ce"
+            ) from None
         if name not in losses.LOSSES:
-            raise UsageError(f"unknown loss {name!r}{did_you_mean(name, losses.LOSSES)}; "
-                             f"use one of: {', '.join(losses.LOSSES)}")
+            raise UsageError(
+                f"unknown loss {name!r}{did_you_mean(name, losses.LOSSES)}; use one of: {', '.join(losses.LOSSES)}"
+            )
         self._losses = losses
         self.name = name
         self.fn = losses.LOSSES[name]

@@ -26,8 +26,9 @@ def load_state(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable state: tell the user how to recover
-        raise LingraftError(f"resume state {path} is unreadable ({type(e).__name__}); delete it to start over "
-                            "or pass --no-resume") from None
+        raise LingraftError(
+            f"resume state {path} is unreadable ({type(e).__name__}); delete it to start over or pass --no-resume"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise LingraftError(f"{path} is not a lingraft training state; delete it or pass --no-resume")
     return state

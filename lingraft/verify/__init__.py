@@ -9,5 +9,12 @@ from lingraft.spec.region import PROVE_TOL
 from lingraft.verify.core import INPUT_SPLIT_MAX_DIM, STATUSES, VerifyResult, verify_property
 from lingraft.verify.runner import verify_instances, write_result
 
-__all__ = ["INPUT_SPLIT_MAX_DIM", "PROVE_TOL", "STATUSES", "VerifyResult", "verify_property", "verify_instances",
-           "write_result"]
+__all__ = [
+    "INPUT_SPLIT_MAX_DIM",
+    "PROVE_TOL",
+    "STATUSES",
+    "VerifyResult",
+    "verify_property",
+    "verify_instances",
+    "write_result",
+]

@@ -113,19 +113,30 @@ def infeasible_domains(net: BoundedNetwork, bounds: list, B: int) -> Tensor:
 def clamp_bounds(net: BoundedNetwork, base: list, splits: dict[int, Tensor] | None, B: int) -> list:
     """Intermediate bounds for B domains from fixed ``base`` bounds (list by node of [1 or B, *shape] pairs or
     None, e.g. the root's) with the split neurons' pre-activation intervals clamped as in :func:`split_clamps`."""
-    out = [None if b is None else (b[0].expand(B, *b[0].shape[1:]), b[1].expand(B, *b[1].shape[1:]))
-           for b in base]
+    out = [None if b is None else (b[0].expand(B, *b[0].shape[1:]), b[1].expand(B, *b[1].shape[1:])) for b in base]
     for node, (lo_c, up_c) in (split_clamps(net, splits) or {}).items():
         if out[node] is not None:
             out[node] = (torch.maximum(out[node][0], lo_c), torch.minimum(out[node][1], up_c))
     return out
 
 
-def bound_domains(net: BoundedNetwork, x_L: Tensor, x_U: Tensor, C: Tensor, *,
-                  splits: dict[int, Tensor] | None = None, base_bounds: list | None = None, iterations: int = 0,
-                  alpha_init: dict[int, Tensor] | None = None, row_weight: Tensor | None = None,
-                  lr_alpha: float = 0.1, lr_beta: float = 0.05, record_lA: bool = False,
-                  target: Tensor | None = None, deadline: float | None = None) -> Bounded:
+def bound_domains(
+    net: BoundedNetwork,
+    x_L: Tensor,
+    x_U: Tensor,
+    C: Tensor,
+    *,
+    splits: dict[int, Tensor] | None = None,
+    base_bounds: list | None = None,
+    iterations: int = 0,
+    alpha_init: dict[int, Tensor] | None = None,
+    row_weight: Tensor | None = None,
+    lr_alpha: float = 0.1,
+    lr_beta: float = 0.05,
+    record_lA: bool = False,
+    target: Tensor | None = None,
+    deadline: float | None = None,
+) -> Bounded:
     """Bound C f(x) on B domains.
 
     x_L, x_U: [B, *in_shape]; C: [B, S, n_out]; splits: {ReLU node: int8 [B, *shape]}; base_bounds: if given,
@@ -152,23 +163,29 @@ def bound_domains(net: BoundedNetwork, x_L: Tensor, x_U: Tensor, C: Tensor, *,
     optimized = iterations > 0 and bool(alphas or betas)
     if optimized:
         problem = (C_out, x_L, x_U, bounds)
-        best = _optimize_alpha_beta(net, problem, alphas, betas, best, w, iterations, lr_alpha, lr_beta, target,
-                                    deadline)
+        best = _optimize_alpha_beta(
+            net, problem, alphas, betas, best, w, iterations, lr_alpha, lr_beta, target, deadline
+        )
     store: dict = {}
     with torch.no_grad():
         if record_lA or optimized:
             # one more pass with the final slopes (its bound counts too), recording the ReLU coefficients if asked
             ctx = record_relu_coefficients(net, store) if record_lA else contextlib.nullcontext()
             with ctx:
-                lo, _ = net.backward_bound(C_out, x_L, x_U, bounds, alphas=alphas or None,
-                                           extra_lA=_beta_terms(betas))
+                lo, _ = net.backward_bound(C_out, x_L, x_U, bounds, alphas=alphas or None, extra_lA=_beta_terms(betas))
             best = torch.maximum(best, lo)
-    return Bounded(lower=best, infeasible=infeasible, bounds=bounds,
-                   alphas={k: v["l"].detach() for k, v in alphas.items()}, relu_lA=store)
+    return Bounded(
+        lower=best,
+        infeasible=infeasible,
+        bounds=bounds,
+        alphas={k: v["l"].detach() for k, v in alphas.items()},
+        relu_lA=store,
+    )
 
 
-def _initial_alphas(net: BoundedNetwork, bounds: list, B: int, S: int,
-                    alpha_init: dict[int, Tensor] | None) -> dict[int, dict[str, Tensor]]:
+def _initial_alphas(
+    net: BoundedNetwork, bounds: list, B: int, S: int, alpha_init: dict[int, Tensor] | None
+) -> dict[int, dict[str, Tensor]]:
     """Trainable lower slopes {ReLU node: {"l": [B, S, *shape]}} for the ReLUs with unstable neurons: the warm
     start where given, else the CROWN relaxation's slopes."""
     alphas: dict[int, dict[str, Tensor]] = {}
@@ -206,9 +223,19 @@ def _beta_terms(betas: dict[int, tuple[Tensor, Tensor]]) -> dict[int, Tensor] | 
     return {p: -beta * sign for p, (beta, sign) in betas.items()} or None
 
 
-def _optimize_alpha_beta(net: BoundedNetwork, problem: tuple, alphas: dict[int, dict[str, Tensor]],
-                         betas: dict[int, tuple[Tensor, Tensor]], best: Tensor, w: Tensor, iterations: int,
-                         lr_alpha: float, lr_beta: float, target: Tensor | None, deadline: float | None) -> Tensor:
+def _optimize_alpha_beta(
+    net: BoundedNetwork,
+    problem: tuple,
+    alphas: dict[int, dict[str, Tensor]],
+    betas: dict[int, tuple[Tensor, Tensor]],
+    best: Tensor,
+    w: Tensor,
+    iterations: int,
+    lr_alpha: float,
+    lr_beta: float,
+    target: Tensor | None,
+    deadline: float | None,
+) -> Tensor:
     """Projected Adam on the weighted sum of the lower bounds (alpha in [0, 1], beta >= 0; updated in place).
     problem: (C_out, x_L, x_U, bounds); best: [B, S] bound so far. -> the best bound [B, S] over all iterates."""
     C_out, x_L, x_U, bounds = problem
@@ -245,8 +272,8 @@ class _Adam:
     @torch.no_grad()
     def step(self, grads) -> None:
         self.t += 1
-        c1 = 1 - self.b1 ** self.t
-        c2 = 1 - self.b2 ** self.t
+        c1 = 1 - self.b1**self.t
+        c2 = 1 - self.b2**self.t
         for p, g, m, v, lr in zip(self.params, grads, self.m, self.v, self.lr):
             if g is None:
                 continue
@@ -255,8 +282,9 @@ class _Adam:
             p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-lr / c1)
 
 
-def input_coefficients(net: BoundedNetwork, x_L: Tensor, x_U: Tensor, C: Tensor, bounds: list,
-                       rows: Tensor, alphas: dict | None = None) -> Tensor:
+def input_coefficients(
+    net: BoundedNetwork, x_L: Tensor, x_U: Tensor, C: Tensor, bounds: list, rows: Tensor, alphas: dict | None = None
+) -> Tensor:
     """Input coefficients of the linear lower bound of row ``rows[b]`` for each domain b: lower(x) = a . x + c.
 
     Read off by differentiating the concretized bound w.r.t. the box (d/dx_L = a+, d/dx_U = a-); the

@@ -77,8 +77,7 @@ def load_model(model_or_path, in_shape, tmpdir: list):
         model = model_or_path.eval()
         shape = in_shape if in_shape is not None else getattr(model, "input_shape", None)
         if shape is None:
-            raise UsageError("in_shape is needed for an in-memory model without .input_shape "
-                             "(pass in_shape=(C, H, W))")
+            raise UsageError("in_shape is needed for an in-memory model without .input_shape (pass in_shape=(C, H, W))")
         shape = tuple(int(s) for s in shape)
         with torch.no_grad():
             dev = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -123,18 +122,31 @@ def _merge_method(a: str, b: str) -> str:
     return a if _METHOD_RANK.get(a, 0) >= _METHOD_RANK.get(b, 0) else b
 
 
-def verify_property(model_or_path, prop, *, timeout: float = 60.0, in_shape=None, seed: int = 0,
-                    device: str | None = None, split: str = "auto", attack_time: float | None = None,
-                    root_iterations: int = 30, bab_iterations: int = 8, batch_size: int | None = None,
-                    attack: bool = True, verbose: bool = False,
-                    log: Callable[[str], None] | None = None) -> VerifyResult:
+def verify_property(
+    model_or_path,
+    prop,
+    *,
+    timeout: float = 60.0,
+    in_shape=None,
+    seed: int = 0,
+    device: str | None = None,
+    split: str = "auto",
+    attack_time: float | None = None,
+    root_iterations: int = 30,
+    bab_iterations: int = 8,
+    batch_size: int | None = None,
+    attack: bool = True,
+    verbose: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> VerifyResult:
     """Decide whether the property's unsafe set is reachable.
 
     model_or_path: an ONNX file (plain or .gz; bounds run on CUDA when available unless ``device`` says
     otherwise) or an nn.Module (then ``in_shape`` or ``model.input_shape`` gives the per-sample input shape; it
     is put in eval mode and used on its own device unless ``device`` is given); prop: a VnnlibProperty or a
     VNN-LIB file path; timeout: wall-clock seconds for the whole call (loading included); split: "auto" (input
-    splitting for <= 10 inputs, ReLU splitting otherwise), "input" or "relu"; attack_time: seconds of the first counterexample search per region
+    splitting for <= 10 inputs, ReLU splitting otherwise), "input" or "relu"; attack_time: seconds of the first
+    counterexample search per region
     (default min(2 s, 5% of the timeout)); root/bab_iterations: alpha(-beta) optimization steps at the root /
     per branch-and-bound round; batch_size: domains per round (default 64 for ReLU, 512 for input splitting);
     attack=False turns the PGD searches off (branch and bound alone; for testing its soundness).
@@ -166,11 +178,19 @@ def verify_property(model_or_path, prop, *, timeout: float = 60.0, in_shape=None
         model, dev = _place_model(model, onnx_path, device)
         net = BoundedNetwork(model, shape, device=dev)
         specs = [region_spec(r, shape, n_out).to(dev).set_output_scale(model) for r in prop.regions]
-        run = _Run(net=net, model=model, check=lambda xs, v: confirm(xs, v, prop, model, onnx_path),
-                   deadline=deadline, stats=stats, log=log,
-                   mode=split if split != "auto" else ("input" if n_in <= INPUT_SPLIT_MAX_DIM else "relu"),
-                   root_iterations=root_iterations, bab_iterations=bab_iterations, batch_size=batch_size,
-                   attack=attack)
+        run = _Run(
+            net=net,
+            model=model,
+            check=lambda xs, v: confirm(xs, v, prop, model, onnx_path),
+            deadline=deadline,
+            stats=stats,
+            log=log,
+            mode=split if split != "auto" else ("input" if n_in <= INPUT_SPLIT_MAX_DIM else "relu"),
+            root_iterations=root_iterations,
+            bab_iterations=bab_iterations,
+            batch_size=batch_size,
+            attack=attack,
+        )
         todo = _settle_by_crown(run, specs)
         if todo is None:
             return result("timeout")
@@ -220,8 +240,10 @@ def _matching_property(prop, n_in: int, n_out: int) -> VnnlibProperty:
     if not isinstance(prop, VnnlibProperty):
         return parse_vnnlib(prop, num_inputs=n_in, num_outputs=n_out)
     if prop.num_inputs != n_in or prop.num_outputs != n_out:
-        raise LingraftError(f"property has {prop.num_inputs} inputs / {prop.num_outputs} outputs but the "
-                            f"network has {n_in} / {n_out} (use the matching property file)")
+        raise LingraftError(
+            f"property has {prop.num_inputs} inputs / {prop.num_outputs} outputs but the "
+            f"network has {n_in} / {n_out} (use the matching property file)"
+        )
     return prop
 
 
@@ -266,8 +288,9 @@ def _quick_attack(run: _Run, todo: list[tuple[int, RegionSpec]], budget: float, 
         if run.out_of_time():
             return "timeout", None
         run.use_method("attack")
-        xs, v = spec_attack(run.model, spec, seed=seed + i,
-                            deadline=min(run.deadline, time.perf_counter() + budget / len(todo)))
+        xs, v = spec_attack(
+            run.model, spec, seed=seed + i, deadline=min(run.deadline, time.perf_counter() + budget / len(todo))
+        )
         cex = run.check(xs, v - spec.confirm_slack)  # near misses in float32 are worth a re-check
         if cex is not None:
             run.log(f"region {i}: counterexample found by the attack")
@@ -304,8 +327,17 @@ def _verify_region(run: _Run, spec: RegionSpec, seed: int):
     ref = spec.refuted(spec.lower_margin(res.lower))
     run.use_method("alpha-crown")
     rw = (~ref)[:, spec.group].float()
-    res = bound_domains(run.net, spec.x_L, spec.x_U, C, iterations=run.root_iterations, row_weight=rw,
-                        record_lA=True, target=spec.target(), deadline=run.deadline)
+    res = bound_domains(
+        run.net,
+        spec.x_L,
+        spec.x_U,
+        C,
+        iterations=run.root_iterations,
+        row_weight=rw,
+        record_lA=True,
+        target=spec.target(),
+        deadline=run.deadline,
+    )
     margin = spec.lower_margin(res.lower)
     run.log(f"  alpha-crown margins {np.round(margin[0].cpu().numpy(), 4).tolist()}")
     if bool(spec.refuted(margin).all()):
@@ -317,8 +349,7 @@ def _verify_region(run: _Run, spec: RegionSpec, seed: int):
 
 def _input_bab(run: _Run, spec: RegionSpec):
     """Input-splitting branch and bound of one region. -> (status, counterexample or None)."""
-    bab = InputBaB(run.net, spec, run.model, run.check, run.deadline, batch_size=run.batch_size or 512,
-                   log=run.log)
+    bab = InputBaB(run.net, spec, run.model, run.check, run.deadline, batch_size=run.batch_size or 512, log=run.log)
     out = bab.run()
     run.stats["branches"] += out.branches
     run.stats["max_depth"] = max(run.stats.get("max_depth", 0), out.max_depth)
@@ -333,9 +364,19 @@ def _relu_bab(run: _Run, spec: RegionSpec, root: Bounded, seed: int, refine: boo
     # recomputing intermediate bounds per domain is what makes deep/convolutional networks slow: do it only when
     # one CROWN pass is cheap, else keep the root's bounds with the split neurons clamped
     run.stats["refine_intermediate"] = refine
-    bab = ReluBaB(run.net, spec, run.model, run.check, run.deadline, batch_size=run.batch_size or 64,
-                  iterations=run.bab_iterations, seed=seed, attack_every=2.0 if run.attack else float("inf"),
-                  refine_intermediate=refine, log=run.log)
+    bab = ReluBaB(
+        run.net,
+        spec,
+        run.model,
+        run.check,
+        run.deadline,
+        batch_size=run.batch_size or 64,
+        iterations=run.bab_iterations,
+        seed=seed,
+        attack_every=2.0 if run.attack else float("inf"),
+        refine_intermediate=refine,
+        log=run.log,
+    )
     out = bab.run(root)
     run.stats["branches"] += out.branches
     run.stats["max_depth"] = max(run.stats.get("max_depth", 0), out.max_depth)

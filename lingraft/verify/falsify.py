@@ -18,8 +18,17 @@ from torch import Tensor, nn
 from lingraft.spec.region import RegionSpec, group_max
 
 
-def spec_attack(model: nn.Module, spec: RegionSpec, *, starts: int = 64, steps: int = 50, odi_steps: int = 5,
-                seed: int = 0, x_init: Tensor | None = None, deadline: float | None = None) -> tuple[Tensor, Tensor]:
+def spec_attack(
+    model: nn.Module,
+    spec: RegionSpec,
+    *,
+    starts: int = 64,
+    steps: int = 50,
+    odi_steps: int = 5,
+    seed: int = 0,
+    x_init: Tensor | None = None,
+    deadline: float | None = None,
+) -> tuple[Tensor, Tensor]:
     """Search the region's (inward-rounded) box for inputs violating the specification.
 
     x_init: optional [k, *in_shape] starting points (e.g. bound minimizers from branch and bound); they are

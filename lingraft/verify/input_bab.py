@@ -36,8 +36,18 @@ class InputBaB:
     confirm: callable(x [N, *in], violation [N]) -> (x, y) or None; deadline: time.perf_counter() value.
     """
 
-    def __init__(self, net: BoundedNetwork, spec: RegionSpec, model, confirm: Callable, deadline: float, *,
-                 batch_size: int = 512, iterations: int = 0, log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        net: BoundedNetwork,
+        spec: RegionSpec,
+        model,
+        confirm: Callable,
+        deadline: float,
+        *,
+        batch_size: int = 512,
+        iterations: int = 0,
+        log: Callable[[str], None] | None = None,
+    ):
         self.net, self.spec, self.model, self.confirm = net, spec, model, confirm
         self.deadline = deadline
         self.batch_size = max(1, int(batch_size))
@@ -50,8 +60,16 @@ class InputBaB:
         B = x_L.shape[0]
         C = spec.C.unsqueeze(0).expand(B, -1, -1)
         rw = open_p[:, spec.group].float()
-        res = bound_domains(self.net, x_L, x_U, C, iterations=self.iterations, row_weight=rw,
-                            target=spec.target(), deadline=self.deadline)
+        res = bound_domains(
+            self.net,
+            x_L,
+            x_U,
+            C,
+            iterations=self.iterations,
+            row_weight=rw,
+            target=spec.target(),
+            deadline=self.deadline,
+        )
         m = spec.lower_margin(res.lower)
         open_c = open_p & ~spec.refuted(m)
         rows = worst_rows(m, open_c, spec)
@@ -130,8 +148,9 @@ class InputBaB:
                 dep = depth.repeat(2) + 1
                 out.max_depth = max(out.max_depth, int(dep.max()))
                 for i in live.tolist():
-                    heapq.heappush(heap, (float(pri[i]), next(counter), lo2[i], up2[i], open_c[i], int(dim[i]),
-                                          int(dep[i])))
+                    heapq.heappush(
+                        heap, (float(pri[i]), next(counter), lo2[i], up2[i], open_c[i], int(dim[i]), int(dep[i]))
+                    )
             round_time = time.perf_counter() - t0
             per_box = round_time / n
             if queue_overflowed(out, heap, MAX_BOXES, round_time, self.log, "input-bab", "boxes", log_every=20):

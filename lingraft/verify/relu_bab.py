@@ -67,10 +67,23 @@ class ReluBaB:
     ``unknown`` when the queue outgrows it).
     """
 
-    def __init__(self, net: BoundedNetwork, spec: RegionSpec, model, confirm: Callable, deadline: float, *,
-                 batch_size: int = 64, iterations: int = 8, attack_every: float = 2.0, seed: int = 0,
-                 refine_intermediate: bool = True, alpha_memory_mb: float = 1024.0, queue_memory_mb: float = 2048.0,
-                 log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        net: BoundedNetwork,
+        spec: RegionSpec,
+        model,
+        confirm: Callable,
+        deadline: float,
+        *,
+        batch_size: int = 64,
+        iterations: int = 8,
+        attack_every: float = 2.0,
+        seed: int = 0,
+        refine_intermediate: bool = True,
+        alpha_memory_mb: float = 1024.0,
+        queue_memory_mb: float = 2048.0,
+        log: Callable[[str], None] | None = None,
+    ):
         self.net, self.spec, self.model, self.confirm = net, spec, model, confirm
         self.deadline = deadline
         self.batch_size = max(1, int(batch_size))
@@ -87,9 +100,9 @@ class ReluBaB:
         self.offsets = [0] + list(itertools.accumulate(self.sizes))
         self.N = self.offsets[-1]
         per_domain = sum(self.sizes) * spec.S * 4
-        self.max_alpha_domains = int(alpha_memory_mb * 2 ** 20 // max(per_domain, 1))
+        self.max_alpha_domains = int(alpha_memory_mb * 2**20 // max(per_domain, 1))
         # the queue itself (int8 split vectors) is capped at about queue_memory_mb: beyond it the search gives up
-        self.max_domains = int(min(2_000_000, queue_memory_mb * 2 ** 20 // max(self.N + 64, 1)))
+        self.max_domains = int(min(2_000_000, queue_memory_mb * 2**20 // max(self.N + 64, 1)))
         # grafted neurons are exact linear functions: never split them
         masks = []
         for k, n in zip(self.relus, self.sizes):
@@ -103,8 +116,10 @@ class ReluBaB:
     def split_tensors(self, flat: Tensor) -> dict[int, Tensor]:
         """[B, N] int8 -> {ReLU node: [B, *shape]}."""
         B = flat.shape[0]
-        return {k: flat[:, self.offsets[i]:self.offsets[i + 1]].reshape(B, *self.shapes[i])
-                for i, k in enumerate(self.relus)}
+        return {
+            k: flat[:, self.offsets[i] : self.offsets[i + 1]].reshape(B, *self.shapes[i])
+            for i, k in enumerate(self.relus)
+        }
 
     def scores(self, res: Bounded, splits: Tensor, row_w: Tensor) -> Tensor:
         """Branching scores [B, N] (-inf where a neuron may not be split). row_w: [B, S] weights of open rows."""
@@ -144,8 +159,16 @@ class ReluBaB:
         a = input_coefficients(self.net, x_L[worst], x_U[worst], C[worst], bsel, rows, al or None)
         x0 = torch.where(a > 0, self.spec.a_L, self.spec.a_U)
         self.seed += 1
-        xs, v = spec_attack(self.model, self.spec, starts=x0.shape[0] + 8, steps=20, odi_steps=2, seed=self.seed,
-                            x_init=x0, deadline=self.deadline)
+        xs, v = spec_attack(
+            self.model,
+            self.spec,
+            starts=x0.shape[0] + 8,
+            steps=20,
+            odi_steps=2,
+            seed=self.seed,
+            x_init=x0,
+            deadline=self.deadline,
+        )
         return self.confirm(xs, v - self.spec.confirm_slack)  # float32 near misses are re-checked too
 
     # ------------------------------------------------------------------------------------------------
@@ -163,9 +186,14 @@ class ReluBaB:
         out = SearchOutcome("unsat")
         if self.attack_every != float("inf"):
             # the root bound's minimizer is a good start (exact for a network without unstable neurons)
-            cex = self._attack(root, spec.x_L, spec.x_U, spec.C.unsqueeze(0),
-                               torch.zeros(1, dtype=torch.long, device=self.net.device),
-                               worst_rows(margin, open0.unsqueeze(0), spec))
+            cex = self._attack(
+                root,
+                spec.x_L,
+                spec.x_U,
+                spec.C.unsqueeze(0),
+                torch.zeros(1, dtype=torch.long, device=self.net.device),
+                worst_rows(margin, open0.unsqueeze(0), spec),
+            )
             if cex is not None:
                 return _found(out, cex)
         return self._search(heap, out)
@@ -190,8 +218,7 @@ class ReluBaB:
             self._queue_children(heap, batch, children, out)
             round_time = time.perf_counter() - t0
             per_domain = round_time / len(batch)
-            if queue_overflowed(out, heap, self.max_domains, round_time, self.log, "relu-bab", "domains",
-                                log_every=10):
+            if queue_overflowed(out, heap, self.max_domains, round_time, self.log, "relu-bab", "domains", log_every=10):
                 return out
             if children.live.numel() and time.perf_counter() - last_attack > self.attack_every:
                 last_attack = time.perf_counter()
@@ -245,8 +272,10 @@ class ReluBaB:
         kept slopes for the same nodes."""
         keys = set(batch[0].alphas) if batch[0].alphas else set()
         if keys and all(d.alphas is not None and set(d.alphas) == keys for d in batch):
-            return {k: torch.stack([d.alphas[k] for d in batch]).repeat_interleave(2, 0)  # type: ignore[index]
-                    for k in keys}
+            return {
+                k: torch.stack([d.alphas[k] for d in batch]).repeat_interleave(2, 0)  # type: ignore[index]
+                for k in keys
+            }
         return None
 
     def _bound_children(self, batch: list[Domain]) -> _Children:
@@ -263,24 +292,42 @@ class ReluBaB:
         # bound only the rows of conjunctions still open somewhere in the batch (the others are refuted on
         # every parent, hence on every child); their lower bounds read -inf below and are never used
         rows = torch.nonzero(rw.any(0)).flatten()
-        res = bound_domains(self.net, x_L, x_U, C[:, rows], splits=self.split_tensors(flat),
-                            iterations=self.iterations, base_bounds=None if self.refine else self.base_bounds,
-                            alpha_init=None if alpha_init is None else {k: v[:, rows] for k, v in
-                                                                        alpha_init.items()},
-                            row_weight=rw[:, rows], record_lA=True,
-                            target=spec.target(rows), deadline=self.deadline)
+        res = bound_domains(
+            self.net,
+            x_L,
+            x_U,
+            C[:, rows],
+            splits=self.split_tensors(flat),
+            iterations=self.iterations,
+            base_bounds=None if self.refine else self.base_bounds,
+            alpha_init=None if alpha_init is None else {k: v[:, rows] for k, v in alpha_init.items()},
+            row_weight=rw[:, rows],
+            record_lA=True,
+            target=spec.target(rows),
+            deadline=self.deadline,
+        )
         lower = torch.full((B, spec.S), float("-inf"), device=dev)
         lower[:, rows] = res.lower
         res.alphas = self._alphas_on_all_rows(res.alphas, alpha_init, rows, B)
         m = spec.lower_margin(lower)
         open_c = open_p & ~spec.refuted(m)
         done = res.infeasible | ~open_c.any(1)
-        return _Children(flat=flat, x_L=x_L, x_U=x_U, C=C, rows=rows, res=res, margin=m,
-                         group_margin=group_max(m, spec.group, spec.G), open_groups=open_c,
-                         live=torch.nonzero(~done).flatten())
+        return _Children(
+            flat=flat,
+            x_L=x_L,
+            x_U=x_U,
+            C=C,
+            rows=rows,
+            res=res,
+            margin=m,
+            group_margin=group_max(m, spec.group, spec.G),
+            open_groups=open_c,
+            live=torch.nonzero(~done).flatten(),
+        )
 
-    def _alphas_on_all_rows(self, alphas: dict[int, Tensor], alpha_init: dict[int, Tensor] | None, rows: Tensor,
-                            B: int) -> dict[int, Tensor]:
+    def _alphas_on_all_rows(
+        self, alphas: dict[int, Tensor], alpha_init: dict[int, Tensor] | None, rows: Tensor, B: int
+    ) -> dict[int, Tensor]:
         """Optimized slopes of the bounded ``rows`` ([B, len(rows), *shape]) back to all S rows; the other rows
         keep the parent's slopes."""
         out = {}

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import csv
 import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from lingraft.errors import LingraftError, UsageError
+from lingraft.errors import LingraftError
 from lingraft.io.resumable import ResumableLog, latest_by
 from lingraft.spec.vnnlib import write_counterexample
 from lingraft.verify.core import VerifyResult, verify_property
@@ -75,16 +75,30 @@ def is_wrong(status: str, expected: str | None) -> bool:
 def summarize(records: list[dict]) -> dict:
     """Counts per status plus wrong answers and the median time."""
     s: dict[str, float] = {"instances": len(records)}
-    for st, key in (("unsat", "verified"), ("sat", "falsified"), ("unknown", "unknown"), ("timeout", "timeout"),
-                    ("error", "error")):
+    for st, key in (
+        ("unsat", "verified"),
+        ("sat", "falsified"),
+        ("unknown", "unknown"),
+        ("timeout", "timeout"),
+        ("error", "error"),
+    ):
         s[key] = sum(r["status"] == st for r in records)
     s["wrong"] = sum(is_wrong(r["status"], r.get("expected")) for r in records)
     s["median_time_s"] = statistics.median([r["time_s"] for r in records]) if records else 0.0
     return s
 
 
-def verify_instances(csv_path, *, out=None, resume: bool = True, results_dir=None, timeout: float | None = None,
-                     verbose: bool = False, echo: Callable[[str], None] = print, **verify_kw) -> list[dict]:
+def verify_instances(
+    csv_path,
+    *,
+    out=None,
+    resume: bool = True,
+    results_dir=None,
+    timeout: float | None = None,
+    verbose: bool = False,
+    echo: Callable[[str], None] = print,
+    **verify_kw,
+) -> list[dict]:
     """Verify every instance of a benchmark's instances.csv; returns one record per instance.
 
     out: JSONL file of records (default ``vnncomp_results/<folder name>.jsonl`` in the working directory);
@@ -104,8 +118,10 @@ def verify_instances(csv_path, *, out=None, resume: bool = True, results_dir=Non
         finished = results.resume()
         for i, r in enumerate(finished, 1):
             if not isinstance(r, dict):
-                raise LingraftError(f"results file {out}: record {i} is not a JSON object (a lingraft verify "
-                                    "record); move the file away or pick another --out")
+                raise LingraftError(
+                    f"results file {out}: record {i} is not a JSON object (a lingraft verify "
+                    "record); move the file away or pick another --out"
+                )
         done = latest_by(finished, lambda r: (r.get("onnx"), r.get("vnnlib")))
     else:
         results.clear()
@@ -120,9 +136,18 @@ def verify_instances(csv_path, *, out=None, resume: bool = True, results_dir=Non
         tmo = float(timeout) if timeout is not None else t
         res = verify_property(folder / onnx, folder / vnnlib, timeout=tmo, verbose=verbose, **verify_kw)
         exp = expected.get((_base(onnx), _base(vnnlib)))
-        rec = {"benchmark": folder.name, "onnx": onnx, "vnnlib": vnnlib, "timeout": tmo, "status": res.status,
-               "time_s": round(res.time_s, 4), "branches": res.stats.get("branches", 0),
-               "method": res.stats.get("method", ""), "expected": exp, "wrong": is_wrong(res.status, exp)}
+        rec = {
+            "benchmark": folder.name,
+            "onnx": onnx,
+            "vnnlib": vnnlib,
+            "timeout": tmo,
+            "status": res.status,
+            "time_s": round(res.time_s, 4),
+            "branches": res.stats.get("branches", 0),
+            "method": res.stats.get("method", ""),
+            "expected": exp,
+            "wrong": is_wrong(res.status, exp),
+        }
         if "error" in res.stats:
             rec["error"] = res.stats["error"]
         if res.note:
@@ -133,10 +158,14 @@ def verify_instances(csv_path, *, out=None, resume: bool = True, results_dir=Non
         records.append(rec)
         extra = f", expected {exp}" if exp else ""
         flag = "  WRONG" if rec["wrong"] else ""
-        echo(f"{tag}: {res.status} ({res.time_s:.2f} s, {rec['branches']} branches, {rec['method']}{extra}){flag}"
-             + (f" [{rec['error']}]" if "error" in rec else ""))
+        echo(
+            f"{tag}: {res.status} ({res.time_s:.2f} s, {rec['branches']} branches, {rec['method']}{extra}){flag}"
+            + (f" [{rec['error']}]" if "error" in rec else "")
+        )
     s = summarize(records)
-    echo(f"{folder.name}: {s['instances']} instances: {s['verified']} verified, {s['falsified']} falsified, "
-         f"{s['unknown']} unknown, {s['timeout']} timeout, {s['error']} error, {s['wrong']} wrong; "
-         f"median {s['median_time_s']:.2f} s")
+    echo(
+        f"{folder.name}: {s['instances']} instances: {s['verified']} verified, {s['falsified']} falsified, "
+        f"{s['unknown']} unknown, {s['timeout']} timeout, {s['error']} error, {s['wrong']} wrong; "
+        f"median {s['median_time_s']:.2f} s"
+    )
     return records

@@ -28,8 +28,16 @@ def worst_rows(m: Tensor, open_c: Tensor, spec: RegionSpec) -> Tensor:
     return m.masked_fill(~in_g, float("-inf")).argmax(1)
 
 
-def queue_overflowed(out: SearchOutcome, heap: list, limit: int, round_time: float, log: Callable[[str], None],
-                     name: str, items: str, log_every: int) -> bool:
+def queue_overflowed(
+    out: SearchOutcome,
+    heap: list,
+    limit: int,
+    round_time: float,
+    log: Callable[[str], None],
+    name: str,
+    items: str,
+    log_every: int,
+) -> bool:
     """End of a round: True (and ``out.status = "unknown"``) when more than ``limit`` items wait in the heap
     (entries ``(priority, ...)``); otherwise logs the progress every ``log_every`` rounds and returns False.
     name: the search in the log ("relu-bab"); items: what it queues ("domains")."""
@@ -38,6 +46,8 @@ def queue_overflowed(out: SearchOutcome, heap: list, limit: int, round_time: flo
         out.status = "unknown"
         return True
     if out.rounds % log_every == 1:
-        log(f"  {name} round {out.rounds}: {len(heap)} {items} left, worst margin "
-            f"{heap[0][0] if heap else float('nan'):.4f}, {round_time:.2f}s/round")
+        log(
+            f"  {name} round {out.rounds}: {len(heap)} {items} left, worst margin "
+            f"{heap[0][0] if heap else float('nan'):.4f}, {round_time:.2f}s/round"
+        )
     return False

@@ -31,8 +31,14 @@ def concrete_outputs(x: Tensor, model: nn.Module, onnx_path: str | None) -> np.n
         return m64(x.detach().cpu().double()).reshape(x.shape[0], -1).numpy()
 
 
-def confirm(candidates: Tensor, violation: Tensor, prop: VnnlibProperty, model: nn.Module,
-            onnx_path: str | None, max_checks: int = 4) -> tuple[np.ndarray, np.ndarray] | None:
+def confirm(
+    candidates: Tensor,
+    violation: Tensor,
+    prop: VnnlibProperty,
+    model: nn.Module,
+    onnx_path: str | None,
+    max_checks: int = 4,
+) -> tuple[np.ndarray, np.ndarray] | None:
     """The first candidate (x [N, *in_shape], sorted best first, with violation [N]) that the reference
     forward pass confirms as a counterexample, as (x [n_in], y [n_out]) float64; None if none does.
     Only candidates with violation <= 0 are checked, at most ``max_checks`` of them."""

@@ -8,5 +8,17 @@ from lingraft.bounds.ops.pool import MaxPoolOp
 from lingraft.bounds.ops.relu import ReLUOp
 from lingraft.bounds.ops.shape import CatOp, PadOp, PermuteOp, ReshapeOp
 
-__all__ = ["BoundOp", "AddOp", "ElementwiseAffineOp", "ConvOp", "LinearOp", "OpaqueOp", "MaxPoolOp",
-           "ReLUOp", "CatOp", "PadOp", "PermuteOp", "ReshapeOp"]
+__all__ = [
+    "BoundOp",
+    "AddOp",
+    "ElementwiseAffineOp",
+    "ConvOp",
+    "LinearOp",
+    "OpaqueOp",
+    "MaxPoolOp",
+    "ReLUOp",
+    "CatOp",
+    "PadOp",
+    "PermuteOp",
+    "ReshapeOp",
+]

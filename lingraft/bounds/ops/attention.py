@@ -25,6 +25,7 @@ Box = tuple[Tensor, Tensor]
 
 _NEG_INF = float("-inf")
 
+
 def conv_bounds(lower: Tensor, upper: Tensor, weight: Tensor, bias: Tensor | None, **conv_kw) -> tuple[Tensor, Tensor]:
     """Exact interval image of the affine map conv2d(x, weight, bias) over the box [lower, upper] (center/radius)."""
     center = F.conv2d((upper + lower) / 2, weight, bias, **conv_kw)
@@ -79,8 +80,9 @@ def softmax_bounds(lower: Tensor, upper: Tensor, valid: Tensor | None = None, di
     return lo, hi
 
 
-def convex_combination_bounds(wl: Tensor, wu: Tensor, vl: Tensor, vu: Tensor, valid: Tensor | None = None,
-                              dim: int = -1) -> tuple[Tensor, Tensor]:
+def convex_combination_bounds(
+    wl: Tensor, wu: Tensor, vl: Tensor, vu: Tensor, valid: Tensor | None = None, dim: int = -1
+) -> tuple[Tensor, Tensor]:
     """Bounds of sum_j w_j v_j along dim, for w_j in [wl_j, wu_j] with w >= 0, sum_j w_j = 1, v_j in [vl_j, vu_j].
 
     Three sound bounds, intersected:
@@ -120,9 +122,17 @@ def convex_combination_bounds(wl: Tensor, wu: Tensor, vl: Tensor, vu: Tensor, va
     return lo, torch.maximum(hi, lo)  # the intersection is never empty mathematically; guard rounding
 
 
-def local_attention_bounds(ql: Tensor, qu: Tensor, kl: Tensor, ku: Tensor, vl: Tensor, vu: Tensor,
-                           valid: Tensor, logit_box: tuple[Tensor, Tensor] | None = None,
-                           weight_box: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+def local_attention_bounds(
+    ql: Tensor,
+    qu: Tensor,
+    kl: Tensor,
+    ku: Tensor,
+    vl: Tensor,
+    vu: Tensor,
+    valid: Tensor,
+    logit_box: tuple[Tensor, Tensor] | None = None,
+    weight_box: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
     """Bounds of local attention sum_j softmax_j(q . kb_j) v_j from boxes of q [B, h, d, P], kb (keys + logit bias)
     [B, h, d, K, P] and v [B, h, d, K, P]; valid [K, P] marks window positions inside the image. -> [B, h, d, P].
 
@@ -142,8 +152,17 @@ def local_attention_bounds(ql: Tensor, qu: Tensor, kl: Tensor, ku: Tensor, vl: T
     return convex_combination_bounds(wl.unsqueeze(2), wu.unsqueeze(2), vl, vu, valid, dim=3)
 
 
-def _centred_logit_terms(c_q: Tensor, r_q: Tensor, c_k: Tensor, r_k: Tensor, wq: Tensor, bq: Tensor | None,
-                         wk: Tensor, key_bias: Tensor | float, scale: float):
+def _centred_logit_terms(
+    c_q: Tensor,
+    r_q: Tensor,
+    c_k: Tensor,
+    r_k: Tensor,
+    wq: Tensor,
+    bq: Tensor | None,
+    wk: Tensor,
+    key_bias: Tensor | float,
+    scale: float,
+):
     """Shared pieces of :func:`bilinear_logit_bounds` and :func:`logit_difference_softmax_bounds` (without bk).
 
     With k_c = Wk c_k + key_bias and q_c = s (Wq c_q + bq) returns
@@ -162,9 +181,19 @@ def _centred_logit_terms(c_q: Tensor, r_q: Tensor, c_k: Tensor, r_k: Tensor, wq:
     return base, t, key_rad
 
 
-def logit_difference_softmax_bounds(c_q: Tensor, r_q: Tensor, c_k: Tensor, r_k: Tensor, wq: Tensor, bq: Tensor | None,
-                                    wk: Tensor, key_bias: Tensor | float, valid: Tensor, scale: float = 1.0,
-                                    chunk: int = 4) -> tuple[Tensor, Tensor]:
+def logit_difference_softmax_bounds(
+    c_q: Tensor,
+    r_q: Tensor,
+    c_k: Tensor,
+    r_k: Tensor,
+    wq: Tensor,
+    bq: Tensor | None,
+    wk: Tensor,
+    key_bias: Tensor | float,
+    valid: Tensor,
+    scale: float = 1.0,
+    chunk: int = 4,
+) -> tuple[Tensor, Tensor]:
     """Softmax weight bounds from bounds on logit DIFFERENCES, which share the query and so cancel its uncertainty.
 
     softmax_j = 1 / sum_i exp(l_i - l_j), so with D_ij in [dl_ij, du_ij] bounding l_i - l_j (D_jj = 0):
@@ -177,7 +206,7 @@ def logit_difference_softmax_bounds(c_q: Tensor, r_q: Tensor, c_k: Tensor, r_k: 
     eye = torch.eye(valid.shape[0], dtype=torch.bool, device=valid.device).unsqueeze(-1)
     los, his = [], []
     for s0 in range(0, c_q.shape[0], chunk):
-        cq, rq, ck, rk = (t[s0:s0 + chunk] for t in (c_q, r_q, c_k, r_k))
+        cq, rq, ck, rk = (t[s0 : s0 + chunk] for t in (c_q, r_q, c_k, r_k))
         base, t, key_rad = _centred_logit_terms(cq, rq, ck, rk, wq, bq, wk, key_bias, scale)
         centre = base.unsqueeze(2) - base.unsqueeze(3)  # [b, h, K(j), K(i), P]: i minus j
         lin_q = torch.einsum("bhcjip,bcp->bhjip", (t.unsqueeze(3) - t.unsqueeze(4)).abs(), rq)
@@ -192,9 +221,18 @@ def logit_difference_softmax_bounds(c_q: Tensor, r_q: Tensor, c_k: Tensor, r_k: 
     return torch.cat(los), torch.cat(his)
 
 
-def bilinear_logit_bounds(c_q: Tensor, r_q: Tensor, c_k: Tensor, r_k: Tensor, wq: Tensor, bq: Tensor | None,
-                          wk: Tensor, bk: Tensor | None, key_bias: Tensor | float = 0.0,
-                          scale: float = 1.0) -> tuple[Tensor, Tensor]:
+def bilinear_logit_bounds(
+    c_q: Tensor,
+    r_q: Tensor,
+    c_k: Tensor,
+    r_k: Tensor,
+    wq: Tensor,
+    bq: Tensor | None,
+    wk: Tensor,
+    bk: Tensor | None,
+    key_bias: Tensor | float = 0.0,
+    scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
     """Bounds of the logits s * (Wq x_p + bq) . (Wk x_j + bk + key_bias) per head, from the INPUT boxes.
 
     c_q, r_q [B, C_in, P]: centre / radius of the input at each query pixel p; c_k, r_k [B, C_in, K, P]: the same
@@ -212,9 +250,20 @@ def bilinear_logit_bounds(c_q: Tensor, r_q: Tensor, c_k: Tensor, r_k: Tensor, wq
     return centre - rad, centre + rad
 
 
-def local_attention_interval(q: Box, k: Box, v: Box, valid: Tensor, query_input: Box, window_input: Box,
-                             wq: Tensor, bq: Tensor | None, wk: Tensor, bk: Tensor | None,
-                             key_bias: Tensor | float, scale: float = 1.0) -> Box:
+def local_attention_interval(
+    q: Box,
+    k: Box,
+    v: Box,
+    valid: Tensor,
+    query_input: Box,
+    window_input: Box,
+    wq: Tensor,
+    bq: Tensor | None,
+    wk: Tensor,
+    bk: Tensor | None,
+    key_bias: Tensor | float,
+    scale: float = 1.0,
+) -> Box:
     """Sound bounds of s * q . (k + key_bias) softmax-attention over windows, from boxes and the input box.
 
     q: box [B, h, d, P] of the (already scaled by ``scale``) queries; k, v: boxes [B, h, d, K, P] of the keys
@@ -226,5 +275,6 @@ def local_attention_interval(q: Box, k: Box, v: Box, valid: Tensor, query_input:
     box = (*query_input, *window_input)
     logit_box = bilinear_logit_bounds(*box, wq, bq, wk, bk, key_bias, scale=scale)
     weight_box = logit_difference_softmax_bounds(*box, wq, bq, wk, key_bias, valid, scale=scale)
-    return local_attention_bounds(q[0], q[1], k[0] + key_bias, k[1] + key_bias, v[0], v[1], valid, logit_box,
-                                  weight_box)
+    return local_attention_bounds(
+        q[0], q[1], k[0] + key_bias, k[1] + key_bias, v[0], v[1], valid, logit_box, weight_box
+    )

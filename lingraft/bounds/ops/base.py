@@ -11,12 +11,13 @@ Conventions (B = batch, S = number of bound rows / specifications):
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor
 
 Bounds = tuple[Tensor, Tensor]
-OptA = Optional[Tensor]
+OptA = Tensor | None
 
 
 def pos(t: Tensor) -> Tensor:
@@ -55,11 +56,11 @@ class BoundOp:
         """Interval bounds of the value from the boxes (lower, upper) of the inputs."""
         raise NotImplementedError
 
-    def backward(self, lA: OptA, uA: OptA, input_bounds: Sequence[Optional[Bounds]], **kw):
+    def backward(self, lA: OptA, uA: OptA, input_bounds: Sequence[Bounds | None], **kw):
         """Return (list of (lA_i, uA_i) per input, lbias [B,S] or 0, ubias [B,S] or 0)."""
         raise NotImplementedError
 
-    def to(self, device) -> "BoundOp":
+    def to(self, device) -> BoundOp:
         for k, v in list(vars(self).items()):
             if isinstance(v, Tensor):
                 setattr(self, k, v.to(device))
@@ -76,7 +77,7 @@ class AffineMapOp(BoundOp):
     def _back(self, A: Tensor) -> tuple[Tensor, Tensor | int]:
         raise NotImplementedError
 
-    def backward(self, lA: OptA, uA: OptA, input_bounds: Sequence[Optional[Bounds]], **kw):
+    def backward(self, lA: OptA, uA: OptA, input_bounds: Sequence[Bounds | None], **kw):
         la, lb = (None, 0) if lA is None else self._back(lA)
         ua, ub = (None, 0) if uA is None else self._back(uA)
         return [(la, ua)], lb, ub

@@ -65,4 +65,3 @@ class AddOp(BoundOp):
 
     def describe(self):
         return "Add" if self.alpha == 1.0 else ("Sub" if self.alpha == -1.0 else f"Add(alpha={self.alpha:g})")
-

@@ -37,8 +37,11 @@ class LinearOp(AffineMapOp):
         if len(out_shape) != 1:
             return None
         A = self.weight[rows].unsqueeze(0).expand(batch, -1, -1)
-        bias = torch.zeros(batch, len(rows), dtype=A.dtype, device=A.device) if self.bias is None \
+        bias = (
+            torch.zeros(batch, len(rows), dtype=A.dtype, device=A.device)
+            if self.bias is None
             else self.bias[rows].unsqueeze(0).expand(batch, -1)
+        )
         return A, bias
 
     def describe(self):
@@ -102,14 +105,18 @@ class ConvOp(AffineMapOp):
         for di in range(kh):
             for dj in range(kw):
                 A[ridx, :, i * sh + di, j * sw + dj] = self.weight[c, :, di, dj]
-        A = A[:, :, ph:ph + H_in, pw:pw + W_in]
+        A = A[:, :, ph : ph + H_in, pw : pw + W_in]
         A = A.unsqueeze(0).expand(batch, -1, -1, -1, -1)
-        bias = torch.zeros(batch, R, dtype=A.dtype, device=A.device) if self.bias is None \
+        bias = (
+            torch.zeros(batch, R, dtype=A.dtype, device=A.device)
+            if self.bias is None
             else self.bias[c].unsqueeze(0).expand(batch, -1)
+        )
         return A, bias
 
     def describe(self):
-        return f"Conv2d({self.weight.shape[1] * self.groups}->{self.weight.shape[0]}, k={tuple(self.weight.shape[2:])}, s={self.stride}, p={self.padding})"
+        c_in, c_out = self.weight.shape[1] * self.groups, self.weight.shape[0]
+        return f"Conv2d({c_in}->{c_out}, k={tuple(self.weight.shape[2:])}, s={self.stride}, p={self.padding})"
 
 
 def conv_backward(A: Tensor, weight: Tensor, stride, padding, groups: int, out_hw) -> Tensor:
@@ -124,5 +131,5 @@ def conv_backward(A: Tensor, weight: Tensor, stride, padding, groups: int, out_h
     if groups == 1 and C_in_g <= 4:
         cols = torch.matmul(A.reshape(N, C_out, h * w).transpose(1, 2), weight.reshape(C_out, C_in_g * kh * kw))
         return F.fold(cols.transpose(1, 2), tuple(out_hw), (kh, kw), padding=padding, stride=stride)
-    out_pad = tuple(int(out_hw[i]) - ((( h, w)[i] - 1) * stride[i] - 2 * padding[i] + (kh, kw)[i]) for i in range(2))
+    out_pad = tuple(int(out_hw[i]) - (((h, w)[i] - 1) * stride[i] - 2 * padding[i] + (kh, kw)[i]) for i in range(2))
     return F.conv_transpose2d(A, weight, None, stride, padding, out_pad, groups)

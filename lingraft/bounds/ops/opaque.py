@@ -6,7 +6,7 @@ interval: sound, and as tight as the module's ``interval_bounds`` allows.
 
 from __future__ import annotations
 
-from lingraft.bounds.ops.base import BoundOp, pos, neg, sum_trailing
+from lingraft.bounds.ops.base import BoundOp, neg, pos, sum_trailing
 
 
 class OpaqueOp(BoundOp):

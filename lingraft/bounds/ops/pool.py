@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lingraft.bounds.ops.base import BoundOp, pos, neg, sum_trailing
+from lingraft.bounds.ops.base import BoundOp, neg, pos, sum_trailing
 
 
 class MaxPoolOp(BoundOp):
@@ -40,8 +40,8 @@ class MaxPoolOp(BoundOp):
         B, C, H, W = lo.shape
         Ho, Wo = self.out_shape[1:]
         kh, kw = self.k
-        lw, uw = self._windows(lo), self._windows(up)                     # [B, C, K, L]
-        lmax, jstar = lw.max(2)                                            # [B, C, L]
+        lw, uw = self._windows(lo), self._windows(up)  # [B, C, K, L]
+        lmax, jstar = lw.max(2)  # [B, C, L]
         umax = uw.max(2).values
         # exact when the best lower bound is at least every other input's upper bound
         u_others = uw.scatter(2, jstar.unsqueeze(2), float("-inf")).max(2).values
@@ -49,7 +49,7 @@ class MaxPoolOp(BoundOp):
         L = torch.arange(Ho * Wo, device=lo.device)
         row = (L // Wo) * self.s[0] + jstar // kw
         col = (L % Wo) * self.s[1] + jstar % kw
-        flat = (row * W + col)                                             # [B, C, L] input index of x_j*
+        flat = row * W + col  # [B, C, L] input index of x_j*
         umax = umax.reshape(B, C, Ho, Wo)
         exact = exact.reshape(B, C, Ho, Wo)
 

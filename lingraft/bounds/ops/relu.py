@@ -33,8 +33,8 @@ class ReLUOp(BoundOp):
             if a is None or b is None:
                 raise ValueError("a grafted ReLU needs the slopes a and intercepts b of its grafted neurons")
             self.mask = mask.detach().bool()
-            self.a = (a.detach() * self.mask)
-            self.b = (b.detach() * self.mask)
+            self.a = a.detach() * self.mask
+            self.b = b.detach() * self.mask
 
     @property
     def graft(self) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -146,7 +146,9 @@ class ReLUOp(BoundOp):
         return [(la, ua)], lb, ub
 
     def describe(self):
-        return f"ReLU({'x'.join(map(str, self.shape))}" + (f", grafted={self.num_grafted})" if self.mask is not None else ")")
+        return f"ReLU({'x'.join(map(str, self.shape))}" + (
+            f", grafted={self.num_grafted})" if self.mask is not None else ")"
+        )
 
 
 def _dot(A: Tensor, v: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ class ReshapeOp(BoundOp):
         return self.forward(b[0]), self.forward(b[1])
 
     def backward(self, lA, uA, input_bounds, **kw):
-        f = (lambda A: None if A is None else A.reshape(A.shape[0], A.shape[1], *self.in_shape))
+        f = lambda A: None if A is None else A.reshape(A.shape[0], A.shape[1], *self.in_shape)
         return [(f(lA), f(uA))], 0, 0
 
     def describe(self):
@@ -47,7 +47,7 @@ class PermuteOp(BoundOp):
         return self.forward(b[0]), self.forward(b[1])
 
     def backward(self, lA, uA, input_bounds, **kw):
-        f = (lambda A: None if A is None else A.permute(0, 1, *[d + 2 for d in self.inv]))
+        f = lambda A: None if A is None else A.permute(0, 1, *[d + 2 for d in self.inv])
         return [(f(lA), f(uA))], 0, 0
 
 

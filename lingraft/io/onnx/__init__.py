@@ -35,5 +35,11 @@ from lingraft.io.onnx.graph_builder import OnnxGraphModule
 from lingraft.io.onnx.importer import load_onnx
 from lingraft.io.onnx.runtime import run_onnxruntime
 
-__all__ = ["SUPPORTED_ONNX_OPS", "OnnxGraphModule", "export_onnx", "list_unsupported_ops", "load_onnx",
-           "run_onnxruntime"]
+__all__ = [
+    "SUPPORTED_ONNX_OPS",
+    "OnnxGraphModule",
+    "export_onnx",
+    "list_unsupported_ops",
+    "load_onnx",
+    "run_onnxruntime",
+]

@@ -18,11 +18,36 @@ from lingraft.io.onnx.common import (
 __all__ = ["SUPPORTED_ONNX_OPS", "analyze", "check_supported", "list_unsupported_ops", "raise_problems"]
 
 #: ONNX ops accepted on input-dependent tensors (anything may appear in constant sub-graphs, which are folded).
-SUPPORTED_ONNX_OPS = frozenset({
-    "Add", "AveragePool", "BatchNormalization", "Cast", "Concat", "Conv", "Div", "Dropout", "Flatten", "Gemm",
-    "GlobalAveragePool", "Identity", "MatMul", "MaxPool", "Mul", "Neg", "Pad", "Relu", "Reshape", "Shape", "Size",
-    "Squeeze", "Sub", "Sum", "Transpose", "Unsqueeze",
-})
+SUPPORTED_ONNX_OPS = frozenset(
+    {
+        "Add",
+        "AveragePool",
+        "BatchNormalization",
+        "Cast",
+        "Concat",
+        "Conv",
+        "Div",
+        "Dropout",
+        "Flatten",
+        "Gemm",
+        "GlobalAveragePool",
+        "Identity",
+        "MatMul",
+        "MaxPool",
+        "Mul",
+        "Neg",
+        "Pad",
+        "Relu",
+        "Reshape",
+        "Shape",
+        "Size",
+        "Squeeze",
+        "Sub",
+        "Sum",
+        "Transpose",
+        "Unsqueeze",
+    }
+)
 
 
 def _static_problem(node, dep: list[bool]) -> str | None:
@@ -84,8 +109,13 @@ def analyze(model, input_name: str) -> list[tuple[str, str, str]]:
 
 def _problems_message(problems) -> str:
     parts = [f"{op} (node '{name}'" + (f", {why})" if why else ")") for op, name, why in problems]
-    return ("unsupported ONNX ops: " + ", ".join(parts) + "; lingraft supports: "
-            + ", ".join(sorted(SUPPORTED_ONNX_OPS)) + " (on input-dependent tensors)")
+    return (
+        "unsupported ONNX ops: "
+        + ", ".join(parts)
+        + "; lingraft supports: "
+        + ", ".join(sorted(SUPPORTED_ONNX_OPS))
+        + " (on input-dependent tensors)"
+    )
 
 
 def raise_problems(problems) -> None:

@@ -37,13 +37,15 @@ def read_model(path) -> Any:
     try:
         model = onnx.load(str(p))
     except Exception as e:  # DecodeError, bad external data, ...
-        raise LingraftError(f"cannot parse {p} as ONNX ({type(e).__name__}: {first_line(e)}); "
-                            "is it an ONNX model file?") from None
+        raise LingraftError(
+            f"cannot parse {p} as ONNX ({type(e).__name__}: {first_line(e)}); is it an ONNX model file?"
+        ) from None
     max_opset = onnx.defs.onnx_opset_version()
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx") and not 7 <= imp.version <= max_opset:
-            raise LingraftError(f"{p} uses ONNX opset {imp.version}; lingraft reads opsets 7..{max_opset}: "
-                                "re-export it (e.g. opset 13)")
+            raise LingraftError(
+                f"{p} uses ONNX opset {imp.version}; lingraft reads opsets 7..{max_opset}: re-export it (e.g. opset 13)"
+            )
     if len(model.graph.node) == 0 or len(model.graph.output) == 0:
         raise LingraftError(f"{p} is not a usable ONNX model (no graph nodes/outputs); is it an ONNX model file?")
     try:
@@ -70,9 +72,9 @@ class InputInfo:
     """The one ONNX input tensor, read with the batch convention."""
 
     name: str
-    dims: list            # the ONNX dims (int, or str for symbolic)
-    explicit: bool        # dim 0 is the batch
-    per_sample: tuple     # the shape without batch
+    dims: list  # the ONNX dims (int, or str for symbolic)
+    explicit: bool  # dim 0 is the batch
+    per_sample: tuple  # the shape without batch
     np_dtype: Any
 
 
@@ -82,8 +84,10 @@ def real_input(model):
     inits = {i.name for i in g.initializer}
     real = [i for i in g.input if i.name not in inits]
     if len(real) != 1:
-        raise UnsupportedModelError(f"ONNX model has {len(real)} inputs ({', '.join(i.name for i in real)}); "
-                                    "lingraft supports exactly one input tensor")
+        raise UnsupportedModelError(
+            f"ONNX model has {len(real)} inputs ({', '.join(i.name for i in real)}); "
+            "lingraft supports exactly one input tensor"
+        )
     return real[0]
 
 
@@ -95,18 +99,26 @@ def input_info(model) -> InputInfo:
     if not vi.type.HasField("tensor_type"):
         raise UnsupportedModelError(f"ONNX input '{vi.name}' is not a tensor; lingraft needs one float tensor input")
     tt = vi.type.tensor_type
-    dtypes = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
-              onnx.TensorProto.FLOAT16: np.float16}
+    dtypes = {
+        onnx.TensorProto.FLOAT: np.float32,
+        onnx.TensorProto.DOUBLE: np.float64,
+        onnx.TensorProto.FLOAT16: np.float16,
+    }
     if tt.elem_type not in dtypes:
-        raise UnsupportedModelError(f"ONNX input '{vi.name}' has element type "
-                                    f"{onnx.TensorProto.DataType.Name(tt.elem_type)}; lingraft needs a float input")
+        raise UnsupportedModelError(
+            f"ONNX input '{vi.name}' has element type "
+            f"{onnx.TensorProto.DataType.Name(tt.elem_type)}; lingraft needs a float input"
+        )
     if not tt.HasField("shape"):
         raise UnsupportedModelError(f"ONNX input '{vi.name}' has no shape; re-export with a fixed input shape")
-    dims = [d.dim_value if (d.HasField("dim_value") and d.dim_value > 0) else (d.dim_param or "?")
-            for d in tt.shape.dim]
+    dims = [
+        d.dim_value if (d.HasField("dim_value") and d.dim_value > 0) else (d.dim_param or "?") for d in tt.shape.dim
+    ]
     explicit = len(dims) >= 2 and (isinstance(dims[0], str) or dims[0] == 1)
     per = dims[1:] if explicit else dims
     if any(isinstance(d, str) for d in per):
-        raise UnsupportedModelError(f"ONNX input '{vi.name}' has dynamic non-batch dims {dims}; lingraft needs a "
-                                    "fixed per-sample shape (only dim 0 may be symbolic): re-export with static shapes")
+        raise UnsupportedModelError(
+            f"ONNX input '{vi.name}' has dynamic non-batch dims {dims}; lingraft needs a "
+            "fixed per-sample shape (only dim 0 may be symbolic): re-export with static shapes"
+        )
     return InputInfo(vi.name, dims, explicit, tuple(int(d) for d in per), dtypes[tt.elem_type])

@@ -34,9 +34,17 @@ def _export_torchscript(model: nn.Module, x: torch.Tensor, opset: int, dynamic_b
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=opset, input_names=["input"],
-                              output_names=["output"], do_constant_folding=True,
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None)
+            torch.onnx.export(
+                model,
+                (x,),
+                buf,
+                dynamo=False,
+                opset_version=opset,
+                input_names=["input"],
+                output_names=["output"],
+                do_constant_folding=True,
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None,
+            )
     except Exception as e:
         raise LingraftError(f"cannot export the model to ONNX: {first_line(e)}") from None
     return onnx.load_from_string(buf.getvalue())
@@ -48,8 +56,9 @@ def _as_batch(check_inputs, input_shape: tuple) -> torch.Tensor:
     if tuple(ci.shape) == input_shape:
         ci = ci.unsqueeze(0)
     if tuple(ci.shape[1:]) != input_shape:
-        raise UsageError(f"check_inputs has shape {list(check_inputs.shape)}; expected [N, "
-                         f"{', '.join(map(str, input_shape))}]")
+        raise UsageError(
+            f"check_inputs has shape {list(check_inputs.shape)}; expected [N, {', '.join(map(str, input_shape))}]"
+        )
     return ci
 
 
@@ -81,15 +90,23 @@ def _max_abs_diff(model: nn.Module, path, xs: torch.Tensor, dev: torch.device) -
     iname = sess.get_inputs()[0].name
     ref = []
     for i in range(xs.shape[0]):
-        ref.append(sess.run(None, {iname: xs[i:i + 1].numpy()})[0])
+        ref.append(sess.run(None, {iname: xs[i : i + 1].numpy()})[0])
     got_ort = torch.from_numpy(np.concatenate(ref)).double()
     with torch.no_grad():
         want = model(xs.to(dev)).double().cpu()
     return float((got_ort.reshape(want.shape) - want).abs().max())
 
 
-def export_onnx(model: nn.Module, path, input_shape: tuple, *, opset: int = 13,
-                check_inputs: torch.Tensor | None = None, tol: float = 1e-5, dynamic_batch: bool = False) -> dict:
+def export_onnx(
+    model: nn.Module,
+    path,
+    input_shape: tuple,
+    *,
+    opset: int = 13,
+    check_inputs: torch.Tensor | None = None,
+    tol: float = 1e-5,
+    dynamic_batch: bool = False,
+) -> dict:
     """Write `model` (per-sample input shape `input_shape`, e.g. (C, H, W)) as an ONNX file at `path`.
 
     The file takes "input" [1, *input_shape] (or ["batch", *input_shape] with dynamic_batch=True) in the model's
@@ -129,15 +146,24 @@ def export_onnx(model: nn.Module, path, input_shape: tuple, *, opset: int = 13,
             raise LingraftError(f"onnxruntime cannot run the exported model: {first_line(e)}") from None
         if not diff <= tol:
             _unlink(path)
-            raise LingraftError(f"ONNX export check failed: max |onnx - torch| = {diff:.3g} > tol {tol:g}; "
-                                f"the file {path} was deleted")
+            raise LingraftError(
+                f"ONNX export check failed: max |onnx - torch| = {diff:.3g} > tol {tol:g}; the file {path} was deleted"
+            )
     finally:
         for m, t in modes.items():
             m.training = t
     g = proto.graph
-    return {"path": str(path), "opset": opset, "max_abs_diff": diff, "num_nodes": len(g.node),
-            "input_name": g.input[0].name, "output_name": g.output[0].name, "input_shape": input_shape,
-            "onnx_input_shape": ["batch" if dynamic_batch else 1, *input_shape], "exporter": exporter}
+    return {
+        "path": str(path),
+        "opset": opset,
+        "max_abs_diff": diff,
+        "num_nodes": len(g.node),
+        "input_name": g.input[0].name,
+        "output_name": g.output[0].name,
+        "input_shape": input_shape,
+        "onnx_input_shape": ["batch" if dynamic_batch else 1, *input_shape],
+        "exporter": exporter,
+    }
 
 
 def _unlink(path) -> None:

@@ -39,10 +39,24 @@ _FN_RELU = {F.relu, torch.relu, torch.relu_}
 _FN_NEG = {operator.neg, torch.neg}
 _BINOPS = [(_FN_ADD, "Add"), (_FN_SUB, "Sub"), (_FN_MUL, "Mul"), (_FN_DIV, "Div")]
 # tensor methods (in-place ones without their trailing "_") -> the function they compute
-_METHODS = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "relu": torch.relu,
-            "neg": torch.neg, "flatten": torch.flatten, "view": torch.reshape, "reshape": torch.reshape,
-            "permute": torch.permute, "transpose": torch.transpose, "squeeze": torch.squeeze,
-            "unsqueeze": torch.unsqueeze, "matmul": torch.matmul, "contiguous": "identity", "clone": "identity"}
+_METHODS = {
+    "add": torch.add,
+    "sub": torch.sub,
+    "mul": torch.mul,
+    "div": torch.div,
+    "relu": torch.relu,
+    "neg": torch.neg,
+    "flatten": torch.flatten,
+    "view": torch.reshape,
+    "reshape": torch.reshape,
+    "permute": torch.permute,
+    "transpose": torch.transpose,
+    "squeeze": torch.squeeze,
+    "unsqueeze": torch.unsqueeze,
+    "matmul": torch.matmul,
+    "contiguous": "identity",
+    "clone": "identity",
+}
 
 
 def _pair(v) -> list:
@@ -64,8 +78,8 @@ class FxToOnnx:
         self.nodes: list = []
         self.inits: dict[str, np.ndarray] = {}
         self.used: set[str] = set()
-        self.names: dict[fx.Node, str] = {}      # input-dependent fx node -> ONNX tensor name
-        self.cnames: dict[int, str] = {}         # id(constant fx node) -> initializer name
+        self.names: dict[fx.Node, str] = {}  # input-dependent fx node -> ONNX tensor name
+        self.cnames: dict[int, str] = {}  # id(constant fx node) -> initializer name
 
     def fresh(self, base: str) -> str:
         """A new ONNX tensor/node name derived from base."""
@@ -191,8 +205,7 @@ class FxToOnnx:
                 v = vals[a]
                 if not isinstance(v, (torch.Tensor, int, float)):
                     raise ExportUnsupported(f"operand {a.name} is a {type(v).__name__}")
-                self.cnames[key] = self.const(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v,
-                                              a.name)
+                self.cnames[key] = self.const(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v, a.name)
             return self.cnames[key]
         if isinstance(a, torch.Tensor):
             return self.const(a.detach().cpu().numpy(), base + "_c")
@@ -242,8 +255,9 @@ class FxToOnnx:
         if target is torch.cat:
             tensors = n.args[0]
             dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
-            return self.emit("Concat", [self.arg(t, vals, dep, base) for t in tensors], base,
-                             axis=int(dim) % vals[n].dim())
+            return self.emit(
+                "Concat", [self.arg(t, vals, dep, base) for t in tensors], base, axis=int(dim) % vals[n].dim()
+            )
         if target in (torch.matmul, operator.matmul):
             return self.emit("MatMul", [self.arg(a, vals, dep, base) for a in n.args[:2]], base)
         if target is F.linear:
@@ -310,6 +324,7 @@ class FxToOnnx:
 
     def _normalize(self, m: Normalize, name: str, xin: torch.Tensor, base: str) -> str:
         """(x - mean) / std, with per-channel mean/std broadcast over [B, C, ...]."""
+
         def view(t):
             a = t.detach().cpu().numpy().astype(np.float32)
             return a.reshape(()) if a.size == 1 else a.reshape((1, -1) + (1,) * (xin.dim() - 2))
@@ -343,8 +358,16 @@ class FxToOnnx:
         ins = [name, self.const(m.weight.detach().cpu().numpy(), base + ".weight")]
         if m.bias is not None:
             ins.append(self.const(m.bias.detach().cpu().numpy(), base + ".bias"))
-        return self.emit("Conv", ins, base, kernel_shape=[kh, kw], strides=list(m.stride), pads=pads,
-                         dilations=list(m.dilation), group=m.groups)
+        return self.emit(
+            "Conv",
+            ins,
+            base,
+            kernel_shape=[kh, kw],
+            strides=list(m.stride),
+            pads=pads,
+            dilations=list(m.dilation),
+            group=m.groups,
+        )
 
     def _batchnorm(self, m: nn.BatchNorm1d | nn.BatchNorm2d, name: str, base: str) -> str:
         """Inference-mode BatchNormalization with the running statistics."""
@@ -353,9 +376,10 @@ class FxToOnnx:
         c = m.num_features
         w = m.weight if m.weight is not None else torch.ones(c)
         b = m.bias if m.bias is not None else torch.zeros(c)
-        ins = [name] + [self.const(t.detach().cpu().numpy(), f"{base}.{k}") for k, t in
-                        (("weight", w), ("bias", b), ("running_mean", m.running_mean),
-                         ("running_var", m.running_var))]
+        ins = [name] + [
+            self.const(t.detach().cpu().numpy(), f"{base}.{k}")
+            for k, t in (("weight", w), ("bias", b), ("running_mean", m.running_mean), ("running_var", m.running_var))
+        ]
         return self.emit("BatchNormalization", ins, base, epsilon=float(m.eps))
 
     def _pool2d(self, m: nn.MaxPool2d | nn.AvgPool2d, name: str, base: str) -> str:

@@ -21,8 +21,15 @@ from lingraft.io.onnx.common import InputInfo, node_label
 __all__ = ["EXAMPLE_BATCH", "Const", "GraphBuilder", "ImportState", "OnnxGraphModule", "Val"]
 
 EXAMPLE_BATCH = 2  # batch size of the example tensors that carry shapes through the build (2 catches batch mix-ups)
-_META_ATTRS = ("input_shape", "output_shape", "onnx_input_name", "onnx_output_name", "onnx_input_shape",
-               "onnx_path", "onnx_opset")
+_META_ATTRS = (
+    "input_shape",
+    "output_shape",
+    "onnx_input_name",
+    "onnx_output_name",
+    "onnx_input_shape",
+    "onnx_path",
+    "onnx_opset",
+)
 
 
 class OnnxGraphModule(fx.GraphModule):
@@ -43,7 +50,7 @@ class Val:
     node: fx.Node
     ex: torch.Tensor
     explicit: bool
-    producer: nn.Module | None = None     # the module that computed it (for BatchNorm folding)
+    producer: nn.Module | None = None  # the module that computed it (for BatchNorm folding)
     producer_in: torch.Tensor | None = None
 
     @property
@@ -118,8 +125,9 @@ class GraphBuilder:
 
     def fn(self, f: Callable, args: Sequence, explicit: bool, kwargs: dict | None = None) -> Val:
         kwargs = kwargs or {}
-        node = self.graph.call_function(f, tuple(_node_arg(a) for a in args),
-                                        {k: _node_arg(v) for k, v in kwargs.items()})
+        node = self.graph.call_function(
+            f, tuple(_node_arg(a) for a in args), {k: _node_arg(v) for k, v in kwargs.items()}
+        )
         with torch.no_grad():
             ex = f(*[_example_arg(a) for a in args], **{k: _example_arg(v) for k, v in kwargs.items()})
         return Val(node, ex, explicit)
@@ -154,8 +162,10 @@ class ImportState:
     def get(self, name: str):
         """The value of an ONNX name that must already be defined."""
         if name not in self.env:
-            raise UnsupportedModelError(f"ONNX value '{name}' is used before it is defined; the graph is not "
-                                        "topologically sorted (re-export it)")
+            raise UnsupportedModelError(
+                f"ONNX value '{name}' is used before it is defined; the graph is not "
+                "topologically sorted (re-export it)"
+            )
         return self.env[name]
 
     def cnst(self, node, i: int, what: str) -> np.ndarray:
@@ -164,8 +174,9 @@ class ImportState:
             raise UnsupportedModelError(f"{node.op_type} node '{node_label(node)}' lacks its {what}")
         v = self.get(node.input[i])
         if isinstance(v, Val):
-            raise UnsupportedModelError(f"{node.op_type} node '{node_label(node)}': its {what} depends on the "
-                                        "input; lingraft needs it constant")
+            raise UnsupportedModelError(
+                f"{node.op_type} node '{node_label(node)}': its {what} depends on the input; lingraft needs it constant"
+            )
         return v
 
     def opt_const(self, node, i: int) -> np.ndarray | None:
@@ -202,5 +213,7 @@ class ImportState:
         s = v.oshape
         if len(s) >= 1 and s[0] == 1:
             return self.reshape(v, s, True)
-        raise UnsupportedModelError(f"{node.op_type} node '{node_label(node)}': {why} needs the batch in dim 0, "
-                                    f"but its input has ONNX shape {list(s)}")
+        raise UnsupportedModelError(
+            f"{node.op_type} node '{node_label(node)}': {why} needs the batch in dim 0, "
+            f"but its input has ONNX shape {list(s)}"
+        )

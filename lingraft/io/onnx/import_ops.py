@@ -96,8 +96,10 @@ class OpConverters(ImportState):
         import onnx
 
         if a.get("to") not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
-            raise UnsupportedModelError(f"Cast node '{node_label(node)}' casts the input to a non-float type; "
-                                        "lingraft supports float casts only")
+            raise UnsupportedModelError(
+                f"Cast node '{node_label(node)}' casts the input to a non-float type; "
+                "lingraft supports float casts only"
+            )
         return ins[0]
 
     # ---- linear layers ----------------------------------------------------------------------------------------
@@ -145,8 +147,9 @@ class OpConverters(ImportState):
         while w.ndim > 2 and w.shape[0] == 1:
             w = w[0]
         if w.ndim > 2:
-            raise UnsupportedModelError(f"MatMul node '{node_label(node)}': batched constant weights "
-                                        f"{list(w.shape)} are not supported")
+            raise UnsupportedModelError(
+                f"MatMul node '{node_label(node)}': batched constant weights {list(w.shape)} are not supported"
+            )
         if x.explicit and len(x.oshape) == 1:
             x = self.to_implicit(x)
         if len(x.oshape) == 0:
@@ -161,8 +164,10 @@ class OpConverters(ImportState):
     def _const_times_value(self, node, w: np.ndarray, v: Val) -> Val:
         """W @ x with a constant 2-D W [k, n]: x [n] (a Linear) or [..., n, m] (a Linear between transposes)."""
         if w.ndim != 2:
-            raise UnsupportedModelError(f"MatMul node '{node_label(node)}': constant left operand of shape "
-                                        f"{list(w.shape)}; lingraft supports a 2-D matrix")
+            raise UnsupportedModelError(
+                f"MatMul node '{node_label(node)}': constant left operand of shape "
+                f"{list(w.shape)}; lingraft supports a 2-D matrix"
+            )
         if v.explicit and len(v.oshape) <= 2:  # the contracted/column dims would include the batch dim
             v = self.to_implicit(v)
         if len(v.oshape) == 1:  # [k, n] @ [n] -> [k]
@@ -177,11 +182,12 @@ class OpConverters(ImportState):
     def op_Gemm(self, node, ins, a):
         x = ins[0]
         if len(x.oshape) != 2:
-            raise UnsupportedModelError(f"Gemm node '{node_label(node)}' on ONNX shape {list(x.oshape)}; "
-                                        "Gemm needs a 2-D input")
+            raise UnsupportedModelError(
+                f"Gemm node '{node_label(node)}' on ONNX shape {list(x.oshape)}; Gemm needs a 2-D input"
+            )
         wb = self.cnst(node, 1, "weight").astype(np.float64)
         wb = wb.T if a.get("transB", 0) else wb  # [n, k]
-        w = float(a.get("alpha", 1.0)) * wb.T   # [k, n]
+        w = float(a.get("alpha", 1.0)) * wb.T  # [k, n]
         k = w.shape[0]
         c = self.opt_const(node, 2)
         bias = None
@@ -224,8 +230,9 @@ class OpConverters(ImportState):
         x = self.to_explicit(ins[0], node, "Conv")
         w = self.cnst(node, 1, "weight")
         if w.ndim != 4 or x.ex.dim() != 4:
-            raise UnsupportedModelError(f"Conv node '{node_label(node)}' is not 2-D (weight {list(w.shape)}); "
-                                        "lingraft supports Conv2d only")
+            raise UnsupportedModelError(
+                f"Conv node '{node_label(node)}' is not 2-D (weight {list(w.shape)}); lingraft supports Conv2d only"
+            )
         b = self.opt_const(node, 2)
         kh, kw = w.shape[2:]
         strides = list(a.get("strides", [1, 1]))
@@ -233,8 +240,7 @@ class OpConverters(ImportState):
         if (t, l) != (bt, r):
             x = self.b.module(f"{node.name or 'conv'}_pad", nn.ZeroPad2d((l, r, t, bt)), x)
             t = l = 0
-        conv = nn.Conv2d(w.shape[1], w.shape[0], (kh, kw), stride=tuple(strides), padding=(t, l),
-                         bias=b is not None)
+        conv = nn.Conv2d(w.shape[1], w.shape[0], (kh, kw), stride=tuple(strides), padding=(t, l), bias=b is not None)
         with torch.no_grad():
             conv.weight.copy_(self.tensor(w.astype(np.float32)))
             if b is not None:
@@ -243,15 +249,19 @@ class OpConverters(ImportState):
 
     def op_BatchNormalization(self, node, ins, a):
         x = self.to_explicit(ins[0], node, "BatchNormalization")
-        scale, bias, mean, var = (self.cnst(node, i, n).astype(np.float64)
-                                  for i, n in ((1, "scale"), (2, "bias"), (3, "mean"), (4, "var")))
+        scale, bias, mean, var = (
+            self.cnst(node, i, n).astype(np.float64) for i, n in ((1, "scale"), (2, "bias"), (3, "mean"), (4, "var"))
+        )
         eps = float(a.get("epsilon", 1e-5))
         factor = scale / np.sqrt(var + eps)
         prod = x.producer
         src = node.input[0]
-        foldable = (self.single_use(src) and x.producer_in is not None and x.node.op == "call_module"
-                    and ((isinstance(prod, nn.Conv2d) and x.ex.dim() == 4)
-                         or (isinstance(prod, nn.Linear) and x.ex.dim() == 2)))
+        foldable = (
+            self.single_use(src)
+            and x.producer_in is not None
+            and x.node.op == "call_module"
+            and ((isinstance(prod, nn.Conv2d) and x.ex.dim() == 4) or (isinstance(prod, nn.Linear) and x.ex.dim() == 2))
+        )
         if foldable:
             return self._fold_batchnorm(x, factor, mean, bias)
         c = x.ex.shape[1]
@@ -260,8 +270,10 @@ class OpConverters(ImportState):
         elif x.ex.dim() in (2, 3):
             bn = nn.BatchNorm1d(c, eps=eps)
         else:
-            raise UnsupportedModelError(f"BatchNormalization node '{node_label(node)}' on ONNX shape "
-                                        f"{list(x.oshape)}; lingraft supports 2-D to 4-D inputs")
+            raise UnsupportedModelError(
+                f"BatchNormalization node '{node_label(node)}' on ONNX shape "
+                f"{list(x.oshape)}; lingraft supports 2-D to 4-D inputs"
+            )
         with torch.no_grad():
             bn.weight.copy_(torch.as_tensor(scale, dtype=torch.float32))
             bn.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
@@ -280,8 +292,7 @@ class OpConverters(ImportState):
             wt = prod.weight.detach().double()
             f = torch.as_tensor(factor)
             prod.weight.copy_((wt * f.reshape((-1,) + (1,) * (wt.dim() - 1))).float())
-            b0 = prod.bias.detach().double() if prod.bias is not None else torch.zeros(wt.shape[0],
-                                                                                      dtype=torch.float64)
+            b0 = prod.bias.detach().double() if prod.bias is not None else torch.zeros(wt.shape[0], dtype=torch.float64)
             nb = (b0 - torch.as_tensor(mean)) * f + torch.as_tensor(beta)
             if prod.bias is None:
                 prod.bias = nn.Parameter(nb.float())
@@ -293,14 +304,18 @@ class OpConverters(ImportState):
     def _pool(self, node, a, cls, **extra):
         x = self.to_explicit(self.get(node.input[0]), node, node.op_type)
         if x.ex.dim() != 4:
-            raise UnsupportedModelError(f"{node.op_type} node '{node_label(node)}' is not 2-D "
-                                        f"(input {list(x.oshape)}); lingraft supports 2-D pooling")
+            raise UnsupportedModelError(
+                f"{node.op_type} node '{node_label(node)}' is not 2-D "
+                f"(input {list(x.oshape)}); lingraft supports 2-D pooling"
+            )
         k = list(a["kernel_shape"])
         s = list(a.get("strides", [1] * len(k)))
         t, l, bt, r = self._pads2d(node, a, x.ex.shape[2:], k, s)
         if (t, l) != (bt, r):
-            raise UnsupportedModelError(f"{node.op_type} node '{node_label(node)}' has asymmetric pads "
-                                        f"{[t, l, bt, r]}; lingraft supports symmetric pooling pads")
+            raise UnsupportedModelError(
+                f"{node.op_type} node '{node_label(node)}' has asymmetric pads "
+                f"{[t, l, bt, r]}; lingraft supports symmetric pooling pads"
+            )
         mod = cls(tuple(k), stride=tuple(s), padding=(t, l), ceil_mode=bool(a.get("ceil_mode", 0)), **extra)
         return self.b.module(node.name or node.op_type.lower(), mod, x)
 
@@ -334,8 +349,10 @@ class OpConverters(ImportState):
                 pads = full
         r = len(x.oshape)
         if r != 4 or any(pads[i] or pads[i + 4] for i in (0, 1)):
-            raise UnsupportedModelError(f"Pad node '{node_label(node)}' pads {pads} on ONNX shape "
-                                        f"{list(x.oshape)}; lingraft supports padding H and W of 4-D tensors")
+            raise UnsupportedModelError(
+                f"Pad node '{node_label(node)}' pads {pads} on ONNX shape "
+                f"{list(x.oshape)}; lingraft supports padding H and W of 4-D tensors"
+            )
         x = self.to_explicit(x, node, "Pad")
         lrtb = (pads[3], pads[7], pads[2], pads[6])
         mod = nn.ZeroPad2d(lrtb) if value == 0.0 else nn.ConstantPad2d(lrtb, value)
@@ -422,4 +439,3 @@ class OpConverters(ImportState):
             return self.b.fn(torch.cat, (vals, axis), True)
         vals = [self.to_implicit(v) for v in vals]
         return self.b.fn(torch.cat, (vals, axis + 1), False)
-

@@ -44,8 +44,9 @@ class Importer(OpConverters):
             except LingraftError:
                 raise
             except Exception as e:  # torch / numpy shape errors inside a handler
-                raise UnsupportedModelError(f"cannot convert ONNX {node.op_type} node '{node_label(node)}': "
-                                            f"{first_line(e)}") from None
+                raise UnsupportedModelError(
+                    f"cannot convert ONNX {node.op_type} node '{node_label(node)}': {first_line(e)}"
+                ) from None
         return self._module()
 
     def _module(self) -> OnnxGraphModule:
@@ -83,7 +84,7 @@ class Importer(OpConverters):
         if op == "Shape":
             a = node_attrs(node)  # opset 15 start/end clamp like Python slicing
             s = np.array(ins[0].oshape, dtype=np.int64)
-            self.env[node.output[0]] = s[a.get("start", 0): a.get("end", len(s))]
+            self.env[node.output[0]] = s[a.get("start", 0) : a.get("end", len(s))]
             return
         if op == "Size":
             self.env[node.output[0]] = np.array(int(np.prod(ins[0].oshape)), dtype=np.int64)
@@ -95,8 +96,10 @@ class Importer(OpConverters):
         self.env[node.output[0]] = res
         for extra in node.output[1:]:
             if extra and (extra in self.consumers or extra in self.graph_outputs):
-                raise UnsupportedModelError(f"{op} node '{node_label(node)}': its output '{extra}' is used; "
-                                            "lingraft supports only the first output")
+                raise UnsupportedModelError(
+                    f"{op} node '{node_label(node)}': its output '{extra}' is used; "
+                    "lingraft supports only the first output"
+                )
 
     def fold(self, node) -> None:
         """Evaluate a node whose inputs are all constant with onnx's reference evaluator."""
@@ -106,18 +109,23 @@ class Importer(OpConverters):
         feeds = {i: self.env[i] for i in node.input if i}
         missing = [i for i in node.input if i and i not in self.env]
         if missing:
-            raise UnsupportedModelError(f"{node.op_type} node '{node_label(node)}' reads undefined value "
-                                        f"'{missing[0]}'; re-export the model")
+            raise UnsupportedModelError(
+                f"{node.op_type} node '{node_label(node)}' reads undefined value '{missing[0]}'; re-export the model"
+            )
         h = onnx.helper
-        graph = h.make_graph([node], "fold", [h.make_tensor_value_info(i, onnx.TensorProto.UNDEFINED, None)
-                                              for i in feeds],
-                             [h.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output if o])
+        graph = h.make_graph(
+            [node],
+            "fold",
+            [h.make_tensor_value_info(i, onnx.TensorProto.UNDEFINED, None) for i in feeds],
+            [h.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output if o],
+        )
         m = h.make_model(graph, opset_imports=list(self.model.opset_import))
         try:
             outs = ReferenceEvaluator(m).run(None, feeds)
         except Exception as e:
-            raise UnsupportedModelError(f"cannot evaluate constant ONNX {node.op_type} node '{node_label(node)}': "
-                                        f"{first_line(e)}") from None
+            raise UnsupportedModelError(
+                f"cannot evaluate constant ONNX {node.op_type} node '{node_label(node)}': {first_line(e)}"
+            ) from None
         for name, val in zip([o for o in node.output if o], outs):
             self.env[name] = np.asarray(val)
 
@@ -144,6 +152,8 @@ def load_onnx(path, *, check: bool = True) -> OnnxGraphModule:
         diff = float((got - ref).abs().max()) if ref.numel() else 0.0
         scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
         if not diff <= _CHECK_ATOL * scale:
-            raise LingraftError(f"ONNX import of {path} does not match onnxruntime (max abs diff {diff:.3g}); "
-                                "please report this model (load with check=False to skip the check)")
+            raise LingraftError(
+                f"ONNX import of {path} does not match onnxruntime (max abs diff {diff:.3g}); "
+                "please report this model (load with check=False to skip the check)"
+            )
     return gm
