@@ -136,6 +136,7 @@ def verify_property(
     bab_iterations: int = 8,
     batch_size: int | None = None,
     attack: bool = True,
+    max_rounds: int | None = None,
     verbose: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> VerifyResult:
@@ -149,7 +150,8 @@ def verify_property(
     counterexample search per region
     (default min(2 s, 5% of the timeout)); root/bab_iterations: alpha(-beta) optimization steps at the root /
     per branch-and-bound round; batch_size: domains per round (default 64 for ReLU, 512 for input splitting);
-    attack=False turns the PGD searches off (branch and bound alone; for testing its soundness).
+    attack=False turns the PGD searches off (branch and bound alone; for testing its soundness); max_rounds: a
+    work budget independent of the clock, branch-and-bound rounds per region at most (then ``unknown``).
     """
     t0 = time.perf_counter()
     deadline = t0 + float(timeout)
@@ -190,6 +192,7 @@ def verify_property(
             bab_iterations=bab_iterations,
             batch_size=batch_size,
             attack=attack,
+            max_rounds=max_rounds,
         )
         todo = _settle_by_crown(run, specs)
         if todo is None:
@@ -225,6 +228,7 @@ class _Run:
     bab_iterations: int
     batch_size: int | None
     attack: bool
+    max_rounds: int | None = None
 
     def use_method(self, method: str) -> None:
         """Record that ``method`` ran (the statistic keeps the strongest)."""
@@ -349,7 +353,16 @@ def _verify_region(run: _Run, spec: RegionSpec, seed: int):
 
 def _input_bab(run: _Run, spec: RegionSpec):
     """Input-splitting branch and bound of one region. -> (status, counterexample or None)."""
-    bab = InputBaB(run.net, spec, run.model, run.check, run.deadline, batch_size=run.batch_size or 512, log=run.log)
+    bab = InputBaB(
+        run.net,
+        spec,
+        run.model,
+        run.check,
+        run.deadline,
+        batch_size=run.batch_size or 512,
+        max_rounds=run.max_rounds,
+        log=run.log,
+    )
     out = bab.run()
     run.stats["branches"] += out.branches
     run.stats["max_depth"] = max(run.stats.get("max_depth", 0), out.max_depth)
@@ -375,6 +388,7 @@ def _relu_bab(run: _Run, spec: RegionSpec, root: Bounded, seed: int, refine: boo
         seed=seed,
         attack_every=2.0 if run.attack else float("inf"),
         refine_intermediate=refine,
+        max_rounds=run.max_rounds,
         log=run.log,
     )
     out = bab.run(root)

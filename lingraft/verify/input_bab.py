@@ -33,7 +33,8 @@ MAX_BOXES = 2_000_000
 class InputBaB:
     """Input-splitting branch and bound for one region (see the module docstring).
 
-    confirm: callable(x [N, *in], violation [N]) -> (x, y) or None; deadline: time.perf_counter() value.
+    confirm: callable(x [N, *in], violation [N]) -> (x, y) or None; deadline: time.perf_counter() value;
+    max_rounds: rounds at most (None: until the deadline), then ``unknown``.
     """
 
     def __init__(
@@ -46,10 +47,13 @@ class InputBaB:
         *,
         batch_size: int = 512,
         iterations: int = 0,
+        max_rounds: int | None = None,
         log: Callable[[str], None] | None = None,
     ):
         self.net, self.spec, self.model, self.confirm = net, spec, model, confirm
         self.deadline = deadline
+        # a work budget independent of the clock: the search ends "unknown" after this many rounds
+        self.max_rounds = max_rounds
         self.batch_size = max(1, int(batch_size))
         self.iterations = iterations
         self.log = log or (lambda s: None)
@@ -117,6 +121,9 @@ class InputBaB:
         while heap:
             if time.perf_counter() + per_box * min(self.batch_size, len(heap)) > self.deadline:
                 out.status = "timeout"
+                return out
+            if self.max_rounds is not None and out.rounds >= self.max_rounds:
+                out.status = "unknown"
                 return out
             t0 = time.perf_counter()
             items = [heapq.heappop(heap) for _ in range(min(self.batch_size, len(heap)))]

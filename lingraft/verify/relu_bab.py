@@ -64,7 +64,7 @@ class ReluBaB:
     iterations: alpha/beta steps per round; refine_intermediate: recompute every domain's intermediate bounds with
     CROWN (tighter; costly on large networks) or keep the root's with the split neurons clamped;
     alpha_memory_mb / queue_memory_mb: memory for warm-start slopes / for the queued domains (the search ends
-    ``unknown`` when the queue outgrows it).
+    ``unknown`` when the queue outgrows it); max_rounds: rounds at most (None: until the deadline), then ``unknown``.
     """
 
     def __init__(
@@ -82,10 +82,13 @@ class ReluBaB:
         refine_intermediate: bool = True,
         alpha_memory_mb: float = 1024.0,
         queue_memory_mb: float = 2048.0,
+        max_rounds: int | None = None,
         log: Callable[[str], None] | None = None,
     ):
         self.net, self.spec, self.model, self.confirm = net, spec, model, confirm
         self.deadline = deadline
+        # a work budget independent of the clock: the search ends "unknown" after this many rounds
+        self.max_rounds = max_rounds
         self.batch_size = max(1, int(batch_size))
         self.iterations = iterations
         self.attack_every = attack_every
@@ -206,6 +209,9 @@ class ReluBaB:
         while heap:
             if time.perf_counter() + per_domain * min(self.batch_size, len(heap)) > self.deadline:
                 out.status = "timeout"
+                return out
+            if self.max_rounds is not None and out.rounds >= self.max_rounds:
+                out.status = "unknown"
                 return out
             batch, n_stuck = self._pop_batch(heap)
             stuck += n_stuck
