@@ -1,0 +1,1 @@
+"""Running lingraft's work units on more than one machine (Ray). Optional: ``pip install 'lingraft[ray]'``."""
