@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from lingraft.cli.options import common_options, emit_json, json_option, table
+from lingraft.config import config_option
 
 
 @click.command(
@@ -13,11 +14,14 @@ from lingraft.cli.options import common_options, emit_json, json_option, table
     "  lingraft inspect net.onnx --json -\n  lingraft inspect --list-models",
 )
 @click.argument("model", required=False, type=click.Path())
+@config_option()
 @click.option("--list-models", is_flag=True, help="List the registry's architectures and exit.")
 @json_option
 @common_options
-def command(model, list_models, json_out, verbose, quiet, seed, no_progress, device):
-    """Show MODEL's layers (.pt or .onnx; default: the shipped model). Exits 1 listing every unsupported op."""
+def command(model, config_path, list_models, json_out, verbose, quiet, seed, no_progress, device):
+    """Show MODEL's layers (.pt or .onnx; default: the shipped model). Exits 1 listing every unsupported op.
+
+    A model with NaN or infinite weights is shown (which tensor, first) but the other commands refuse it."""
     from lingraft.bounds import BoundedNetwork
     from lingraft.errors import UnsupportedModelError
     from lingraft.io.loader import load_model
@@ -37,16 +41,10 @@ def command(model, list_models, json_out, verbose, quiet, seed, no_progress, dev
         bad = list_unsupported_ops(model)
         if bad:
             raise UnsupportedModelError("unsupported ONNX ops: " + ", ".join(f"{op} (node '{n}')" for op, n in bad))
-    lm = load_model(model)
+    lm = load_model(model, allow_non_finite=True)
     net = BoundedNetwork(lm.model, lm.in_shape)
     layers = net.describe()
-    norm = None
-    from lingraft.models.layers import Normalize
-
-    for m in lm.model.modules():
-        if isinstance(m, Normalize):
-            norm = {"mean": m.mean.tolist(), "std": m.std.tolist()}
-            break
+    norm = _normalization(lm)
     relus = [l for l in layers if l["op"].startswith("ReLU")]
     info = {
         "path": lm.path,
@@ -55,6 +53,7 @@ def command(model, list_models, json_out, verbose, quiet, seed, no_progress, dev
         "dataset": lm.dataset,
         "input_shape": list(lm.in_shape),
         "normalization": norm,
+        "non_finite": lm.non_finite,
         "supported": True,
         "layers": layers,
         "relu_neurons": sum(l["neurons"] for l in relus),
@@ -70,7 +69,12 @@ def command(model, list_models, json_out, verbose, quiet, seed, no_progress, dev
         f"{lm.path}  ({lm.source}{', ' + lm.arch if lm.arch else ''}; dataset {lm.dataset or '?'}; "
         f"input {tuple(lm.in_shape)}; {info['parameters']} parameters)"
     )
-    click.echo(f"normalization: {norm if norm else 'none inside the model'}")
+    click.echo(f"normalization: {_norm_text(norm, lm.source)}")
+    if lm.non_finite:
+        click.echo(
+            f"weights: NOT FINITE ({lm.non_finite}); certify, graft, export and verify refuse this model: "
+            "retrain or re-export it"
+        )
     click.echo(
         table(
             [[l["name"], l["op"], "x".join(map(str, l["shape"])), l["neurons"], l["grafted"]] for l in layers],
@@ -80,3 +84,32 @@ def command(model, list_models, json_out, verbose, quiet, seed, no_progress, dev
     click.echo(
         f"ReLU neurons: {info['relu_neurons']}, grafted: {info['grafted_neurons']}; supported by the bound engine: yes"
     )
+
+
+def _rounded(values) -> list[float]:
+    """float32 values without their float64 noise (0.1307000070810318 -> 0.1307): 7 significant digits."""
+    return [float(f"{float(v):.7g}") for v in values]
+
+
+def _normalization(lm) -> dict | None:
+    """{"mean", "std"} of the model's Normalize layer, or of the Sub/Div an ONNX file starts with; else None."""
+    from lingraft.models.layers import Normalize
+
+    for m in lm.model.modules():
+        if isinstance(m, Normalize):
+            return {"mean": _rounded(m.mean.tolist()), "std": _rounded(m.std.tolist())}
+    found = getattr(lm.model, "normalization", None) if lm.source == "onnx" else None
+    if found:
+        return {"mean": _rounded(found["mean"]), "std": _rounded(found["std"])}
+    return None
+
+
+def _norm_text(norm: dict | None, source: str) -> str:
+    if not norm:
+        return "none inside the model"
+    text = f"mean {_list6(norm['mean'])}, std {_list6(norm['std'])}"
+    return text + (" (the ONNX graph's first Sub/Div)" if source == "onnx" else "")
+
+
+def _list6(values) -> str:
+    return "[" + ", ".join(f"{v:.6g}" for v in values) + "]"

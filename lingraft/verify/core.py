@@ -86,7 +86,7 @@ def load_model(model_or_path, in_shape, tmpdir: list):
     from lingraft.io.onnx import load_onnx
 
     path = Path(model_or_path)
-    if path.suffix in (".pt", ".pth"):  # a lingraft checkpoint (grafted or not): no ONNX involved
+    if path.suffix in (".pt", ".pth", ".json"):  # a lingraft checkpoint (or its sidecar, refused there): no ONNX
         from lingraft.io.loader import load_model as load_checkpoint
 
         lm = load_checkpoint(path)

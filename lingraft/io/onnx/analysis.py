@@ -15,7 +15,15 @@ from lingraft.io.onnx.common import (
     real_input,
 )
 
-__all__ = ["SUPPORTED_ONNX_OPS", "analyze", "check_supported", "list_unsupported_ops", "raise_problems"]
+__all__ = [
+    "SUPPORTED_ONNX_OPS",
+    "analyze",
+    "check_supported",
+    "input_normalization",
+    "list_unsupported_ops",
+    "onnx_non_finite",
+    "raise_problems",
+]
 
 #: ONNX ops accepted on input-dependent tensors (anything may appear in constant sub-graphs, which are folded).
 SUPPORTED_ONNX_OPS = frozenset(
@@ -145,3 +153,75 @@ def list_unsupported_ops(path) -> list[tuple[str, str]]:
     """
     model = read_model(path)
     return [(op, name) for op, name, _ in analyze(model, real_input(model).name)]
+
+
+def _constants(model) -> dict:
+    """name -> TensorProto of every initializer and Constant-node value (read lazily by the callers)."""
+    out = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output:
+            for a in node.attribute:
+                if a.name == "value":
+                    out[node.output[0]] = a.t
+    return out
+
+
+#: (op, input index) whose constant may legitimately be +-inf: a Pad value (before a MaxPool), Clip bounds
+_INF_ALLOWED = {("Pad", 2), ("Clip", 1), ("Clip", 2)}
+
+
+def onnx_non_finite(model) -> str | None:
+    """ "initializer 'W' holds NaN" (or inf; or a Constant node's output) for the first non-finite weight, else None.
+    An infinite constant used only as a Pad value or a Clip bound is fine (NaN never is)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from lingraft.io.loader import first_non_finite
+
+    inits = {i.name for i in model.graph.initializer}
+    uses: dict[str, set] = {}
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            uses.setdefault(name, set()).add((node.op_type, k))
+
+    def arrays():
+        for name, t in _constants(model).items():
+            a = numpy_helper.to_array(t)
+            if uses.get(name) and uses[name] <= _INF_ALLOWED and np.issubdtype(a.dtype, np.floating):
+                a = np.where(np.isinf(a), 0, a)  # only a NaN counts here
+            yield name, a
+
+    found = first_non_finite(arrays())
+    if found is None:
+        return None
+    name, kind = found
+    return f"{'initializer' if name in inits else 'Constant'} '{name}' holds {kind}"
+
+
+def input_normalization(model, input_name: str) -> dict | None:
+    """{"mean": [...], "std": [...]} when the input goes first through ``Sub`` of a constant and then ``Div`` (or
+    ``Mul``) by a constant, both per channel or scalar: the normalization an exported lingraft model bakes in.
+    None for any other start of the graph."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    nodes = model.graph.node
+    consts = _constants(model)
+
+    def only_user(name: str, op_types: tuple[str, ...]):
+        users = [n for n in nodes if name in n.input]
+        if len(users) != 1 or users[0].op_type not in op_types or len(users[0].input) != 2:
+            return None
+        n = users[0]
+        return n if n.input[0] == name and n.input[1] in consts else None
+
+    sub = only_user(input_name, ("Sub",))
+    scale = only_user(sub.output[0], ("Div", "Mul")) if sub is not None else None
+    if scale is None:
+        return None
+    mean = np.asarray(numpy_helper.to_array(consts[sub.input[1]]), dtype=np.float64)
+    factor = np.asarray(numpy_helper.to_array(consts[scale.input[1]]), dtype=np.float64)
+    if np.squeeze(mean).ndim > 1 or np.squeeze(factor).ndim > 1 or not np.all(factor != 0):
+        return None
+    std = factor if scale.op_type == "Div" else 1.0 / factor
+    return {"mean": mean.ravel().tolist(), "std": std.ravel().tolist()}

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from lingraft.errors import LingraftError, UnsupportedModelError
-from lingraft.io.onnx.analysis import check_supported, raise_problems
+from lingraft.io.onnx.analysis import check_supported, input_normalization, onnx_non_finite, raise_problems
 from lingraft.io.onnx.common import first_line, node_attrs, node_label, read_model
 from lingraft.io.onnx.graph_builder import EXAMPLE_BATCH, OnnxGraphModule, Val
 from lingraft.io.onnx.import_ops import OpConverters
@@ -130,30 +130,53 @@ class Importer(OpConverters):
             self.env[name] = np.asarray(val)
 
 
-def load_onnx(path, *, check: bool = True) -> OnnxGraphModule:
+def load_onnx(path, *, check: bool = True, allow_non_finite: bool = False) -> OnnxGraphModule:
     """Convert an ONNX file into a torch.fx.GraphModule that the bound engine can consume.
 
     Returns a module mapping [B, *gm.input_shape] -> [B, *gm.output_shape] (any B; see the package docstring for
     the batch convention), with attributes input_shape, output_shape, onnx_input_name, onnx_output_name,
-    onnx_input_shape (the per-sample feed shape for onnxruntime), onnx_path, onnx_opset.
+    onnx_input_shape (the per-sample feed shape for onnxruntime), onnx_path, onnx_opset, non_finite (None, or
+    "initializer 'W' holds NaN" for the first non-finite weight) and normalization (None, or {"mean", "std"} of
+    a Sub/Div by constants applied to the input first: the baked-in normalization of an exported model).
     All unsupported input-dependent ops are reported together (UnsupportedModelError) before any conversion.
+    A NaN or infinite initializer is refused (LingraftError naming it) unless ``allow_non_finite``; the check is
+    then skipped, as it cannot mean anything.
     check=True: compare with onnxruntime on 3 uniform [0, 1] inputs; raises LingraftError if
-    max |gm - ort| > 1e-4 * max(1, max |ort|).
+    max |gm - ort| > 1e-4 * max(1, max |ort|), naming non-finite outputs as the cause when there are any.
     """
+    from lingraft.io.loader import non_finite_error
+
     model = read_model(path)
     info = check_supported(model)
+    bad = onnx_non_finite(model)
+    if bad is not None and not allow_non_finite:
+        raise non_finite_error(path, bad)
     gm = Importer(model, info).run()
     gm.onnx_path = str(Path(path))
-    if check:
-        x = torch.rand(3, *gm.input_shape, generator=torch.Generator().manual_seed(1234))
-        ref = run_onnxruntime(path, x)
-        with torch.no_grad():
-            got = gm(x).double().reshape(ref.shape)
-        diff = float((got - ref).abs().max()) if ref.numel() else 0.0
-        scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
-        if not diff <= _CHECK_ATOL * scale:
-            raise LingraftError(
-                f"ONNX import of {path} does not match onnxruntime (max abs diff {diff:.3g}); "
-                "please report this model (load with check=False to skip the check)"
-            )
+    gm.non_finite = bad
+    gm.normalization = input_normalization(model, info.name)
+    if check and bad is None:
+        _check_against_onnxruntime(gm, path)
     return gm
+
+
+def _check_against_onnxruntime(gm: OnnxGraphModule, path) -> None:
+    x = torch.rand(3, *gm.input_shape, generator=torch.Generator().manual_seed(1234))
+    ref = run_onnxruntime(path, x)
+    with torch.no_grad():
+        got = gm(x).double().reshape(ref.shape)
+    diff = float((got - ref).abs().max()) if ref.numel() else 0.0
+    scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+    if diff <= _CHECK_ATOL * scale:
+        return
+    sides = [n for n, t in (("onnxruntime", ref), ("the import", got)) if not bool(torch.isfinite(t).all())]
+    if sides:
+        raise LingraftError(
+            f"ONNX model {path} gives non-finite outputs (NaN or inf from {' and '.join(sides)}) on uniform [0, 1] "
+            "inputs although its weights are finite: its values overflow float32 (weights too large) or it "
+            "divides by zero; fix the model (load with check=False to skip the check)"
+        )
+    raise LingraftError(
+        f"ONNX import of {path} does not match onnxruntime (max abs diff {diff:.3g}); "
+        "please report this model (load with check=False to skip the check)"
+    )
