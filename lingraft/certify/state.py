@@ -2,10 +2,10 @@
 
 The samples are certified in chunks (one bound batch each); after every chunk its report is appended to FILE as
 one JSON line (single write + fsync, see :class:`lingraft.io.resumable.ResumableLog`). The first line holds the
-hash of the
-settings the results depend on. A rerun with the same settings skips the finished chunks, so an interrupted run
-(Ctrl-C, a killed CI job) loses at most the chunk in flight; a rerun with other settings is refused instead of
-mixing results. The merged report equals the one of an uninterrupted run, except for the wall-clock times.
+hash of the settings the results depend on. A rerun with the same settings skips the finished chunks, so an
+interrupted run (Ctrl-C or SIGTERM, a killed CI job) loses at most the chunk in flight; a rerun with other settings
+is refused instead of mixing results. The merged report equals the one of an uninterrupted run, except for the
+wall-clock times.
 A run killed in the middle of an append leaves a torn last line; the rerun truncates it away (that batch reruns)
 before appending, via :func:`lingraft.io.read_jsonl` with ``repair=True``. A damaged line elsewhere is an error.
 """
@@ -24,6 +24,7 @@ from lingraft.certify.pipeline import CertifyReport, certify, summarize_samples
 from lingraft.errors import LingraftError
 from lingraft.io.files import JsonlError
 from lingraft.io.resumable import ResumableLog
+from lingraft.signals import critical, interrupted
 
 STATE_FORMAT = "lingraft-certify-state"
 
@@ -42,12 +43,15 @@ def certify_resumable(
     timeout: float | None = None,
     progress=None,
     log=None,
+    progress_skip=None,
     **kw,
 ) -> CertifyReport:
     """:func:`lingraft.certify.certify` over x [N, *in_shape], y [N], chunk by chunk, recording each chunk in
     ``state_path``. ``settings_hash`` identifies everything the results depend on (model, data, eps, method...).
     Chunk k gets seed + its first sample's position, as inside one certify call, so a resumed run attacks with
-    the same seeds. ``timeout``: seconds for this invocation. ``kw`` goes to certify. Returns the merged report."""
+    the same seeds. ``timeout``: seconds for this invocation. ``kw`` goes to certify. ``progress(n)`` is called per
+    certified batch, ``progress_skip(n)`` (default: ``progress``) per batch already in the state file. An interrupt
+    raises :class:`lingraft.signals.Interrupted` (finished batches are saved). Returns the merged report."""
     t0 = time.perf_counter()
     path = Path(state_path)
     state = ResumableLog(
@@ -58,34 +62,32 @@ def certify_resumable(
     indices = list(range(N)) if indices is None else list(indices)
     if kw.get("net") is None:  # trace the model once, not once per chunk
         kw["net"] = BoundedNetwork(model.eval(), tuple(kw.get("in_shape") or x.shape[1:]), device=kw.get("device"))
+    n_batches = (N + batch_size - 1) // batch_size
     if done and log:
-        log(f"resuming from {path}: {len(done)} of {(N + batch_size - 1) // batch_size} batches done")
-    parts = []
-    for s in range(0, N, batch_size):
-        if s in done:
-            parts.append(done[s])
-            if progress:
-                progress(min(batch_size, N - s))
-            continue
-        left = None if timeout is None else max(timeout - (time.perf_counter() - t0), 1e-9)
-        rep = certify(
-            model,
-            x[s : s + batch_size],
-            y[s : s + batch_size],
-            eps,
-            indices=indices[s : s + batch_size],
-            batch_size=batch_size,
-            seed=seed + s,
-            timeout=left,
-            progress=progress,
-            **kw,
-        )
-        d = rep.to_dict()
-        if any(smp["status"] == "timeout" for smp in d["samples"]):
-            parts.append(d)  # ran out of time: report it, but do not record it as finished
-            continue
-        state.append({"start": s, "report": d})
-        parts.append(d)
+        log(f"resuming from {path}: {len(done)} of {n_batches} batches done")
+    skip = progress_skip or progress
+    parts: list[dict] = []
+    saved = len(done)
+    try:
+        for s in range(0, N, batch_size):
+            if s in done:
+                parts.append(done[s])
+                if skip:
+                    skip(min(batch_size, N - s))
+                continue
+            left = None if timeout is None else max(timeout - (time.perf_counter() - t0), 1e-9)
+            sub = dict(kw, indices=indices[s : s + batch_size], batch_size=batch_size, seed=seed + s, timeout=left)
+            d = certify(model, x[s : s + batch_size], y[s : s + batch_size], eps, progress=progress, **sub).to_dict()
+            if any(smp["status"] == "timeout" for smp in d["samples"]):
+                parts.append(d)  # ran out of time: report it, but do not record it as finished
+                continue
+            with critical():  # a SIGINT/SIGTERM waits until the line is complete
+                state.append({"start": s, "report": d})
+                parts.append(d)
+                saved += 1
+    except KeyboardInterrupt as e:
+        msg = f"interrupted: {saved} of {n_batches} batches saved in {path}; rerun the same command to resume"
+        raise interrupted(msg, log) from e
     return merge_reports(parts)
 
 

@@ -9,6 +9,7 @@ import sys
 import click
 
 from lingraft.cli.options import common_options, emit_json, json_option, pick_device, table, versions
+from lingraft.cli.progress import progress_factory
 from lingraft.config import config_option
 
 
@@ -167,6 +168,7 @@ def command(
         device=pick_device(device),
         log=log,
         command="lingraft " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        progress=progress_factory(no_progress or quiet),
     )
     res["versions"] = versions()
     if json_out:

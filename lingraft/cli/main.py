@@ -14,16 +14,20 @@ from lingraft.errors import LingraftError
 class LingraftGroup(click.Group):
     """A click group that turns library errors (raised anywhere, option callbacks included) into one line on
     stderr and the error's exit code, never a traceback: the one error handler of every command
-    (Ctrl-C -> exit 130; out of memory -> a hint to lower --batch-size)."""
+    (Ctrl-C or SIGTERM -> one line, exit 130; out of memory -> a hint to lower --batch-size)."""
 
     def invoke(self, ctx):
+        from lingraft import signals
+
         try:
-            return super().invoke(ctx)
+            # SIGTERM (docker stop, Slurm, CI timeouts) is handled like Ctrl-C: state is saved, one line, exit 130
+            with signals.InterruptGuard(), signals.cli_reports():
+                return super().invoke(ctx)
         except LingraftError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+        except KeyboardInterrupt as e:
+            click.echo(signals.message_of(e), err=True)
             ctx.exit(130)
         except MemoryError:
             click.echo("error: out of memory; lower --batch-size", err=True)

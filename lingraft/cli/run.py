@@ -46,7 +46,7 @@ def command(
       options: {num-samples: 100, epochs: 1, dataset: mnist}
 
     Each finished job appends one JSON line (config, config hash, versions, accuracies, per-sample status,
-    margin and time). Ctrl-C stops after the current job's line is complete; rerunning resumes. Exits 1 when
+    margin and time). Ctrl-C or SIGTERM stops after the current job's line is complete; rerunning resumes. Exits 1 when
     any job failed (its error is in the results file).
     """
     from lingraft.experiments.jobs import METHODS, RUN_OPTIONS, resolve_options
@@ -157,17 +157,12 @@ def _run_jobs(
     runner.preflight([j for j in jobs if j["job_id"] not in done])  # finished jobs need no model any more
     by_id = {j["job_id"]: j for j in jobs}
 
-    with progress_bar(len(jobs), "run", no_progress or quiet) as bar:
-        bar.update(len(done))
-        bar_on = not bar.disable
+    with progress_bar(len(jobs), "run", no_progress or quiet, unit="jobs") as bar:
+        bar.skip(len(done))
 
         def say(msg: str) -> None:
-            if quiet:
-                return
-            if bar_on:
-                bar.write(msg)
-            else:
-                click.echo(msg, err=True)
+            if not quiet:
+                bar.write(msg)  # above the bar on a TTY
 
         runner.log = say if verbose else (lambda s: None)
 

@@ -8,6 +8,7 @@ import sys
 import click
 
 from lingraft.cli.options import common_options, emit_json, json_option, versions
+from lingraft.cli.progress import progress_factory
 from lingraft.config import config_option
 
 
@@ -106,7 +107,7 @@ def command(
     metrics = train(
         cfg,
         out_path,
-        progress=not (no_progress or quiet),
+        progress=progress_factory(no_progress or quiet),
         log=log,
         resume=not no_resume,
         meta={"command": "lingraft " + " ".join(shlex.quote(a) for a in sys.argv[1:])},

@@ -9,8 +9,10 @@ re-exported here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +24,7 @@ from lingraft.graft.masks import check_masks_fit, load_masks, save_masks
 from lingraft.graft.scores import NeuronScores, compute_scores, relu_modules
 from lingraft.graft.selection import RULES, select_neurons
 from lingraft.graft.settings import GraftSettings
+from lingraft.signals import interrupted
 
 __all__ = [
     "RULES",
@@ -100,7 +103,20 @@ def _split_training_data(lm, ds: str, s: GraftSettings) -> _GraftData:
     )
 
 
-def _score_and_select(model: nn.Module, lm, data: _GraftData, eps: float, s: GraftSettings, dev, log):
+@contextlib.contextmanager
+def _phase(make_bar, total: int, desc: str, unit: str = "images") -> Iterator[Callable[[int], None] | None]:
+    """A progress bar/reporter for one phase (``make_bar(total, desc, unit)``), yielding its update; None: none."""
+    if make_bar is None:
+        yield None
+        return
+    bar = make_bar(total, desc, unit)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+def _score_and_select(model: nn.Module, lm, data: _GraftData, eps: float, s: GraftSettings, dev, log, bars=None):
     """(masks, scores) from a saved mask (scores None) or from scoring and the selection rule.
     With s.scores_only, writes the scores JSON and returns (None, scores)."""
     from lingraft.io.files import atomic_write_json
@@ -114,16 +130,18 @@ def _score_and_select(model: nn.Module, lm, data: _GraftData, eps: float, s: Gra
         f"scoring {sum(1 for _ in relu_modules(model))} ReLU layers on {data.x_score.shape[0]} training images "
         f"({s.score_bound} bounds at eps {eps})"
     )
-    scores = compute_scores(
-        model,
-        data.x_score,
-        data.y_score,
-        eps,
-        in_shape=lm.in_shape,
-        bound_method=s.score_bound,
-        significance_input=s.significance_input,
-        device=dev,
-    )
+    with _phase(bars, data.x_score.shape[0], "scoring") as progress:
+        scores = compute_scores(
+            model,
+            data.x_score,
+            data.y_score,
+            eps,
+            in_shape=lm.in_shape,
+            bound_method=s.score_bound,
+            significance_input=s.significance_input,
+            device=dev,
+            progress=progress,
+        )
     if s.scores_only:
         atomic_write_json(
             s.scores_only, {"format": "lingraft-graft-scores", "model": lm.path, "eps": eps, "scores": scores.to_dict()}
@@ -135,7 +153,7 @@ def _score_and_select(model: nn.Module, lm, data: _GraftData, eps: float, s: Gra
     return masks, scores
 
 
-def _finetune_grafted(grafted: nn.Module, lm, data: _GraftData, train_eps: float, s: GraftSettings, log):
+def _finetune_grafted(grafted: nn.Module, lm, data: _GraftData, train_eps: float, s: GraftSettings, log, bars=None):
     """(fine-tuned model, finetune info) on the first s.num_train pool images; unchanged when s.epochs is 0."""
     if s.epochs <= 0:
         return grafted, {"time_s": 0.0, "history": [], "best": None}
@@ -143,11 +161,15 @@ def _finetune_grafted(grafted: nn.Module, lm, data: _GraftData, train_eps: float
     fcfg = FinetuneConfig(
         epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, lr_graft=s.lr_graft, eps=train_eps, seed=s.seed
     )
-    return finetune(grafted, xt, yt, data.x_val.reshape(-1, *lm.in_shape), data.y_val, fcfg, log=log)
+    desc = f"fine-tuning ({s.epochs} epoch(s) x {xt.shape[0]} images)"
+    with _phase(bars, s.epochs * xt.shape[0], desc) as progress:
+        return finetune(
+            grafted, xt, yt, data.x_val.reshape(-1, *lm.in_shape), data.y_val, fcfg, log=log, progress=progress
+        )
 
 
 def _certify_before_after(
-    model: nn.Module, grafted: nn.Module, lm, ds: str, eps: float, s: GraftSettings, dev, log
+    model: nn.Module, grafted: nn.Module, lm, ds: str, eps: float, s: GraftSettings, dev, log, bars=None
 ) -> dict:
     """{"before": {method: report}, "after": {...}} on s.num_samples test images (empty when 0)."""
     from lingraft.certify.pipeline import certify
@@ -160,7 +182,10 @@ def _certify_before_after(
     x_te = x_te.reshape(-1, *lm.in_shape)
     for tag, m in (("before", model), ("after", grafted)):
         for meth in s.methods:
-            rep = certify(m, x_te, y_te, eps, in_shape=lm.in_shape, method=meth, seed=s.seed, device=dev)
+            with _phase(bars, x_te.shape[0], f"certifying {tag} with {meth}") as progress:
+                rep = certify(
+                    m, x_te, y_te, eps, in_shape=lm.in_shape, method=meth, seed=s.seed, device=dev, progress=progress
+                )
             d = rep.to_dict()
             d.pop("samples")
             evaluation[tag][meth] = d
@@ -180,16 +205,35 @@ def _save_grafted(grafted: nn.Module, lm, ds: str, s: GraftSettings, meta: dict,
 
 
 def run_graft(
-    model_path, settings: GraftSettings | None = None, *, device=None, log=print, command="", **options
+    model_path,
+    settings: GraftSettings | None = None,
+    *,
+    device=None,
+    log=print,
+    command="",
+    progress=None,
+    **options,
 ) -> dict:
     """The whole ``lingraft graft`` job: load, score, select, graft, fine-tune, save, evaluate before/after.
 
     Pass a :class:`GraftSettings`, or its fields as keywords (``run_graft(path, ratio=0.5, eps=0.1,
-    out_path="g.pt")``); keywords override fields of ``settings``. Returns the JSON-able result dict.
+    out_path="g.pt")``); keywords override fields of ``settings``. ``progress``: ``make_bar(total, desc, unit)``
+    returning an object with update/close, one per phase (scoring, fine-tuning, each before/after certification).
+    Returns the JSON-able result dict. An interrupt raises :class:`lingraft.signals.Interrupted` (graft keeps
+    no resume state; its outputs are written atomically, so nothing half-written is left).
     """
+    s = GraftSettings(**options) if settings is None else dataclasses.replace(settings, **options)
+    try:
+        return _run(model_path, s, device=device, log=log, command=command, bars=progress)
+    except KeyboardInterrupt as e:
+        msg = "interrupted: graft keeps no resume state; rerun the same command to start it again"
+        raise interrupted(msg, log) from e
+
+
+def _run(model_path, s: GraftSettings, *, device, log, command: str, bars) -> dict:
+    """:func:`run_graft` with its settings resolved."""
     from lingraft.io.loader import check_input_matches_dataset
 
-    s = GraftSettings(**options) if settings is None else dataclasses.replace(settings, **options)
     torch.manual_seed(s.seed)
     lm, ds = _load_source(model_path, s)
     eps, train_eps = _resolve_eps(lm, s)
@@ -198,14 +242,14 @@ def run_graft(
     model = lm.model.to(dev).eval()
     data = _split_training_data(lm, ds, s)
     t0 = time.perf_counter()
-    masks, scores = _score_and_select(model, lm, data, eps, s, dev, log)
+    masks, scores = _score_and_select(model, lm, data, eps, s, dev, log, bars)
     if masks is None:
         return {"schema_version": 1, "command": "graft", "scores_only": s.scores_only, "model": lm.path}
     score_time = time.perf_counter() - t0
     if s.save_mask:
         save_masks(s.save_mask, masks, {"model": lm.path, "ratio": s.ratio, "rule": s.rule, "eps": eps})
     grafted = apply_graft(model, masks, init=s.init, scores=scores)
-    grafted, ft = _finetune_grafted(grafted, lm, data, train_eps, s, log)
+    grafted, ft = _finetune_grafted(grafted, lm, data, train_eps, s, log, bars)
     summary = graft_summary(grafted)
     meta = {
         "graft": {
@@ -228,7 +272,7 @@ def run_graft(
         "parent_meta": lm.meta,
     }
     _save_grafted(grafted, lm, ds, s, meta, log)
-    evaluation = _certify_before_after(model, grafted, lm, ds, eps, s, dev, log)
+    evaluation = _certify_before_after(model, grafted, lm, ds, eps, s, dev, log, bars)
     warnings = _clean_drop_warning(evaluation)
     for w in warnings:
         log(f"warning: {w}")

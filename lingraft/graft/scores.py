@@ -145,8 +145,10 @@ def compute_scores(
     significance_input: str = "clean",
     batch_size: int = 50,
     device=None,
+    progress=None,
 ) -> NeuronScores:
-    """Instability, gradient and magnitude scores of every ReLU neuron over images x [N, *in] with labels y [N]."""
+    """Instability, gradient and magnitude scores of every ReLU neuron over images x [N, *in] with labels y [N].
+    ``progress(n)`` is called after each batch of n images."""
     if bound_method not in ("ibp", "crown"):
         raise UsageError(f"graft bound method must be ibp or crown, got {bound_method!r}")
     model = model.eval()
@@ -176,6 +178,8 @@ def compute_scores(
                 F.cross_entropy(model(xin), yb, reduction="sum").backward()
             _add_significance(sums, rec)
             model.zero_grad(set_to_none=True)
+            if progress is not None:
+                progress(len(xb))
     finally:
         rec.remove()
     return _finish(sums, relus, x.shape[0])

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lingraft.errors import LingraftError
+from lingraft.signals import critical
 from lingraft.train.attack import fgsm, pgd_attack
 from lingraft.train.plugins import LossPlugin
 
@@ -155,13 +156,14 @@ def run_epoch(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         pos.in_update = True
-        opt.step()
-        sched.step()
-        pos.running["loss"] += float(loss.detach()) * len(yb)
-        pos.running["correct"] += int((logits.detach().argmax(1) == yb).sum())
-        pos.running["seen"] += len(yb)
-        pos.batch_done = b + 1
-        pos.gen_state = shuffle_gen.get_state()  # now the RNG at the start of the next batch
-        pos.in_update = False
+        with critical():  # a SIGINT/SIGTERM (under a guard) waits until the step is booked: a resumable point
+            opt.step()
+            sched.step()
+            pos.running["loss"] += float(loss.detach()) * len(yb)
+            pos.running["correct"] += int((logits.detach().argmax(1) == yb).sum())
+            pos.running["seen"] += len(yb)
+            pos.batch_done = b + 1
+            pos.gen_state = shuffle_gen.get_state()  # now the RNG at the start of the next batch
+            pos.in_update = False
         if on_batch is not None:
             on_batch(len(yb), eps_t)

@@ -3,8 +3,8 @@
 ``train(config, "model.pt")`` writes the best checkpoint to ``model.pt`` (+ ``model.json`` sidecar) and a resume
 state to ``model.pt.state`` (model, optimizer, scheduler, RNG, best weights, history, and the position inside the
 current epoch). The state is written atomically after every epoch, every ``state_every_s`` seconds, and when the
-run is interrupted (Ctrl-C) between optimizer steps, so a rerun with the same out_path continues where it stopped
-and produces the same weights as an uninterrupted run (same device and thread count).
+run is interrupted (Ctrl-C; SIGTERM too under the CLI) between optimizer steps, so a rerun with the same out_path
+continues where it stopped and produces the same weights as an uninterrupted run (same device and thread count).
 
 The pieces live next door: settings in :mod:`lingraft.train.config`, loss plugins in :mod:`lingraft.train.plugins`,
 the epoch loop (shared with graft fine-tuning) in :mod:`lingraft.train.epoch`, validation in
@@ -28,6 +28,7 @@ from lingraft.env import pick_device
 from lingraft.errors import LingraftError, UsageError
 from lingraft.io.checkpoint import load_checkpoint, save_checkpoint
 from lingraft.io.files import atomic_write
+from lingraft.signals import Interrupted, interrupted
 from lingraft.train.config import TrainConfig, config_from_dict, did_you_mean
 from lingraft.train.epoch import AttackRecipe, EpochPosition, fresh_running, grad_align_reg, run_epoch
 from lingraft.train.evaluation import evaluate
@@ -330,17 +331,19 @@ class _Trainer:
                 epoch=epoch,
                 on_batch=after_batch,
             )
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             # Between batches the state is exact: save it so a rerun loses nothing. An interrupt in the middle of
-            # an update (rare) falls back to the last saved state.
+            # an update (rare: SIGINT/SIGTERM wait for the update under the CLI) falls back to the last saved state.
             if pos.batch_done > 0 and not pos.in_update:
                 self._book_time()
                 self.save_state(pos.gen_state, mid_epoch=True)
-                self.log(
+                msg = (
                     f"interrupted: state saved to {self.state_path} ({self.epoch_done} epoch(s) + "
                     f"{pos.batch_done} batch(es)); rerun the same command to resume"
                 )
-            raise
+            else:
+                msg = self.interrupt_message()
+            raise interrupted(msg, self.log) from e
         self._book_time()
 
     def _validate(self, epoch: int) -> dict:
@@ -365,6 +368,24 @@ class _Trainer:
             "eval_time_s": round(time.monotonic() - t_eval, 3),
         }
 
+    def interrupt_message(self) -> str:
+        """The one line for an interrupt outside the points that save a state themselves."""
+        if self.state_path.exists():
+            return f"interrupted: resume state in {self.state_path}; rerun the same command to resume"
+        return "interrupted before the first batch finished; nothing to resume"
+
+    def _validate_saving(self, epoch: int) -> dict:
+        """:meth:`_validate`; an interrupt during it saves the finished epoch's state (a rerun only validates)."""
+        try:
+            return self._validate(epoch)
+        except KeyboardInterrupt as e:
+            self.save_state(self.pos.gen_state, mid_epoch=True)
+            msg = (
+                f"interrupted: state saved to {self.state_path} ({epoch} epoch(s) trained, not yet validated); "
+                "rerun the same command to resume"
+            )
+            raise interrupted(msg, self.log) from e
+
     def _record(self, metrics: dict) -> bool:
         """Close the epoch: history, best weights, log line, end-of-epoch state. True when it is the new best."""
         cfg, epoch = self.cfg, metrics["epoch"]
@@ -384,36 +405,30 @@ class _Trainer:
         self._last_save = time.monotonic()
         return improved
 
-    def fit(self, *, use_tqdm: bool, stop_after_epochs: int | None, state_every_s: float | None) -> dict:
-        """Train the remaining epochs (at most ``stop_after_epochs`` of them); returns the metrics dict."""
+    def fit(self, *, make_bar: Callable | None, stop_after_epochs: int | None, state_every_s: float | None) -> dict:
+        """Train the remaining epochs (at most ``stop_after_epochs`` of them); returns the metrics dict.
+        ``make_bar(total, desc, unit=, initial=)``: a progress bar/reporter per epoch (None: none)."""
         cfg = self.cfg
-        if use_tqdm:
-            from tqdm import tqdm
         epochs_this_call = 0
         self._last_save = time.monotonic()
         result: dict = {}
         while self.epoch_done < cfg.epochs:
             epoch = self.epoch_done + 1
-            bar = (
-                tqdm(
-                    total=self.iters,
-                    initial=self.pos.batch_done if self.pos.perm is not None else 0,
-                    desc=f"epoch {epoch}/{cfg.epochs}",
-                    file=sys.stderr,
-                    leave=False,
-                    dynamic_ncols=True,
-                )
-                if use_tqdm
-                else None
-            )
+            initial = self.pos.batch_done if self.pos.perm is not None else 0
+            bar = None if make_bar is None else make_bar(self.iters, f"epoch {epoch}/{cfg.epochs}", "batches", initial)
             try:
                 self._train_epoch(epoch, bar, state_every_s)
             finally:
                 if bar is not None:
                     bar.close()
-            improved = self._record(self._validate(epoch))
+            improved = self._record(self._validate_saving(epoch))
             if improved or self.epoch_done == cfg.epochs:
                 result = self.write_checkpoint(self.best["state_dict"], complete=self.epoch_done == cfg.epochs)
+            if self.epoch_done == cfg.epochs:
+                self.log(
+                    f"kept the resume state {self.state_path}: a rerun with more epochs continues from it; "
+                    f"{self.out_path.name} does not need it, delete it when done"
+                )
             epochs_this_call += 1
             if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and self.epoch_done < cfg.epochs:
                 result = self.write_checkpoint(self.best["state_dict"], complete=False)
@@ -429,11 +444,18 @@ def _tqdm_available() -> bool:
     return True
 
 
+def _tqdm_bar(total: int, desc: str, unit: str, initial: int):
+    """The library's own bar (``progress=True`` on a TTY); the CLI passes its reporter instead."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
 def train(
     config: TrainConfig,
     out_path,
     *,
-    progress: bool = True,
+    progress: bool | Callable = True,
     log: Callable[[str], None] = print,
     resume: bool = True,
     meta: dict | None = None,
@@ -446,7 +468,10 @@ def train(
     Best = highest validation PGD accuracy for fgsm/pgd (ties: clean), highest clean accuracy for ce.
     ``meta`` (e.g. {"command": "..."}) is stored in the checkpoint next to the config, the per-epoch history and
     the training time. ``loss_plugin`` overrides ``config.loss``. ``stop_after_epochs`` ends this call after that
-    many more epochs (the state file lets a later call continue). Returns the metrics dict (also in meta).
+    many more epochs (the state file lets a later call continue). ``progress``: True for a tqdm bar per epoch on a
+    TTY, or ``make_bar(total, desc, unit, initial)`` returning an object with update/set_postfix/close (the CLI's
+    reporter). An interrupt saves the state and raises :class:`lingraft.signals.Interrupted`.
+    Returns the metrics dict (also in meta).
     """
     if not isinstance(config, TrainConfig):
         raise UsageError("train() needs a TrainConfig")
@@ -461,7 +486,15 @@ def train(
             best = trainer.best["state_dict"]
             weights = best if best is not None else trainer.model.state_dict()
             return trainer.write_checkpoint(weights, complete=True, write=not out_path.exists())
-        use_tqdm = progress and sys.stderr.isatty() and _tqdm_available()
-        return trainer.fit(use_tqdm=use_tqdm, stop_after_epochs=stop_after_epochs, state_every_s=state_every_s)
+        if callable(progress):
+            make_bar = progress
+        else:
+            make_bar = _tqdm_bar if progress and sys.stderr.isatty() and _tqdm_available() else None
+        try:
+            return trainer.fit(make_bar=make_bar, stop_after_epochs=stop_after_epochs, state_every_s=state_every_s)
+        except Interrupted:
+            raise  # the state is saved and the message given
+        except KeyboardInterrupt as e:  # between the points above (bookkeeping): the last state stands
+            raise interrupted(trainer.interrupt_message(), log) from e
     finally:
         trainer.plugin.close()
