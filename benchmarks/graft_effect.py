@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Effect of linearity grafting on certification (issue: `lingraft graft` must measurably tighten certification).
+"""Effect of linearity grafting on certification: how much `lingraft graft` tightens certification.
 
 For each model and eps: the FGSM-trained baseline and LG-grafted versions at each ratio (grafted at that eps and
 fine-tuned with the paper's recipe), certified on the same first N MNIST test images with CROWN and alpha-CROWN.

@@ -10,8 +10,10 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterable
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,8 @@ __all__ = [
     "canonical_json",
     "click_default_map",
     "config_option",
+    "parse_number",
+    "parse_eps",
 ]
 
 
@@ -68,6 +72,44 @@ def require_file(path: str | os.PathLike, not_found: str, is_directory: str) -> 
     if p.is_dir():
         raise LingraftError(is_directory.format(p))
     return p
+
+
+def parse_number(value: Any, what: str) -> float:
+    """A finite float from a number or a string: ``"0.1"``, ``"2/255"`` (an ``A/B`` fraction), ``"1e-3"``.
+
+    The one parser of numbers that may be written as fractions (eps on the command line, in config, sweep and
+    compare files). ``what`` names the value in the message, e.g. ``"--eps"`` or ``"'eps' in sweep.yaml"``.
+    Raises UsageError (exit 2).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise UsageError(f"{what} is {value!r}, not a number; give e.g. 0.1 or 2/255")
+    if isinstance(value, str):
+        text = value.replace(" ", "")
+        try:
+            x = float(Fraction(text)) if "/" in text else float(text)
+        except (ValueError, ZeroDivisionError, OverflowError):
+            raise UsageError(f"{what} is {value!r}, not a number; give e.g. 0.1 or 2/255") from None
+    else:
+        x = float(value)
+    if not math.isfinite(x):
+        raise UsageError(f"{what} is {value!r}; give a finite number such as 0.1 or 2/255")
+    return x + 0.0  # -0.0 -> 0.0
+
+
+def parse_eps(value: Any, what: str = "eps") -> float:
+    """A perturbation radius in [0, 1] pixel space (images are scaled to [0, 1]) from a number or ``"A/B"``.
+
+    Raises UsageError naming ``what`` when it is not a finite number, negative, or above 1.
+    """
+    x = parse_number(value, what)
+    if x < 0:
+        raise UsageError(f"{what} must be >= 0, got {value}")
+    if x > 1:
+        raise UsageError(
+            f"{what} {value} exceeds the input range [0, 1]: eps is a radius in [0, 1] pixel space"
+            + (f" (for {x:g} of 255 grey levels write {x:g}/255)" if x <= 255 else "")
+        )
+    return x
 
 
 def _one_line(text: str) -> str:
@@ -231,6 +273,26 @@ def click_default_map(cfg: dict, command_params: Iterable[str] | Any, *, where: 
     return dict(normalize_keys(cfg, where))
 
 
+def _check_values(ctx: Any, defaults: dict, where: str) -> None:
+    """Convert each config value with its option's click type now, so a bad value names the file
+    (click would report it as if the flag had been given)."""
+    import click
+
+    params = {p.name: p for p in ctx.command.params}
+    for name, value in defaults.items():
+        param = params.get(name)
+        if param is None or value is None:
+            continue
+        try:
+            param.type_cast_value(ctx, value)
+        except click.BadParameter as e:
+            key = name.replace("_", "-")
+            raise UsageError(f"bad value for '{key}' in {where}: {_one_line(e.message)}") from None
+        except UsageError as e:
+            key = name.replace("_", "-")
+            raise UsageError(f"bad value for '{key}' in {where}: {e}") from None
+
+
 def config_option(
     *param_decls: str,
     help: str = "YAML file with default values for this command's options; flags given on the command line win.",
@@ -250,6 +312,7 @@ def config_option(
         cfg = load_config(value)
         allowed = [n for n in _param_names(ctx.command) if n != param.name]
         defaults = click_default_map(cfg, allowed, where=str(value))
+        _check_values(ctx, defaults, str(value))
         # Merge over any default_map given by a parent group; the file is more specific.
         ctx.default_map = {**(ctx.default_map or {}), **defaults}
         return value

@@ -26,7 +26,12 @@ from lingraft.cli.main import cli
 torch.set_num_threads(1)
 
 # Row ids that currently fail; see the report to the lead for the exact fixes.
-KNOWN_BUGS: set = set()  # rows that fail today (xfail strict); all fixed so far
+KNOWN_BUGS: set = {
+    # issue 14.3: graft/train read --eps with click.FloatRange; the fix is `type=EPS` (lingraft.cli.options)
+    # in lingraft/cli/graft.py and lingraft/cli/train.py, owned by another engineer in this round
+    "graft-eps-fraction-text",
+    "train-eps-fraction-text",
+}
 
 
 EVIL_MARK = "EVIL_RAN"
@@ -130,6 +135,12 @@ def hd(tmp_path_factory) -> Path:
     (d / "not-json.mask").write_text("this is not json")
     (d / "adir").mkdir()
     (d / "compare-typo.yaml").write_text("epz: 0.1\n")
+    (d / "eps-bad.yaml").write_text("eps: 2/x\n")
+    (d / "eps-big.yaml").write_text("eps: 8\n")
+    (d / "eps-frac.yaml").write_text("vnnlib-eps: 300/255\n")
+    (d / "export-typo.yaml").write_text("opsett: 13\n")
+    (d / "export-bad-value.yaml").write_text("opset: many\n")
+    (d / "verify-typo.yaml").write_text("timout: 3\n")
     # VNN-LIB: one for good.onnx (64 inputs in [0.5, 0.51], 10 outputs), a truncated one, a 1-input one
     xs = [f"(declare-const X_{i} Real)" for i in range(64)] + [f"(declare-const Y_{i} Real)" for i in range(10)]
     box = [f"(assert (<= X_{i} 0.51))\n(assert (>= X_{i} 0.5))" for i in range(64)]
@@ -214,7 +225,14 @@ ROWS = [
     ("certify-bab-timeout-l2", f"certify {{d}}/good.pt --bab-timeout 1 --norm 2 {D_OPTS}", 2, "--norm inf only"),
     ("certify-eps-negative", f"certify {{d}}/good.pt --eps -0.1 {D_OPTS}", 2, ">= 0"),
     ("certify-eps-too-big", f"certify {{d}}/good.pt --eps 1.5 {D_OPTS}", 2, "exceeds the input range"),
-    ("certify-eps-text", f"certify {{d}}/good.pt --eps abc {D_OPTS}", 2, "not a valid float"),
+    ("certify-eps-text", f"certify {{d}}/good.pt --eps abc {D_OPTS}", 2, "'abc', not a number; give e.g. 0.1 or 2/255"),
+    ("certify-eps-fraction-text", f"certify {{d}}/good.pt --eps 2/x {D_OPTS}", 2, "not a number"),
+    ("certify-eps-fraction-zero", f"certify {{d}}/good.pt --eps 1/0 {D_OPTS}", 2, "not a number"),
+    ("certify-eps-fraction-too-big", f"certify {{d}}/good.pt --eps 300/255 {D_OPTS}", 2, "exceeds the input range"),
+    ("certify-eps-fraction-negative", f"certify {{d}}/good.pt --eps=-2/255 {D_OPTS}", 2, ">= 0"),
+    ("certify-eps-pixel-levels", f"certify {{d}}/good.pt --eps 8 {D_OPTS}", 2, "[0, 1] pixel space (for 8 of 255"),
+    ("certify-config-eps-text", f"certify {{d}}/good.pt --config {{d}}/eps-bad.yaml {D_OPTS}", 2, "eps-bad.yaml"),
+    ("certify-config-eps-too-big", f"certify {{d}}/good.pt --config {{d}}/eps-big.yaml {D_OPTS}", 2, "eps-big.yaml"),
     (
         "certify-channel-mismatch",
         f"certify {{d}}/mnist.pt --dataset cifar10 --data-dir {{d}}/fakecifar {D_OPTS}",
@@ -295,6 +313,27 @@ ROWS = [
     ("export-vnnlib-eps-nan", "export {d}/good.pt --out {o}/m.onnx --vnnlib-samples 2 --vnnlib-eps nan", 2, "finite"),
     ("export-json-is-dir", "export {d}/good.pt --out {o}/m.onnx --json {d}/adir", 2, "is a directory"),
     (
+        "export-vnnlib-eps-fraction-text",
+        "export {d}/good.pt --out {o}/m.onnx --vnnlib-samples 2 --vnnlib-eps 2/x",
+        2,
+        "not a number",
+    ),
+    (
+        "export-config-vnnlib-eps-too-big",
+        "export {d}/good.pt --out {o}/m.onnx --vnnlib-samples 2 --config {d}/eps-frac.yaml",
+        2,
+        "eps-frac.yaml",
+    ),
+    ("export-config-unknown-key", "export {d}/good.pt --out {o}/m.onnx --config {d}/export-typo.yaml", 2, "'opset'"),
+    (
+        "export-config-bad-value",
+        "export {d}/good.pt --out {o}/m.onnx --config {d}/export-bad-value.yaml",
+        2,
+        "bad value for 'opset' in",
+    ),
+    ("export-config-missing", "export {d}/good.pt --out {o}/m.onnx --config {d}/nope.yaml", 1, "not found"),
+    ("export-model-is-dir", "export {d}/adir --out {o}/m.onnx", 1, "is a directory"),
+    (
         "export-in-shape-mismatch",
         "export {d}/inshape.pt --out {o}/m.onnx",
         1,
@@ -314,6 +353,8 @@ ROWS = [
     ("graft-evil-pickle", f"graft {{d}}/evil.pt {GRAFT}", 1, "never runs code"),
     ("graft-eps-nan", f"graft {{d}}/good.pt --eps nan {GRAFT}", 2, "finite"),
     ("graft-eps-too-big", f"graft {{d}}/good.pt --eps 2 {GRAFT}", 2, "0<=x<=1"),
+    ("graft-eps-fraction-text", f"graft {{d}}/good.pt --eps 2/x {GRAFT}", 2, "not a number"),
+    ("graft-config-eps-text", f"graft {{d}}/good.pt --config {{d}}/eps-bad.yaml {GRAFT}", 2, "eps-bad.yaml"),
     ("graft-ratio-nan", f"graft {{d}}/good.pt --ratio nan {GRAFT}", 2, "--ratio"),
     ("graft-gammas-text", f"graft {{d}}/good.pt --gammas a,b {GRAFT}", 2, "--gammas"),
     ("graft-gammas-nan", f"graft {{d}}/good.pt --gammas nan,1 {GRAFT}", 2, "--gammas"),
@@ -353,6 +394,8 @@ ROWS = [
         "does not exist",
     ),
     ("train-eps-nan", f"train --arch mlp {TRAIN} --method fgsm --eps nan", 2, "finite"),
+    ("train-eps-fraction-text", f"train --arch mlp {TRAIN} --method fgsm --eps 2/x", 2, "not a number"),
+    ("train-config-eps-too-big", f"train --arch mlp {TRAIN} --config {{d}}/eps-big.yaml", 2, "eps-big.yaml"),
     ("train-lr-nan", f"train --arch mlp {TRAIN} --lr nan", 2, "lr"),
     ("train-loss-typo", f"train --arch mlp {TRAIN} --loss nkdd", 2, "unknown loss"),
     ("train-teacher-evil", f"train --arch mlp {TRAIN} --loss kd --teacher {{d}}/evil.pt", 1, "never runs code"),
@@ -392,6 +435,14 @@ RUN_ROWS = [
     ("run-eps-negative", _SW.replace("[0.01]", "[-0.1]"), 2, ">= 0"),
     ("run-eps-too-big", _SW.replace("[0.01]", "[1.5]"), 2, "exceeds the input range"),
     ("run-eps-text", _SW.replace("[0.01]", "[small]"), 2, "not a number"),
+    ("run-eps-fraction-text", _SW.replace("[0.01]", "[2/x]"), 2, "not a number"),
+    ("run-eps-fraction-too-big", _SW.replace("[0.01]", "[300/255]"), 2, "exceeds the input range"),
+    (
+        "run-every-invalid-entry",
+        _SW.replace("[0.01]", "[small, 2]").replace("[ibp]", "[crwn]") + "ratios: [2]\n",
+        2,
+        "4 invalid entries",
+    ),
     ("run-ratio-too-big", _SW + "ratios: [2]\n", 2, "must be in [0, 1]"),
     ("run-model-missing", _SW.replace("good.pt", "nope.pt"), 1, "not found"),
     ("run-model-truncated", _SW.replace("good.pt", "trunc.pt"), 1, "truncated or corrupted"),
@@ -594,6 +645,11 @@ VERIFY_ROWS = [
     ("verify-timeout-negative", "verify {d}/good.onnx {d}/p64.vnnlib --timeout -1", 2, "--timeout"),
     ("verify-timeout-nan", "verify {d}/good.onnx {d}/p64.vnnlib --timeout nan --result {o}/r.txt", 2, "--timeout"),
     ("verify-no-args", "verify", 2, "missing MODEL and PROP"),
+    ("verify-no-prop", "verify {d}/good.onnx", 2, "missing PROP: give a VNN-LIB property file after"),
+    ("verify-model-is-dir", "verify {d}/adir {d}/p64.vnnlib --result {o}/r.txt", 1, "is a directory"),
+    ("verify-config-unknown-key", "verify {d}/good.onnx {d}/p64.vnnlib --config {d}/verify-typo.yaml", 2, "'timeout'"),
+    ("verify-config-missing", "verify {d}/good.onnx {d}/p64.vnnlib --config {d}/nope.yaml", 1, "not found"),
+    ("verify-instances-dir", "verify --instances {d}/adir --out {o}/r.jsonl", 2, "is a directory"),
     ("verify-instances-missing", "verify --instances {d}/nope.csv --out {o}/r.jsonl", 1, "not found"),
     (
         "verify-instances-malformed",

@@ -14,6 +14,8 @@ from lingraft.config import (
     config_option,
     load_config,
     normalize_keys,
+    parse_eps,
+    parse_number,
     validate_keys,
 )
 from lingraft.errors import LingraftError, UsageError
@@ -221,3 +223,54 @@ def test_config_option_errors(tmp_path):
     assert isinstance(r.exception, UsageError)  # the config file cannot point at another config
     r = _invoke(["--config", str(tmp_path / "missing.yaml")])
     assert isinstance(r.exception, LingraftError) and r.exception.exit_code == 1
+
+
+def test_config_option_bad_value_names_the_file(tmp_path):
+    """A value of the wrong type in a config file names the file and the key (click's own message would
+    blame a flag that was never given)."""
+    p = _write(tmp_path, "epochs: many\n", "cfg.yaml")
+    r = _invoke(["--config", str(p)])
+    assert isinstance(r.exception, UsageError)
+    assert f"bad value for 'epochs' in {p}" in str(r.exception) and "many" in str(r.exception)
+
+
+# ------------------------------------------------------------------------------------- numbers and eps (14.3)
+
+
+@pytest.mark.parametrize(
+    "value,want",
+    [(0.1, 0.1), (1, 1.0), ("0.1", 0.1), ("2/255", 2 / 255), (" 8 / 255 ", 8 / 255), ("1e-3", 1e-3), (-0.0, 0.0)],
+)
+def test_parse_number_accepts_numbers_and_fractions(value, want):
+    assert parse_number(value, "x") == want
+
+
+@pytest.mark.parametrize(
+    "value,needle",
+    [
+        ("abc", "not a number"),
+        ("2/x", "not a number"),
+        ("1/0", "not a number"),
+        (True, "not a number"),
+        ([1], "not a number"),
+        ("nan", "finite"),
+        (float("inf"), "finite"),
+        ("1/0.0", "not a number"),
+    ],
+)
+def test_parse_number_rejects(value, needle):
+    with pytest.raises(UsageError, match=needle) as ei:
+        parse_number(value, "'eps' in f.yaml")
+    assert str(ei.value).startswith("'eps' in f.yaml")
+
+
+def test_parse_eps_range_message_speaks_of_pixel_space():
+    assert parse_eps("2/255") == 2 / 255 and parse_eps(0) == 0.0 and parse_eps("1") == 1.0
+    with pytest.raises(UsageError, match=">= 0"):
+        parse_eps("-1/255")
+    with pytest.raises(UsageError) as ei:
+        parse_eps(8, "--eps")
+    msg = str(ei.value)
+    assert "--eps 8 exceeds the input range [0, 1]" in msg and "[0, 1] pixel space" in msg and "8/255" in msg
+    assert "pixel/255" not in msg
+    assert parse_eps("8/255") == 8 / 255  # what the message suggests is accepted

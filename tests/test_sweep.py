@@ -99,7 +99,7 @@ def test_load_sweep_defaults_and_scalars(tmp_path):
         ),
         ("models: [a]\nmethods: [ibp]\n", UsageError, r"has no 'eps' list"),
         ("models: [a]\nmethods: [ibp]\neps: []\n", UsageError, r"'eps' in .* is empty"),
-        ("models: [a]\nmethods: [ibp]\neps: [fast]\n", UsageError, r"'eps' in .* has 'fast', not a number"),
+        ("models: [a]\nmethods: [ibp]\neps: [fast]\n", UsageError, r"'eps' in .* is 'fast', not a number"),
         ("models: [a]\nmethods: [ibp]\neps: [-0.1]\n", UsageError, r"must be >= 0"),
         ("models: [a]\nmethods: [ibp]\neps: [.nan]\n", UsageError, r"finite"),
         ("models: [a]\nmethods: [ibp]\neps: [0.1]\nratios: [1.5]\n", UsageError, r"\[0, 1\]"),
@@ -446,3 +446,34 @@ def test_real_signal_then_resume(tmp_path, sig):
     ref = run_sweep(spec, _fake_job, results_path=tmp_path / "ref.jsonl", log=_silent)
     assert _strip(recs) == _strip(ref)
     assert _strip(read_results(out)) == _strip(ref)
+
+
+def test_load_sweep_reports_every_invalid_entry_at_once(tmp_path):
+    """Issue 14.7: every bad entry (eps, ratios, methods, duplicates, options) in one one-line message."""
+    p = tmp_path / "s.yaml"
+    p.write_text(
+        "models: [a, a]\nmethods: [ibp, crwn]\neps: [fast, 8, 2/255]\nratios: [1.5]\noptions: {num-sample: 3}\n"
+    )
+    with pytest.raises(UsageError) as ei:
+        load_sweep(p, allowed_methods=["ibp", "crown"], allowed_options=["num_samples"])
+    msg = str(ei.value)
+    assert "\n" not in msg and ei.value.exit_code == 2
+    assert msg.startswith(f"6 invalid entries in {p}: (1) ")
+    for part in (
+        "unknown method 'crwn'",
+        "'fast', not a number",
+        "eps' in " + str(p) + " 8 exceeds the input range [0, 1]",
+        "write 8/255",
+        "'ratios' in",
+        "lists 'a' twice",
+        "did you mean 'num-samples'",
+    ):
+        assert part in msg, (part, msg)
+
+
+def test_load_sweep_eps_uses_the_shared_fraction_parser(tmp_path):
+    from lingraft.config import parse_eps
+
+    p = tmp_path / "s.yaml"
+    p.write_text("models: [a]\nmethods: [ibp]\neps: [2/255, ' 8 / 255', 0.1]\n")
+    assert load_sweep(p).eps == [parse_eps("2/255"), parse_eps("8/255"), 0.1]

@@ -8,7 +8,17 @@ from pathlib import Path
 import click
 
 from lingraft.bounds.methods import METHODS
-from lingraft.cli.options import common_options, emit_json, gate_fail, json_option, pick_device, progress_bar, table
+from lingraft.cli.options import (
+    EPS,
+    check_input_file,
+    common_options,
+    emit_json,
+    gate_fail,
+    json_option,
+    pick_device,
+    progress_bar,
+    table,
+)
 from lingraft.config import config_option
 from lingraft.errors import UsageError
 
@@ -24,9 +34,9 @@ from lingraft.errors import UsageError
 @config_option()
 @click.option(
     "--eps",
-    type=float,
+    type=EPS,
     default=None,
-    help="L-inf (or L2) radius in [0,1] pixel space. "
+    help="L-inf (or L2) radius in [0,1] pixel space, a number or a fraction like 2/255. "
     "Default: the checkpoint's certify_eps, else its training eps, else 0.1.",
 )
 @click.option("--norm", type=click.Choice(["inf", "2"]), default="inf", show_default=True)
@@ -120,51 +130,25 @@ def command(
     never counted as certified), then bounded with IBP, CROWN or alpha-CROWN. With --bab-timeout, the images
     still unknown go to branch and bound, which proves them (verified) or finds a counterexample (falsified).
     """
+    # cheap checks first: a wrong path or number fails at once, before torch is imported
+    check_input_file(model, "model file", "{} is a directory; pass a .pt checkpoint or an .onnx file")
+    check_input_file(baseline, "baseline file")
+    for flag, v in (("--timeout", timeout), ("--bab-timeout", bab_timeout)):
+        if v is not None and not math.isfinite(v):
+            raise UsageError(f"{flag} must be a finite number of seconds, got {v}")
     import torch
 
-    from lingraft.certify.pipeline import CertifySettings, certify, check_eps, default_eps
+    from lingraft.certify.pipeline import CertifySettings, certify
     from lingraft.certify.result import certify_config, certify_result, load_certified_acc, resume_settings
     from lingraft.config import config_hash
-    from lingraft.data.datasets import dataset_info, load_dataset, subset
     from lingraft.env import versions
-    from lingraft.io.loader import load_model
 
     torch.manual_seed(seed)
     dev = pick_device(device)
     base = load_certified_acc(baseline) if baseline else None
-    lm = load_model(model, dataset=dataset)
-    ds = dataset or lm.dataset
-    if ds is None:
-        raise UsageError("the model does not record its dataset; pass --dataset (mnist, cifar10, digits)")
-    dataset_info(ds)  # an unknown dataset name is reported before a bad eps
-    eps = check_eps(default_eps(lm.meta) if eps is None else eps)
-    for flag, v in (("--timeout", timeout), ("--bab-timeout", bab_timeout)):
-        if v is not None and not math.isfinite(v):
-            raise UsageError(f"{flag} must be a finite number of seconds, got {v}")
-    x, y = load_dataset(ds, "test", data_dir)
-    if offset >= x.shape[0]:
-        raise UsageError(f"--offset {offset} is past the end of the {ds} test set ({x.shape[0]} images)")
-    x, y = subset(x, y, num_samples, offset)
-    if int(torch.tensor(lm.in_shape).prod()) != int(torch.tensor(x.shape[1:]).prod()):
-        raise UsageError(f"model input {lm.in_shape} does not match dataset {ds} images {tuple(x.shape[1:])}")
-    x = x.reshape(x.shape[0], *lm.in_shape)
+    lm, ds, eps, x, y = _load_inputs(model, dataset, eps, data_dir, num_samples, offset)
     model_ = lm.model.to(dev)
-    cfg = certify_config(
-        model=lm.path,
-        dataset=ds,
-        eps=eps,
-        norm=norm,
-        method=method,
-        num_samples=num_samples,
-        offset=offset,
-        batch_size=batch_size,
-        pgd_steps=pgd_steps,
-        pgd_restarts=pgd_restarts,
-        seed=seed,
-        timeout=timeout,
-        bab_timeout=bab_timeout,
-    )
-    settings = CertifySettings(
+    common = dict(
         method=method,
         norm=norm,
         batch_size=batch_size,
@@ -174,6 +158,8 @@ def command(
         timeout=timeout,
         bab_timeout=bab_timeout,
     )
+    cfg = certify_config(model=lm.path, dataset=ds, eps=eps, num_samples=num_samples, offset=offset, **common)
+    settings = CertifySettings(**common)
     kw = dict(
         in_shape=lm.in_shape,
         indices=range(offset, offset + x.shape[0]),
@@ -210,6 +196,29 @@ def command(
     if csv_out:
         _write_csv(csv_out, rep.samples)
     _gates(rep, min_certified_acc, min_clean_acc, base, max_drop)
+
+
+def _load_inputs(model, dataset, eps, data_dir, num_samples, offset):
+    """The model, its dataset name, the eps to certify at and the test images (reshaped to the model's input)."""
+    import torch
+
+    from lingraft.certify.pipeline import check_eps, default_eps
+    from lingraft.data.datasets import dataset_info, load_dataset, subset
+    from lingraft.io.loader import load_model
+
+    lm = load_model(model, dataset=dataset)
+    ds = dataset or lm.dataset
+    if ds is None:
+        raise UsageError("the model does not record its dataset; pass --dataset (mnist, cifar10, digits)")
+    dataset_info(ds)  # an unknown dataset name is reported before a bad eps
+    eps = check_eps(default_eps(lm.meta) if eps is None else eps)
+    x, y = load_dataset(ds, "test", data_dir)
+    if offset >= x.shape[0]:
+        raise UsageError(f"--offset {offset} is past the end of the {ds} test set ({x.shape[0]} images)")
+    x, y = subset(x, y, num_samples, offset)
+    if int(torch.tensor(lm.in_shape).prod()) != int(torch.tensor(x.shape[1:]).prod()):
+        raise UsageError(f"model input {lm.in_shape} does not match dataset {ds} images {tuple(x.shape[1:])}")
+    return lm, ds, eps, x.reshape(x.shape[0], *lm.in_shape), y
 
 
 def render_report(rep, model_path, ds, verbose=0) -> str:
@@ -274,14 +283,17 @@ def _bab_logger(on: bool):
 
 
 def _gates(rep, min_cert, min_clean, base, max_drop):
+    """Every failed gate, one line each, then exit 3 (nothing when all pass)."""
+    failed = []
     if min_clean is not None and rep.clean_acc < min_clean:
-        gate_fail(f"clean accuracy {rep.clean_acc:.4f} < --min-clean-acc {min_clean}")
+        failed.append(f"clean accuracy {rep.clean_acc:.4f} < --min-clean-acc {min_clean}")
     if min_cert is not None and rep.certified_acc < min_cert:
-        gate_fail(f"certified accuracy {rep.certified_acc:.4f} < --min-certified-acc {min_cert}")
+        failed.append(f"certified accuracy {rep.certified_acc:.4f} < --min-certified-acc {min_cert}")
     if base is not None and rep.certified_acc < base - max_drop - 1e-12:
-        gate_fail(
+        failed.append(
             f"certified accuracy {rep.certified_acc:.4f} dropped more than {max_drop} below the baseline {base:.4f}"
         )
+    gate_fail(*failed)
 
 
 def _write_csv(path, samples):

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from lingraft.cli.options import common_options, emit_json, json_option, pick_device, table, versions
+from lingraft.config import config_option
 
 
 @click.command(
@@ -18,6 +19,10 @@ from lingraft.cli.options import common_options, emit_json, json_option, pick_de
     "  lingraft compare my.yaml --json - --threads 2 > result.json\n",
 )
 @click.argument("config", type=click.Path(dir_okay=False))
+@config_option(
+    help="YAML file with default values for this command's options (out-dir, threads, only, ...); flags given "
+    "on the command line win. The comparison itself is CONFIG."
+)
 @click.option(
     "--out-dir",
     type=click.Path(file_okay=False),
@@ -36,7 +41,7 @@ from lingraft.cli.options import common_options, emit_json, json_option, pick_de
 @click.option("--no-plot", is_flag=True, help="Do not write cert_vs_eps.png.")
 @json_option
 @common_options
-def command(config, out_dir, only, threads, no_plot, json_out, verbose, quiet, seed, no_progress, device):
+def command(config, config_path, out_dir, only, threads, no_plot, json_out, verbose, quiet, seed, no_progress, device):
     """Train each entry of CONFIG, graft it, certify both versions, and write table.md/csv/json and a plot.
 
     Each (entry, plain|grafted, eps, method) result is one line of OUT/results.jsonl; a changed entry is

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from lingraft.cli.options import common_options, emit_json, json_option
+from lingraft.cli.options import EPS, check_input_file, common_options, emit_json, json_option
+from lingraft.config import config_option
 
 
 @click.command(
@@ -13,6 +14,7 @@ from lingraft.cli.options import common_options, emit_json, json_option
     "  lingraft export grafted.pt --out bench/net.onnx --vnnlib-samples 50 --vnnlib-eps 0.06",
 )
 @click.argument("model", required=False, type=click.Path())
+@config_option()
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
 @click.option("--opset", type=int, default=13, show_default=True)
 @click.option("--dynamic-batch", is_flag=True, help="Symbolic batch dimension instead of a batch of 1.")
@@ -29,9 +31,9 @@ from lingraft.cli.options import common_options, emit_json, json_option
 )
 @click.option(
     "--vnnlib-eps",
-    type=float,
+    type=EPS,
     default=None,
-    help="L-inf radius of those properties (default: the checkpoint's certify eps).",
+    help="L-inf radius of those properties, a number or a fraction like 2/255 (default: the checkpoint's certify eps).",
 )
 @click.option(
     "--vnnlib-timeout",
@@ -44,6 +46,7 @@ from lingraft.cli.options import common_options, emit_json, json_option
 @common_options
 def command(
     model,
+    config_path,
     out_path,
     opset,
     dynamic_batch,
@@ -66,12 +69,16 @@ def command(
     """
     import math
 
-    from lingraft.data.datasets import load_dataset, subset
     from lingraft.errors import UsageError
-    from lingraft.io.loader import check_input_matches_dataset, load_model
 
+    # cheap checks first: a wrong path or number fails at once, before torch is imported
+    check_input_file(model, "model file", "{} is a directory; pass a .pt checkpoint or an .onnx file")
     if not math.isfinite(tol) or tol < 0:
         raise UsageError(f"--tol must be a finite number >= 0, got {tol}")
+    if vnnlib_samples and not math.isfinite(vnnlib_timeout):
+        raise UsageError(f"--vnnlib-timeout must be a finite number of seconds, got {vnnlib_timeout}")
+    from lingraft.data.datasets import load_dataset, subset
+    from lingraft.io.loader import check_input_matches_dataset, load_model
     from lingraft.io.onnx import export_onnx
 
     lm = load_model(model)
@@ -88,8 +95,6 @@ def command(
 
         if test is None:
             raise UsageError("--vnnlib-samples needs the model's dataset (a lingraft checkpoint records it)")
-        if not math.isfinite(vnnlib_timeout):
-            raise UsageError(f"--vnnlib-timeout must be a finite number of seconds, got {vnnlib_timeout}")
         eps = check_eps(default_eps(lm.meta) if vnnlib_eps is None else vnnlib_eps)
     info = export_onnx(
         lm.model, out_path, lm.in_shape, opset=opset, check_inputs=check, tol=tol, dynamic_batch=dynamic_batch

@@ -17,9 +17,7 @@ from lingraft.errors import EXIT_GATE
 def common_options(fn):
     """-v/-q, --seed, --no-progress, --device."""
     fn = click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto (CUDA when present).")(fn)
-    fn = click.option(
-        "--no-progress", is_flag=True, help="Disable progress bars (off anyway when stderr is not a TTY)."
-    )(fn)
+    fn = click.option("--no-progress", is_flag=True, help="No progress bars or periodic progress lines.")(fn)
     fn = click.option(
         "--seed", type=int, default=0, show_default=True, help="Random seed (attacks, sampling, training)."
     )(fn)
@@ -37,6 +35,39 @@ def _check_out_file(ctx, param, value):
     return value
 
 
+class EpsType(click.ParamType):
+    """An eps flag: a number or an ``A/B`` fraction (``2/255``) in [0, 1] pixel space, read by
+    :func:`lingraft.config.parse_eps` (the same parser as config, sweep and compare files)."""
+
+    name = "eps"
+
+    def get_metavar(self, param, ctx=None):
+        return "EPS"
+
+    def convert(self, value, param, ctx):
+        from lingraft.config import parse_eps
+        from lingraft.errors import UsageError
+
+        try:
+            return parse_eps(value, "eps")
+        except UsageError as e:
+            self.fail(str(e), param, ctx)
+
+
+EPS = EpsType()
+
+
+def check_input_file(path, what: str, is_directory: str | None = None, fix: str = "") -> None:
+    """Fail at once (before torch is imported) when an input ``path`` given by the user does not exist or is a
+    directory; ``what`` names it in the message (e.g. ``"model file"``), ``fix`` is appended to the not-found
+    one. ``None`` passes (a default is used)."""
+    if path is None:
+        return
+    from lingraft.config import require_file
+
+    require_file(path, what + " not found: {}" + fix, is_directory or "{} is a directory; pass a file")
+
+
 def json_option(fn):
     return click.option(
         "--json",
@@ -48,11 +79,11 @@ def json_option(fn):
     )(fn)
 
 
-def progress_bar(total: int, desc: str, disabled: bool):
-    """tqdm on stderr; disabled when asked or when stderr is not a TTY."""
-    from tqdm import tqdm
+def progress_bar(total: int, desc: str, disabled: bool, unit: str = "images"):
+    """A :class:`lingraft.cli.progress.Progress`: a tqdm bar on a TTY, a periodic one-line record otherwise."""
+    from lingraft.cli.progress import Progress
 
-    return tqdm(total=total, desc=desc, file=sys.stderr, disable=disabled or not sys.stderr.isatty(), leave=False)
+    return Progress(total, desc, disabled, unit=unit)
 
 
 def emit_json(obj, dest: str | None):
@@ -93,6 +124,9 @@ def _fmt(c):
     return str(c)
 
 
-def gate_fail(message: str):
-    click.echo(f"gate failed: {message}", err=True)
-    sys.exit(EXIT_GATE)
+def gate_fail(*messages: str):
+    """Report every failed gate (one ``gate failed:`` line each) and exit 3; no messages: return."""
+    for message in messages:
+        click.echo(f"gate failed: {message}", err=True)
+    if messages:
+        sys.exit(EXIT_GATE)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import click
 
-from lingraft.cli.options import common_options, emit_json, json_option, table
+from lingraft.cli.options import check_input_file, common_options, emit_json, json_option, table
+from lingraft.config import config_option
 
 # with --started-at: seconds kept back for writing the result and exiting after the search stops
 EXIT_MARGIN_S = 1.0
@@ -17,13 +18,14 @@ EXIT_MARGIN_S = 1.0
 @click.command(
     "verify",
     epilog="Examples:\n\n\b\n"
-    "  lingraft verify net.onnx prop.vnnlib --timeout 60 --result out.txt\n"
-    "  lingraft verify grafted.pt prop.vnnlib --timeout 30\n"
-    "  lingraft verify --instances ../shared/vnncomp/mnist_fc/instances.csv --out results.jsonl\n"
-    "  lingraft verify net.onnx prop.vnnlib --prepare",
+    "  lingraft verify bench/net.onnx bench/vnnlib/prop_0_eps0.06.vnnlib --timeout 60 --result out.txt\n"
+    "  lingraft verify grafted.pt bench/vnnlib/prop_0_eps0.06.vnnlib --timeout 30\n"
+    "  lingraft verify --instances bench/instances.csv --out results.jsonl\n"
+    "  lingraft verify bench/net.onnx bench/vnnlib/prop_0_eps0.06.vnnlib --prepare",
 )
 @click.argument("model", required=False, type=click.Path())
 @click.argument("prop", required=False, type=click.Path())
+@config_option()
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0, min_open=True),
@@ -94,6 +96,7 @@ EXIT_MARGIN_S = 1.0
 def command(
     model,
     prop,
+    config_path,
     timeout,
     result_path,
     started_at,
@@ -113,13 +116,19 @@ def command(
 ):
     """Decide MODEL (.onnx, or a lingraft .pt checkpoint) against PROP.vnnlib: unsat (property holds), sat
     (counterexample, re-checked by a forward pass: onnxruntime for ONNX, PyTorch for a checkpoint), unknown or
-    timeout. Grafted neurons are never branched on."""
+    timeout. Grafted neurons are never branched on. 'lingraft export MODEL --out DIR/net.onnx --vnnlib-samples N'
+    writes a network and robustness properties to verify (DIR/vnnlib/prop_<i>_eps<eps>.vnnlib)."""
     import math
 
     from lingraft.errors import UsageError
 
     if not math.isfinite(timeout):
         raise UsageError(f"--timeout must be a finite number of seconds, got {timeout}")
+    if instances:
+        fix = "; give the benchmark's instances.csv"
+        check_input_file(instances, "instances file", "{} is a directory" + fix, fix)
+    else:
+        _check_arguments(model, prop, result_path)
     if threads is not None and threads > 0:
         import torch
 
@@ -145,12 +154,33 @@ def command(
             json_out,
         )
         return
-    if not model or not prop:
-        raise UsageError("missing MODEL and PROP (e.g. lingraft verify net.onnx prop.vnnlib), or use --instances")
     if prepare:
         _prepare(model, prop, quiet, json_out)
         return
     _verify_one(model, prop, timeout, started_at, result_path, split, seed, dev, verbose, quiet, json_out)
+
+
+def _check_arguments(model, prop, result_path):
+    """MODEL and PROP are given and exist, checked before torch is imported; with --result a failed check
+    still writes the VNN-COMP result file ``error``."""
+    from lingraft.errors import LingraftError, UsageError
+
+    if not model:
+        raise UsageError("missing MODEL and PROP (e.g. lingraft verify net.onnx prop.vnnlib), or use --instances")
+    if not prop:
+        raise UsageError(
+            f"missing PROP: give a VNN-LIB property file after {model} (e.g. lingraft verify {model} prop.vnnlib; "
+            "'lingraft export --vnnlib-samples N' writes some)"
+        )
+    try:
+        check_input_file(model, "model file", "{} is a directory; pass an .onnx file or a .pt checkpoint")
+        check_input_file(prop, "property file", "{} is a directory; pass a .vnnlib file")
+    except LingraftError:
+        if result_path:
+            from lingraft.io.files import atomic_write_text
+
+            atomic_write_text(result_path, "error\n")
+        raise
 
 
 def _verify_benchmark(instances, out_path, results_dir, resume, timeout, split, seed, device, verbose, quiet, json_out):

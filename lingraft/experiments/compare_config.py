@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from lingraft.bounds.methods import METHODS
-from lingraft.config import config_hash, load_config, normalize_keys, validate_keys
+from lingraft.config import config_hash, load_config, normalize_keys, parse_eps, parse_number, validate_keys
 from lingraft.errors import UsageError
 from lingraft.io.files import file_sha256
 
@@ -92,25 +90,15 @@ class CompareSpec:
 
 
 def _number(value: Any, what: str) -> float:
-    """A finite float from a YAML number or an ``"a/b"`` string."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise UsageError(f"{what} is {value!r}, not a number; give e.g. 0.1 or 2/255")
-    try:
-        x = float(Fraction(value.replace(" ", ""))) if isinstance(value, str) else float(value)
-    except (ValueError, ZeroDivisionError):
-        raise UsageError(f"{what} is {value!r}, not a number; give e.g. 0.1 or 2/255") from None
-    if not math.isfinite(x):
-        raise UsageError(f"{what} is {value!r}; give a finite number")
-    return x + 0.0
+    """A finite float from a YAML number or an ``"a/b"`` string (:func:`lingraft.config.parse_number`)."""
+    return parse_number(value, what)
 
 
 def _eps(value: Any, what: str) -> float:
-    from lingraft.certify.pipeline import check_eps
-
-    x = _number(value, what)
-    if not 0 < x <= 1:
-        raise UsageError(f"{what} is {x}; eps must be in (0, 1] (pixel space, e.g. 0.1 or 8/255)")
-    return check_eps(x)
+    x = parse_eps(value, what)
+    if x == 0:
+        raise UsageError(f"{what} is 0; eps must be in (0, 1] (pixel space, e.g. 0.1 or 8/255)")
+    return x
 
 
 def _mapping(value: Any, what: str) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lingraft.bounds.methods import METHODS
-from lingraft.config import config_hash
+from lingraft.config import config_hash, parse_eps
 from lingraft.env import versions
 from lingraft.errors import LingraftError, UsageError
 from lingraft.io.files import file_sha256
@@ -159,7 +159,7 @@ def resolve_options(raw: dict | None, where: str = "the sweep file", base_dir: s
     if opts["bab_timeout"] > 0 and opts["norm"] != "inf":
         raise _bad("bab_timeout", opts["bab_timeout"], "branch and bound works with norm inf only", where)
     if opts["train_eps"] is not None:
-        opts["train_eps"] = _finite("train_eps", opts["train_eps"], where, lo=0.0, hi=1.0)
+        opts["train_eps"] = parse_eps(opts["train_eps"], f"option 'train-eps' in {where}")
     g = opts["gammas"]
     if not isinstance(g, list) or not g:
         raise _bad("gammas", g, "give a non-empty list of numbers like [2, 1.5, 1, 0]", where)
@@ -252,14 +252,13 @@ class JobRunner:
     def preflight(self, jobs: list[dict]) -> None:
         """Check every model, dataset, eps and ratio before any job runs, so bad input fails fast with one line
         (LingraftError/UsageError prefixed with the sweep file) instead of a results file full of errors."""
-        from lingraft.certify.pipeline import check_eps
         from lingraft.data.datasets import dataset_info, load_dataset
 
         o = self.options
         checked_data: set = set()
         for job in jobs:
             try:
-                check_eps(job["eps"])
+                parse_eps(job["eps"])
             except UsageError as e:
                 raise UsageError(f"{self.where}: {e}") from None
             facts = self.facts(job["model"])
