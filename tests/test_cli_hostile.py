@@ -26,12 +26,7 @@ from lingraft.cli.main import cli
 torch.set_num_threads(1)
 
 # Row ids that currently fail; see the report to the lead for the exact fixes.
-KNOWN_BUGS: set = {
-    # issue 14.3: graft/train read --eps with click.FloatRange; the fix is `type=EPS` (lingraft.cli.options)
-    # in lingraft/cli/graft.py and lingraft/cli/train.py, owned by another engineer in this round
-    "graft-eps-fraction-text",
-    "train-eps-fraction-text",
-}
+KNOWN_BUGS: set = set()
 
 
 EVIL_MARK = "EVIL_RAN"
@@ -352,7 +347,7 @@ ROWS = [
     ("graft-bare-state-dict", f"graft {{d}}/bare.pt {GRAFT}", 1, "bare state_dict"),
     ("graft-evil-pickle", f"graft {{d}}/evil.pt {GRAFT}", 1, "never runs code"),
     ("graft-eps-nan", f"graft {{d}}/good.pt --eps nan {GRAFT}", 2, "finite"),
-    ("graft-eps-too-big", f"graft {{d}}/good.pt --eps 2 {GRAFT}", 2, "0<=x<=1"),
+    ("graft-eps-too-big", f"graft {{d}}/good.pt --eps 2 {GRAFT}", 2, "exceeds the input range [0, 1]"),
     ("graft-eps-fraction-text", f"graft {{d}}/good.pt --eps 2/x {GRAFT}", 2, "not a number"),
     ("graft-config-eps-text", f"graft {{d}}/good.pt --config {{d}}/eps-bad.yaml {GRAFT}", 2, "eps-bad.yaml"),
     ("graft-ratio-nan", f"graft {{d}}/good.pt --ratio nan {GRAFT}", 2, "--ratio"),

@@ -98,7 +98,10 @@ def check_eps(eps: float) -> float:
     if eps < 0:
         raise UsageError(f"eps must be >= 0, got {eps}")
     if eps > 1:
-        raise UsageError(f"eps {eps} exceeds the input range [0, 1] (eps is in pixel/255 space: e.g. 0.1 or 8/255)")
+        raise UsageError(
+            f"eps {eps} exceeds the input range [0, 1] (eps is a radius in [0, 1] pixel space: for 8 of 255 grey "
+            "levels write 8/255)"
+        )
     return float(eps)
 
 

@@ -8,7 +8,16 @@ import sys
 
 import click
 
-from lingraft.cli.options import common_options, emit_json, json_option, pick_device, table, versions
+from lingraft.cli.options import (
+    EPS,
+    check_input_file,
+    common_options,
+    emit_json,
+    json_option,
+    pick_device,
+    table,
+    versions,
+)
 from lingraft.cli.progress import progress_factory
 from lingraft.config import config_option
 
@@ -31,7 +40,7 @@ from lingraft.config import config_option
 )
 @click.option(
     "--eps",
-    type=click.FloatRange(0, 1),
+    type=EPS,
     default=None,
     help="Graft/certification eps (default: the checkpoint's training eps).",
 )
@@ -69,7 +78,7 @@ from lingraft.config import config_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Weights' learning rate (SGD).")
 @click.option("--lr-graft", type=float, default=0.01, show_default=True, help="Learning rate of grafted a, b.")
-@click.option("--train-eps", type=click.FloatRange(0, 1), default=None, help="Fine-tuning eps (default: --eps).")
+@click.option("--train-eps", type=EPS, default=None, help="Fine-tuning eps (default: --eps).")
 @click.option("--scores-only", type=click.Path(dir_okay=False), default=None, help="Write the scores JSON and stop.")
 @click.option("--mask", "mask_path", type=click.Path(dir_okay=False), default=None, help="Graft from a saved mask.")
 @click.option("--save-mask", type=click.Path(dir_okay=False), default=None, help="Also write the chosen mask.")
@@ -122,6 +131,10 @@ def command(
 ):
     """Graft linearity into MODEL's least important unstable ReLU neurons and fine-tune (Linearity Grafting)."""
     from lingraft.errors import UsageError
+
+    # cheap checks first: a wrong path fails at once, before torch is imported
+    check_input_file(model, "model file", "{} is a directory; pass a .pt checkpoint or an .onnx file")
+    check_input_file(mask_path, "mask file")
     from lingraft.graft.pipeline import GraftSettings, run_graft
 
     if scores_only is None and out_path is None:

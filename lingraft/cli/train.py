@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from lingraft.cli.options import common_options, emit_json, json_option, versions
+from lingraft.cli.options import EPS, check_input_file, common_options, emit_json, json_option, versions
 from lingraft.cli.progress import progress_factory
 from lingraft.config import config_option
 
@@ -15,7 +15,7 @@ from lingraft.config import config_option
 @click.command(
     "train",
     epilog="Examples:\n\n\b\n  lingraft train --arch cnn-b --dataset mnist --method fgsm --eps 0.1 "
-    "--epochs 4 --out models/mnist-cnn-b-fgsm.pt\n"
+    "--optimizer adam --lr 1e-3 --epochs 3 --out my.pt\n"
     "  lingraft train --arch cnn-b --loss nkd --teacher teacher.pt --out nkd.pt",
 )
 @config_option()
@@ -36,9 +36,7 @@ from lingraft.config import config_option
     show_default=True,
     help="ce: clean; fgsm: FGSM + GradAlign (LG recipe); pgd: PGD adversarial training.",
 )
-@click.option(
-    "--eps", type=click.FloatRange(0, 1), default=0.1, show_default=True, help="Training radius (pixel space)."
-)
+@click.option("--eps", type=EPS, default=0.1, show_default=True, help="Training radius (pixel space).")
 @click.option("--grad-align", type=click.FloatRange(min=0), default=0.2, show_default=True)
 @click.option("--fgsm-step", type=click.FloatRange(min=0), default=1.25, show_default=True, help="FGSM step / eps.")
 @click.option("--pgd-steps", type=click.IntRange(min=1), default=10, show_default=True)
@@ -79,6 +77,7 @@ def command(
     device,
 ):
     """Train a registry model and write a checkpoint (+ JSON sidecar) atomically; an interrupted run resumes."""
+    check_input_file(teacher, "teacher checkpoint")  # before torch is imported: a wrong path fails at once
     from lingraft.train.loop import TrainConfig, train
 
     cfg = TrainConfig(
