@@ -200,9 +200,7 @@ def test_docs_examples_never_write_into_models():
 
 def test_train_help_example_does_not_overwrite_the_shipped_model():
     res = _run(["train", "--help"])
-    assert _train_recipe(res.output) == _train_recipe(
-        (ROOT / "models" / "mnist-cnn-b-fgsm.md").read_text()
-    )
+    assert _train_recipe(res.output) == _train_recipe((ROOT / "models" / "mnist-cnn-b-fgsm.md").read_text())
 
 
 def test_readme_verify_uses_a_file_the_export_writes():
