@@ -84,7 +84,7 @@ def digits_mlp_pt(tmp_path_factory):
 
 #: the tier markers (registered in pyproject.toml), most expensive first: when a test carries more than one
 #: explicitly (e.g. ``vnncomp`` and ``slow``), the first in this order is kept and the others are dropped
-TIERS = ("slow", "vnncomp", "subprocess", "bab", "trains", "unit")
+TIERS = ("slow", "vnncomp", "ray", "subprocess", "bab", "trains", "unit")
 
 #: "file::test name" pattern (fnmatch, case-sensitive; the name includes a parametrize id) -> tier, first match
 #: wins; consulted for tests without an explicit tier marker
@@ -154,3 +154,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                     f"{item.nodeid}: tier markers {left} set above the test (module or "
                     f"class); give it exactly one of {TIERS}"
                 )
+
+
+def default_signals() -> None:
+    """preexec_fn for child processes that are sent real signals: a shell that starts a job in the background
+    (CI runners do) makes it ignore SIGINT, and the ignore is inherited; the child must see SIGINT/SIGTERM as
+    an interactive user's process does."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)

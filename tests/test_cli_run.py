@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import default_signals
 
 from lingraft.cli.main import cli
 from lingraft.config import config_hash
@@ -181,6 +182,7 @@ def _start(sweep: Path) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=default_signals,
         cwd=str(REPO),
     )
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import default_signals
 
 from lingraft.cli.main import cli
 
@@ -31,6 +32,7 @@ def _start(*args: str, cwd: Path) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=default_signals,
         cwd=str(cwd),
     )
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import default_signals
 
 from lingraft.errors import LingraftError, UsageError
 from lingraft.experiments.sweep import (
@@ -184,12 +185,12 @@ def test_resume_after_keyboard_interrupt(tmp_path):
         return _fake_job(job)
 
     messages: list[str] = []
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(_spec(), flaky, results_path=out, log=messages.append)
     assert len(_lines(out)) == 2
     assert any("interrupted: 2 of 8" in m for m in messages)
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # handlers restored
 
     seen = []
     recs = run_sweep(_spec(), lambda j: (seen.append(j["job_id"]), _fake_job(j))[1], results_path=out, log=_silent)
@@ -418,7 +419,13 @@ def test_real_signal_then_resume(tmp_path, sig):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     code = _CHILD.format(tests=str(REPO / "tests"), out=str(out))
     proc = subprocess.Popen(
-        [sys.executable, "-c", code], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=default_signals,
     )
     try:
         # Wait until the child is inside the sweep (startup time varies on a loaded machine), then ~1 s more.

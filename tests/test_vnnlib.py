@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -84,14 +83,15 @@ def test_mnist_properties_exact_structure(folder):
 
 @needs_vnncomp
 @pytest.mark.vnncomp
-def test_mnist_parse_is_fast():
-    f = VNNCOMP / "mnist_fc" / "vnnlib" / "prop_0_0.03.vnnlib.gz"
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        parse_vnnlib(f)
-        best = min(best, time.perf_counter() - t)
-    assert best < 0.05, f"parsing a 784-input property took {best * 1000:.1f} ms"
+def test_mnist_property_parses_to_one_784_input_box():
+    """A 784-input MNIST property: one region, a box of width <= 2 * 0.03 in [0, 1], 9 output disjuncts
+    (parse speed is measured by benchmarks/vnnlib_parse.py --file, not asserted here)."""
+    prop = parse_vnnlib(VNNCOMP / "mnist_fc" / "vnnlib" / "prop_0_0.03.vnnlib.gz")
+    assert len(prop.regions) == 1
+    r = prop.regions[0]
+    assert r.lower.size == 784 and (r.lower <= r.upper).all()
+    assert (r.lower >= 0).all() and (r.upper <= 1).all() and float((r.upper - r.lower).max()) <= 0.06 + 1e-6
+    assert len(r.outputs) == 9
 
 
 @needs_vnncomp

@@ -28,6 +28,7 @@ import datetime as _dt
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from lingraft.experiments.compare_report import build_result, short_number, writ
 from lingraft.io.files import atomic_write_json
 from lingraft.io.resumable import ResumableLog
 
-__all__ = ["run_compare"]
+__all__ = ["ComparePlan", "plan_compare", "run_compare", "run_entry"]
 
 
 # ----------------------------------------------------------------------------------------------- steps
@@ -179,6 +180,88 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+@dataclass
+class ComparePlan:
+    """What a compare run does: the entries to train (``need``, teachers included), those to certify
+    (``selected``), the step hashes, the results file with the units it holds, and the test images."""
+
+    spec: CompareSpec
+    out: Path
+    seed: int
+    selected: list[str]
+    need: set[str]
+    hashes: dict
+    results: ResumableLog
+    have: set
+    x_all: Any
+    y_all: Any
+    t0: float
+
+    def units(self, name: str) -> list[dict]:
+        """The certification units of entry ``name`` not yet in the results file ([] for an unselected one)."""
+        if name not in self.selected:
+            return []
+        return [u for u in certify_units(self.spec, self.hashes, name, self.seed) if u["unit"] not in self.have]
+
+    def finish(self, log: Callable[[str], None], plot: bool) -> dict:
+        """Write the tables (and the plot); returns table.json's dict."""
+        result = build_result(self.spec, self.out, self.hashes, self.seed)
+        result["wall_s"] = round(time.perf_counter() - self.t0, 1)
+        write_outputs(result, self.out, log=log, plot=plot)
+        return result
+
+
+def plan_compare(spec: CompareSpec, out_dir, *, only: list[str] | None = None, seed: int = 0) -> ComparePlan:
+    """The plan of :func:`run_compare` (the output folder is created and the results file made safe to append)."""
+    from lingraft.data.datasets import load_dataset, subset
+
+    names = [e.name for e in spec.entries]
+    selected = names if not only else [check_choice(n, names, "entry in --only:") for n in only]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # entries to train: the selected ones and, transitively, their teachers (spec order = teachers first)
+    need = set(selected)
+    for e in reversed(spec.entries):
+        if e.name in need and e.teacher_entry and e.teacher is not None:
+            need.add(e.teacher)
+    t0 = time.perf_counter()
+    results = ResumableLog(out / "results.jsonl")
+    have = {r.get("unit") for r in results.resume()}  # a torn tail (kill) is cut
+    n_max = max(spec.certify["num_samples"], spec.certify["grid_num_samples"])
+    x_all, y_all = load_dataset(spec.dataset, "test", spec.data_dir)
+    x_all, y_all = subset(x_all, y_all, min(n_max, len(x_all)))
+    return ComparePlan(spec, out, seed, selected, need, step_hashes(spec, seed), results, have, x_all, y_all, t0)
+
+
+def run_entry(
+    spec: CompareSpec,
+    name: str,
+    out: Path,
+    hashes: dict,
+    units: list[dict] | None,
+    x_all,
+    y_all,
+    *,
+    seed: int,
+    device,
+    write: Callable[[dict], None],
+    log: Callable[[str], None],
+    progress: bool = False,
+) -> None:
+    """One entry's steps: train it (unless done), then, when ``units`` is not None (a selected entry), graft it
+    and certify the ``units``, calling ``write(record)`` as each finishes."""
+    e = next(x for x in spec.entries if x.name == name)
+    dev = pick_device(device)
+    _ensure_trained(spec, e, out, hashes, seed, str(dev), log, progress)
+    if units is None:
+        return  # a teacher that was not asked for: trained only
+    _ensure_grafted(spec, e, out, hashes, seed, dev, log)
+    if not units:
+        log(f"[{e.name}] all certification units already in results.jsonl")
+        return
+    _certify_units(units, out / e.name, x_all, y_all, spec.certify, seed, dev, write, log)
+
+
 def run_compare(
     spec: CompareSpec,
     out_dir,
@@ -196,45 +279,21 @@ def run_compare(
     ``only``: entry names to run (their teachers are trained too, but not certified); the table lists every entry
     of the spec whose units are all in results.jsonl, so partial runs add up.
     """
-    from lingraft.data.datasets import load_dataset, subset
-
-    names = [e.name for e in spec.entries]
-    selected = names if not only else [check_choice(n, names, "entry in --only:") for n in only]
+    p = plan_compare(spec, out_dir, only=only, seed=seed)
     dev = pick_device(device)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    hashes = step_hashes(spec, seed)
-
-    # entries to train: the selected ones and, transitively, their teachers (spec order = teachers first)
-    need = set(selected)
-    for e in reversed(spec.entries):
-        if e.name in need and e.teacher_entry:
-            need.add(e.teacher)
-    t_all = time.perf_counter()
-    results = ResumableLog(out / "results.jsonl")
-    have = {r.get("unit") for r in results.resume()}  # a torn tail (kill) is cut
-    n_max = max(spec.certify["num_samples"], spec.certify["grid_num_samples"])
-    x_all, y_all = load_dataset(spec.dataset, "test", spec.data_dir)
-    x_all, y_all = subset(x_all, y_all, min(n_max, len(x_all)))
     # one entry at a time (teachers come first), refreshing the tables after each, so a long run shows progress
     for e in spec.entries:
-        if e.name not in need:
+        if e.name not in p.need:
             continue
-        _ensure_trained(spec, e, out, hashes, seed, str(dev), log, progress)
-        if e.name not in selected:
-            continue  # a teacher that was not asked for: trained only
-        _ensure_grafted(spec, e, out, hashes, seed, dev, log)
-        units = [u for u in certify_units(spec, hashes, e.name, seed) if u["unit"] not in have]
-        if not units:
-            log(f"[{e.name}] all certification units already in {results.path.name}")
-            continue
-        _certify_units(units, out / e.name, x_all, y_all, spec.certify, seed, dev, results, log)
-        have.update(u["unit"] for u in units)
-        write_outputs(build_result(spec, out, hashes, seed), out, log=lambda s: None, plot=False)
-    result = build_result(spec, out, hashes, seed)
-    result["wall_s"] = round(time.perf_counter() - t_all, 1)
-    write_outputs(result, out, log=log, plot=plot)
-    return result
+        units = p.units(e.name) if e.name in p.selected else None
+        run_entry(
+            spec, e.name, p.out, p.hashes, units, p.x_all, p.y_all, seed=seed, device=dev,
+            write=p.results.append, log=log, progress=progress,
+        )  # fmt: skip
+        if units:
+            p.have.update(u["unit"] for u in units)
+            write_outputs(build_result(spec, p.out, p.hashes, seed), p.out, log=lambda s: None, plot=False)
+    return p.finish(log, plot)
 
 
 def _certify_units(
@@ -245,11 +304,11 @@ def _certify_units(
     c: dict,
     seed: int,
     dev,
-    results: ResumableLog,
+    write: Callable[[dict], None],
     log: Callable[[str], None],
 ) -> None:
     """Certify the units of one entry (its checkpoints in ``folder``) on the first ``num_samples`` of x_all
-    [N, *in_shape], y_all [N], appending one results line per unit as it finishes."""
+    [N, *in_shape], y_all [N], calling ``write(record)`` (a results line) per unit as it finishes."""
     from lingraft.io.checkpoint import load_checkpoint
 
     models: dict[str, Any] = {}
@@ -259,7 +318,7 @@ def _certify_units(
             models[u["variant"]] = load_checkpoint(path, map_location=dev)[0]
         n = u["num_samples"]
         rep = _certify_unit(models[u["variant"]], x_all[:n], y_all[:n], u, c, seed, dev)
-        results.append({**u, **rep, "finished_at": _now()})
+        write({**u, **rep, "finished_at": _now()})
         log(
             f"[{folder.name}] {u['variant']:7s} {u['method']:11s} eps {u['eps']:g}: clean {rep['clean_acc']:.3f} "
             f"pgd {rep['pgd_acc']:.3f} certified {rep['certified_acc']:.3f} "

@@ -23,19 +23,17 @@ import difflib
 import json
 import math
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from lingraft.config import config_hash, load_config, normalize_keys, validate_keys
+from lingraft.config import config_hash, load_config, normalize_keys, parse_eps, parse_number, validate_keys
 from lingraft.errors import LingraftError, UsageError
 from lingraft.io.files import ensure_parent, json_default
 from lingraft.io.resumable import ResumableLog, latest_by
+from lingraft.signals import InterruptGuard, critical, interrupted
 
 __all__ = [
     "SweepSpec",
@@ -47,6 +45,9 @@ __all__ = [
     "read_results",
     "latest_records",
 ]
+
+#: ``runner(todo, job_fn, write)``: runs the unfinished jobs, ``write(record)`` as each finishes (see run_sweep)
+JobsRunner = Callable[[list[dict], Callable[[dict], dict], Callable[[dict], None]], None]
 
 SWEEP_KEYS = {"models", "eps", "methods", "ratios", "results", "options"}
 # A model entry with one of these suffixes or a path separator is a file, otherwise a zoo name.
@@ -74,23 +75,43 @@ def _as_list(value: Any) -> list:
 
 
 def _parse_number(value: Any, key: str, where: str) -> float:
-    """A finite float from a YAML number or an ``"a/b"`` fraction string."""
-    if isinstance(value, bool):
-        raise UsageError(f"'{key}' in {where} has {value!r}; give numbers like 0.01 or 2/255")
-    if isinstance(value, (int, float)):
-        x = float(value)
-    elif isinstance(value, str):
+    """A finite float from a YAML number or an ``"a/b"`` fraction string (:func:`lingraft.config.parse_number`)."""
+    return parse_number(value, f"'{key}' in {where}")
+
+
+def _each(problems: list[str], items: list, parse: Callable[[Any], Any]) -> list:
+    """``parse`` of every item that parses; the message of every one that does not goes to ``problems``."""
+    out = []
+    for v in items:
         try:
-            x = float(Fraction(value.replace(" ", "")))
-        except (ValueError, ZeroDivisionError):
-            raise UsageError(
-                f"'{key}' in {where} has {value!r}, not a number; give numbers like 0.01 or 2/255"
-            ) from None
-    else:
-        raise UsageError(f"'{key}' in {where} has {value!r}, not a number; give numbers like 0.01 or 2/255")
-    if not math.isfinite(x):
-        raise UsageError(f"'{key}' in {where} has {value!r}; give a finite number")
-    return x + 0.0  # -0.0 -> 0.0
+            out.append(parse(v))
+        except UsageError as e:
+            problems.append(str(e))
+    return out
+
+
+def _ratio(value: Any, where: str) -> float:
+    r = _parse_number(value, "ratios", where)
+    if not 0.0 <= r <= 1.0:
+        raise UsageError(f"'ratios' in {where} has {r}; grafting ratios must be in [0, 1]")
+    return r
+
+
+def _method(m: Any, allowed: set | None, where: str) -> str:
+    m = _string_list(m, "methods", where)[0]
+    if allowed is not None and m not in allowed:
+        close = difflib.get_close_matches(m, sorted(allowed), n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(sorted(allowed))}"
+        raise UsageError(f"unknown method '{m}' in {where} ({hint})")
+    return m
+
+
+def _options(raw: Any, allowed: Iterable[str] | None, where: str) -> dict:
+    if not isinstance(raw, dict):
+        raise UsageError(f"'options' in {where} must be a mapping like 'options: {{batch-size: 64}}'")
+    if allowed is not None:
+        validate_keys(raw, set(allowed), f"{where} options")
+    return _check_json_value(normalize_keys(raw, f"{where} options"), "options", where)
 
 
 def _string_list(value: Any, key: str, where: str) -> list[str]:
@@ -150,41 +171,28 @@ def load_sweep(
     cfg = load_config(p)
     validate_keys(cfg, SWEEP_KEYS, where)
     cfg = normalize_keys(cfg, where)
+    problems: list[str] = []  # every invalid entry is reported, in one message
     for key in ("models", "eps", "methods"):
         if key not in cfg or cfg[key] is None:
-            raise UsageError(f"{where} has no '{key}' list; add e.g. '{key}: [...]'")
-
-    models = _string_list(cfg["models"], "models", where)
-    methods = _string_list(cfg["methods"], "methods", where)
-    eps = [_parse_number(v, "eps", where) for v in _as_list(cfg["eps"])]
-    ratios_raw = cfg.get("ratios")
-    ratios = [0.0] if ratios_raw is None else [_parse_number(v, "ratios", where) for v in _as_list(ratios_raw)]
+            problems.append(f"{where} has no '{key}' list; add e.g. '{key}: [...]'")
+    allowed = None if allowed_methods is None else set(allowed_methods)
+    raw = {k: [] if cfg.get(k) is None else _as_list(cfg[k]) for k in ("models", "methods", "eps", "ratios")}
+    models = _each(problems, raw["models"], lambda v: _string_list(v, "models", where)[0])
+    methods = _each(problems, raw["methods"], lambda v: _method(v, allowed, where))
+    eps = _each(problems, raw["eps"], lambda v: parse_eps(v, f"'eps' in {where}"))
+    ratios = _each(problems, raw["ratios"], lambda v: _ratio(v, where)) if cfg.get("ratios") is not None else [0.0]
     for key, items in (("models", models), ("methods", methods), ("eps", eps), ("ratios", ratios)):
-        _check_nonempty_unique(items, key, where)
-    for e in eps:
-        if e < 0:
-            raise UsageError(f"'eps' in {where} has {e}; perturbation radii must be >= 0")
-    for r in ratios:
-        if not 0.0 <= r <= 1.0:
-            raise UsageError(f"'ratios' in {where} has {r}; grafting ratios must be in [0, 1]")
-    if allowed_methods is not None:
-        allowed = set(allowed_methods)
-        for m in methods:
-            if m not in allowed:
-                close = difflib.get_close_matches(m, sorted(allowed), n=1)
-                hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(sorted(allowed))}"
-                raise UsageError(f"unknown method '{m}' in {where} ({hint})")
-
-    options_raw = cfg.get("options") or {}
-    if not isinstance(options_raw, dict):
-        raise UsageError(f"'options' in {where} must be a mapping like 'options: {{batch-size: 64}}'")
-    if allowed_options is not None:
-        validate_keys(options_raw, set(allowed_options), f"{where} options")
-    options = _check_json_value(normalize_keys(options_raw, f"{where} options"), "options", where)
-
+        if cfg.get(key) is not None and len(items) == len(raw[key]):  # given, and every entry parsed
+            _each(problems, [items], lambda v, key=key: _check_nonempty_unique(v, key, where))
+    options = _each(problems, [cfg.get("options") or {}], lambda v: _options(v, allowed_options, where))
     results = cfg.get("results", "results.jsonl")
     if not isinstance(results, str) or not results.strip():
-        raise UsageError(f"'results' in {where} must be a file name like results.jsonl")
+        problems.append(f"'results' in {where} must be a file name like results.jsonl")
+    if problems:
+        if len(problems) == 1:
+            raise UsageError(problems[0])
+        listed = "; ".join(f"({i}) {m}" for i, m in enumerate(problems, 1))
+        raise UsageError(f"{len(problems)} invalid entries in {where}: {listed}")
     base_dir = p.resolve().parent
     results_path = Path(os.path.expanduser(results))
     if not results_path.is_absolute():
@@ -194,7 +202,7 @@ def load_sweep(
         eps=eps,
         methods=methods,
         ratios=ratios,
-        extra=options,
+        extra=options[0],
         results=str(results_path),
         base_dir=str(base_dir),
     )
@@ -283,52 +291,6 @@ def _short_job(job: dict) -> str:
     return f"model={job['model']} method={job['method']} ratio={job['ratio']:g} eps={job['eps']:g}"
 
 
-# --------------------------------------------------------------------------------------- signal handling
-
-
-class _InterruptGuard:
-    """While active, SIGINT and SIGTERM raise KeyboardInterrupt, except inside :meth:`critical`, where the
-    signal is remembered and raised right after the block, so a results line is never half-written."""
-
-    def __init__(self) -> None:
-        self._in_critical = False
-        self._pending = False
-        self._saved: dict[int, Any] = {}
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self._in_critical:
-            self._pending = True
-            return
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    def __enter__(self) -> _InterruptGuard:
-        # signal.signal only works in the main thread; elsewhere run unguarded (Ctrl-C goes to main anyway).
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                old = signal.getsignal(sig)
-                if old is signal.SIG_IGN:
-                    continue  # deliberately ignored by the parent (e.g. a background job): keep it so
-                self._saved[sig] = old
-                signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._saved.items():
-            signal.signal(sig, old if old is not None else signal.SIG_DFL)
-        self._saved.clear()
-
-    @contextlib.contextmanager
-    def critical(self) -> Iterator[None]:
-        self._in_critical = True
-        try:
-            yield
-        finally:
-            self._in_critical = False
-        if self._pending:
-            self._pending = False
-            raise KeyboardInterrupt("signal during results write")
-
-
 @contextlib.contextmanager
 def _exclusive(path: Path) -> Iterator[None]:
     """Refuse to run two sweeps appending to the same results file at once (POSIX advisory lock)."""
@@ -360,6 +322,7 @@ def run_sweep(
     results_path: str | os.PathLike | None = None,
     log: Callable[[str], Any] = print,
     retry_errors: bool = False,
+    runner: JobsRunner | None = None,
 ) -> list[dict]:
     """Run every job of ``spec`` not yet in the results file, appending one JSON line per finished job.
 
@@ -369,6 +332,9 @@ def run_sweep(
     SIGINT/SIGTERM/KeyboardInterrupt stop the sweep (a write in progress completes first) and the
     KeyboardInterrupt is re-raised, so the CLI can exit 130; rerunning resumes where it stopped.
     Returns the latest record of every job of the spec, in job order.
+    ``runner(todo, job_fn, write)`` runs the unfinished jobs and calls ``write(record)`` in this process for
+    each as it finishes (records built by :func:`job_record`); the default runs them here one after another
+    (:func:`lingraft.distributed.jobs_ray.run_sweep_on_ray` passes one that runs them as Ray tasks).
     """
     path = Path(results_path if results_path is not None else spec.results)
     if path.is_dir():
@@ -390,23 +356,32 @@ def run_sweep(
         if len(todo) < len(jobs):
             log(f"resuming {path}: {len(jobs) - len(todo)} of {len(jobs)} jobs already done")
         n_done = len(jobs) - len(todo)
+
+        def write(record: dict) -> None:
+            nonlocal n_done
+            with critical():
+                results.append(record)
+                latest[record["job_id"]] = record
+                n_done += 1
+            msg = f"[{n_done}/{len(jobs)}] {_short_job(record['job'])}: {record['status']} ({record['elapsed_s']:.2f}s)"
+            log(msg if record["error"] is None else f"{msg} {record['error']}")
+
         try:
-            with _InterruptGuard() as guard:
-                for job in todo:
-                    record = _run_job(job, job_fn)
-                    with guard.critical():
-                        results.append(record)
-                        latest[job["job_id"]] = record
-                        n_done += 1
-                    msg = f"[{n_done}/{len(jobs)}] {_short_job(job)}: {record['status']} ({record['elapsed_s']:.2f}s)"
-                    log(msg if record["error"] is None else f"{msg} {record['error']}")
-        except KeyboardInterrupt:
-            log(f"interrupted: {n_done} of {len(jobs)} jobs done, saved in {path}; rerun to resume")
-            raise
+            with InterruptGuard():
+                (runner or _run_here)(todo, job_fn, write)
+        except KeyboardInterrupt as e:
+            msg = f"interrupted: {n_done} of {len(jobs)} jobs done, saved in {path}; rerun the same command to resume"
+            raise interrupted(msg, log) from e
     return [latest[j["job_id"]] for j in jobs if j["job_id"] in latest]
 
 
-def _run_job(job: dict, job_fn: Callable[[dict], dict]) -> dict:
+def _run_here(todo: list[dict], job_fn: Callable[[dict], dict], write: Callable[[dict], None]) -> None:
+    """The default runner: every job in this process, one after another."""
+    for job in todo:
+        write(job_record(job, job_fn))
+
+
+def job_record(job: dict, job_fn: Callable[[dict], dict]) -> dict:
     """The results record of one job: ``job_fn``'s dict, or the exception it raised in one line."""
     t0 = time.perf_counter()
     try:
@@ -417,12 +392,17 @@ def _run_job(job: dict, job_fn: Callable[[dict], dict]) -> dict:
         status, error = "ok", None
     except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
         status, error, result = "error", f"{type(e).__name__}: {' '.join(str(e).split())}", None
+    return error_record(job, error, time.perf_counter() - t0, status=status, result=result)
+
+
+def error_record(job: dict, error: str | None, elapsed_s: float, *, status: str = "error", result=None) -> dict:
+    """A results record; by default that of a job that failed with ``error`` (one line)."""
     return {
         "job_id": job["job_id"],
         "job": {k: v for k, v in job.items() if k != "job_id"},
         "status": status,
         "result": result,
         "error": error,
-        "elapsed_s": round(time.perf_counter() - t0, 4),
+        "elapsed_s": round(elapsed_s, 4),
         "finished_at": _now(),
     }

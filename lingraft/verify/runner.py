@@ -88,24 +88,9 @@ def summarize(records: list[dict]) -> dict:
     return s
 
 
-def verify_instances(
-    csv_path,
-    *,
-    out=None,
-    resume: bool = True,
-    results_dir=None,
-    timeout: float | None = None,
-    verbose: bool = False,
-    echo: Callable[[str], None] = print,
-    **verify_kw,
-) -> list[dict]:
-    """Verify every instance of a benchmark's instances.csv; returns one record per instance.
-
-    out: JSONL file of records (default ``vnncomp_results/<folder name>.jsonl`` in the working directory);
-    resume: skip instances already in ``out``; results_dir: also write a VNN-COMP result file per instance;
-    timeout: overrides the per-instance timeouts. Extra keywords go to :func:`verify_property`.
-    Record: {benchmark, onnx, vnnlib, timeout, status, time_s, branches, method, expected, wrong}.
-    """
+def open_results(csv_path, out, resume: bool):
+    """-> (folder, rows, expected, results log, {(onnx, vnnlib): finished record}) of a benchmark run: the
+    instances, the expected verdicts and the JSONL results file made ready to append (resumed or cleared)."""
     csv_path = Path(csv_path)
     folder = csv_path.parent
     rows = load_instances(csv_path)
@@ -125,47 +110,93 @@ def verify_instances(
         done = latest_by(finished, lambda r: (r.get("onnx"), r.get("vnnlib")))
     else:
         results.clear()
-    records = []
-    for n, (onnx, vnnlib, t) in enumerate(rows, 1):
-        key = (onnx, vnnlib)
-        tag = f"[{n}/{len(rows)}] {folder.name} {Path(onnx).name} {Path(vnnlib).name}"
-        if key in done:
-            records.append(done[key])
-            echo(f"{tag}: {done[key]['status']} (resumed)")
-            continue
-        tmo = float(timeout) if timeout is not None else t
-        res = verify_property(folder / onnx, folder / vnnlib, timeout=tmo, verbose=verbose, **verify_kw)
-        exp = expected.get((_base(onnx), _base(vnnlib)))
-        rec = {
-            "benchmark": folder.name,
-            "onnx": onnx,
-            "vnnlib": vnnlib,
-            "timeout": tmo,
-            "status": res.status,
-            "time_s": round(res.time_s, 4),
-            "branches": res.stats.get("branches", 0),
-            "method": res.stats.get("method", ""),
-            "expected": exp,
-            "wrong": is_wrong(res.status, exp),
-        }
-        if "error" in res.stats:
-            rec["error"] = res.stats["error"]
-        if res.note:
-            rec["note"] = res.note  # e.g. a counterexample checked to float32 precision
-        if results_dir is not None:
-            write_result(Path(results_dir) / f"{Path(_base(onnx)).stem}_{Path(_base(vnnlib)).stem}.txt", res)
-        results.append(rec)
-        records.append(rec)
-        extra = f", expected {exp}" if exp else ""
-        flag = "  WRONG" if rec["wrong"] else ""
-        echo(
-            f"{tag}: {res.status} ({res.time_s:.2f} s, {rec['branches']} branches, {rec['method']}{extra}){flag}"
-            + (f" [{rec['error']}]" if "error" in rec else "")
-        )
+    return folder, rows, expected, results, done
+
+
+def instance_tag(folder: Path, n: int, total: int, onnx: str, vnnlib: str) -> str:
+    """The progress prefix of instance ``n`` of ``total``."""
+    return f"[{n}/{total}] {folder.name} {Path(onnx).name} {Path(vnnlib).name}"
+
+
+def instance_record(folder: Path, onnx: str, vnnlib: str, tmo: float, res: VerifyResult, expected: dict) -> dict:
+    """The results-file record of one verified instance."""
+    exp = expected.get((_base(onnx), _base(vnnlib)))
+    rec = {
+        "benchmark": folder.name,
+        "onnx": onnx,
+        "vnnlib": vnnlib,
+        "timeout": tmo,
+        "status": res.status,
+        "time_s": round(res.time_s, 4),
+        "branches": res.stats.get("branches", 0),
+        "method": res.stats.get("method", ""),
+        "expected": exp,
+        "wrong": is_wrong(res.status, exp),
+    }
+    if "error" in res.stats:
+        rec["error"] = res.stats["error"]
+    if res.note:
+        rec["note"] = res.note  # e.g. a counterexample checked to float32 precision
+    return rec
+
+
+def record_instance(rec: dict, res: VerifyResult, results: ResumableLog, results_dir, echo, tag: str) -> None:
+    """Write one finished instance: its VNN-COMP result file (when ``results_dir``), its line in the results file,
+    then its progress line."""
+    onnx, vnnlib = rec["onnx"], rec["vnnlib"]
+    if results_dir is not None:
+        write_result(Path(results_dir) / f"{Path(_base(onnx)).stem}_{Path(_base(vnnlib)).stem}.txt", res)
+    results.append(rec)
+    exp = rec["expected"]
+    extra = f", expected {exp}" if exp else ""
+    flag = "  WRONG" if rec["wrong"] else ""
+    echo(
+        f"{tag}: {res.status} ({res.time_s:.2f} s, {rec['branches']} branches, {rec['method']}{extra}){flag}"
+        + (f" [{rec['error']}]" if "error" in rec else "")
+    )
+
+
+def echo_summary(folder: Path, records: list[dict], echo) -> None:
+    """The closing line of a benchmark run."""
     s = summarize(records)
     echo(
         f"{folder.name}: {s['instances']} instances: {s['verified']} verified, {s['falsified']} falsified, "
         f"{s['unknown']} unknown, {s['timeout']} timeout, {s['error']} error, {s['wrong']} wrong; "
         f"median {s['median_time_s']:.2f} s"
     )
+
+
+def verify_instances(
+    csv_path,
+    *,
+    out=None,
+    resume: bool = True,
+    results_dir=None,
+    timeout: float | None = None,
+    verbose: bool = False,
+    echo: Callable[[str], None] = print,
+    **verify_kw,
+) -> list[dict]:
+    """Verify every instance of a benchmark's instances.csv; returns one record per instance.
+
+    out: JSONL file of records (default ``vnncomp_results/<folder name>.jsonl`` in the working directory);
+    resume: skip instances already in ``out``; results_dir: also write a VNN-COMP result file per instance;
+    timeout: overrides the per-instance timeouts. Extra keywords go to :func:`verify_property`.
+    Record: {benchmark, onnx, vnnlib, timeout, status, time_s, branches, method, expected, wrong}.
+    """
+    folder, rows, expected, results, done = open_results(csv_path, out, resume)
+    records = []
+    for n, (onnx, vnnlib, t) in enumerate(rows, 1):
+        key = (onnx, vnnlib)
+        tag = instance_tag(folder, n, len(rows), onnx, vnnlib)
+        if key in done:
+            records.append(done[key])
+            echo(f"{tag}: {done[key]['status']} (resumed)")
+            continue
+        tmo = float(timeout) if timeout is not None else t
+        res = verify_property(folder / onnx, folder / vnnlib, timeout=tmo, verbose=verbose, **verify_kw)
+        rec = instance_record(folder, onnx, vnnlib, tmo, res, expected)
+        record_instance(rec, res, results, results_dir, echo, tag)
+        records.append(rec)
+    echo_summary(folder, records, echo)
     return records
