@@ -6,7 +6,16 @@ from pathlib import Path
 
 import click
 
-from lingraft.cli.options import common_options, emit_json, json_option, pick_device, table, versions
+from lingraft.cli.options import (
+    common_options,
+    emit_json,
+    json_option,
+    pick_device,
+    ray_cluster,
+    ray_options,
+    table,
+    versions,
+)
 from lingraft.config import config_option
 
 
@@ -39,9 +48,26 @@ from lingraft.config import config_option
     "--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's choice)."
 )
 @click.option("--no-plot", is_flag=True, help="Do not write cert_vs_eps.png.")
+@ray_options
 @json_option
 @common_options
-def command(config, config_path, out_dir, only, threads, no_plot, json_out, verbose, quiet, seed, no_progress, device):
+def command(
+    config,
+    config_path,
+    out_dir,
+    only,
+    threads,
+    no_plot,
+    ray_address,
+    worker_cpus,
+    worker_gpus,
+    json_out,
+    verbose,
+    quiet,
+    seed,
+    no_progress,
+    device,
+):
     """Train each entry of CONFIG, graft it, certify both versions, and write table.md/csv/json and a plot.
 
     Each (entry, plain|grafted, eps, method) result is one line of OUT/results.jsonl; a changed entry is
@@ -63,16 +89,32 @@ def command(config, config_path, out_dir, only, threads, no_plot, json_out, verb
             raise UsageError("--only needs entry names, e.g. --only ce,fgsm")
     out = Path(out_dir) if out_dir else Path("runs") / f"compare-{Path(config).stem}"
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
-    res = run_compare(
-        spec,
-        out,
-        only=names,
-        seed=seed,
-        device=pick_device(device),
-        log=log,
-        progress=not (no_progress or quiet),
-        plot=not no_plot,
-    )
+    if ray_address is None:
+        res = run_compare(
+            spec,
+            out,
+            only=names,
+            seed=seed,
+            device=pick_device(device),
+            log=log,
+            progress=not (no_progress or quiet),
+            plot=not no_plot,
+        )
+    else:  # one entry per Ray task; OUT must be on a file system every worker sees (students read teachers)
+        from lingraft.distributed.jobs_ray import run_compare_on_ray
+
+        with ray_cluster(ray_address):
+            res = run_compare_on_ray(
+                spec,
+                out,
+                only=names,
+                seed=seed,
+                device=None if device == "auto" else device,
+                log=log,
+                plot=not no_plot,
+                worker_cpus=worker_cpus,
+                worker_gpus=worker_gpus,
+            )
     res["versions"] = versions()
     if json_out:
         emit_json(res, json_out)

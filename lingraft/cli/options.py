@@ -26,6 +26,49 @@ def common_options(fn):
     return fn
 
 
+def ray_options(fn):
+    """--ray [ADDRESS], --worker-cpus, --worker-gpus: run the work units as Ray tasks (lingraft[ray])."""
+    fn = click.option(
+        "--worker-gpus",
+        type=click.FloatRange(min=0),
+        default=0,
+        show_default=True,
+        help="GPUs per Ray task (with --ray).",
+    )(fn)
+    fn = click.option(
+        "--worker-cpus",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="CPUs per Ray task, and torch threads in it (with --ray).",
+    )(fn)
+    fn = click.option(
+        "--ray",
+        "ray_address",
+        is_flag=False,
+        flag_value="local",
+        default=None,
+        metavar="[ADDRESS]",
+        help="Run on Ray: no value starts a local cluster, 'auto' joins the running one, or give its address "
+        "(needs pip install 'lingraft[ray]'). Results and resume files are written by this process only.",
+    )(fn)
+    return fn
+
+
+def ray_cluster(address: str):
+    """The Ray session for a --ray value ('local' = start one here), failing in one line without the extra."""
+    from lingraft.distributed.ray_backend import ray_session, require_ray
+    from lingraft.errors import UsageError
+
+    if address != "local" and os.path.exists(address):  # `--ray FILE`: the file was taken for the address
+        raise UsageError(
+            f"--ray took {address!r} as the cluster address; put --ray after the arguments, or "
+            "write --ray=ADDRESS (no value starts a local cluster)"
+        )
+    require_ray()
+    return ray_session(None if address == "local" else address)
+
+
 def _check_out_file(ctx, param, value):
     """Reject output paths that are directories before any work is done."""
     if value and value != "-" and os.path.isdir(value):

@@ -6,7 +6,17 @@ from pathlib import Path
 
 import click
 
-from lingraft.cli.options import common_options, emit_json, json_option, pick_device, progress_bar, table, versions
+from lingraft.cli.options import (
+    common_options,
+    emit_json,
+    json_option,
+    pick_device,
+    progress_bar,
+    ray_cluster,
+    ray_options,
+    table,
+    versions,
+)
 from lingraft.config import config_hash, config_option
 from lingraft.errors import LingraftError
 
@@ -29,10 +39,25 @@ from lingraft.errors import LingraftError
 @click.option("--retry-errors", is_flag=True, help="Rerun jobs whose stored result is an error.")
 @click.option("--dry-run", is_flag=True, help="List the jobs and whether each is done; run nothing.")
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None, help="Write the summary table as CSV.")
+@ray_options
 @json_option
 @common_options
 def command(
-    sweep, config_path, results, retry_errors, dry_run, csv_out, json_out, verbose, quiet, seed, no_progress, device
+    sweep,
+    config_path,
+    results,
+    retry_errors,
+    dry_run,
+    csv_out,
+    ray_address,
+    worker_cpus,
+    worker_gpus,
+    json_out,
+    verbose,
+    quiet,
+    seed,
+    no_progress,
+    device,
 ):
     """Run every job of SWEEP (models x methods x ratios x eps) not yet in the results file.
 
@@ -89,6 +114,7 @@ def command(
         verbose=verbose,
         quiet=quiet,
         no_progress=no_progress,
+        ray=None if ray_address is None else (ray_address, worker_cpus, worker_gpus),
     )
     _report(records, spec, opts, p, results, len(jobs), json_out=json_out, csv_out=csv_out, quiet=quiet)
 
@@ -147,8 +173,10 @@ def _run_jobs(
     verbose: bool,
     quiet: bool,
     no_progress: bool,
+    ray: tuple | None = None,
 ) -> list[dict]:
-    """Run the unfinished jobs with a progress bar; returns the latest record of every job."""
+    """Run the unfinished jobs with a progress bar; returns the latest record of every job.
+    ray: None, or (address, worker_cpus, worker_gpus) to run one job per Ray task (the driver writes results)."""
     from lingraft.experiments.jobs import JobRunner, work_dir_for
     from lingraft.experiments.sweep import run_sweep
 
@@ -165,6 +193,28 @@ def _run_jobs(
                 bar.write(msg)  # above the bar on a TTY
 
         runner.log = say if verbose else (lambda s: None)
+        if ray is not None:
+            from lingraft.distributed.jobs_ray import SweepJobFn, run_sweep_on_ray
+
+            address, wc, wg = ray
+            fn = SweepJobFn(
+                opts,
+                work_dir=str(work_dir_for(results)),
+                where=where,
+                device=device,
+                models={j["job_id"]: j["model"] for j in jobs},
+            )
+            with ray_cluster(address):
+                return run_sweep_on_ray(
+                    spec,
+                    fn,
+                    results_path=results,
+                    log=say,
+                    retry_errors=retry_errors,
+                    worker_cpus=wc,
+                    worker_gpus=wg,
+                    on_record=lambda r: bar.update(1),
+                )
 
         def job_fn(job: dict) -> dict:
             # run_sweep expands the grid itself; use our copy of the job, whose shipped-model names are resolved

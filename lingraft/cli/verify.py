@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import click
 
-from lingraft.cli.options import check_input_file, common_options, emit_json, json_option, table
+from lingraft.cli.options import (
+    check_input_file,
+    common_options,
+    emit_json,
+    json_option,
+    ray_cluster,
+    ray_options,
+    table,
+)
 from lingraft.config import config_option
 
 # with --started-at: seconds kept back for writing the result and exiting after the search stops
@@ -91,6 +99,7 @@ EXIT_MARGIN_S = 1.0
     help="Torch intra-op threads (default: $LINGRAFT_THREADS, else torch's choice; 0 = torch's choice): "
     "branch and bound's many small tensor operations run fastest with 1.",
 )
+@ray_options
 @json_option
 @common_options
 def command(
@@ -107,6 +116,9 @@ def command(
     no_resume,
     results_dir,
     threads,
+    ray_address,
+    worker_cpus,
+    worker_gpus,
     json_out,
     verbose,
     quiet,
@@ -134,6 +146,8 @@ def command(
 
         torch.set_num_threads(threads)
     dev = None if device == "auto" else device
+    if ray_address is not None and not instances:
+        raise UsageError("--ray runs a benchmark's instances in parallel: use it with --instances CSV")
     if instances:
         if model or prop:
             raise UsageError("give either MODEL PROP or --instances CSV, not both")
@@ -152,6 +166,7 @@ def command(
             verbose,
             quiet,
             json_out,
+            ray=None if ray_address is None else (ray_address, worker_cpus, worker_gpus),
         )
         return
     if prepare:
@@ -183,14 +198,14 @@ def _check_arguments(model, prop, result_path):
         raise
 
 
-def _verify_benchmark(instances, out_path, results_dir, resume, timeout, split, seed, device, verbose, quiet, json_out):
-    """--instances: every instance of a benchmark's instances.csv; a status count table (or JSON)."""
-    from lingraft.verify import verify_instances
-
+def _verify_benchmark(
+    instances, out_path, results_dir, resume, timeout, split, seed, device, verbose, quiet, json_out, ray=None
+):
+    """--instances: every instance of a benchmark's instances.csv; a status count table (or JSON).
+    ray: None, or (address, worker_cpus, worker_gpus) to run one instance per Ray task."""
     # with --json - stdout carries only the JSON document: progress lines go to stderr
     echo = (lambda s: None) if quiet else (lambda s: click.echo(s, err=json_out == "-"))
-    recs = verify_instances(
-        instances,
+    kw = dict(
         out=out_path,
         resume=resume,
         results_dir=results_dir,
@@ -201,6 +216,16 @@ def _verify_benchmark(instances, out_path, results_dir, resume, timeout, split, 
         split=split,
         device=device,
     )
+    if ray is None:
+        from lingraft.verify import verify_instances
+
+        recs = verify_instances(instances, **kw)
+    else:
+        from lingraft.distributed.jobs_ray import verify_instances_on_ray
+
+        address, wc, wg = ray
+        with ray_cluster(address):
+            recs = verify_instances_on_ray(instances, worker_cpus=wc, worker_gpus=wg, **kw)
     counts: dict[str, int] = {}
     for r in recs:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
