@@ -89,22 +89,28 @@ def run_units(
     ray = require_ray()
     refs = [ray.put(v) for v in shared]
 
-    def task(threads, *args):
+    def lingraft_unit(threads, *args):  # the name shows in the worker's process title: ray::lingraft_unit
         _set_threads(threads)
         return fn(*args)
 
-    remote = ray.remote(task).options(
+    remote = ray.remote(lingraft_unit).options(
         num_cpus=worker_cpus, num_gpus=worker_gpus, max_retries=max_retries, retry_exceptions=False
     )
     pending = {remote.remote(worker_cpus, *refs, *args): key for key, args in units}
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        ref = done[0]
-        key = pending.pop(ref)
-        try:
-            on_done(UnitOutcome(key, result=ray.get(ref)))
-        except ray.exceptions.RayError as e:
-            on_done(UnitOutcome(key, error=_reason(e)))
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            ref = done[0]
+            key = pending.pop(ref)
+            try:
+                out = UnitOutcome(key, result=ray.get(ref))
+            except ray.exceptions.RayError as e:
+                out = UnitOutcome(key, error=_reason(e))
+            on_done(out)
+    finally:
+        for ref in pending:  # the driver stops early (interrupt, error in on_done): drop the units left
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=False)
 
 
 def _reason(e: BaseException) -> str:
@@ -117,9 +123,46 @@ def _reason(e: BaseException) -> str:
     return f"{type(cause or e).__name__}: {first}" if cause is None or not isinstance(cause, Exception) else first
 
 
-def worker_pids(ray) -> list[int]:
-    """PIDs of the cluster's live worker processes that run lingraft tasks (for tests that kill one)."""
-    from ray.util.state import list_workers
-
+def worker_pids(ray, *, busy: bool = False) -> list[int]:
+    """PIDs of the cluster's live worker processes (``busy``: only those running a unit of :func:`run_units`), for
+    tests that kill one. Uses Ray's state API when the dashboard runs (``ray[default]``), else the process titles
+    (``ray::IDLE``, ``ray::lingraft_unit``) of this machine's workers: the children of this driver's raylet when
+    the driver started the cluster (so that other clusters on the machine are left alone), else all of them."""
     me = os.getpid()
-    return [w.pid for w in list_workers(filters=[("is_alive", "=", True)]) if w.worker_type == "WORKER" and w.pid != me]
+    try:
+        from ray.util.state import list_tasks, list_workers
+
+        if busy:
+            tasks = list_tasks(filters=[("state", "=", "RUNNING")])
+            return sorted({t.worker_pid for t in tasks if t.name == "lingraft_unit" and t.worker_pid})
+        workers = list_workers(filters=[("is_alive", "=", True)])
+        return [w.pid for w in workers if w.worker_type == "WORKER" and w.pid != me]
+    except Exception:  # no dashboard (plain 'pip install ray'): the state API is unavailable
+        titles = ("ray::lingraft_unit",) if busy else ("ray::lingraft_unit", "ray::IDLE")
+        raylet = _raylet_pid(ray)
+        return [pid for pid, ppid in _titled_pids(titles) if pid != me and raylet in (None, ppid)]
+
+
+def _raylet_pid(ray) -> int | None:
+    """The PID of the raylet this driver started (ray.init without an address), else None."""
+    try:
+        procs = ray._private.worker._global_node.all_processes["raylet"]
+        return int(procs[0].process.pid)
+    except (AttributeError, KeyError, IndexError, TypeError):
+        return None
+
+
+def _titled_pids(titles: tuple[str, ...]) -> list[tuple[int, int]]:
+    """(pid, parent pid) of this machine's processes whose title (command line's first word) is one of ``titles``."""
+    from pathlib import Path
+
+    out = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            argv0 = (d / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace").split(" ")[0]
+            if argv0 in titles:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                out.append((int(d.name), ppid))
+        except (OSError, ValueError, IndexError):
+            continue
+    return sorted(out)
