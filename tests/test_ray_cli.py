@@ -87,3 +87,17 @@ def test_ray_address_that_is_a_file_is_refused(tmp_path):
     res = CliRunner().invoke(cli, ["run", str(sweep), "--ray", str(sweep)])
     assert res.exit_code == 2
     assert "--ray took" in res.stderr and "--ray=ADDRESS" in res.stderr
+
+
+def test_certify_with_ray_gives_the_local_result(cluster, digits_mlp_pt, tmp_path):
+    common = [str(digits_mlp_pt), "-n", "40", "--eps", "0.05", "--batch-size", "16", "-q", "--json", "-"]
+    local = _run("certify", *common)
+    remote = _run("certify", *common, "--ray", "--state", str(tmp_path / "s.jsonl"))
+    assert local.exit_code == remote.exit_code == 0, remote.output
+    a, b = json.loads(local.stdout), json.loads(remote.stdout)
+    assert a["counts"] == b["counts"]
+    for sa, sb in zip(a["samples"], b["samples"], strict=True):
+        assert sa["status"] == sb["status"]
+        assert (sa["margin_lower"] is None) == (sb["margin_lower"] is None)
+        if sa["margin_lower"] is not None:
+            assert abs(sa["margin_lower"] - sb["margin_lower"]) <= 1e-6

@@ -17,6 +17,8 @@ from lingraft.cli.options import (
     json_option,
     pick_device,
     progress_bar,
+    ray_cluster,
+    ray_options,
     table,
 )
 from lingraft.config import config_option
@@ -94,6 +96,7 @@ from lingraft.errors import UsageError
     "them (an interrupted run loses at most one batch).",
 )
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None, help="Per-sample results as CSV.")
+@ray_options
 @json_option
 @common_options
 def command(
@@ -117,6 +120,9 @@ def command(
     max_drop,
     state,
     csv_out,
+    ray_address,
+    worker_cpus,
+    worker_gpus,
     json_out,
     verbose,
     quiet,
@@ -138,9 +144,8 @@ def command(
             raise UsageError(f"{flag} must be a finite number of seconds, got {v}")
     import torch
 
-    from lingraft.certify.pipeline import CertifySettings, certify
-    from lingraft.certify.result import certify_config, certify_result, load_certified_acc, resume_settings
-    from lingraft.config import config_hash
+    from lingraft.certify.pipeline import CertifySettings
+    from lingraft.certify.result import certify_config, certify_result, load_certified_acc
     from lingraft.env import versions
 
     torch.manual_seed(seed)
@@ -166,36 +171,78 @@ def command(
         device=dev,
         bab_progress=_bab_logger(verbose and not quiet),
     )
+    ray = None if ray_address is None else (ray_address, worker_cpus, worker_gpus)
+    log = None if quiet else (lambda m: click.echo(m, err=True))
+    state_hash = _state_hash(lm, cfg, data_dir) if state else None
     with progress_bar(x.shape[0], "certify", no_progress or quiet) as bar:
-        if state:
-            from lingraft.certify.state import certify_resumable
-            from lingraft.io.files import file_sha256
+        rep = _certify_samples(model_, x, y, eps, settings, kw, state, state_hash, bar, log, ray)
+    _emit(rep, certify_result(rep, cfg, versions(), str(dev)), lm.path, ds, verbose, quiet, json_out, csv_out)
+    _gates(rep, min_certified_acc, min_clean_acc, base, max_drop)
 
-            model_sha = file_sha256(lm.path) if Path(lm.path).is_file() else None
-            rep = certify_resumable(
-                model_,
-                x,
-                y,
-                eps,
-                state_path=state,
-                settings_hash=config_hash(resume_settings(cfg, model_sha, data_dir)),
-                progress=bar.update,
-                log=None if quiet else (lambda m: click.echo(m, err=True)),
-                **vars(settings),
-                **kw,
-            )
-        else:
-            rep = certify(model_, x, y, eps, settings, progress=bar.update, **kw)
-    result = certify_result(rep, cfg, versions(), str(dev))
+
+def _state_hash(lm, cfg, data_dir) -> str:
+    """What a --state file is tied to: the settings, the model file's contents and the data folder."""
+    from lingraft.certify.result import resume_settings
+    from lingraft.config import config_hash
+    from lingraft.io.files import file_sha256
+
+    model_sha = file_sha256(lm.path) if Path(lm.path).is_file() else None
+    return config_hash(resume_settings(cfg, model_sha, data_dir))
+
+
+def _emit(rep, result, model_path, ds, verbose, quiet, json_out, csv_out) -> None:
+    """The table on stdout (unless -q or --json -), the JSON result and the CSV."""
     if json_out == "-":
         emit_json(result, "-")
     else:
         if not quiet:
-            click.echo(render_report(rep, lm.path, ds, verbose))
+            click.echo(render_report(rep, model_path, ds, verbose))
         emit_json(result, json_out)
     if csv_out:
         _write_csv(csv_out, rep.samples)
-    _gates(rep, min_certified_acc, min_clean_acc, base, max_drop)
+
+
+def _certify_samples(model_, x, y, eps, settings, kw, state, state_hash, bar, log, ray):
+    """Certify locally, resumably (--state) or on Ray (ray = (address, worker_cpus, worker_gpus))."""
+    if ray is not None:
+        from lingraft.distributed.certify_ray import certify_on_ray
+
+        address, wc, wg = ray
+        with ray_cluster(address):
+            return certify_on_ray(
+                model_,
+                x,
+                y,
+                eps,
+                settings,
+                state_path=state,
+                settings_hash=state_hash,
+                worker_cpus=wc,
+                worker_gpus=wg,
+                progress=bar.update,
+                progress_skip=bar.skip,
+                log=log,
+                **kw,
+            )
+    if state:
+        from lingraft.certify.state import certify_resumable
+
+        return certify_resumable(
+            model_,
+            x,
+            y,
+            eps,
+            state_path=state,
+            settings_hash=state_hash,
+            progress=bar.update,
+            progress_skip=bar.skip,
+            log=log,
+            **vars(settings),
+            **kw,
+        )
+    from lingraft.certify.pipeline import certify
+
+    return certify(model_, x, y, eps, settings, progress=bar.update, **kw)
 
 
 def _load_inputs(model, dataset, eps, data_dir, num_samples, offset):
