@@ -237,3 +237,16 @@ def test_compare_example_states_the_measured_time():
     measured = re.search(r"Ran in (\d+) min", (ROOT / "docs" / "compare.md").read_text()).group(1)
     text = (ROOT / "examples" / "compare-mnist.yaml").read_text()
     assert re.findall(r"(\d+(?:\.\d+)?) min", text) in ([], [measured])
+
+
+def test_verbose_table_says_what_decided_each_sample_and_its_time(net):
+    res = _run(["certify", net, "-n", "12", "--eps", "0.05", "-v"])
+    assert res.exit_code in (0, 3)
+    header = next(line for line in res.stdout.splitlines() if line.startswith("index"))
+    assert "decided by" in header and "time s" in header
+    assert any(w in res.stdout for w in ("bounds", "PGD", "clean check"))
+
+
+def test_train_help_documents_the_kept_resume_state():
+    out = " ".join(_run(["train", "--help"]).output.split())
+    assert "OUT.state is kept after a finished run" in out

@@ -34,6 +34,8 @@ class SampleResult:
     prediction: int
     status: str
     margin_lower: float | None  # min over j of the bound method's lower bound of f_y - f_j (None if not bounded)
+    # seconds spent on this sample: its share of its batch's bound time (the samples of a batch are bounded
+    # together, so the share is the batch's time / samples bounded in it), plus its own branch-and-bound time
     time_s: float
     bab: str | None = None  # branch-and-bound outcome (unsat/sat/timeout/unknown/error) when it ran on this sample
 

@@ -180,6 +180,15 @@ def command(
     _gates(rep, min_certified_acc, min_clean_acc, base, max_drop)
 
 
+def _decided_by(s: dict) -> str:
+    """Which step settled a sample: the clean check, PGD, the bounds, or branch and bound (and its outcome)."""
+    if s.get("bab"):
+        return f"branch and bound ({s['bab']})"
+    return {"misclassified": "clean check", "falsified": "PGD", "verified": "bounds", "unknown": "-"}.get(
+        s["status"], "-"
+    )
+
+
 def _state_hash(lm, cfg, data_dir) -> str:
     """What a --state file is tied to: the settings, the model file's contents and the data folder."""
     from lingraft.certify.result import resume_settings
@@ -307,10 +316,12 @@ def render_report(rep, model_path, ds, verbose=0) -> str:
                         s["prediction"],
                         s["status"],
                         "" if s["margin_lower"] is None else f"{s['margin_lower']:.4f}",
+                        _decided_by(s),
+                        f"{s['time_s']:.3f}",
                     ]
                     for s in rep.samples
                 ],
-                ["index", "label", "pred", "status", "margin lb"],
+                ["index", "label", "pred", "status", "margin lb", "decided by", "time s"],
             )
         )
     return "\n".join(lines)

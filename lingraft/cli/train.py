@@ -76,7 +76,10 @@ def command(
     no_progress,
     device,
 ):
-    """Train a registry model and write a checkpoint (+ JSON sidecar) atomically; an interrupted run resumes."""
+    """Train a registry model and write a checkpoint (+ JSON sidecar) atomically; an interrupted run resumes.
+
+    The resume state OUT.state is kept after a finished run: a rerun with more --epochs continues from it, a rerun
+    of the same command does nothing. OUT does not need it; delete it when done."""
     check_input_file(teacher, "teacher checkpoint")  # before torch is imported: a wrong path fails at once
     from lingraft.train.loop import TrainConfig, train
 
