@@ -4,6 +4,7 @@ and the one-line errors when Ray is missing or the address swallowed an argument
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
 import pytest
@@ -32,9 +33,12 @@ def _stable(o):
 @pytest.fixture(scope="module")
 def cluster():
     ray = pytest.importorskip("ray")
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+    for sig, handler in before.items():  # ray.init installs its own SIGTERM handler
+        signal.signal(sig, handler)
 
 
 @pytest.mark.skipif(not HAVE_SHARED, reason="../shared/vnncomp is absent")

@@ -42,9 +42,12 @@ def cluster():
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+    for sig, handler in before.items():  # ray.init installs its own SIGTERM handler
+        signal.signal(sig, handler)
 
 
 def _stable(o):

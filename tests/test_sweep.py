@@ -285,10 +285,11 @@ def test_signal_during_write_is_deferred(tmp_path, monkeypatch):
 
     monkeypatch.setattr(resumable_mod, "append_jsonl", append_then_signal)
     out = tmp_path / "r.jsonl"
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(_spec(), _fake_job, results_path=out, log=_silent)
     assert len(_lines(out)) == 2  # the write in progress completed, nothing after it
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored
 
 
 def test_summary_rows_and_table():

@@ -229,7 +229,6 @@ def _certify_samples(model_, x, y, eps, settings, kw, state, state_hash, bar, lo
                 worker_cpus=wc,
                 worker_gpus=wg,
                 progress=bar.update,
-                progress_skip=bar.skip,
                 log=log,
                 **kw,
             )
@@ -244,7 +243,6 @@ def _certify_samples(model_, x, y, eps, settings, kw, state, state_hash, bar, lo
             state_path=state,
             settings_hash=state_hash,
             progress=bar.update,
-            progress_skip=bar.skip,
             log=log,
             **vars(settings),
             **kw,

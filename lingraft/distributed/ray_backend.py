@@ -35,6 +35,8 @@ def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator
     "host:6379"). Shuts Ray down afterwards only when this block started it."""
     ray = require_ray()
     started = False
+    # ray.init installs its own SIGTERM handler: keep lingraft's (save state, one line, exit 130) in force
+    handlers = _signal_handlers()
     if not ray.is_initialized():
         kw: dict = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
         try:
@@ -48,11 +50,31 @@ def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator
                 "'ray start --head' or leave the address out to start a local one"
             ) from None
         started = True
+        _restore_signal_handlers(handlers)
     try:
         yield ray
     finally:
         if started:
             ray.shutdown()
+            _restore_signal_handlers(handlers)
+
+
+def _signal_handlers() -> dict:
+    """The SIGINT/SIGTERM handlers now in force (only readable in the main thread; elsewhere nothing)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signal_handlers(handlers: dict) -> None:
+    import signal
+
+    for sig, h in handlers.items():
+        if h is not None:
+            signal.signal(sig, h)
 
 
 @dataclass
