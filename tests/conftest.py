@@ -164,3 +164,28 @@ def default_signals() -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs for one test module (skipped without ray). ray.init installs its own
+    SIGTERM handler: the previous SIGINT/SIGTERM handlers are put back afterwards."""
+    import signal
+
+    ray = pytest.importorskip("ray")
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
+def without_keys(o, keys):
+    """``o`` (nested dicts and lists) with every dict entry whose key is in ``keys`` left out: compares two runs'
+    results without their timings."""
+    if isinstance(o, dict):
+        return {k: without_keys(v, keys) for k, v in o.items() if k not in keys}
+    if isinstance(o, list):
+        return [without_keys(v, keys) for v in o]
+    return o

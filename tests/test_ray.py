@@ -24,18 +24,6 @@ BATCH = 16  # 64 images: 4 batches, 4 Ray tasks
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
-    for sig, handler in before.items():  # ray.init installs its own SIGTERM handler
-        signal.signal(sig, handler)
-
-
-@pytest.fixture(scope="module")
 def mnist64():
     """The shipped CNN-B, 64 MNIST test images and the local certify report (crown, batches of 16)."""
     from lingraft.data.datasets import load_dataset, subset

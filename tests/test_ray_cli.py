@@ -4,12 +4,11 @@ and the one-line errors when Ray is missing or the address swallowed an argument
 from __future__ import annotations
 
 import json
-import signal
 import sys
 
 import pytest
 from click.testing import CliRunner
-from conftest import HAVE_SHARED, SHARED
+from conftest import HAVE_SHARED, SHARED, without_keys
 
 from lingraft.cli.main import cli
 
@@ -23,22 +22,12 @@ def _run(*args: str):
 
 
 def _stable(o):
-    if isinstance(o, dict):
-        return {k: _stable(v) for k, v in o.items() if k not in VOLATILE}
-    if isinstance(o, list):
-        return [_stable(v) for v in o]
-    return o
+    return without_keys(o, VOLATILE)
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray = pytest.importorskip("ray")
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
-    for sig, handler in before.items():  # ray.init installs its own SIGTERM handler
-        signal.signal(sig, handler)
+def cluster(ray_cluster):
+    return ray_cluster
 
 
 @pytest.mark.skipif(not HAVE_SHARED, reason="../shared/vnncomp is absent")

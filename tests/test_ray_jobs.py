@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import HAVE_SHARED, SHARED
+from conftest import HAVE_SHARED, SHARED, without_keys
 
 ray = pytest.importorskip("ray")
 
@@ -38,24 +38,15 @@ VOLATILE = (
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(ray_cluster):
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
-    for sig, handler in before.items():  # ray.init installs its own SIGTERM handler
-        signal.signal(sig, handler)
+    return ray_cluster
 
 
 def _stable(o):
-    if isinstance(o, dict):
-        return {k: _stable(v) for k, v in o.items() if k not in VOLATILE}
-    if isinstance(o, list):
-        return [_stable(v) for v in o]
-    return o
+    return without_keys(o, VOLATILE)
 
 
 def _verdicts(records: list[dict]) -> list[tuple]:
