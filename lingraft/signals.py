@@ -19,7 +19,16 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["Interrupted", "InterruptGuard", "critical", "interrupted", "cli_reports", "message_of", "DEFAULT_MESSAGE"]
+__all__ = [
+    "Interrupted",
+    "InterruptGuard",
+    "critical",
+    "interrupted",
+    "cli_reports",
+    "message_of",
+    "keep_handlers",
+    "DEFAULT_MESSAGE",
+]
 
 DEFAULT_MESSAGE = "interrupted"
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -110,3 +119,23 @@ def cli_reports() -> Iterator[None]:
 def message_of(exc: BaseException) -> str:
     """The one line to print for an interrupt."""
     return exc.message if isinstance(exc, Interrupted) else DEFAULT_MESSAGE
+
+
+@contextlib.contextmanager
+def keep_handlers() -> Iterator[Callable[[], None]]:
+    """Save the SIGINT/SIGTERM handlers now in force and put them back when the block ends, for code that lets a
+    library install its own (``ray.init`` sets a SIGTERM handler). The block gets a function that puts them back
+    at once, too. Off the main thread nothing is saved (the handlers cannot be set there)."""
+    saved: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        saved = {sig: signal.getsignal(sig) for sig in _SIGNALS}
+
+    def restore() -> None:
+        for sig, handler in saved.items():
+            if handler is not None:  # None: set outside Python, cannot be put back from here
+                signal.signal(sig, handler)
+
+    try:
+        yield restore
+    finally:
+        restore()

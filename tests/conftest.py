@@ -170,15 +170,13 @@ def default_signals() -> None:
 def ray_cluster():
     """A local Ray cluster of 2 CPUs for one test module (skipped without ray). ray.init installs its own
     SIGTERM handler: the previous SIGINT/SIGTERM handlers are put back afterwards."""
-    import signal
+    from lingraft.signals import keep_handlers
 
     ray = pytest.importorskip("ray")
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
-    for sig, handler in before.items():
-        signal.signal(sig, handler)
+    with keep_handlers():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        yield ray
+        ray.shutdown()
 
 
 def without_keys(o, keys):

@@ -14,10 +14,9 @@ is "y_label - y_j <= 0 for some j != label", so ``verified`` means the same thin
 
 from __future__ import annotations
 
-import time
-
 from torch import Tensor, nn
 
+from lingraft.clock import Stopwatch
 from lingraft.spec.benchmark import robustness_property
 
 #: VerifyResult status -> certify status
@@ -47,7 +46,7 @@ def decide_sample(
     arrays for ``sat`` else None, "error": str (only on error)}."""
     from lingraft.verify.core import verify_property  # the verify package imports the engine; keep certify light
 
-    t0 = time.perf_counter()
+    watch = Stopwatch()
     prop = robustness_property(x, int(label), float(eps), int(num_outputs))
     res = verify_property(
         model, prop, timeout=max(float(timeout), 1e-3), in_shape=tuple(in_shape), seed=seed, device=device
@@ -55,7 +54,7 @@ def decide_sample(
     out = {
         "status": STATUS_FROM_BAB.get(res.status, "unknown"),
         "bab": res.status,
-        "time_s": time.perf_counter() - t0,
+        "time_s": watch.elapsed(),
         "branches": int(res.stats.get("branches", 0)),
         "method": res.stats.get("method"),
         "counterexample": res.counterexample,

@@ -13,14 +13,16 @@ A sample is, in this order of precedence:
 from __future__ import annotations
 
 import math
-import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lingraft.bounds import BoundedNetwork, input_box, margin_spec
 from lingraft.bounds.tolerance import is_proved
+from lingraft.clock import Stopwatch
 from lingraft.errors import UsageError
 from lingraft.train.attack import pgd_attack
 
@@ -140,13 +142,13 @@ def certify(
     eps: float,
     settings: CertifySettings | None = None,
     *,
-    in_shape=None,
-    indices=None,
-    progress=None,
-    device=None,
+    in_shape: Sequence[int] | None = None,
+    indices: Iterable[int] | None = None,
+    progress: Callable[[int], Any] | None = None,
+    device: torch.device | str | None = None,
     net: BoundedNetwork | None = None,
-    bab_progress=None,
-    **setting_overrides,
+    bab_progress: Callable[[int, dict], Any] | None = None,
+    **setting_overrides: Any,
 ) -> CertifyReport:
     """Certify ``model`` on samples x [N, *in_shape] (values in [0, 1]) with labels y [N] at radius eps.
 
@@ -157,7 +159,7 @@ def certify(
     """
     eps = check_eps(eps)
     cs = replace(settings or CertifySettings(), **setting_overrides).checked()
-    t_start = time.perf_counter()
+    watch = Stopwatch()
     model = model.eval()
     dev = torch.device(device) if device else next((p.device for p in model.parameters()), torch.device("cpu"))
     in_shape = tuple(in_shape or x.shape[1:])
@@ -168,7 +170,7 @@ def certify(
     tally = _BoundTally()
     for s in range(0, x.shape[0], cs.batch_size):
         xb, yb = x[s : s + cs.batch_size].to(dev), y[s : s + cs.batch_size].to(dev)
-        if cs.timeout is not None and time.perf_counter() - t_start > cs.timeout:
+        if cs.timeout is not None and watch.elapsed() > cs.timeout:
             samples += [SampleResult(indices[s + k], int(yb[k]), -1, "timeout", None, 0.0) for k in range(len(xb))]
         else:
             samples += _certify_batch(model, net, xb, yb, eps, cs, indices[s : s + len(xb)], cs.seed + s, tally)
@@ -186,7 +188,7 @@ def certify(
             cs.bab_timeout,
             cs.seed,
             dev,
-            t_start,
+            watch,
             cs.timeout,
             bab_progress,
         )
@@ -208,7 +210,7 @@ def certify(
         unstable_per_layer={k: v / max(tally.bounded, 1) for k, v in tally.unstable.items()},
         neurons_per_layer=tally.neurons,
         time_per_sample_s=tally.time_s / max(tally.bounded, 1),
-        total_time_s=time.perf_counter() - t_start,
+        total_time_s=watch.elapsed(),
         samples=rows,
         bab=bab,
     )
@@ -326,11 +328,12 @@ def _complete_unknowns(
     bab_timeout,
     seed,
     dev,
-    t_start,
+    watch: Stopwatch,
     timeout,
     bab_progress,
 ) -> dict:
-    """Branch and bound on each ``unknown`` sample (in place); returns the summary dict of CertifyReport.bab."""
+    """Branch and bound on each ``unknown`` sample (in place); returns the summary dict of CertifyReport.bab.
+    ``timeout`` (None: no limit) counts from the start of ``watch``, the whole run's stopwatch."""
     from lingraft.certify.complete import decide_sample
 
     summary = {
@@ -346,7 +349,7 @@ def _complete_unknowns(
             continue
         budget = bab_timeout
         if timeout is not None:
-            budget = min(budget, timeout - (time.perf_counter() - t_start))
+            budget = min(budget, timeout - watch.elapsed())
             if budget <= 0:
                 break  # the run's budget is spent: the rest stay unknown
         out = decide_sample(

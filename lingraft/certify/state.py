@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 from torch import Tensor, nn
 
 from lingraft.bounds import BoundedNetwork
 from lingraft.certify.pipeline import CertifyReport, certify, summarize_samples
+from lingraft.clock import Stopwatch
 from lingraft.errors import LingraftError
 from lingraft.io.files import JsonlError
 from lingraft.io.resumable import ResumableLog
@@ -52,7 +52,7 @@ def certify_resumable(
     the same seeds. ``timeout``: seconds for this invocation. ``kw`` goes to certify. ``progress(n)`` is called per
     certified batch, ``progress_skip(n)`` (default: ``progress``) per batch already in the state file. An interrupt
     raises :class:`lingraft.signals.Interrupted` (finished batches are saved). Returns the merged report."""
-    t0 = time.perf_counter()
+    watch = Stopwatch()
     path = Path(state_path)
     state = ResumableLog(
         path, what="certify state file", fix="delete that line (its batch reruns) or remove the file to start over"
@@ -75,7 +75,7 @@ def certify_resumable(
                 if skip:
                     skip(min(batch_size, N - s))
                 continue
-            left = None if timeout is None else max(timeout - (time.perf_counter() - t0), 1e-9)
+            left = None if timeout is None else max(timeout - watch.elapsed(), 1e-9)
             sub = dict(kw, indices=indices[s : s + batch_size], batch_size=batch_size, seed=seed + s, timeout=left)
             d = certify(model, x[s : s + batch_size], y[s : s + batch_size], eps, progress=progress, **sub).to_dict()
             if any(smp["status"] == "timeout" for smp in d["samples"]):

@@ -8,18 +8,16 @@ from pathlib import Path
 import click
 
 from lingraft.bounds.methods import METHODS
+from lingraft.cli._shared import check_input_file, emit_json, gate_fail, pick_device, progress_bar, table
 from lingraft.cli.options import (
     EPS,
-    check_input_file,
     common_options,
-    emit_json,
-    gate_fail,
-    json_option,
-    pick_device,
-    progress_bar,
-    ray_cluster,
+    csv_option,
+    data_options,
+    examples,
+    file_option,
+    model_argument,
     ray_options,
-    table,
 )
 from lingraft.config import config_option
 from lingraft.errors import UsageError
@@ -27,12 +25,14 @@ from lingraft.errors import UsageError
 
 @click.command(
     "certify",
-    epilog="Examples:\n\n\b\n  lingraft certify\n"
-    "  lingraft certify grafted.pt --eps 0.1 --method alpha-crown -n 500 --json result.json\n"
-    "  lingraft certify model.onnx --dataset mnist --eps 0.02 --min-certified-acc 0.8\n"
-    "  lingraft certify big.pt -n 10000 --bab-timeout 30 --state run.state --json result.json",
+    epilog=examples(
+        "lingraft certify",
+        "lingraft certify grafted.pt --eps 0.1 --method alpha-crown -n 500 --json result.json",
+        "lingraft certify model.onnx --dataset mnist --eps 0.02 --min-certified-acc 0.8",
+        "lingraft certify big.pt -n 10000 --bab-timeout 30 --state run.state --json result.json",
+    ),
 )
-@click.argument("model", required=False, type=click.Path(dir_okay=True))
+@model_argument
 @config_option()
 @click.option(
     "--eps",
@@ -41,28 +41,21 @@ from lingraft.errors import UsageError
     help="L-inf (or L2) radius in [0,1] pixel space, a number or a fraction like 2/255. "
     "Default: the checkpoint's certify_eps, else its training eps, else 0.1.",
 )
-@click.option("--norm", type=click.Choice(["inf", "2"]), default="inf", show_default=True)
-@click.option("--method", type=click.Choice(METHODS), default="crown", show_default=True)
+@click.option("--norm", type=click.Choice(["inf", "2"]), default="inf")
+@click.option("--method", type=click.Choice(METHODS), default="crown")
 @click.option(
-    "-n",
-    "--num-samples",
-    type=click.IntRange(min=1),
-    default=1000,
-    show_default=True,
-    help="First N test images (official order).",
+    "-n", "--num-samples", type=click.IntRange(min=1), default=1000, help="First N test images (official order)."
 )
-@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--dataset", default=None, help="mnist, cifar10 or digits (default: the checkpoint's dataset).")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Folder with MNIST/CIFAR-10 files.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--pgd-steps", type=click.IntRange(min=0), default=20, show_default=True)
-@click.option("--pgd-restarts", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--offset", type=click.IntRange(min=0), default=0)
+@data_options()
+@click.option("--batch-size", type=click.IntRange(min=1), default=32)
+@click.option("--pgd-steps", type=click.IntRange(min=0), default=20)
+@click.option("--pgd-restarts", type=click.IntRange(min=1), default=1)
 @click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Wall-clock budget (s) for the run.")
 @click.option(
     "--bab-timeout",
     type=click.FloatRange(min=0),
     default=0.0,
-    show_default=True,
     help="Seconds of branch and bound (as in 'lingraft verify') per sample the bounds leave unknown, "
     "to decide it; 0 = off. L-inf only.",
 )
@@ -75,29 +68,17 @@ from lingraft.errors import UsageError
 @click.option(
     "--min-clean-acc", type=click.FloatRange(0, 1), default=None, help="Gate: exit 3 when clean accuracy is below."
 )
+@file_option("--baseline", help="Gate: a stored certify JSON result to compare against (with --max-drop).")
 @click.option(
-    "--baseline",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Gate: a stored certify JSON result to compare against (with --max-drop).",
+    "--max-drop", type=click.FloatRange(0, 1), default=0.0, help="Allowed drop in certified accuracy vs --baseline."
 )
-@click.option(
-    "--max-drop",
-    type=click.FloatRange(0, 1),
-    default=0.0,
-    show_default=True,
-    help="Allowed drop in certified accuracy vs --baseline.",
-)
-@click.option(
+@file_option(
     "--state",
-    type=click.Path(dir_okay=False),
-    default=None,
     help="Resume file: finished batches are appended to it, and a rerun with the same settings skips "
     "them (an interrupted run loses at most one batch).",
 )
-@click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None, help="Per-sample results as CSV.")
+@csv_option("Per-sample results as CSV.")
 @ray_options
-@json_option
 @common_options
 def command(
     model,
@@ -120,15 +101,8 @@ def command(
     max_drop,
     state,
     csv_out,
-    ray_address,
-    worker_cpus,
-    worker_gpus,
-    json_out,
-    verbose,
-    quiet,
-    seed,
-    no_progress,
-    device,
+    ray,
+    common,
 ):
     """Certify MODEL (.pt checkpoint or .onnx; default: the shipped MNIST CNN-B) on test images.
 
@@ -148,35 +122,34 @@ def command(
     from lingraft.certify.result import certify_config, certify_result, load_certified_acc
     from lingraft.env import versions
 
-    torch.manual_seed(seed)
-    dev = pick_device(device)
+    torch.manual_seed(common.seed)
+    dev = pick_device(common.device)
     base = load_certified_acc(baseline) if baseline else None
     lm, ds, eps, x, y = _load_inputs(model, dataset, eps, data_dir, num_samples, offset)
     model_ = lm.model.to(dev)
-    common = dict(
+    shared = dict(
         method=method,
         norm=norm,
         batch_size=batch_size,
         pgd_steps=pgd_steps,
         pgd_restarts=pgd_restarts,
-        seed=seed,
+        seed=common.seed,
         timeout=timeout,
         bab_timeout=bab_timeout,
     )
-    cfg = certify_config(model=lm.path, dataset=ds, eps=eps, num_samples=num_samples, offset=offset, **common)
-    settings = CertifySettings(**common)
+    cfg = certify_config(model=lm.path, dataset=ds, eps=eps, num_samples=num_samples, offset=offset, **shared)
+    settings = CertifySettings(**shared)
     kw = dict(
         in_shape=lm.in_shape,
         indices=range(offset, offset + x.shape[0]),
         device=dev,
-        bab_progress=_bab_logger(verbose and not quiet),
+        bab_progress=_bab_logger(common.verbose and not common.quiet),
     )
-    ray = None if ray_address is None else (ray_address, worker_cpus, worker_gpus)
-    log = None if quiet else (lambda m: click.echo(m, err=True))
+    log = None if common.quiet else common.log
     state_hash = _state_hash(lm, cfg, data_dir) if state else None
-    with progress_bar(x.shape[0], "certify", no_progress or quiet) as bar:
+    with progress_bar(x.shape[0], "certify", common.bars_off) as bar:
         rep = _certify_samples(model_, x, y, eps, settings, kw, state, state_hash, bar, log, ray)
-    _emit(rep, certify_result(rep, cfg, versions(), str(dev)), lm.path, ds, verbose, quiet, json_out, csv_out)
+    _emit(rep, certify_result(rep, cfg, versions(), str(dev)), lm.path, ds, common, csv_out)
     _gates(rep, min_certified_acc, min_clean_acc, base, max_drop)
 
 
@@ -199,25 +172,21 @@ def _state_hash(lm, cfg, data_dir) -> str:
     return config_hash(resume_settings(cfg, model_sha, data_dir))
 
 
-def _emit(rep, result, model_path, ds, verbose, quiet, json_out, csv_out) -> None:
+def _emit(rep, result, model_path, ds, common, csv_out) -> None:
     """The table on stdout (unless -q or --json -), the JSON result and the CSV."""
-    if json_out == "-":
-        emit_json(result, "-")
-    else:
-        if not quiet:
-            click.echo(render_report(rep, model_path, ds, verbose))
-        emit_json(result, json_out)
+    if common.show:
+        click.echo(render_report(rep, model_path, ds, common.verbose))
+    emit_json(result, common.json_out)
     if csv_out:
         _write_csv(csv_out, rep.samples)
 
 
 def _certify_samples(model_, x, y, eps, settings, kw, state, state_hash, bar, log, ray):
-    """Certify locally, resumably (--state) or on Ray (ray = (address, worker_cpus, worker_gpus))."""
+    """Certify locally, resumably (--state) or on Ray (ray: a RayArgs)."""
     if ray is not None:
         from lingraft.distributed.certify_ray import certify_on_ray
 
-        address, wc, wg = ray
-        with ray_cluster(address):
+        with ray.session():
             return certify_on_ray(
                 model_,
                 x,
@@ -226,8 +195,8 @@ def _certify_samples(model_, x, y, eps, settings, kw, state, state_hash, bar, lo
                 settings,
                 state_path=state,
                 settings_hash=state_hash,
-                worker_cpus=wc,
-                worker_gpus=wg,
+                worker_cpus=ray.worker_cpus,
+                worker_gpus=ray.worker_gpus,
                 progress=bar.update,
                 log=log,
                 **kw,

@@ -6,37 +6,28 @@ from pathlib import Path
 
 import click
 
-from lingraft.cli.options import (
-    common_options,
-    emit_json,
-    json_option,
-    pick_device,
-    ray_cluster,
-    ray_options,
-    table,
-    versions,
-)
+from lingraft.cli._shared import pick_device, table, versions
+from lingraft.cli.options import common_options, dir_option, examples, ray_options
 from lingraft.config import config_option
 
 
 @click.command(
     "compare",
-    epilog="Rerunning the same command reuses finished training, grafting and certification "
-    "(results.jsonl); Ctrl-C is safe.\n\nExamples:\n\n\b\n"
-    "  lingraft compare examples/compare-mnist.yaml --out-dir runs/compare-mnist\n"
-    "  lingraft compare examples/compare-mnist.yaml --out-dir runs/compare-mnist --only ce,fgsm\n"
-    "  lingraft compare my.yaml --json - --threads 2 > result.json\n",
+    epilog=examples(
+        "lingraft compare examples/compare-mnist.yaml --out-dir runs/compare-mnist",
+        "lingraft compare examples/compare-mnist.yaml --out-dir runs/compare-mnist --only ce,fgsm",
+        "lingraft compare my.yaml --json - --threads 2 > result.json",
+        intro="Rerunning the same command reuses finished training, grafting and certification "
+        "(results.jsonl); Ctrl-C is safe.\n\n",
+    ),
 )
 @click.argument("config", type=click.Path(dir_okay=False))
 @config_option(
     help="YAML file with default values for this command's options (out-dir, threads, only, ...); flags given "
     "on the command line win. The comparison itself is CONFIG."
 )
-@click.option(
-    "--out-dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Folder for checkpoints, results.jsonl and the tables (default: runs/compare-<config name>).",
+@dir_option(
+    "--out-dir", help="Folder for checkpoints, results.jsonl and the tables (default: runs/compare-<config name>)."
 )
 @click.option(
     "--only",
@@ -49,7 +40,6 @@ from lingraft.config import config_option
 )
 @click.option("--no-plot", is_flag=True, help="Do not write cert_vs_eps.png.")
 @ray_options
-@json_option
 @common_options
 def command(
     config,
@@ -58,15 +48,8 @@ def command(
     only,
     threads,
     no_plot,
-    ray_address,
-    worker_cpus,
-    worker_gpus,
-    json_out,
-    verbose,
-    quiet,
-    seed,
-    no_progress,
-    device,
+    ray,
+    common,
 ):
     """Train each entry of CONFIG, graft it, certify both versions, and write table.md/csv/json and a plot.
 
@@ -88,39 +71,21 @@ def command(
         if not names:
             raise UsageError("--only needs entry names, e.g. --only ce,fgsm")
     out = Path(out_dir) if out_dir else Path("runs") / f"compare-{Path(config).stem}"
-    log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
-    if ray_address is None:
-        res = run_compare(
-            spec,
-            out,
-            only=names,
-            seed=seed,
-            device=pick_device(device),
-            log=log,
-            progress=not (no_progress or quiet),
-            plot=not no_plot,
-        )
+    kw = dict(only=names, seed=common.seed, log=common.log, plot=not no_plot)
+    if ray is None:
+        res = run_compare(spec, out, device=pick_device(common.device), progress=not common.bars_off, **kw)
     else:  # one entry per Ray task; OUT must be on a file system every worker sees (students read teachers)
         from lingraft.distributed.jobs_ray import run_compare_on_ray
 
-        with ray_cluster(ray_address):
+        device = None if common.device == "auto" else common.device
+        with ray.session():
             res = run_compare_on_ray(
-                spec,
-                out,
-                only=names,
-                seed=seed,
-                device=None if device == "auto" else device,
-                log=log,
-                plot=not no_plot,
-                worker_cpus=worker_cpus,
-                worker_gpus=worker_gpus,
+                spec, out, device=device, worker_cpus=ray.worker_cpus, worker_gpus=ray.worker_gpus, **kw
             )
     res["versions"] = versions()
-    if json_out:
-        emit_json(res, json_out)
-    if quiet or json_out == "-":
-        return
-    click.echo(render_text(res))
+    common.emit(res)
+    if common.show:
+        click.echo(render_text(res))
 
 
 def render_text(res: dict) -> str:

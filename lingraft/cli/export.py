@@ -4,27 +4,29 @@ from __future__ import annotations
 
 import click
 
-from lingraft.cli.options import EPS, check_input_file, common_options, emit_json, json_option
+from lingraft.cli._shared import check_input_file
+from lingraft.cli.options import EPS, common_options, data_dir_option, examples, file_option, model_argument
 from lingraft.config import config_option
 
 
 @click.command(
     "export",
-    epilog="Examples:\n\n\b\n  lingraft export grafted.pt --out grafted.onnx --opset 13\n"
-    "  lingraft export grafted.pt --out bench/net.onnx --vnnlib-samples 50 --vnnlib-eps 0.06",
+    epilog=examples(
+        "lingraft export grafted.pt --out grafted.onnx --opset 13",
+        "lingraft export grafted.pt --out bench/net.onnx --vnnlib-samples 50 --vnnlib-eps 0.06",
+    ),
 )
-@click.argument("model", required=False, type=click.Path())
+@model_argument
 @config_option()
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
-@click.option("--opset", type=int, default=13, show_default=True)
+@file_option("--out", "out_path", required=True, help="ONNX file to write.")
+@click.option("--opset", type=int, default=13)
 @click.option("--dynamic-batch", is_flag=True, help="Symbolic batch dimension instead of a batch of 1.")
-@click.option("--tol", type=float, default=1e-5, show_default=True, help="Max |onnxruntime - torch| allowed.")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--tol", type=float, default=1e-5, help="Max |onnxruntime - torch| allowed.")
+@data_dir_option
 @click.option(
     "--vnnlib-samples",
     type=click.IntRange(min=0),
     default=0,
-    show_default=True,
     help="Also write VNN-LIB robustness properties for the correctly classified ones of the first N test "
     "images, and instances.csv, next to the ONNX file (a VNN-COMP-style benchmark for "
     "'lingraft verify --instances' or any VNN-COMP verifier).",
@@ -39,10 +41,8 @@ from lingraft.config import config_option
     "--vnnlib-timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=60.0,
-    show_default=True,
     help="Timeout column of instances.csv (seconds).",
 )
-@json_option
 @common_options
 def command(
     model,
@@ -55,12 +55,7 @@ def command(
     vnnlib_samples,
     vnnlib_eps,
     vnnlib_timeout,
-    json_out,
-    verbose,
-    quiet,
-    seed,
-    no_progress,
-    device,
+    common,
 ):
     """Export MODEL (.pt; default: the shipped model) to ONNX with normalization baked in.
 
@@ -106,9 +101,8 @@ def command(
         info["vnnlib"] = write_benchmark(
             lm.model, x.reshape(x.shape[0], *lm.in_shape), y, eps, out_path, vnnlib_timeout
         )
-    if json_out:
-        emit_json(info, json_out)
-    if not quiet and json_out != "-":
+    common.emit(info)
+    if common.show:
         click.echo(
             f"wrote {info['path']} (opset {info['opset']}, {info['num_nodes']} nodes); "
             f"max |onnxruntime - torch| = {info['max_abs_diff']:.2e}"

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import click
 
-from lingraft.cli.options import common_options, emit_json, json_option, table
+from lingraft.cli._shared import table
+from lingraft.cli.options import common_options, examples, model_argument
 from lingraft.config import config_option
 
 
 @click.command(
     "inspect",
-    epilog="Examples:\n\n\b\n  lingraft inspect models/mnist-cnn-b-fgsm.pt\n"
-    "  lingraft inspect net.onnx --json -\n  lingraft inspect --list-models",
+    epilog=examples(
+        "lingraft inspect models/mnist-cnn-b-fgsm.pt",
+        "lingraft inspect net.onnx --json -",
+        "lingraft inspect --list-models",
+    ),
 )
-@click.argument("model", required=False, type=click.Path())
+@model_argument
 @config_option()
 @click.option("--list-models", is_flag=True, help="List the registry's architectures and exit.")
-@json_option
 @common_options
-def command(model, config_path, list_models, json_out, verbose, quiet, seed, no_progress, device):
+def command(model, config_path, list_models, common):
     """Show MODEL's layers (.pt or .onnx; default: the shipped model). Exits 1 listing every unsupported op.
 
     A model with NaN or infinite weights is shown (which tensor, first) but the other commands refuse it."""
@@ -30,9 +33,8 @@ def command(model, config_path, list_models, json_out, verbose, quiet, seed, no_
 
     if list_models:
         rows = [[n, describe_model(n)] for n in names()]
-        if json_out:
-            emit_json({"models": [{"name": r[0], "description": r[1]} for r in rows]}, json_out)
-        if json_out != "-":
+        common.emit({"models": [{"name": r[0], "description": r[1]} for r in rows]})
+        if common.json_out != "-":
             click.echo(table(rows, ["model", "description"]))
         return
     if model is not None and str(model).lower().endswith(".onnx"):
@@ -59,11 +61,10 @@ def command(model, config_path, list_models, json_out, verbose, quiet, seed, no_
         "relu_neurons": sum(l["neurons"] for l in relus),
         "grafted_neurons": sum(l["grafted"] for l in relus),
         "parameters": int(sum(p.numel() for p in lm.model.parameters())),
-        "meta": lm.meta if verbose else None,
+        "meta": lm.meta if common.verbose else None,
     }
-    if json_out:
-        emit_json(info, json_out)
-    if json_out == "-" or quiet:
+    common.emit(info)
+    if not common.show:
         return
     click.echo(
         f"{lm.path}  ({lm.source}{', ' + lm.arch if lm.arch else ''}; dataset {lm.dataset or '?'}; "

@@ -43,7 +43,8 @@ class LingraftGroup(click.Group):
 
 @click.group(
     cls=LingraftGroup,
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    # show_default: every option's --help shows its default (the commands inherit it from this group)
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True},
     epilog="Example:\n\n\b\n  lingraft certify                      # shipped MNIST CNN-B, 1000 test images\n"
     "  lingraft graft models/mnist-cnn-b-fgsm.pt --ratio 0.5 --eps 0.06 --out grafted.pt",
 )

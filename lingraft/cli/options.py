@@ -1,72 +1,71 @@
-"""Shared click options and output helpers for every command (errors are handled once, in
-:class:`lingraft.cli.main.LingraftGroup`)."""
+"""The click options the commands share (sqlite-utils style: one decorator per repeated group), the eps type, and
+:class:`CommonArgs` / :class:`RayArgs`, the objects the shared groups reach a command as. Helpers for the commands'
+bodies are in :mod:`lingraft.cli._shared`; errors are handled once, in :class:`lingraft.cli.main.LingraftGroup`."""
 
 from __future__ import annotations
 
-import json
-import math
+import functools
 import os
-import sys
+from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import click
 
-from lingraft.env import pick_device, versions  # noqa: F401  (re-exported: the commands' --device and versions)
-from lingraft.errors import EXIT_GATE
+from lingraft.cli._shared import emit_json, ray_cluster
 
 
-def common_options(fn):
-    """-v/-q, --seed, --no-progress, --device."""
-    fn = click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto (CUDA when present).")(fn)
-    fn = click.option("--no-progress", is_flag=True, help="No progress bars or periodic progress lines.")(fn)
-    fn = click.option(
-        "--seed", type=int, default=0, show_default=True, help="Random seed (attacks, sampling, training)."
-    )(fn)
-    fn = click.option("-q", "--quiet", is_flag=True, help="Print only errors (and --json output).")(fn)
-    fn = click.option("-v", "--verbose", count=True, help="More detail (repeatable).")(fn)
-    return fn
+@dataclass(frozen=True)
+class CommonArgs:
+    """The options every command has (:func:`common_options`), passed to it as one ``common`` argument."""
+
+    json_out: str | None
+    verbose: int
+    quiet: bool
+    seed: int
+    no_progress: bool
+    device: str
+
+    @property
+    def bars_off(self) -> bool:
+        """No progress bars or records (``--no-progress`` or ``-q``)."""
+        return self.no_progress or self.quiet
+
+    @property
+    def show(self) -> bool:
+        """Print the human-readable output on stdout (not with ``-q``, nor when ``--json -`` owns stdout)."""
+        return not self.quiet and self.json_out != "-"
+
+    def log(self, msg: str) -> None:
+        """A progress/log line on stderr, unless ``-q``."""
+        if not self.quiet:
+            click.echo(msg, err=True)
+
+    def emit(self, obj) -> None:
+        """Write ``obj`` as the command's JSON result where ``--json`` asks for it (nothing without --json)."""
+        if self.json_out:
+            emit_json(obj, self.json_out)
 
 
-def ray_options(fn):
-    """--ray [ADDRESS], --worker-cpus, --worker-gpus: run the work units as Ray tasks (lingraft[ray])."""
-    fn = click.option(
-        "--worker-gpus",
-        type=click.FloatRange(min=0),
-        default=0,
-        show_default=True,
-        help="GPUs per Ray task (with --ray).",
-    )(fn)
-    fn = click.option(
-        "--worker-cpus",
-        type=click.IntRange(min=1),
-        default=1,
-        show_default=True,
-        help="CPUs per Ray task, and torch threads in it (with --ray).",
-    )(fn)
-    fn = click.option(
-        "--ray",
-        "ray_address",
-        is_flag=False,
-        flag_value="local",
-        default=None,
-        metavar="[ADDRESS]",
-        help="Run on Ray: no value starts a local cluster, 'auto' joins the running one, or give its address "
-        "(needs pip install 'lingraft[ray]'). Results and resume files are written by this process only.",
-    )(fn)
-    return fn
+class RayArgs(NamedTuple):
+    """``--ray ADDRESS --worker-cpus N --worker-gpus G`` (:func:`ray_options`)."""
+
+    address: str
+    worker_cpus: int
+    worker_gpus: float
+
+    def session(self):
+        return ray_cluster(self.address)
 
 
-def ray_cluster(address: str):
-    """The Ray session for a --ray value ('local' = start one here), failing in one line without the extra."""
-    from lingraft.distributed.ray_backend import ray_session, require_ray
-    from lingraft.errors import UsageError
+def _packed(fn, names: tuple[str, ...], key: str, build):
+    """``fn`` called with the click parameters ``names`` replaced by one ``key=build(**their values)``."""
 
-    if address != "local" and os.path.exists(address):  # `--ray FILE`: the file was taken for the address
-        raise UsageError(
-            f"--ray took {address!r} as the cluster address; put --ray after the arguments, or "
-            "write --ray=ADDRESS (no value starts a local cluster)"
-        )
-    require_ray()
-    return ray_session(None if address == "local" else address)
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        kwargs[key] = build(**{n: kwargs.pop(n) for n in names})
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _check_out_file(ctx, param, value):
@@ -76,6 +75,108 @@ def _check_out_file(ctx, param, value):
 
         raise UsageError(f"{param.opts[0]} {value} is a directory; give a file name like result.json")
     return value
+
+
+_COMMON = (
+    click.option(
+        "--json",
+        "json_out",
+        metavar="FILE|-",
+        default=None,
+        callback=_check_out_file,
+        help="Also write the full result as JSON to FILE ('-' = stdout instead of the table).",
+    ),
+    click.option("-v", "--verbose", count=True, show_default=False, help="More detail (repeatable)."),
+    click.option("-q", "--quiet", is_flag=True, help="Print only errors (and --json output)."),
+    click.option("--seed", type=int, default=0, help="Random seed (attacks, sampling, training)."),
+    click.option("--no-progress", is_flag=True, help="No progress bars or periodic progress lines."),
+    click.option("--device", default="auto", help="cpu, cuda, or auto (CUDA when present)."),
+)
+
+
+def common_options(fn):
+    """--json, -v/-q, --seed, --no-progress, --device, passed to the command as ``common`` (:class:`CommonArgs`)."""
+    fn = _packed(fn, tuple(f.name for f in fields(CommonArgs)), "common", CommonArgs)
+    return _with_options(fn, _COMMON)
+
+
+def _ray_args(ray_address, worker_cpus, worker_gpus) -> RayArgs | None:
+    return None if ray_address is None else RayArgs(ray_address, worker_cpus, worker_gpus)
+
+
+_RAY = (
+    click.option(
+        "--ray",
+        "ray_address",
+        is_flag=False,
+        flag_value="local",
+        default=None,
+        metavar="[ADDRESS]",
+        help="Run on Ray: no value starts a local cluster, 'auto' joins the running one, or give its address "
+        "(needs pip install 'lingraft[ray]'). Results and resume files are written by this process only.",
+    ),
+    click.option(
+        "--worker-cpus",
+        type=click.IntRange(min=1),
+        default=1,
+        help="CPUs per Ray task, and torch threads in it (with --ray).",
+    ),
+    click.option("--worker-gpus", type=click.FloatRange(min=0), default=0, help="GPUs per Ray task (with --ray)."),
+)
+
+
+def ray_options(fn):
+    """--ray [ADDRESS], --worker-cpus, --worker-gpus: run the work units as Ray tasks (lingraft[ray]); passed to
+    the command as ``ray``: a :class:`RayArgs`, or None without --ray."""
+    fn = _packed(fn, ("ray_address", "worker_cpus", "worker_gpus"), "ray", _ray_args)
+    return _with_options(fn, _RAY)
+
+
+def _with_options(fn, options):
+    """``fn`` with the click ``options`` added, listed in --help in the order given."""
+    for option in reversed(options):  # click lists the last one applied first
+        fn = option(fn)
+    return fn
+
+
+def examples(*lines: str, intro: str = "") -> str:
+    """A command's epilog: ``intro``, then "Examples:" and one indented command line each (kept as written)."""
+    return intro + "Examples:\n\n\b\n" + "\n".join("  " + line for line in lines)
+
+
+def file_option(*param_decls: str, **kwargs):
+    """An option naming a file (click refuses a directory); None when not given (unless required)."""
+    return _path_option(click.Path(dir_okay=False), param_decls, kwargs)
+
+
+def dir_option(*param_decls: str, **kwargs):
+    """An option naming a folder (click refuses a file); None when not given (unless required)."""
+    return _path_option(click.Path(file_okay=False), param_decls, kwargs)
+
+
+def _path_option(path_type: click.Path, param_decls, kwargs: dict):
+    if not kwargs.get("required"):
+        kwargs.setdefault("default", None)
+    return click.option(*param_decls, type=path_type, **kwargs)
+
+
+# MODEL: a .pt checkpoint or an .onnx file, optional (the shipped model), checked by check_input_file
+model_argument = click.argument("model", required=False, type=click.Path())
+
+
+data_dir_option = dir_option("--data-dir", help="Folder with MNIST/CIFAR-10 files.")
+
+
+def data_options(dataset_default: str | None = None):
+    """--dataset and --data-dir. Without ``dataset_default`` the dataset defaults to the checkpoint's."""
+    help_ = "mnist, cifar10 or digits" + ("." if dataset_default else " (default: the checkpoint's dataset).")
+    dataset = click.option("--dataset", default=dataset_default, help=help_)
+    return lambda fn: dataset(data_dir_option(fn))
+
+
+def csv_option(help: str):
+    """--csv FILE (the ``csv_out`` parameter)."""
+    return file_option("--csv", "csv_out", help=help)
 
 
 class EpsType(click.ParamType):
@@ -98,78 +199,3 @@ class EpsType(click.ParamType):
 
 
 EPS = EpsType()
-
-
-def check_input_file(path, what: str, is_directory: str | None = None, fix: str = "") -> None:
-    """Fail at once (before torch is imported) when an input ``path`` given by the user does not exist or is a
-    directory; ``what`` names it in the message (e.g. ``"model file"``), ``fix`` is appended to the not-found
-    one. ``None`` passes (a default is used)."""
-    if path is None:
-        return
-    from lingraft.config import require_file
-
-    require_file(path, what + " not found: {}" + fix, is_directory or "{} is a directory; pass a file")
-
-
-def json_option(fn):
-    return click.option(
-        "--json",
-        "json_out",
-        metavar="FILE|-",
-        default=None,
-        callback=_check_out_file,
-        help="Also write the full result as JSON to FILE ('-' = stdout instead of the table).",
-    )(fn)
-
-
-def progress_bar(total: int, desc: str, disabled: bool, unit: str = "images"):
-    """A :class:`lingraft.cli.progress.Progress`: a tqdm bar on a TTY, a periodic one-line record otherwise."""
-    from lingraft.cli.progress import Progress
-
-    return Progress(total, desc, disabled, unit=unit)
-
-
-def emit_json(obj, dest: str | None):
-    """Write obj as JSON to dest ('-' = stdout), atomically for files."""
-    if dest is None:
-        return
-    text = json.dumps(_clean(obj), indent=2) + "\n"
-    if dest == "-":
-        click.echo(text, nl=False)
-    else:
-        from lingraft.io.files import atomic_write_text
-
-        atomic_write_text(dest, text)  # a failure is one line naming dest and the real cause (FileWriteError)
-
-
-def _clean(o):
-    if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
-        return None
-    if isinstance(o, dict):
-        return {str(k): _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    return o
-
-
-def table(rows: list[list], header: list[str]) -> str:
-    """Plain aligned text table."""
-    cells = [[str(h) for h in header]] + [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _fmt(c):
-    if isinstance(c, float):
-        return f"{c:.4g}" if abs(c) < 1e4 else f"{c:.3e}"
-    return str(c)
-
-
-def gate_fail(*messages: str):
-    """Report every failed gate (one ``gate failed:`` line each) and exit 3; no messages: return."""
-    for message in messages:
-        click.echo(f"gate failed: {message}", err=True)
-    if messages:
-        sys.exit(EXIT_GATE)

@@ -6,59 +6,33 @@ from pathlib import Path
 
 import click
 
-from lingraft.cli.options import (
-    common_options,
-    emit_json,
-    json_option,
-    pick_device,
-    progress_bar,
-    ray_cluster,
-    ray_options,
-    table,
-    versions,
-)
+from lingraft.cli._shared import pick_device, progress_bar, table, versions
+from lingraft.cli.options import common_options, csv_option, examples, file_option, ray_options
 from lingraft.config import config_hash, config_option
 from lingraft.errors import LingraftError
 
 
 @click.command(
     "run",
-    epilog="Examples:\n\n\b\n  lingraft run sweep.yaml\n"
-    "  lingraft run sweep.yaml --dry-run\n"
-    "  lingraft run sweep.yaml --results other.jsonl --retry-errors --json summary.json",
+    epilog=examples(
+        "lingraft run sweep.yaml",
+        "lingraft run sweep.yaml --dry-run",
+        "lingraft run sweep.yaml --results other.jsonl --retry-errors --json summary.json",
+    ),
 )
 @click.argument("sweep", type=click.Path())
 @config_option()
-@click.option(
+@file_option(
     "--results",
     "results",
-    type=click.Path(dir_okay=False),
-    default=None,
     help="Results file (JSON lines). Default: the sweep's 'results', else results.jsonl next to it.",
 )
 @click.option("--retry-errors", is_flag=True, help="Rerun jobs whose stored result is an error.")
 @click.option("--dry-run", is_flag=True, help="List the jobs and whether each is done; run nothing.")
-@click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None, help="Write the summary table as CSV.")
+@csv_option("Write the summary table as CSV.")
 @ray_options
-@json_option
 @common_options
-def command(
-    sweep,
-    config_path,
-    results,
-    retry_errors,
-    dry_run,
-    csv_out,
-    ray_address,
-    worker_cpus,
-    worker_gpus,
-    json_out,
-    verbose,
-    quiet,
-    seed,
-    no_progress,
-    device,
-):
+def command(sweep, config_path, results, retry_errors, dry_run, csv_out, ray, common):
     """Run every job of SWEEP (models x methods x ratios x eps) not yet in the results file.
 
     \b
@@ -82,6 +56,7 @@ def command(
         raise LingraftError(f"sweep file {p} not found; check the path")
     spec = load_sweep(p, allowed_methods=METHODS, allowed_options=RUN_OPTIONS)
     ctx = click.get_current_context()
+    seed = common.seed
     if ctx.get_parameter_source("seed") not in (click.core.ParameterSource.DEFAULT, None) and seed != spec.extra.get(
         "seed", RUN_OPTIONS["seed"]
     ):
@@ -100,23 +75,10 @@ def command(
     }
 
     if dry_run:
-        _dry_run(jobs, latest, done, results, json_out, quiet)
+        _dry_run(jobs, latest, done, results, common)
         return
-    records = _run_jobs(
-        spec,
-        jobs,
-        done,
-        opts,
-        results,
-        where,
-        device=device,
-        retry_errors=retry_errors,
-        verbose=verbose,
-        quiet=quiet,
-        no_progress=no_progress,
-        ray=None if ray_address is None else (ray_address, worker_cpus, worker_gpus),
-    )
-    _report(records, spec, opts, p, results, len(jobs), json_out=json_out, csv_out=csv_out, quiet=quiet)
+    records = _run_jobs(spec, jobs, done, opts, results, where, common=common, retry_errors=retry_errors, ray=ray)
+    _report(records, spec, opts, p, results, len(jobs), common=common, csv_out=csv_out)
 
 
 def _resolved_jobs(spec, where: str) -> list[dict]:
@@ -130,7 +92,7 @@ def _resolved_jobs(spec, where: str) -> list[dict]:
     return jobs
 
 
-def _dry_run(jobs: list[dict], latest: dict, done: set, results: Path, json_out, quiet: bool) -> None:
+def _dry_run(jobs: list[dict], latest: dict, done: set, results: Path, common) -> None:
     """List the jobs and whether each is done (``--dry-run``)."""
     from lingraft.experiments.sweep_summary import model_label
 
@@ -144,18 +106,16 @@ def _dry_run(jobs: list[dict], latest: dict, done: set, results: Path, json_out,
         ]
         for j in jobs
     ]
-    if json_out:
-        emit_json(
-            {
-                "schema_version": 1,
-                "command": "run",
-                "dry_run": True,
-                "results": str(results),
-                "jobs": [dict(j, status=r[-1]) for j, r in zip(jobs, rows)],
-            },
-            json_out,
-        )
-    if json_out != "-" and not quiet:
+    common.emit(
+        {
+            "schema_version": 1,
+            "command": "run",
+            "dry_run": True,
+            "results": str(results),
+            "jobs": [dict(j, status=r[-1]) for j, r in zip(jobs, rows)],
+        }
+    )
+    if common.show:
         click.echo(table(rows, ["model", "method", "ratio", "eps", "status"]))
         click.echo(f"{len(jobs) - len(done)} of {len(jobs)} jobs to run; results: {results}")
 
@@ -168,35 +128,32 @@ def _run_jobs(
     results: Path,
     where: str,
     *,
-    device,
+    common,
     retry_errors: bool,
-    verbose: bool,
-    quiet: bool,
-    no_progress: bool,
-    ray: tuple | None = None,
+    ray=None,
 ) -> list[dict]:
     """Run the unfinished jobs with a progress bar; returns the latest record of every job.
-    ray: None, or (address, worker_cpus, worker_gpus) to run one job per Ray task (the driver writes results)."""
+    ray: None, or a RayArgs to run one job per Ray task (the driver writes results)."""
     from lingraft.experiments.jobs import JobRunner, work_dir_for
     from lingraft.experiments.sweep import run_sweep
 
+    device = common.device
     dev = pick_device(device)
     runner = JobRunner(opts, work_dir=work_dir_for(results), device=dev, where=where)
     runner.preflight([j for j in jobs if j["job_id"] not in done])  # finished jobs need no model any more
     by_id = {j["job_id"]: j for j in jobs}
 
-    with progress_bar(len(jobs), "run", no_progress or quiet, unit="jobs") as bar:
+    with progress_bar(len(jobs), "run", common.bars_off, unit="jobs") as bar:
         bar.skip(len(done))
 
         def say(msg: str) -> None:
-            if not quiet:
+            if not common.quiet:
                 bar.write(msg)  # above the bar on a TTY
 
-        runner.log = say if verbose else (lambda s: None)
+        runner.log = say if common.verbose else (lambda s: None)
         if ray is not None:
             from lingraft.distributed.jobs_ray import SweepJobFn, run_sweep_on_ray
 
-            address, wc, wg = ray
             fn = SweepJobFn(
                 opts,
                 work_dir=str(work_dir_for(results)),
@@ -204,15 +161,15 @@ def _run_jobs(
                 device=device,
                 models={j["job_id"]: j["model"] for j in jobs},
             )
-            with ray_cluster(address):
+            with ray.session():
                 return run_sweep_on_ray(
                     spec,
                     fn,
                     results_path=results,
                     log=say,
                     retry_errors=retry_errors,
-                    worker_cpus=wc,
-                    worker_gpus=wg,
+                    worker_cpus=ray.worker_cpus,
+                    worker_gpus=ray.worker_gpus,
                     on_record=lambda r: bar.update(1),
                 )
 
@@ -226,9 +183,7 @@ def _run_jobs(
         return run_sweep(spec, job_fn, results_path=results, log=say, retry_errors=retry_errors)
 
 
-def _report(
-    records: list[dict], spec, opts: dict, sweep: Path, results: Path, n_jobs: int, *, json_out, csv_out, quiet: bool
-) -> None:
+def _report(records: list[dict], spec, opts: dict, sweep: Path, results: Path, n_jobs: int, *, common, csv_out) -> None:
     """Print / write the summary of the finished run; LingraftError (exit 1) when any job failed."""
     from lingraft.experiments.sweep_summary import model_label, summary_columns, summary_csv, summary_rows
     from lingraft.io.files import atomic_write_text
@@ -254,9 +209,8 @@ def _report(
         "rows": rows,
     }
     summary["config_hash"] = config_hash(summary["config"])
-    if json_out:
-        emit_json(summary, json_out)
-    if json_out != "-" and not quiet:
+    common.emit(summary)
+    if common.show:
         header, body = summary_columns(rows)
         click.echo(table(body, header))
         click.echo(f"{len(records)} jobs, {len(failed)} failed; results in {results}")

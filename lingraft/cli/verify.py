@@ -8,15 +8,8 @@ from __future__ import annotations
 
 import click
 
-from lingraft.cli.options import (
-    check_input_file,
-    common_options,
-    emit_json,
-    json_option,
-    ray_cluster,
-    ray_options,
-    table,
-)
+from lingraft.cli._shared import check_input_file, table
+from lingraft.cli.options import common_options, dir_option, examples, file_option, model_argument, ray_options
 from lingraft.config import config_option
 
 # with --started-at: seconds kept back for writing the result and exiting after the search stops
@@ -25,28 +18,26 @@ EXIT_MARGIN_S = 1.0
 
 @click.command(
     "verify",
-    epilog="Examples:\n\n\b\n"
-    "  lingraft verify bench/net.onnx bench/vnnlib/prop_0_eps0.06.vnnlib --timeout 60 --result out.txt\n"
-    "  lingraft verify grafted.pt bench/vnnlib/prop_0_eps0.06.vnnlib --timeout 30\n"
-    "  lingraft verify --instances bench/instances.csv --out results.jsonl\n"
-    "  lingraft verify bench/net.onnx bench/vnnlib/prop_0_eps0.06.vnnlib --prepare",
+    epilog=examples(
+        "lingraft verify bench/net.onnx bench/vnnlib/prop_0_eps0.06.vnnlib --timeout 60 --result out.txt",
+        "lingraft verify grafted.pt bench/vnnlib/prop_0_eps0.06.vnnlib --timeout 30",
+        "lingraft verify --instances bench/instances.csv --out results.jsonl",
+        "lingraft verify bench/net.onnx bench/vnnlib/prop_0_eps0.06.vnnlib --prepare",
+    ),
 )
-@click.argument("model", required=False, type=click.Path())
+@model_argument
 @click.argument("prop", required=False, type=click.Path())
 @config_option()
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=60.0,
-    show_default=True,
     help="Wall-clock seconds for the instance (with --instances: when given, replaces the CSV's "
     "per-instance timeouts).",
 )
-@click.option(
+@file_option(
     "--result",
     "result_path",
-    type=click.Path(dir_okay=False),
-    default=None,
     help="Write the VNN-COMP result file (sat + counterexample, unsat, unknown, timeout, error).",
 )
 @click.option(
@@ -61,7 +52,6 @@ EXIT_MARGIN_S = 1.0
     "--split",
     type=click.Choice(["auto", "input", "relu"]),
     default="auto",
-    show_default=True,
     help="Branching: input splitting (<= 10 inputs in auto), ReLU splitting otherwise.",
 )
 @click.option(
@@ -69,28 +59,14 @@ EXIT_MARGIN_S = 1.0
     is_flag=True,
     help="Only check that MODEL loads and PROP parses for it (VNN-COMP's prepare_instance.sh).",
 )
-@click.option(
-    "--instances",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Run a whole benchmark: instances.csv (onnx,vnnlib,timeout; paths relative to it).",
-)
-@click.option(
-    "--out",
-    "out_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="With --instances: JSONL results file (resumes: finished instances are skipped).",
+@file_option("--instances", help="Run a whole benchmark: instances.csv (onnx,vnnlib,timeout; paths relative to it).")
+@file_option(
+    "--out", "out_path", help="With --instances: JSONL results file (resumes: finished instances are skipped)."
 )
 @click.option(
     "--no-resume", is_flag=True, help="With --instances: start over instead of skipping the instances already in --out."
 )
-@click.option(
-    "--results-dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="With --instances: also write one VNN-COMP result file per instance here.",
-)
+@dir_option("--results-dir", help="With --instances: also write one VNN-COMP result file per instance here.")
 @click.option(
     "--threads",
     type=int,
@@ -100,7 +76,6 @@ EXIT_MARGIN_S = 1.0
     "branch and bound's many small tensor operations run fastest with 1.",
 )
 @ray_options
-@json_option
 @common_options
 def command(
     model,
@@ -116,15 +91,8 @@ def command(
     no_resume,
     results_dir,
     threads,
-    ray_address,
-    worker_cpus,
-    worker_gpus,
-    json_out,
-    verbose,
-    quiet,
-    seed,
-    no_progress,
-    device,
+    ray,
+    common,
 ):
     """Decide MODEL (.onnx, or a lingraft .pt checkpoint) against PROP.vnnlib: unsat (property holds), sat
     (counterexample, re-checked by a forward pass: onnxruntime for ONNX, PyTorch for a checkpoint), unknown or
@@ -145,8 +113,8 @@ def command(
         import torch
 
         torch.set_num_threads(threads)
-    dev = None if device == "auto" else device
-    if ray_address is not None and not instances:
+    dev = None if common.device == "auto" else common.device
+    if ray is not None and not instances:
         raise UsageError("--ray runs a benchmark's instances in parallel: use it with --instances CSV")
     if instances:
         if model or prop:
@@ -155,24 +123,13 @@ def command(
             click.get_current_context().get_parameter_source("timeout") != click.core.ParameterSource.DEFAULT
         )
         _verify_benchmark(
-            instances,
-            out_path,
-            results_dir,
-            not no_resume,
-            timeout if timeout_given else None,
-            split,
-            seed,
-            dev,
-            verbose,
-            quiet,
-            json_out,
-            ray=None if ray_address is None else (ray_address, worker_cpus, worker_gpus),
+            instances, out_path, results_dir, not no_resume, timeout if timeout_given else None, split, dev, common, ray
         )
         return
     if prepare:
-        _prepare(model, prop, quiet, json_out)
+        _prepare(model, prop, common)
         return
-    _verify_one(model, prop, timeout, started_at, result_path, split, seed, dev, verbose, quiet, json_out)
+    _verify_one(model, prop, timeout, started_at, result_path, split, dev, common)
 
 
 def _check_arguments(model, prop, result_path):
@@ -198,21 +155,19 @@ def _check_arguments(model, prop, result_path):
         raise
 
 
-def _verify_benchmark(
-    instances, out_path, results_dir, resume, timeout, split, seed, device, verbose, quiet, json_out, ray=None
-):
+def _verify_benchmark(instances, out_path, results_dir, resume, timeout, split, device, common, ray=None):
     """--instances: every instance of a benchmark's instances.csv; a status count table (or JSON).
-    ray: None, or (address, worker_cpus, worker_gpus) to run one instance per Ray task."""
+    ray: None, or a RayArgs to run one instance per Ray task."""
     # with --json - stdout carries only the JSON document: progress lines go to stderr
-    echo = (lambda s: None) if quiet else (lambda s: click.echo(s, err=json_out == "-"))
+    echo = (lambda s: None) if common.quiet else (lambda s: click.echo(s, err=common.json_out == "-"))
     kw = dict(
         out=out_path,
         resume=resume,
         results_dir=results_dir,
         timeout=timeout,
-        verbose=verbose > 0,
+        verbose=common.verbose > 0,
         echo=echo,
-        seed=seed,
+        seed=common.seed,
         split=split,
         device=device,
     )
@@ -223,44 +178,38 @@ def _verify_benchmark(
     else:
         from lingraft.distributed.jobs_ray import verify_instances_on_ray
 
-        address, wc, wg = ray
-        with ray_cluster(address):
-            recs = verify_instances_on_ray(instances, worker_cpus=wc, worker_gpus=wg, **kw)
+        with ray.session():
+            recs = verify_instances_on_ray(instances, worker_cpus=ray.worker_cpus, worker_gpus=ray.worker_gpus, **kw)
     counts: dict[str, int] = {}
     for r in recs:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     wrong = sum(1 for r in recs if r.get("wrong"))
-    if json_out:
-        emit_json(
-            {"schema_version": 1, "command": "verify", "instances": recs, "counts": counts, "wrong": wrong}, json_out
-        )
-    if not quiet and json_out != "-":
+    common.emit({"schema_version": 1, "command": "verify", "instances": recs, "counts": counts, "wrong": wrong})
+    if common.show:
         click.echo(table([[k, v] for k, v in sorted(counts.items())] + [["wrong", wrong]], ["status", "count"]))
 
 
-def _prepare(model, prop, quiet, json_out):
+def _prepare(model, prop, common):
     """--prepare: load MODEL and parse PROP for it (nothing is cached between calls)."""
     from lingraft.verify.core import check_instance
 
     shape, n_out = check_instance(model, prop)
-    if json_out:
-        emit_json(
-            {
-                "schema_version": 1,
-                "command": "verify",
-                "model": model,
-                "property": prop,
-                "prepared": True,
-                "input_shape": list(shape),
-                "outputs": n_out,
-            },
-            json_out,
-        )
-    if not quiet and json_out != "-":
+    common.emit(
+        {
+            "schema_version": 1,
+            "command": "verify",
+            "model": model,
+            "property": prop,
+            "prepared": True,
+            "input_shape": list(shape),
+            "outputs": n_out,
+        }
+    )
+    if common.show:
         click.echo(f"ok: {model} input {tuple(shape)} -> {n_out} outputs; {prop} parsed")
 
 
-def _verify_one(model, prop, timeout, started_at, result_path, split, seed, device, verbose, quiet, json_out):
+def _verify_one(model, prop, timeout, started_at, result_path, split, device, common):
     """MODEL PROP: decide one instance; one status line (or JSON); exit 1 when the answer is ``error``."""
     from lingraft.errors import LingraftError
     from lingraft.verify import VerifyResult, verify_property, write_result
@@ -269,7 +218,9 @@ def _verify_one(model, prop, timeout, started_at, result_path, split, seed, devi
     if budget <= 0:
         res = VerifyResult("timeout", None, 0.0, {"branches": 0, "method": "none"})
     else:
-        res = verify_property(model, prop, timeout=budget, seed=seed, split=split, device=device, verbose=verbose > 0)
+        res = verify_property(
+            model, prop, timeout=budget, seed=common.seed, split=split, device=device, verbose=common.verbose > 0
+        )
     if result_path:
         write_result(result_path, res)
     out = {
@@ -284,9 +235,8 @@ def _verify_one(model, prop, timeout, started_at, result_path, split, seed, devi
         if res.counterexample is None
         else {"x": [float(v) for v in res.counterexample[0]], "y": [float(v) for v in res.counterexample[1]]},
     }
-    if json_out:
-        emit_json(out, json_out)
-    if not quiet and json_out != "-":
+    common.emit(out)
+    if common.show:
         click.echo(
             f"{res.status}  ({res.time_s:.2f} s, {res.stats.get('branches', 0)} branches, "
             f"{res.stats.get('method', '')})"

@@ -127,6 +127,7 @@ def certify_on_ray(
     for s in starts:
         if s in done and skip:
             skip(min(batch_size, N - s))
+    # wall-clock time, not lingraft.clock: workers on other machines compare it with their own clocks
     deadline = None if timeout is None else time.time() + float(timeout)
     device = "cuda" if worker_gpus else "cpu"
     batch = _unit_kw(opts, indices, batch_size, seed)

@@ -9,10 +9,9 @@ that kept dying) is written as an error record with the reason, like a local uni
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from lingraft.experiments.compare_config import CompareSpec
 from lingraft.experiments.compare_report import build_result, write_outputs
 from lingraft.experiments.sweep import SweepSpec, error_record, job_record, run_sweep
 from lingraft.verify.core import VerifyResult
-from lingraft.verify.runner import echo_summary, instance_record, instance_tag, open_results, record_instance
+from lingraft.verify.runner import Instance, verify_instances
 
 __all__ = ["SweepJobFn", "run_compare_on_ray", "run_sweep_on_ray", "verify_instances_on_ray"]
 
@@ -65,64 +64,48 @@ def _verify_task(onnx_blob, onnx: str, vnnlib_blob, vnnlib: str, tmo: float, fol
 
 
 def verify_instances_on_ray(
-    csv_path,
-    *,
-    out=None,
-    resume: bool = True,
-    results_dir=None,
-    timeout: float | None = None,
-    worker_cpus: int = 1,
-    worker_gpus: float = 0,
-    max_retries: int = 2,
-    echo: Callable[[str], None] = print,
-    **verify_kw,
+    csv_path, *, worker_cpus: int = 1, worker_gpus: float = 0, max_retries: int = 2, **kw
 ) -> list[dict]:
-    """:func:`lingraft.verify.runner.verify_instances` with one instance per Ray task (Ray must be initialized,
-    e.g. inside :func:`~lingraft.distributed.ray_backend.ray_session`). The ONNX and VNN-LIB files travel
-    through the object store (each file once), so workers need no shared file system. Same ``out`` file, same
-    records (in instance order), same progress and summary lines; an instance whose task failed after
+    """:func:`lingraft.verify.runner.verify_instances` (``kw``: its arguments) with one instance per Ray task (Ray
+    must be initialized, e.g. inside :func:`~lingraft.distributed.ray_backend.ray_session`). The ONNX and VNN-LIB
+    files travel through the object store (each file once), so workers need no shared file system. Same ``out``
+    file, same records (in instance order), same progress and summary lines; an instance whose task failed after
     ``max_retries`` gets status ``error`` with the reason."""
     ray = require_ray()
-    folder, rows, expected, results, done = open_results(csv_path, out, resume)
-    blobs: dict[str, Any] = {}
 
-    def blob(rel: str):
-        if rel not in blobs:
-            p = folder / rel
-            blobs[rel] = ray.put(p.read_bytes()) if p.is_file() else None
-        return blobs[rel]
+    def on_ray(folder: Path, instances: Iterable[Instance], finish, verify_kw: dict) -> None:
+        blobs: dict[str, Any] = {}
 
-    records: dict[int, dict] = {}
-    units = []
-    for n, (onnx, vnnlib, t) in enumerate(rows, 1):
-        if (onnx, vnnlib) in done:
-            records[n] = done[(onnx, vnnlib)]
-            echo(f"{instance_tag(folder, n, len(rows), onnx, vnnlib)}: {records[n]['status']} (resumed)")
-            continue
-        tmo = float(timeout) if timeout is not None else t
-        units.append((n, (blob(onnx), onnx, blob(vnnlib), vnnlib, tmo, str(folder), dict(verify_kw))))
+        def blob(rel: str):
+            if rel not in blobs:
+                p = folder / rel
+                blobs[rel] = ray.put(p.read_bytes()) if p.is_file() else None
+            return blobs[rel]
 
-    def on_done(o: UnitOutcome) -> None:
-        onnx, vnnlib, t = rows[o.key - 1]
-        tmo = float(timeout) if timeout is not None else t
-        res = o.result
-        if o.error is not None:
-            res = VerifyResult("error", stats={"branches": 0, "method": "", "error": o.error})
-        rec = instance_record(folder, onnx, vnnlib, tmo, res, expected)
-        record_instance(rec, res, results, results_dir, echo, instance_tag(folder, o.key, len(rows), onnx, vnnlib))
-        records[o.key] = rec
+        # every resumed instance is reported here, before any task runs
+        left: dict[int, Instance] = {}
+        units = []
+        for inst in instances:
+            left[inst.n] = inst
+            args = (blob(inst.onnx), inst.onnx, blob(inst.vnnlib), inst.vnnlib, inst.timeout, str(folder))
+            units.append((inst.n, (*args, dict(verify_kw))))
 
-    run_units(
-        _verify_task,
-        units,
-        worker_cpus=worker_cpus,
-        worker_gpus=worker_gpus,
-        max_retries=max_retries,
-        on_done=on_done,
-    )
-    ordered = [records[n] for n in sorted(records)]
-    echo_summary(folder, ordered, echo)
-    return ordered
+        def on_done(o: UnitOutcome) -> None:
+            res = o.result
+            if o.error is not None:
+                res = VerifyResult("error", stats={"branches": 0, "method": "", "error": o.error})
+            finish(left[o.key], res)
+
+        run_units(
+            _verify_task,
+            units,
+            worker_cpus=worker_cpus,
+            worker_gpus=worker_gpus,
+            max_retries=max_retries,
+            on_done=on_done,
+        )
+
+    return verify_instances(csv_path, runner=on_ray, **kw)
 
 
 # ------------------------------------------------------------------------------------------------ sweeps
@@ -169,19 +152,17 @@ def run_sweep_on_ray(
     spec: SweepSpec,
     job_fn: Callable[[dict], dict],
     *,
-    results_path: str | os.PathLike | None = None,
-    log: Callable[[str], Any] = print,
-    retry_errors: bool = False,
     worker_cpus: int = 1,
     worker_gpus: float = 0,
     max_retries: int = 2,
     on_record: Callable[[dict], Any] | None = None,
+    **sweep_kw: Any,
 ) -> list[dict]:
-    """:func:`lingraft.experiments.sweep.run_sweep` with one job per Ray task (Ray must be initialized).
-    ``job_fn`` must pickle (a :class:`SweepJobFn` for ``lingraft run``); it goes to the object store once. The
-    driver holds the results file's lock and appends each record as its task finishes; a job whose task failed
-    after ``max_retries`` is recorded as an error, like a local job that raised. ``on_record(record)`` is called
-    after each record is written (progress)."""
+    """:func:`lingraft.experiments.sweep.run_sweep` (``sweep_kw``: its results_path, log, retry_errors) with one job
+    per Ray task (Ray must be initialized). ``job_fn`` must pickle (a :class:`SweepJobFn` for ``lingraft run``); it
+    goes to the object store once. The driver holds the results file's lock and appends each record as its task
+    finishes; a job whose task failed after ``max_retries`` is recorded as an error, like a local job that raised.
+    ``on_record(record)`` is called after each record is written (progress)."""
     require_ray()
 
     def runner(todo: list[dict], fn: Callable[[dict], dict], write: Callable[[dict], None]) -> None:
@@ -203,7 +184,7 @@ def run_sweep_on_ray(
             on_done=on_done,
         )
 
-    return run_sweep(spec, job_fn, results_path=results_path, log=log, retry_errors=retry_errors, runner=runner)
+    return run_sweep(spec, job_fn, runner=runner, **sweep_kw)
 
 
 # ------------------------------------------------------------------------------------------------ compare

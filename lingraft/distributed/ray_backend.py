@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lingraft.errors import LingraftError, UsageError
+from lingraft.signals import keep_handlers
 
 INSTALL_HINT = "pip install 'lingraft[ray]'"
 
@@ -34,10 +35,11 @@ def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator
     default all), "auto" joins the running one, anything else is a cluster address ("ray://host:10001" or
     "host:6379"). Shuts Ray down afterwards only when this block started it."""
     ray = require_ray()
-    started = False
+    if ray.is_initialized():  # a session is already up: join it, and leave it up
+        yield ray
+        return
     # ray.init installs its own SIGTERM handler: keep lingraft's (save state, one line, exit 130) in force
-    handlers = _signal_handlers()
-    if not ray.is_initialized():
+    with keep_handlers() as restore_handlers:
         kw: dict = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
         try:
             if address:
@@ -49,32 +51,11 @@ def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator
                 f"cannot reach the Ray cluster at {address!r} ({e}); start one with "
                 "'ray start --head' or leave the address out to start a local one"
             ) from None
-        started = True
-        _restore_signal_handlers(handlers)
-    try:
-        yield ray
-    finally:
-        if started:
+        restore_handlers()
+        try:
+            yield ray
+        finally:
             ray.shutdown()
-            _restore_signal_handlers(handlers)
-
-
-def _signal_handlers() -> dict:
-    """The SIGINT/SIGTERM handlers now in force (only readable in the main thread; elsewhere nothing)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
-def _restore_signal_handlers(handlers: dict) -> None:
-    import signal
-
-    for sig, h in handlers.items():
-        if h is not None:
-            signal.signal(sig, h)
 
 
 @dataclass

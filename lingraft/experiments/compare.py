@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lingraft.clock import Stopwatch, now
 from lingraft.env import pick_device
 from lingraft.experiments.compare_config import CompareSpec, Entry, certify_units, check_choice, step_hashes
 from lingraft.experiments.compare_report import build_result, short_number, write_outputs
@@ -113,7 +113,7 @@ def _ensure_trained(
         + (f", teacher {e.teacher}" if e.teacher else "")
         + f", {cfg.epochs} epoch(s))"
     )
-    t0 = time.perf_counter()
+    watch = Stopwatch()
     metrics = train(
         cfg,
         ckpt,
@@ -124,7 +124,7 @@ def _ensure_trained(
     rec = {
         "hash": h,
         "checkpoint": str(ckpt),
-        "train_s": round(time.perf_counter() - t0, 3),
+        "train_s": round(watch.elapsed(), 3),
         "train_loop_s": metrics.get("train_time_s"),
         "best": metrics.get("best"),
         "finished_at": _now(),
@@ -149,7 +149,7 @@ def _ensure_grafted(
     if "gammas" in kw:
         kw["gammas"] = tuple(kw["gammas"])
     log(f"[{e.name}] grafting ratio {kw['ratio']} at eps {spec.eps}")
-    t0 = time.perf_counter()
+    watch = Stopwatch()
     res = run_graft(
         folder / "model.pt",
         out_path=str(ckpt),
@@ -166,7 +166,7 @@ def _ensure_grafted(
     rec = {
         "hash": h,
         "checkpoint": str(ckpt),
-        "graft_s": round(time.perf_counter() - t0, 3),
+        "graft_s": round(watch.elapsed(), 3),
         "finetune_s": round(float(res["finetune"]["time_s"]), 3),
         "relu_neurons": res["relu_neurons"],
         "grafted_neurons": res["grafted_neurons"],
@@ -206,7 +206,7 @@ class ComparePlan:
     def finish(self, log: Callable[[str], None], plot: bool) -> dict:
         """Write the tables (and the plot); returns table.json's dict."""
         result = build_result(self.spec, self.out, self.hashes, self.seed)
-        result["wall_s"] = round(time.perf_counter() - self.t0, 1)
+        result["wall_s"] = round(now() - self.t0, 1)
         write_outputs(result, self.out, log=log, plot=plot)
         return result
 
@@ -224,7 +224,7 @@ def plan_compare(spec: CompareSpec, out_dir, *, only: list[str] | None = None, s
     for e in reversed(spec.entries):
         if e.name in need and e.teacher_entry and e.teacher is not None:
             need.add(e.teacher)
-    t0 = time.perf_counter()
+    t0 = now()
     results = ResumableLog(out / "results.jsonl")
     have = {r.get("unit") for r in results.resume()}  # a torn tail (kill) is cut
     n_max = max(spec.certify["num_samples"], spec.certify["grid_num_samples"])

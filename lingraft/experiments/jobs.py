@@ -69,26 +69,6 @@ RUN_OPTIONS: dict[str, Any] = {
     "graft_batch_size": 128,
 }
 
-# Options that change the grafted checkpoint (everything else only changes certification).
-_GRAFT_KEYS = (
-    "dataset",
-    "data_dir",
-    "epochs",
-    "num_train",
-    "score_images",
-    "score_bound",
-    "rule",
-    "scope",
-    "gammas",
-    "significance",
-    "significance_input",
-    "init",
-    "lr",
-    "lr_graft",
-    "train_eps",
-    "graft_batch_size",
-    "seed",
-)
 _CHOICES = {
     "norm": ("inf", "2"),
     "score_bound": ("ibp", "crown"),
@@ -97,6 +77,36 @@ _CHOICES = {
     "significance": ("gradient", "magnitude"),
     "significance_input": ("clean", "fgsm"),
     "init": ("paper", "identity", "zero", "fit"),
+}
+# The settings of a job's two steps, filled in from the options: {settings field: option name}. The grafting
+# options are exactly those that change the grafted checkpoint (all others only change certification).
+_GRAFT_SETTINGS = {
+    **{
+        k: k
+        for k in (
+            "dataset",
+            "data_dir",
+            "epochs",
+            "num_train",
+            "score_images",
+            "score_bound",
+            "rule",
+            "scope",
+            "gammas",
+            "significance",
+            "significance_input",
+            "init",
+            "lr",
+            "lr_graft",
+            "train_eps",
+            "seed",
+        )
+    },
+    "batch_size": "graft_batch_size",  # the option batch_size is certification's
+}
+_CERTIFY_SETTINGS = {
+    k: k
+    for k in ("norm", "batch_size", "pgd_steps", "pgd_restarts", "seed", "timeout", "alpha_iterations", "bab_timeout")
 }
 _INT_MIN = {
     "num_samples": 1,
@@ -110,6 +120,12 @@ _INT_MIN = {
     "score_images": 1,
     "graft_batch_size": 1,
 }
+
+
+def _settings_from(options: dict, fields: dict[str, str]) -> dict:
+    """Keyword arguments {settings field: option value} for ``fields`` ({settings field: option name}); lists
+    become tuples, as the settings' sequence fields (gammas) are."""
+    return {f: tuple(v) if isinstance(v := options[k], list) else v for f, k in fields.items()}
 
 
 def _bad(name: str, value: Any, want: str, where: str) -> UsageError:
@@ -322,7 +338,7 @@ class JobRunner:
             "model_sha256": f.sha256,
             "ratio": float(job["ratio"]),
             "eps": float(job["eps"]),
-            **{k: self.options[k] for k in _GRAFT_KEYS},
+            **{k: self.options[k] for k in _GRAFT_SETTINGS.values()},
         }
         return self.work_dir / f"{Path(f.path).stem}-r{job['ratio']:g}-e{job['eps']:.6g}-{config_hash(key)[:10]}.pt"
 
@@ -331,29 +347,12 @@ class JobRunner:
         options, no before/after table."""
         from lingraft.graft.settings import GraftSettings
 
-        o = self.options
         return GraftSettings(
             ratio=job["ratio"],
             eps=job["eps"],
             out_path=str(out),
-            rule=o["rule"],
-            scope=o["scope"],
-            gammas=tuple(o["gammas"]),
-            significance=o["significance"],
-            significance_input=o["significance_input"],
-            score_images=o["score_images"],
-            score_bound=o["score_bound"],
-            init=o["init"],
-            epochs=o["epochs"],
-            num_train=o["num_train"],
-            batch_size=o["graft_batch_size"],
-            lr=o["lr"],
-            lr_graft=o["lr_graft"],
-            train_eps=o["train_eps"],
             num_samples=0,
-            dataset=o["dataset"],
-            data_dir=o["data_dir"],
-            seed=o["seed"],
+            **_settings_from(self.options, _GRAFT_SETTINGS),
         )
 
     def _graft(self, job: dict) -> tuple[str, dict]:
@@ -409,16 +408,9 @@ class JobRunner:
             job["eps"],
             in_shape=lm.in_shape,
             method=job["method"],
-            norm=o["norm"],
-            batch_size=o["batch_size"],
-            pgd_steps=o["pgd_steps"],
-            pgd_restarts=o["pgd_restarts"],
-            seed=o["seed"],
-            timeout=o["timeout"],
             indices=range(o["offset"], o["offset"] + x.shape[0]),
-            alpha_iterations=o["alpha_iterations"],
             device=dev,
-            bab_timeout=o["bab_timeout"],
+            **_settings_from(o, _CERTIFY_SETTINGS),
         )
         d = rep.to_dict()
         if not o["keep_samples"]:

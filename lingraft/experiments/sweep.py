@@ -23,12 +23,12 @@ import difflib
 import json
 import math
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lingraft.clock import Stopwatch
 from lingraft.config import config_hash, load_config, normalize_keys, parse_eps, parse_number, validate_keys
 from lingraft.errors import LingraftError, UsageError
 from lingraft.io.files import ensure_parent, json_default
@@ -383,7 +383,7 @@ def _run_here(todo: list[dict], job_fn: Callable[[dict], dict], write: Callable[
 
 def job_record(job: dict, job_fn: Callable[[dict], dict]) -> dict:
     """The results record of one job: ``job_fn``'s dict, or the exception it raised in one line."""
-    t0 = time.perf_counter()
+    watch = Stopwatch()
     try:
         result = job_fn(dict(job, options=dict(job["options"])))
         if not isinstance(result, dict):
@@ -392,7 +392,7 @@ def job_record(job: dict, job_fn: Callable[[dict], dict]) -> dict:
         status, error = "ok", None
     except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
         status, error, result = "error", f"{type(e).__name__}: {' '.join(str(e).split())}", None
-    return error_record(job, error, time.perf_counter() - t0, status=status, result=result)
+    return error_record(job, error, watch.elapsed(), status=status, result=result)
 
 
 def error_record(job: dict, error: str | None, elapsed_s: float, *, status: str = "error", result=None) -> dict:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from lingraft.clock import Stopwatch
 from lingraft.models.layers import GraftedReLU
 from lingraft.train.epoch import AttackRecipe, EpochPosition, run_epoch
 from lingraft.train.evaluation import evaluate
@@ -25,6 +25,10 @@ __all__ = ["FinetuneConfig", "finetune", "graft_param_groups"]
 
 @dataclass
 class FinetuneConfig:
+    """How :func:`finetune` trains: SGD with momentum and a cosine schedule over ``epochs``, FGSM adversarial
+    training at radius ``eps`` (step ``fgsm_step`` * eps, gradient alignment weight ``grad_align``). The caller
+    picks the training and validation images."""
+
     epochs: int = 1
     batch_size: int = 128
     lr: float = 1e-3  # network weights
@@ -34,8 +38,6 @@ class FinetuneConfig:
     eps: float = 0.1
     grad_align: float = 0.2
     fgsm_step: float = 1.25
-    num_train: int | None = None
-    val_size: int = 1000
     seed: int = 0
 
 
@@ -91,7 +93,7 @@ def finetune(
     best_state = copy.deepcopy(model.state_dict())
     history = [{"epoch": 0, **best}]
     log(f"finetune start: val clean {best['clean_acc']:.4f} pgd {best['pgd_acc']:.4f}")
-    t0 = time.perf_counter()
+    watch = Stopwatch()
     for ep in range(1, cfg.epochs + 1):
         # a diverged loss is not fatal here: the best (possibly the un-tuned) weights are kept
         run_epoch(
@@ -118,4 +120,4 @@ def finetune(
             best, best_state = ev, copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
     model.eval()
-    return model, {"best": best, "history": history, "time_s": time.perf_counter() - t0}
+    return model, {"best": best, "history": history, "time_s": watch.elapsed()}

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
+from lingraft.clock import Stopwatch
 from lingraft.errors import UsageError
 from lingraft.graft.application import INITS, apply_graft, graft_summary
 from lingraft.graft.finetune import FinetuneConfig, finetune
@@ -241,11 +241,11 @@ def _run(model_path, s: GraftSettings, *, device, log, command: str, bars) -> di
     check_input_matches_dataset(lm, ds)
     model = lm.model.to(dev).eval()
     data = _split_training_data(lm, ds, s)
-    t0 = time.perf_counter()
+    watch = Stopwatch()
     masks, scores = _score_and_select(model, lm, data, eps, s, dev, log, bars)
     if masks is None:
         return {"schema_version": 1, "command": "graft", "scores_only": s.scores_only, "model": lm.path}
-    score_time = time.perf_counter() - t0
+    score_time = watch.elapsed()
     if s.save_mask:
         save_masks(s.save_mask, masks, {"model": lm.path, "ratio": s.ratio, "rule": s.rule, "eps": eps})
     grafted = apply_graft(model, masks, init=s.init, scores=scores)

@@ -248,6 +248,23 @@ def load_checkpoint(path, map_location="cpu") -> tuple[nn.Module, dict]:
     """
     path = Path(os.fspath(path))
     ckpt, stale_sidecar = _torch_load(path, map_location)
+    _check_format(path, ckpt)
+    model = _build_model(path, ckpt)
+    state = ckpt["state_dict"]
+    _check_weights(path, ckpt, model.state_dict())
+    model.load_state_dict(state, strict=True)
+    if isinstance(map_location, (str, torch.device)):
+        model.to(map_location)  # buffers created by the constructor (e.g. GraftedReLU masks) follow too
+    model.eval()
+    info = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    if stale_sidecar is not None:
+        _rewrite_stale_sidecar(path, ckpt)  # warns with stacklevel=3: must be called from here
+    return model, info
+
+
+def _check_format(path: Path, ckpt) -> None:
+    """LingraftError unless ``ckpt`` (what ``path`` unpickled to) is a lingraft checkpoint dict this version reads,
+    with its arch, arch_kwargs and state_dict entries."""
     if not isinstance(ckpt, dict):
         raise LingraftError(
             f"{path} holds a {type(ckpt).__name__}, not a lingraft checkpoint; "
@@ -275,6 +292,9 @@ def load_checkpoint(path, map_location="cpu") -> tuple[nn.Module, dict]:
         if key not in ckpt:
             raise LingraftError(f"{path} lacks the '{key}' entry; the checkpoint is damaged, re-create it")
 
+
+def _build_model(path: Path, ckpt: dict) -> nn.Module:
+    """The checkpoint's architecture with its grafted layers in place, with fresh (not yet loaded) weights."""
     from lingraft.models import create_model, list_models
 
     arch = ckpt["arch"]
@@ -291,8 +311,13 @@ def load_checkpoint(path, map_location="cpu") -> tuple[nn.Module, dict]:
         ) from None
     for name, shape in (ckpt.get("grafted") or {}).items():
         replace_module(model, name, GraftedReLU(shape))
+    return model
 
-    state = ckpt["state_dict"]
+
+def _check_weights(path: Path, ckpt: dict, expected: dict) -> None:
+    """LingraftError unless the checkpoint's state_dict fits ``expected`` (the built model's state_dict): the same
+    keys, the same shapes, and 0/1 masks in its grafted layers."""
+    arch, state = ckpt["arch"], ckpt["state_dict"]
     for name in ckpt.get("grafted") or {}:
         m = state.get(f"{name}.mask")
         if isinstance(m, torch.Tensor) and not is_binary_mask(m):
@@ -301,7 +326,6 @@ def load_checkpoint(path, map_location="cpu") -> tuple[nn.Module, dict]:
                 "a mask marks each neuron grafted (1) or not (0), so the checkpoint is damaged or was edited: "
                 "re-create it with 'lingraft graft' (or round the mask to 0/1 and re-save)"
             )
-    expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -320,11 +344,3 @@ def load_checkpoint(path, map_location="cpu") -> tuple[nn.Module, dict]:
                 f"{path}: weight {k!r} has shape {list(state[k].shape)} but {arch!r} needs "
                 f"{list(v.shape)}; the checkpoint is damaged or was edited"
             )
-    model.load_state_dict(state, strict=True)
-    if isinstance(map_location, (str, torch.device)):
-        model.to(map_location)  # buffers created by the constructor (e.g. GraftedReLU masks) follow too
-    model.eval()
-    info = {k: v for k, v in ckpt.items() if k != "state_dict"}
-    if stale_sidecar is not None:
-        _rewrite_stale_sidecar(path, ckpt)
-    return model, info

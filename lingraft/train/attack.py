@@ -174,32 +174,34 @@ def _step(r: _Restart, grad: Tensor, odi: bool, center: Tensor | None, eps: floa
         r.xa = torch.min(torch.max(xa, r.lo), r.hi)
 
 
-def _run_restart(
-    model: nn.Module,
-    problem: _Problem,
-    best: _BestIterates,
-    r: _Restart,
-    *,
-    steps: int,
-    odi_steps: int,
-    center: Tensor | None,
-    eps: float | None,
-    l2: bool,
-    generator: torch.Generator | None,
-    early_stop: bool,
-) -> None:
-    """``odi_steps`` ODI steps then ``steps`` PGD steps from r.xa, offering every iterate to ``best``."""
-    for t in range(odi_steps + steps):
-        odi = t < odi_steps
-        grad, logits = _ascent_direction(model, problem, r, odi, generator)
+@dataclass
+class _Ascent:
+    """What every restart of one PGD run shares: ``odi_steps`` ODI steps then ``steps`` PGD steps; the L2 ball's
+    center [B, ...] and radius eps when l2 (else the box alone bounds the steps); the random generator;
+    early_stop: drop samples from the computation once they succeed."""
+
+    steps: int
+    odi_steps: int
+    center: Tensor | None
+    eps: float | None
+    l2: bool
+    generator: torch.Generator | None
+    early_stop: bool
+
+
+def _run_restart(model: nn.Module, problem: _Problem, best: _BestIterates, r: _Restart, a: _Ascent) -> None:
+    """The ascent ``a`` from r.xa, offering every iterate to ``best``."""
+    for t in range(a.odi_steps + a.steps):
+        odi = t < a.odi_steps
+        grad, logits = _ascent_direction(model, problem, r, odi, a.generator)
         s = best.record(r.xa, logits, r.idx)
-        if early_stop:
+        if a.early_stop:
             keep = ~s
             if not keep.any():
                 return
             if not keep.all():
                 grad = r.keep(keep, grad)
-        _step(r, grad, odi, center, eps, l2)
+        _step(r, grad, odi, a.center, a.eps, a.l2)
     if r.idx.numel() > 0:
         with torch.no_grad():
             best.record(r.xa, model(r.xa), r.idx)
@@ -232,6 +234,7 @@ def _pgd(
     all_idx = torch.arange(x_start.shape[0], device=x_start.device)
     l2 = norm == "2" and eps is not None
     best = _BestIterates(model, x_start, problem)
+    ascent = _Ascent(steps, odi_steps, center, eps, l2, generator, early_stop)
     for _ in range(max(int(restarts), 0)):
         idx = (~best.succ).nonzero().squeeze(1) if early_stop else all_idx
         if idx.numel() == 0 or steps <= 0:
@@ -239,19 +242,7 @@ def _pgd(
         lo_i, hi_i = lo[idx], hi[idx]
         xa = _random_start(lo_i, hi_i, center[idx] if l2 else None, eps, l2, generator)
         r = _Restart(idx, xa, lo_i, hi_i, step[idx] if isinstance(step, Tensor) else step)
-        _run_restart(
-            model,
-            problem,
-            best,
-            r,
-            steps=steps,
-            odi_steps=odi_steps,
-            center=center,
-            eps=eps,
-            l2=l2,
-            generator=generator,
-            early_stop=early_stop,
-        )
+        _run_restart(model, problem, best, r, ascent)
 
     with torch.no_grad():  # re-check the returned points with a plain forward pass
         final = problem.success(model(best.x), all_idx)
@@ -267,17 +258,17 @@ def pgd_attack(
     y: Tensor,
     eps: float | None,
     *,
-    steps: int = 20,
-    restarts: int = 1,
-    step_size: float | None = None,
     norm: str = "inf",
     x_min: float | Tensor = 0.0,
     x_max: float | Tensor = 1.0,
-    seed: int | None = None,
-    early_stop: bool = True,
+    steps: int = 20,
+    restarts: int = 1,
+    step_size: float | None = None,
     loss: str = "margin",
-    generator: torch.Generator | None = None,
+    early_stop: bool = True,
     odi_steps: int = 0,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Untargeted PGD: maximise the margin (or CE) loss of label ``y`` inside the eps-ball ∩ [x_min, x_max].
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from lingraft import __version__
+from lingraft.clock import Stopwatch
 from lingraft.data.datasets import dataset_info, load_dataset
 from lingraft.env import pick_device
 from lingraft.errors import LingraftError, UsageError
@@ -100,8 +100,8 @@ class _Trainer:
         self.epoch_done = 0
         self.pos = EpochPosition()
         self.train_time = 0.0
-        self._time_mark = time.monotonic()  # start of the not yet booked training time
-        self._last_save = time.monotonic()  # when the resume state was last written
+        self._unbooked = Stopwatch()  # training time not yet booked
+        self._since_save = Stopwatch()  # time since the resume state was last written
 
     # ------------------------------------------------------------------------------------------------ setup
     def _check_arch(self) -> None:
@@ -292,10 +292,9 @@ class _Trainer:
     # ----------------------------------------------------------------------------------------------- epochs
     def _book_time(self) -> None:
         """Add the time since the last mark to this epoch's and the run's training time."""
-        now = time.monotonic()
-        self.pos.running["time"] += now - self._time_mark
-        self.train_time += now - self._time_mark
-        self._time_mark = now
+        dt = self._unbooked.restart()
+        self.pos.running["time"] += dt
+        self.train_time += dt
 
     def _train_epoch(self, epoch: int, bar, state_every_s: float | None) -> None:
         """The optimizer steps of one epoch, with periodic mid-epoch states and a state save on Ctrl-C."""
@@ -305,16 +304,12 @@ class _Trainer:
             if bar is not None:
                 bar.set_postfix(loss=f"{pos.running['loss'] / pos.running['seen']:.4f}", eps=f"{eps_t:.4f}")
                 bar.update(1)
-            if (
-                state_every_s is not None
-                and time.monotonic() - self._last_save > state_every_s
-                and pos.batch_done < self.iters
-            ):
+            if state_every_s is not None and self._since_save.elapsed() > state_every_s and pos.batch_done < self.iters:
                 self._book_time()
                 self.save_state(pos.gen_state, mid_epoch=True)
-                self._last_save = time.monotonic()
+                self._since_save.restart()
 
-        self._time_mark = time.monotonic()
+        self._unbooked.restart()
         try:
             run_epoch(
                 self.model,
@@ -349,7 +344,7 @@ class _Trainer:
     def _validate(self, epoch: int) -> dict:
         """The epoch's metrics: training loss/accuracy and validation clean/PGD accuracy."""
         cfg, running = self.cfg, self.pos.running
-        t_eval = time.monotonic()
+        eval_watch = Stopwatch()
         self.plugin.train(False)
         if len(self.x_val):
             ev = evaluate(self.model, self.x_val, self.y_val, cfg.eps, pgd_steps=cfg.eval_pgd_steps, seed=cfg.seed)
@@ -365,7 +360,7 @@ class _Trainer:
             "lr": self.opt.param_groups[0]["lr"],
             "eps": cfg.eps,
             "epoch_time_s": round(running["time"], 3),
-            "eval_time_s": round(time.monotonic() - t_eval, 3),
+            "eval_time_s": round(eval_watch.elapsed(), 3),
         }
 
     def interrupt_message(self) -> str:
@@ -402,7 +397,7 @@ class _Trainer:
             f"({metrics['epoch_time_s']:.1f} s + eval {metrics['eval_time_s']:.1f} s)" + (" *" if improved else "")
         )
         self.save_state(self.gen.get_state(), mid_epoch=False)
-        self._last_save = time.monotonic()
+        self._since_save.restart()
         return improved
 
     def fit(self, *, make_bar: Callable | None, stop_after_epochs: int | None, state_every_s: float | None) -> dict:
@@ -410,7 +405,7 @@ class _Trainer:
         ``make_bar(total, desc, unit=, initial=)``: a progress bar/reporter per epoch (None: none)."""
         cfg = self.cfg
         epochs_this_call = 0
-        self._last_save = time.monotonic()
+        self._since_save.restart()
         result: dict = {}
         while self.epoch_done < cfg.epochs:
             epoch = self.epoch_done + 1

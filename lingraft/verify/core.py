@@ -25,7 +25,6 @@ import math
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from lingraft.bounds import BoundedNetwork
+from lingraft.clock import Stopwatch, now
 from lingraft.env import pick_device
 from lingraft.errors import LingraftError, UsageError
 from lingraft.spec.region import RegionSpec, region_spec
@@ -44,6 +44,7 @@ from lingraft.verify.bounding import Bounded, bound_domains
 from lingraft.verify.falsify import spec_attack
 from lingraft.verify.input_bab import InputBaB
 from lingraft.verify.relu_bab import ReluBaB
+from lingraft.verify.search import SearchOutcome
 from lingraft.verify.witness import confirm, float32_note
 
 #: networks with at most this many inputs are verified by input splitting
@@ -153,8 +154,8 @@ def verify_property(
     attack=False turns the PGD searches off (branch and bound alone; for testing its soundness); max_rounds: a
     work budget independent of the clock, branch-and-bound rounds per region at most (then ``unknown``).
     """
-    t0 = time.perf_counter()
-    deadline = t0 + float(timeout)
+    watch = Stopwatch()
+    deadline = watch.start + float(timeout)
     if split not in ("auto", "input", "relu"):
         raise UsageError(f"unknown split mode {split!r}; use auto, input or relu")
     if log is None:
@@ -168,7 +169,7 @@ def verify_property(
         note = float32_note(prop, cex) if cex is not None else ""
         if note:
             stats["note"] = note
-        return VerifyResult(status, cex, time.perf_counter() - t0, stats, note)
+        return VerifyResult(status, cex, watch.elapsed(), stats, note)
 
     try:
         model, shape, n_out, onnx_path = load_model(model_or_path, in_shape, tmpdir)
@@ -194,21 +195,26 @@ def verify_property(
             attack=attack,
             max_rounds=max_rounds,
         )
-        todo = _settle_by_crown(run, specs)
-        if todo is None:
-            return result("timeout")
-        budget = attack_time if attack_time is not None else min(2.0, 0.05 * float(timeout))
-        if attack and budget > 0:
-            found = _quick_attack(run, todo, budget, seed)
-            if found is not None:
-                return result(*found)
-        return result(*_decide_regions(run, todo, seed))
+        attack_budget = attack_time if attack_time is not None else min(2.0, 0.05 * float(timeout))
+        return result(*_run_steps(run, specs, attack_budget, seed))
     except LingraftError as e:
         stats["error"] = str(e)
         return result("error")
     except (RuntimeError, MemoryError) as e:  # e.g. out of memory inside the bound computation
         stats["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         return result("error")
+
+
+def _run_steps(run: _Run, specs: list[RegionSpec], attack_budget: float, seed: int):
+    """The three steps of the module docstring on the regions' specs. -> (status, counterexample or None)."""
+    todo = _settle_by_crown(run, specs)
+    if todo is None:
+        return "timeout", None
+    if run.attack and attack_budget > 0:
+        found = _quick_attack(run, todo, attack_budget, seed)
+        if found is not None:
+            return found
+    return _decide_regions(run, todo, seed)
 
 
 @dataclass
@@ -235,7 +241,7 @@ class _Run:
         self.stats["method"] = _merge_method(self.stats["method"], method)
 
     def out_of_time(self) -> bool:
-        return time.perf_counter() > self.deadline
+        return now() > self.deadline
 
 
 def _matching_property(prop, n_in: int, n_out: int) -> VnnlibProperty:
@@ -292,9 +298,7 @@ def _quick_attack(run: _Run, todo: list[tuple[int, RegionSpec]], budget: float, 
         if run.out_of_time():
             return "timeout", None
         run.use_method("attack")
-        xs, v = spec_attack(
-            run.model, spec, seed=seed + i, deadline=min(run.deadline, time.perf_counter() + budget / len(todo))
-        )
+        xs, v = spec_attack(run.model, spec, seed=seed + i, deadline=min(run.deadline, now() + budget / len(todo)))
         cex = run.check(xs, v - spec.confirm_slack)  # near misses in float32 are worth a re-check
         if cex is not None:
             run.log(f"region {i}: counterexample found by the attack")
@@ -325,9 +329,9 @@ def _verify_region(run: _Run, spec: RegionSpec, seed: int):
     if run.mode == "input":
         return _input_bab(run, spec)
     C = spec.C.unsqueeze(0)
-    t_crown = time.perf_counter()
+    crown_watch = Stopwatch()
     res = bound_domains(run.net, spec.x_L, spec.x_U, C, iterations=0)
-    t_crown = time.perf_counter() - t_crown
+    t_crown = crown_watch.elapsed()
     ref = spec.refuted(spec.lower_margin(res.lower))
     run.use_method("alpha-crown")
     rw = (~ref)[:, spec.group].float()
@@ -353,19 +357,8 @@ def _verify_region(run: _Run, spec: RegionSpec, seed: int):
 
 def _input_bab(run: _Run, spec: RegionSpec):
     """Input-splitting branch and bound of one region. -> (status, counterexample or None)."""
-    bab = InputBaB(
-        run.net,
-        spec,
-        run.model,
-        run.check,
-        run.deadline,
-        batch_size=run.batch_size or 512,
-        max_rounds=run.max_rounds,
-        log=run.log,
-    )
-    out = bab.run()
-    run.stats["branches"] += out.branches
-    run.stats["max_depth"] = max(run.stats.get("max_depth", 0), out.max_depth)
+    out = InputBaB(**_search_args(run, spec)).run()
+    _book_search(run, out)
     run.use_method("crown" if out.branches <= 1 else "bab-input")
     return out.status, out.counterexample
 
@@ -378,20 +371,33 @@ def _relu_bab(run: _Run, spec: RegionSpec, root: Bounded, seed: int, refine: boo
     # one CROWN pass is cheap, else keep the root's bounds with the split neurons clamped
     run.stats["refine_intermediate"] = refine
     bab = ReluBaB(
-        run.net,
-        spec,
-        run.model,
-        run.check,
-        run.deadline,
-        batch_size=run.batch_size or 64,
         iterations=run.bab_iterations,
         seed=seed,
         attack_every=2.0 if run.attack else float("inf"),
         refine_intermediate=refine,
-        max_rounds=run.max_rounds,
-        log=run.log,
+        **_search_args(run, spec),
     )
     out = bab.run(root)
+    _book_search(run, out)
+    return out.status, out.counterexample
+
+
+def _search_args(run: _Run, spec: RegionSpec) -> dict:
+    """The :class:`~lingraft.verify.search.BranchAndBound` arguments of a search of region ``spec`` in ``run``
+    (batch size None, or 0, leaves each search its own default)."""
+    return {
+        "net": run.net,
+        "spec": spec,
+        "model": run.model,
+        "confirm": run.check,
+        "deadline": run.deadline,
+        "batch_size": run.batch_size or None,
+        "max_rounds": run.max_rounds,
+        "log": run.log,
+    }
+
+
+def _book_search(run: _Run, out: SearchOutcome) -> None:
+    """Add a finished search's branches and depth to the run's statistics."""
     run.stats["branches"] += out.branches
     run.stats["max_depth"] = max(run.stats.get("max_depth", 0), out.max_depth)
-    return out.status, out.counterexample

@@ -10,11 +10,11 @@ are output-diversified (ODI: ascend a random direction of the outputs) to spread
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 from torch import Tensor, nn
 
+from lingraft.clock import now
 from lingraft.spec.region import RegionSpec, group_max
 
 
@@ -31,6 +31,7 @@ def spec_attack(
 ) -> tuple[Tensor, Tensor]:
     """Search the region's (inward-rounded) box for inputs violating the specification.
 
+    deadline: a :func:`lingraft.clock.now` value after which no further step starts (None: none).
     x_init: optional [k, *in_shape] starting points (e.g. bound minimizers from branch and bound); they are
     used as they are (no ODI) and the rest of the ``starts`` begin at the box centre and random points.
     Returns (x [N, *in_shape] float32 inside the box, violation [N]) sorted by violation, best first;
@@ -57,7 +58,7 @@ def spec_attack(
         best_v = spec.violation(model(x).float())
     total = odi_steps + steps
     for t in range(total):
-        if deadline is not None and time.perf_counter() > deadline:
+        if deadline is not None and now() > deadline:
             break
         xr = x.detach().requires_grad_(True)
         with torch.enable_grad():

@@ -15,48 +15,25 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import time
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from lingraft.bounds import BoundedNetwork
-from lingraft.spec.region import RegionSpec, group_max
+from lingraft.clock import Stopwatch
+from lingraft.spec.region import group_max
 from lingraft.verify.bounding import bound_domains, input_coefficients
-from lingraft.verify.search import SearchOutcome, queue_overflowed, worst_rows
+from lingraft.verify.search import BranchAndBound, SearchOutcome, queue_overflowed, worst_rows
 
 #: the search gives up (``unknown``) when more sub-boxes than this wait in the queue
 MAX_BOXES = 2_000_000
 
 
-class InputBaB:
-    """Input-splitting branch and bound for one region (see the module docstring).
+class InputBaB(BranchAndBound):
+    """Input-splitting branch and bound for one region (see the module docstring); the settings are those of
+    :class:`BranchAndBound`, with 512 boxes per round and plain CROWN bounds (no alpha steps) by default."""
 
-    confirm: callable(x [N, *in], violation [N]) -> (x, y) or None; deadline: time.perf_counter() value;
-    max_rounds: rounds at most (None: until the deadline), then ``unknown``.
-    """
-
-    def __init__(
-        self,
-        net: BoundedNetwork,
-        spec: RegionSpec,
-        model,
-        confirm: Callable,
-        deadline: float,
-        *,
-        batch_size: int = 512,
-        iterations: int = 0,
-        max_rounds: int | None = None,
-        log: Callable[[str], None] | None = None,
-    ):
-        self.net, self.spec, self.model, self.confirm = net, spec, model, confirm
-        self.deadline = deadline
-        # a work budget independent of the clock: the search ends "unknown" after this many rounds
-        self.max_rounds = max_rounds
-        self.batch_size = max(1, int(batch_size))
-        self.iterations = iterations
-        self.log = log or (lambda s: None)
+    BATCH_SIZE = 512
+    ITERATIONS = 0
 
     def _bound(self, x_L: Tensor, x_U: Tensor, open_p: Tensor):
         """Bound B boxes: returns (margins [B, S], open groups [B, G], split dim [B], candidates [2B, *in])."""
@@ -110,45 +87,25 @@ class InputBaB:
         out.branches = 1
         cex = self._check(cands)
         if cex is not None:
-            out.status, out.counterexample = "sat", cex
-            return out
+            return out.found(cex)
         if not bool(open_c.any()):
             return out
         pri = group_max(m, spec.group, spec.G).masked_fill(~open_c, float("inf")).min(1).values
         heapq.heappush(heap, (float(pri[0]), next(counter), x_L[0], x_U[0], open_c[0], int(dim[0]), 0))
-        round_time = 0.0
         per_box = 0.0  # seconds per popped box in the last round: predicts the next round's length
         while heap:
-            if time.perf_counter() + per_box * min(self.batch_size, len(heap)) > self.deadline:
-                out.status = "timeout"
+            if not self.may_start_round(out, per_box, len(heap)):
                 return out
-            if self.max_rounds is not None and out.rounds >= self.max_rounds:
-                out.status = "unknown"
-                return out
-            t0 = time.perf_counter()
+            round_watch = Stopwatch()
             items = [heapq.heappop(heap) for _ in range(min(self.batch_size, len(heap)))]
-            lo = torch.stack([it[2] for it in items])
-            up = torch.stack([it[3] for it in items])
-            op = torch.stack([it[4] for it in items])
-            d = torch.tensor([it[5] for it in items], device=dev)
-            depth = torch.tensor([it[6] for it in items], device=dev)
+            lo2, up2, op2, depth = self._bisect(items)
             n = len(items)
-            flat_lo, flat_up = lo.reshape(n, -1), up.reshape(n, -1)
-            idx = torch.arange(n, device=dev)
-            mid = (flat_lo[idx, d] + flat_up[idx, d]) / 2
-            lo2, up2 = flat_lo.repeat(2, 1), flat_up.repeat(2, 1)  # first half: lower halves, then upper halves
-            up2[idx, d] = mid
-            lo2[idx + n, d] = mid
-            lo2 = lo2.reshape(2 * n, *lo.shape[1:])
-            up2 = up2.reshape(2 * n, *up.shape[1:])
-            op2 = op.repeat(2, 1)
             m, open_c, dim, cands = self._bound(lo2, up2, op2)
             out.branches += 2 * n
             out.rounds += 1
             cex = self._check(cands)
             if cex is not None:
-                out.status, out.counterexample = "sat", cex
-                return out
+                return out.found(cex)
             live = torch.nonzero(open_c.any(1)).flatten()
             if live.numel():
                 pri = group_max(m, spec.group, spec.G).masked_fill(~open_c, float("inf")).min(1).values
@@ -158,8 +115,27 @@ class InputBaB:
                     heapq.heappush(
                         heap, (float(pri[i]), next(counter), lo2[i], up2[i], open_c[i], int(dim[i]), int(dep[i]))
                     )
-            round_time = time.perf_counter() - t0
+            round_time = round_watch.elapsed()
             per_box = round_time / n
             if queue_overflowed(out, heap, MAX_BOXES, round_time, self.log, "input-bab", "boxes", log_every=20):
                 return out
         return out
+
+    def _bisect(self, items: list) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Halve n popped boxes along their split dimensions. items: heap entries (priority, tiebreak, x_L, x_U,
+        open groups [G], split dim, depth). -> (x_L, x_U [2n, *in]: the lower halves, then the upper halves; open
+        groups [2n, G]; the parents' depths [n])."""
+        dev = self.net.device
+        lo = torch.stack([it[2] for it in items])
+        up = torch.stack([it[3] for it in items])
+        op = torch.stack([it[4] for it in items])
+        d = torch.tensor([it[5] for it in items], device=dev)
+        depth = torch.tensor([it[6] for it in items], device=dev)
+        n = len(items)
+        flat_lo, flat_up = lo.reshape(n, -1), up.reshape(n, -1)
+        idx = torch.arange(n, device=dev)
+        mid = (flat_lo[idx, d] + flat_up[idx, d]) / 2
+        lo2, up2 = flat_lo.repeat(2, 1), flat_up.repeat(2, 1)  # first half: lower halves, then upper halves
+        up2[idx, d] = mid
+        lo2[idx + n, d] = mid
+        return lo2.reshape(2 * n, *lo.shape[1:]), up2.reshape(2 * n, *up.shape[1:]), op.repeat(2, 1), depth

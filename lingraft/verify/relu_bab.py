@@ -27,18 +27,17 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from lingraft.bounds import BoundedNetwork
-from lingraft.spec.region import RegionSpec, group_max
+from lingraft.clock import Stopwatch
+from lingraft.spec.region import group_max
 from lingraft.verify.bounding import Bounded, bound_domains, input_coefficients, relu_op
 from lingraft.verify.falsify import spec_attack
-from lingraft.verify.search import SearchOutcome, queue_overflowed, worst_rows
+from lingraft.verify.search import BranchAndBound, SearchOutcome, queue_overflowed, worst_rows
 
 
 @dataclass
@@ -55,48 +54,35 @@ class Domain:
     depth: int
 
 
-class ReluBaB:
+class ReluBaB(BranchAndBound):
     """Branch and bound over ReLU splits for one region.
 
-    net: the bound engine's network; spec: the region's tensors; model: the PyTorch model (for attacks);
-    confirm: callable(x [N, *in], violation [N]) -> (x, y) or None (the independent re-check);
-    deadline: time.perf_counter() value to stop at; batch_size: domains popped per round (each gives 2 children);
-    iterations: alpha/beta steps per round; refine_intermediate: recompute every domain's intermediate bounds with
+    The leading arguments and ``batch_size`` (domains popped per round, each gives 2 children; default 64),
+    ``iterations`` (alpha/beta steps per round; default 8), ``max_rounds`` and ``log`` are those of
+    :class:`BranchAndBound`. attack_every: seconds between attacks from the worst domains' bound minimizers (inf:
+    none); seed: the first attack's seed; refine_intermediate: recompute every domain's intermediate bounds with
     CROWN (tighter; costly on large networks) or keep the root's with the split neurons clamped;
     alpha_memory_mb / queue_memory_mb: memory for warm-start slopes / for the queued domains (the search ends
-    ``unknown`` when the queue outgrows it); max_rounds: rounds at most (None: until the deadline), then ``unknown``.
+    ``unknown`` when the queue outgrows it).
     """
 
     def __init__(
         self,
-        net: BoundedNetwork,
-        spec: RegionSpec,
-        model,
-        confirm: Callable,
-        deadline: float,
-        *,
-        batch_size: int = 64,
-        iterations: int = 8,
+        *args: Any,
         attack_every: float = 2.0,
         seed: int = 0,
         refine_intermediate: bool = True,
         alpha_memory_mb: float = 1024.0,
         queue_memory_mb: float = 2048.0,
-        max_rounds: int | None = None,
-        log: Callable[[str], None] | None = None,
+        **search: Any,
     ):
-        self.net, self.spec, self.model, self.confirm = net, spec, model, confirm
-        self.deadline = deadline
-        # a work budget independent of the clock: the search ends "unknown" after this many rounds
-        self.max_rounds = max_rounds
-        self.batch_size = max(1, int(batch_size))
-        self.iterations = iterations
+        super().__init__(*args, **search)
+        net, spec = self.net, self.spec
         self.attack_every = attack_every
         self.seed = seed
         # False: keep the root's intermediate bounds (split neurons clamped) instead of recomputing them per domain
         self.refine = refine_intermediate
         self.base_bounds: list | None = None
-        self.log = log or (lambda s: None)
         self.relus = list(net.relu_input_nodes().keys())
         self.shapes = [tuple(net.nodes[k].shape) for k in self.relus]
         self.sizes = [int(math.prod(s)) for s in self.shapes]
@@ -198,39 +184,35 @@ class ReluBaB:
                 worst_rows(margin, open0.unsqueeze(0), spec),
             )
             if cex is not None:
-                return _found(out, cex)
+                return out.found(cex)
         return self._search(heap, out)
 
     def _search(self, heap: list, out: SearchOutcome) -> SearchOutcome:
         """The rounds: pop a batch, bound both children of each domain, queue the open ones, attack now and then."""
         stuck = 0
-        last_attack = time.perf_counter()
+        since_attack = Stopwatch()
         per_domain = 0.0  # seconds per popped domain in the last round: predicts the next round's length
         while heap:
-            if time.perf_counter() + per_domain * min(self.batch_size, len(heap)) > self.deadline:
-                out.status = "timeout"
-                return out
-            if self.max_rounds is not None and out.rounds >= self.max_rounds:
-                out.status = "unknown"
+            if not self.may_start_round(out, per_domain, len(heap)):
                 return out
             batch, n_stuck = self._pop_batch(heap)
             stuck += n_stuck
             if not batch:
                 break
-            t0 = time.perf_counter()
+            round_watch = Stopwatch()
             children = self._bound_children(batch)
             out.branches += 2 * len(batch)
             out.rounds += 1
             self._queue_children(heap, batch, children, out)
-            round_time = time.perf_counter() - t0
+            round_time = round_watch.elapsed()
             per_domain = round_time / len(batch)
             if queue_overflowed(out, heap, self.max_domains, round_time, self.log, "relu-bab", "domains", log_every=10):
                 return out
-            if children.live.numel() and time.perf_counter() - last_attack > self.attack_every:
-                last_attack = time.perf_counter()
+            if children.live.numel() and since_attack.elapsed() > self.attack_every:
+                since_attack.restart()
                 cex = self._attack_worst(children)
                 if cex is not None:
-                    return _found(out, cex)
+                    return out.found(cex)
         out.status = "unknown" if stuck else "unsat"
         return out
 
@@ -388,8 +370,3 @@ class _Children:
     group_margin: Tensor
     open_groups: Tensor
     live: Tensor
-
-
-def _found(out: SearchOutcome, cex) -> SearchOutcome:
-    out.status, out.counterexample = "sat", cex
-    return out

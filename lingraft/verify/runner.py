@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import csv
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from lingraft.errors import LingraftError
@@ -166,6 +167,22 @@ def echo_summary(folder: Path, records: list[dict], echo) -> None:
     )
 
 
+@dataclass(frozen=True)
+class Instance:
+    """One instance left to verify: its position ``n`` in instances.csv (from 1), its files (relative to the
+    benchmark folder) and its timeout in seconds."""
+
+    n: int
+    onnx: str
+    vnnlib: str
+    timeout: float
+
+
+#: ``runner(folder, instances, finish, verify_kw)`` verifies the instances left (``verify_kw``: keywords for
+#: :func:`verify_property`) and calls ``finish(instance, result)`` in this process as each one is done
+InstanceRunner = Callable[[Path, Iterable[Instance], Callable[[Instance, VerifyResult], None], dict], None]
+
+
 def verify_instances(
     csv_path,
     *,
@@ -175,6 +192,7 @@ def verify_instances(
     timeout: float | None = None,
     verbose: bool = False,
     echo: Callable[[str], None] = print,
+    runner: InstanceRunner | None = None,
     **verify_kw,
 ) -> list[dict]:
     """Verify every instance of a benchmark's instances.csv; returns one record per instance.
@@ -183,20 +201,36 @@ def verify_instances(
     resume: skip instances already in ``out``; results_dir: also write a VNN-COMP result file per instance;
     timeout: overrides the per-instance timeouts. Extra keywords go to :func:`verify_property`.
     Record: {benchmark, onnx, vnnlib, timeout, status, time_s, branches, method, expected, wrong}.
+    runner: how the instances left run (default: here, one after another;
+    :func:`lingraft.distributed.jobs_ray.verify_instances_on_ray` passes one that runs them as Ray tasks).
     """
     folder, rows, expected, results, done = open_results(csv_path, out, resume)
-    records = []
-    for n, (onnx, vnnlib, t) in enumerate(rows, 1):
-        key = (onnx, vnnlib)
-        tag = instance_tag(folder, n, len(rows), onnx, vnnlib)
-        if key in done:
-            records.append(done[key])
-            echo(f"{tag}: {done[key]['status']} (resumed)")
-            continue
-        tmo = float(timeout) if timeout is not None else t
-        res = verify_property(folder / onnx, folder / vnnlib, timeout=tmo, verbose=verbose, **verify_kw)
-        rec = instance_record(folder, onnx, vnnlib, tmo, res, expected)
+    records: dict[int, dict] = {}
+
+    def left() -> Iterator[Instance]:
+        # lazy: a runner that verifies each instance as it gets it reports them all in file order, resumed included
+        for n, (onnx, vnnlib, t) in enumerate(rows, 1):
+            if (onnx, vnnlib) in done:
+                records[n] = done[(onnx, vnnlib)]
+                echo(f"{instance_tag(folder, n, len(rows), onnx, vnnlib)}: {records[n]['status']} (resumed)")
+                continue
+            yield Instance(n, onnx, vnnlib, float(timeout) if timeout is not None else t)
+
+    def finish(inst: Instance, res: VerifyResult) -> None:
+        rec = instance_record(folder, inst.onnx, inst.vnnlib, inst.timeout, res, expected)
+        tag = instance_tag(folder, inst.n, len(rows), inst.onnx, inst.vnnlib)
         record_instance(rec, res, results, results_dir, echo, tag)
-        records.append(rec)
-    echo_summary(folder, records, echo)
-    return records
+        records[inst.n] = rec
+
+    (runner or _verify_here)(folder, left(), finish, dict(verify_kw, verbose=verbose))
+    ordered = [records[n] for n in sorted(records)]
+    echo_summary(folder, ordered, echo)
+    return ordered
+
+
+def _verify_here(
+    folder: Path, instances: Iterable[Instance], finish: Callable[[Instance, VerifyResult], None], verify_kw: dict
+) -> None:
+    """The default :data:`InstanceRunner`: every instance in this process, one after another."""
+    for inst in instances:
+        finish(inst, verify_property(folder / inst.onnx, folder / inst.vnnlib, timeout=inst.timeout, **verify_kw))

@@ -1,5 +1,6 @@
-"""What the two branch-and-bound searches (input splitting, ReLU splitting) share: their outcome, the choice of
-each domain's worst open row, and the bookkeeping at the end of a round."""
+"""What the two branch-and-bound searches (input splitting, ReLU splitting) share: their settings and the checks
+before a round (:class:`BranchAndBound`), their outcome, the choice of each domain's worst open row, and the
+bookkeeping at the end of a round."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from lingraft.bounds import BoundedNetwork
+from lingraft.clock import now
 from lingraft.spec.region import RegionSpec, group_max
 
 
@@ -18,6 +21,57 @@ class SearchOutcome:
     branches: int = 0
     max_depth: int = 0
     rounds: int = 0
+
+    def found(self, counterexample: tuple) -> SearchOutcome:
+        """This outcome, now ``sat`` with ``counterexample`` (x, y)."""
+        self.status, self.counterexample = "sat", counterexample
+        return self
+
+
+class BranchAndBound:
+    """The settings both searches share; a subclass adds ``run`` (the search) and its own defaults.
+
+    net: the bound engine's network; spec: the region's tensors; model: the PyTorch model (for concrete checks and
+    attacks); confirm: callable(x [N, *in], violation [N]) -> (x, y) or None (the independent re-check);
+    deadline: a :func:`lingraft.clock.now` value to stop at; batch_size: items popped per round (None: the class's
+    ``BATCH_SIZE``); iterations: alpha(/beta) steps per bounding call (None: ``ITERATIONS``); max_rounds: rounds
+    at most (None: until the deadline), then ``unknown``.
+    """
+
+    BATCH_SIZE = 64
+    ITERATIONS = 8
+
+    def __init__(
+        self,
+        net: BoundedNetwork,
+        spec: RegionSpec,
+        model,
+        confirm: Callable,
+        deadline: float,
+        *,
+        batch_size: int | None = None,
+        iterations: int | None = None,
+        max_rounds: int | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
+        self.net, self.spec, self.model, self.confirm = net, spec, model, confirm
+        self.deadline = deadline
+        # a work budget independent of the clock: the search ends "unknown" after this many rounds
+        self.max_rounds = max_rounds
+        self.batch_size = max(1, int(self.BATCH_SIZE if batch_size is None else batch_size))
+        self.iterations = self.ITERATIONS if iterations is None else iterations
+        self.log = log or (lambda s: None)
+
+    def may_start_round(self, out: SearchOutcome, per_item: float, queued: int) -> bool:
+        """Before a round: False (and ``out.status`` "timeout" or "unknown") when the round would end past the
+        deadline, predicted from the last round's seconds per popped item, or when no rounds are left."""
+        if now() + per_item * min(self.batch_size, queued) > self.deadline:
+            out.status = "timeout"
+            return False
+        if self.max_rounds is not None and out.rounds >= self.max_rounds:
+            out.status = "unknown"
+            return False
+        return True
 
 
 def worst_rows(m: Tensor, open_c: Tensor, spec: RegionSpec) -> Tensor:
