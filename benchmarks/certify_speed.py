@@ -17,32 +17,20 @@ import argparse
 import time
 
 import torch
-from _table import markdown_table  # benchmarks/_table.py (the script's folder is on sys.path)
+from _setup import model_args, models_and_images  # benchmarks/_setup.py (the script's folder is on sys.path)
+from _table import markdown_table
 
 from lingraft.bounds import BoundedNetwork, input_box, margin_spec
 from lingraft.compat import auto_lirpa
-from lingraft.data.datasets import load_dataset, subset
-from lingraft.io.loader import default_model_path, load_model
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", action="append", help="checkpoint(s); default: the shipped model")
-    ap.add_argument("-n", "--num-samples", type=int, default=200)
-    ap.add_argument("--eps", type=float, default=None, help="default: the checkpoint's training eps")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=None)
+    model_args(ap, num_samples=200, eps=None, batch_size=32)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not auto_lirpa.available():
-        raise SystemExit(f"auto_LiRPA unavailable: {auto_lirpa.import_error()}")
     rows = []
-    for path in args.model or [str(default_model_path())]:
-        lm = load_model(path)
+    for path, lm, x, y in models_and_images(args):
         eps = args.eps if args.eps is not None else float(lm.meta.get("config", {}).get("eps", 0.1))
-        x, y = subset(*load_dataset(lm.dataset, "test"), args.num_samples)
-        x = x.reshape(-1, *lm.in_shape)
         model = lm.model.eval()
         compat = BoundedNetwork(model, lm.in_shape, mode="autolirpa")
         tight = BoundedNetwork(model, lm.in_shape)

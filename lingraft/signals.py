@@ -27,6 +27,7 @@ __all__ = [
     "cli_reports",
     "message_of",
     "keep_handlers",
+    "forget_unhandled_interrupt",
     "DEFAULT_MESSAGE",
 ]
 
@@ -119,6 +120,18 @@ def cli_reports() -> Iterator[None]:
 def message_of(exc: BaseException) -> str:
     """The one line to print for an interrupt."""
     return exc.message if isinstance(exc, Interrupted) else DEFAULT_MESSAGE
+
+
+def forget_unhandled_interrupt() -> None:
+    """Tell CPython that the KeyboardInterrupt just caught was handled; call it where an interrupt is turned into
+    an exit code.
+
+    A KeyboardInterrupt that leaves code run by ``exec`` of a string (dataclasses and namedtuple build their
+    methods that way, so a signal during a lazy import such as torch's first ``torch._dynamo`` import lands there
+    often) sets an interpreter flag that catching it does not clear. A program run as ``python -m`` then ends by
+    killing itself with SIGINT after its own ``sys.exit(130)`` (status -2). Each ``exec`` of a string starts by
+    resetting that flag, so an empty one clears it."""
+    exec("")  # a constant empty string: its only effect is the reset
 
 
 @contextlib.contextmanager

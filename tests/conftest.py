@@ -187,3 +187,31 @@ def without_keys(o, keys):
     if isinstance(o, list):
         return [without_keys(v, keys) for v in o]
     return o
+
+
+def write_non_finite_models(d: Path, model: torch.nn.Module) -> str:
+    """Models with non-finite weights, made from ``model`` (a digits MLP, saved as d/good.pt and exported to
+    d/good.onnx): nan.pt (NaN in parameter '4.weight'), nanbuf.pt (NaN in the Normalize buffer '0.mean') and
+    inf.onnx (good.onnx with +inf in its first weight matrix). Returns the name of that ONNX initializer."""
+    import copy
+
+    import numpy as np
+    import onnx
+
+    from lingraft.data.datasets import dataset_info
+    from lingraft.io.checkpoint import save_checkpoint
+
+    info = dataset_info("digits")
+    kw = dict(in_shape=list(info.in_shape), num_classes=10, mean=list(info.mean), std=list(info.std))
+    for name, key, index in (("nan.pt", "4.weight", 3), ("nanbuf.pt", "0.mean", 0)):
+        m = copy.deepcopy(model)
+        with torch.no_grad():
+            m.state_dict()[key].view(-1)[index].fill_(float("nan"))
+        save_checkpoint(d / name, m, arch="mlp", arch_kwargs=kw, dataset="digits", meta={"eps": 0.05})
+    g = onnx.load(str(d / "good.onnx"))
+    target = next(i for i in g.graph.initializer if len(i.dims) == 2)
+    arr = onnx.numpy_helper.to_array(target).copy()
+    arr.flat[5] = np.inf
+    target.CopyFrom(onnx.numpy_helper.from_array(arr, target.name))
+    onnx.save(g, str(d / "inf.onnx"))
+    return target.name

@@ -396,7 +396,7 @@ def test_exact_interval_nodes_skip_crown_and_keep_the_bounds(arch):
 @pytest.mark.parametrize("bias", [False, True])
 def test_bilinear_logit_bounds_sound_and_tighter_for_small_radius(bias):
     """Sampled inputs stay inside the centred bilinear logit bounds, which beat channel-wise interval products."""
-    from lingraft.bounds.ops.attention import bilinear_logit_bounds, product_bounds
+    from lingraft.bounds.ops.attention import AttentionLogits, bilinear_logit_bounds, product_bounds
 
     g = torch.Generator().manual_seed(0)
     B, C, h, d, K, P = 2, 6, 2, 3, 5, 4
@@ -406,7 +406,7 @@ def test_bilinear_logit_bounds_sound_and_tighter_for_small_radius(bias):
     kb = torch.randn(1, h, d, K, 1, generator=g)
     cq, ck = torch.rand(B, C, P, generator=g), torch.rand(B, C, K, P, generator=g)
     rq, rk = 0.02 * torch.rand(B, C, P, generator=g), 0.02 * torch.rand(B, C, K, P, generator=g)
-    lo, hi = bilinear_logit_bounds(cq, rq, ck, rk, wq, bq, wk, bk, kb, scale=0.7)
+    lo, hi = bilinear_logit_bounds((cq, rq), (ck, rk), AttentionLogits(wq, bq, wk, bk, kb, scale=0.7))
 
     def logits(xq, xk):
         q = torch.einsum("hdc,bcp->bhdp", wq, xq) + (0 if bq is None else bq[None, :, :, None])
@@ -433,7 +433,7 @@ def test_bilinear_logit_bounds_sound_and_tighter_for_small_radius(bias):
 def test_logit_difference_softmax_bounds_sound_and_tighter():
     """Softmax weights of sampled inputs stay inside the difference-based bounds, which beat softmax_bounds of the
     logit box; invalid window positions get [0, 0]."""
-    from lingraft.bounds.ops.attention import bilinear_logit_bounds, logit_difference_softmax_bounds
+    from lingraft.bounds.ops.attention import AttentionLogits, bilinear_logit_bounds, logit_difference_softmax_bounds
 
     g = torch.Generator().manual_seed(1)
     B, C, h, d, K, P = 3, 5, 2, 3, 9, 4
@@ -444,7 +444,8 @@ def test_logit_difference_softmax_bounds_sound_and_tighter():
     valid[K // 2] = True
     cq, ck = torch.rand(B, C, P, generator=g), torch.rand(B, C, K, P, generator=g)
     rq, rk = 0.05 * torch.rand(B, C, P, generator=g), 0.05 * torch.rand(B, C, K, P, generator=g)
-    wl, wu = logit_difference_softmax_bounds(cq, rq, ck, rk, wq, bq, wk, kb, valid, scale=0.6, chunk=2)
+    logits = AttentionLogits(wq, bq, wk, bk, kb, scale=0.6)
+    wl, wu = logit_difference_softmax_bounds((cq, rq), (ck, rk), logits, valid, chunk=2)
     assert bool((wl[..., ~valid] == 0).all() and (wu[..., ~valid] == 0).all())
     for _ in range(300):
         xq = cq + rq * (2 * torch.rand(cq.shape, generator=g) - 1)
@@ -454,6 +455,6 @@ def test_logit_difference_softmax_bounds_sound_and_tighter():
         z = (0.6 * (q.unsqueeze(3) * k).sum(2)).masked_fill(~valid, float("-inf"))
         w = z.softmax(2)
         assert bool((w >= wl - 1e-6).all() and (w <= wu + 1e-6).all())
-    ll, lu = bilinear_logit_bounds(cq, rq, ck, rk, wq, bq, wk, bk, kb, scale=0.6)
+    ll, lu = bilinear_logit_bounds((cq, rq), (ck, rk), logits)
     sl, su = softmax_bounds(ll, lu, valid, dim=2)
     assert float((wu - wl)[..., valid].mean()) < float((su - sl)[..., valid].mean())

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import write_non_finite_models
 
 from lingraft.cli.main import cli
 
@@ -98,6 +99,7 @@ def hd(tmp_path_factory) -> Path:
     ckpt("mnist.pt", "mnist")
     ckpt("cifar.pt", "cifar10")
     export_onnx(m, d / "good.onnx", (1, 8, 8))
+    write_non_finite_models(d, m)  # nan.pt, nanbuf.pt, inf.onnx
     raw = (d / "good.pt").read_bytes()
     (d / "trunc.pt").write_bytes(raw[: len(raw) // 2])
     rng = np.random.default_rng(1)
@@ -193,6 +195,10 @@ def _integrity_files(d: Path) -> None:
 D_OPTS = "-n 3 --pgd-steps 2 --json {o}/r.json --csv {o}/r.csv"
 GRAFT = "--score-images 20 --epochs 0 -n 0 --num-train 20 --out {o}/g.pt"
 TRAIN = "--dataset digits --epochs 1 --num-train 64 --val-size 64 --no-progress --out {o}/t.pt"
+# a model with NaN/inf weights is refused up front, naming its first non-finite tensor (inspect shows it instead)
+NAN_PT = "non-finite weights: parameter '4.weight' holds NaN"
+NAN_BUFFER = "non-finite weights: buffer '0.mean' holds NaN"
+INF_ONNX = "non-finite weights: initializer '"  # the exporter's name; test_cli_nonfinite checks it exactly
 
 ROWS = [
     # --- certify
@@ -211,6 +217,9 @@ ROWS = [
         1,
         "Sigmoid (node 'sigmoid0'), Softmax (node 'softmax1')",
     ),
+    ("certify-non-finite-pt", f"certify {{d}}/nan.pt {D_OPTS}", 1, NAN_PT),
+    ("certify-non-finite-buffer", f"certify {{d}}/nanbuf.pt {D_OPTS}", 1, NAN_BUFFER),
+    ("certify-non-finite-onnx", f"certify {{d}}/inf.onnx --dataset digits {D_OPTS}", 1, INF_ONNX),
     ("certify-onnx-shape", f"certify {{d}}/shape10.onnx --dataset digits {D_OPTS}", 2, "(1, 10, 10)"),
     ("certify-onnx-no-dataset", f"certify {{d}}/good.onnx {D_OPTS}", 2, "pass --dataset"),
     ("certify-eps-nan", f"certify {{d}}/good.pt --eps nan {D_OPTS}", 2, "finite"),
@@ -301,6 +310,9 @@ ROWS = [
     ("export-truncated", "export {d}/trunc.pt --out {o}/m.onnx", 1, "truncated or corrupted"),
     ("export-evil-pickle", "export {d}/evil.pt --out {o}/m.onnx", 1, "never runs code"),
     ("export-unsupported-onnx", "export {d}/unsupported.onnx --out {o}/m.onnx", 1, "Sigmoid"),
+    ("export-non-finite-pt", "export {d}/nan.pt --out {o}/m.onnx", 1, NAN_PT),
+    ("export-non-finite-buffer", "export {d}/nanbuf.pt --out {o}/m.onnx", 1, NAN_BUFFER),
+    ("export-non-finite-onnx", "export {d}/inf.onnx --out {o}/m.onnx", 1, INF_ONNX),
     ("export-opset-99", "export {d}/good.pt --out {o}/m.onnx --opset 99", 2, "opset 99"),
     ("export-opset-3", "export {d}/good.pt --out {o}/m.onnx --opset 3", 2, "opset 3"),
     ("export-out-is-dir", "export {d}/good.pt --out {d}/adir", 2, "is a directory"),
@@ -346,6 +358,8 @@ ROWS = [
     ("graft-onnx", f"graft {{d}}/good.onnx {GRAFT}", 2, "ONNX models can be certified but not grafted"),
     ("graft-bare-state-dict", f"graft {{d}}/bare.pt {GRAFT}", 1, "bare state_dict"),
     ("graft-evil-pickle", f"graft {{d}}/evil.pt {GRAFT}", 1, "never runs code"),
+    ("graft-non-finite-pt", f"graft {{d}}/nan.pt {GRAFT}", 1, NAN_PT),
+    ("graft-non-finite-buffer", f"graft {{d}}/nanbuf.pt {GRAFT}", 1, NAN_BUFFER),
     ("graft-eps-nan", f"graft {{d}}/good.pt --eps nan {GRAFT}", 2, "finite"),
     ("graft-eps-too-big", f"graft {{d}}/good.pt --eps 2 {GRAFT}", 2, "exceeds the input range [0, 1]"),
     ("graft-eps-fraction-text", f"graft {{d}}/good.pt --eps 2/x {GRAFT}", 2, "not a number"),
@@ -442,6 +456,7 @@ RUN_ROWS = [
     ("run-model-missing", _SW.replace("good.pt", "nope.pt"), 1, "not found"),
     ("run-model-truncated", _SW.replace("good.pt", "trunc.pt"), 1, "truncated or corrupted"),
     ("run-model-evil", _SW.replace("good.pt", "evil.pt"), 1, "never runs code"),
+    ("run-model-non-finite", _SW.replace("good.pt", "nan.pt"), 1, NAN_PT),
     ("run-model-bare", _SW.replace("good.pt", "bare.pt"), 1, "bare state_dict"),
     ("run-model-unsupported", _SW.replace("good.pt", "unsupported.onnx"), 1, "Sigmoid"),
     ("run-model-arch-name", _SW.replace("{d}/good.pt", "fc-8x200"), 2, "architecture name without weights"),
@@ -636,6 +651,8 @@ VERIFY_ROWS = [
     ),
     ("verify-random-onnx", "verify {d}/rand.onnx {d}/p64.vnnlib --result {o}/r.txt", 1, "cannot parse"),
     ("verify-unsupported-ops", "verify {d}/unsupported.onnx {d}/p64.vnnlib --result {o}/r.txt", 1, "Sigmoid"),
+    ("verify-non-finite-onnx", "verify {d}/inf.onnx {d}/p64.vnnlib --result {o}/r.txt", 1, INF_ONNX),
+    ("verify-non-finite-pt", "verify {d}/nan.pt {d}/p64.vnnlib --result {o}/r.txt", 1, NAN_PT),
     ("verify-dynamic-onnx", "verify {d}/dynamic.onnx {d}/p64.vnnlib --result {o}/r.txt", 1, "dynamic"),
     ("verify-timeout-negative", "verify {d}/good.onnx {d}/p64.vnnlib --timeout -1", 2, "--timeout"),
     ("verify-timeout-nan", "verify {d}/good.onnx {d}/p64.vnnlib --timeout nan --result {o}/r.txt", 2, "--timeout"),
@@ -689,6 +706,9 @@ def test_fixture_checks_itself(hd):
     """The hostile files are what the rows claim (so a row cannot pass for the wrong reason)."""
     assert (hd / "trunc.pt").stat().st_size * 2 <= (hd / "good.pt").stat().st_size + 1
     assert (hd / "empty.pt").stat().st_size == 0
+    for name, key in (("nan.pt", "4.weight"), ("nanbuf.pt", "0.mean")):
+        sd = torch.load(hd / name, weights_only=True)["state_dict"]
+        assert [k for k, v in sd.items() if not torch.isfinite(v).all()] == [key], name
     assert textwrap.dedent((hd / "bad.yaml").read_text()).startswith("eps: [0.1")
     data = pickle.loads((hd / "fakecifar" / "cifar-10-batches-py" / "test_batch").read_bytes())
     assert data[b"data"].shape == (20, 3072)

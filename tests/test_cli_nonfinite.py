@@ -1,11 +1,11 @@
-"""Models with NaN or infinite weights: certify, graft, export and verify refuse them up front with one line naming
-the first non-finite tensor (a checkpoint's parameter/buffer name, an ONNX initializer's name); inspect shows it.
-Also the ONNX import check against onnxruntime naming non-finite outputs as its cause."""
+"""Models with NaN or infinite weights, beyond the refusal rows of the hostile-input matrix
+(``test_cli_hostile.py``: certify, graft, export, verify and run refuse them in one line): the exact ONNX initializer
+named, verify's JSON result, what inspect shows, the loader's switch, and the ONNX import check against
+onnxruntime naming non-finite outputs as its cause."""
 
 from __future__ import annotations
 
 import json
-import shlex
 import traceback
 from pathlib import Path
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import needs_onnxruntime
+from conftest import needs_onnxruntime, write_non_finite_models
 
 from lingraft.cli.main import cli
 from lingraft.errors import LingraftError
@@ -25,10 +25,9 @@ pytestmark = needs_onnxruntime
 
 @pytest.fixture(scope="module")
 def nf(tmp_path_factory) -> Path:
-    """good.pt (a random digits MLP), nan.pt (a NaN in '4.weight'), nanbuf.pt (a NaN in the Normalize buffer
-    '0.mean'), inf.onnx (good.onnx with +inf in one Gemm initializer), p64.vnnlib (a box for the 64 inputs)."""
-    import onnx
-
+    """good.pt (a random digits MLP), good.onnx (its export), nan.pt, nanbuf.pt and inf.onnx
+    (:func:`conftest.write_non_finite_models`; inf-name.txt holds the initializer's name), p64.vnnlib (a box for
+    the 64 inputs)."""
     from lingraft.data.datasets import dataset_info
     from lingraft.io.checkpoint import save_checkpoint
     from lingraft.io.onnx import export_onnx
@@ -38,26 +37,10 @@ def nf(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     info = dataset_info("digits")
     kw = dict(in_shape=list(info.in_shape), num_classes=10, mean=list(info.mean), std=list(info.std))
-
-    def save(name, edit=None):
-        m = create_model("mlp", **kw)
-        if edit is not None:
-            with torch.no_grad():
-                edit(m.state_dict())
-        save_checkpoint(d / name, m, arch="mlp", arch_kwargs=kw, dataset="digits", meta={"eps": 0.05})
-        return m
-
-    good = save("good.pt")
-    save("nan.pt", lambda sd: sd["4.weight"].view(-1)[3].fill_(float("nan")))
-    save("nanbuf.pt", lambda sd: sd["0.mean"].fill_(float("nan")))
+    good = create_model("mlp", **kw)
+    save_checkpoint(d / "good.pt", good, arch="mlp", arch_kwargs=kw, dataset="digits", meta={"eps": 0.05})
     export_onnx(good, d / "good.onnx", (1, 8, 8))
-    g = onnx.load(str(d / "good.onnx"))
-    target = next(i for i in g.graph.initializer if len(i.dims) == 2)  # the first weight matrix
-    arr = onnx.numpy_helper.to_array(target).copy()
-    arr.flat[5] = np.inf
-    target.CopyFrom(onnx.numpy_helper.from_array(arr, target.name))
-    onnx.save(g, str(d / "inf.onnx"))
-    (d / "inf-name.txt").write_text(target.name)
+    (d / "inf-name.txt").write_text(write_non_finite_models(d, good))
     xs = [f"(declare-const X_{i} Real)" for i in range(64)] + [f"(declare-const Y_{i} Real)" for i in range(10)]
     box = [f"(assert (<= X_{i} 0.51))\n(assert (>= X_{i} 0.5))" for i in range(64)]
     (d / "p64.vnnlib").write_text("\n".join(xs + box + ["(assert (>= Y_0 Y_1))"]) + "\n")
@@ -71,41 +54,19 @@ def _invoke(argv: list[str]):
     return res
 
 
-PT_NEEDLE = "non-finite weights: parameter '4.weight' holds NaN"
-BUF_NEEDLE = "non-finite weights: buffer '0.mean' holds NaN"
-ONNX_NEEDLE = "non-finite weights: initializer '{init}' holds inf"
-
-REFUSALS = [
-    ("certify-pt", "certify {d}/nan.pt -n 3 --pgd-steps 2 --json {o}/r.json", PT_NEEDLE),
-    ("certify-pt-buffer", "certify {d}/nanbuf.pt -n 3 --pgd-steps 2", BUF_NEEDLE),
-    ("certify-onnx", "certify {d}/inf.onnx --dataset digits -n 3 --pgd-steps 2 --json {o}/r.json", ONNX_NEEDLE),
-    ("graft-pt", "graft {d}/nan.pt --ratio 0.5 --eps 0.05 --out {o}/g.pt", PT_NEEDLE),
-    ("export-pt", "export {d}/nan.pt --out {o}/m.onnx", PT_NEEDLE),
-    ("export-pt-buffer", "export {d}/nanbuf.pt --out {o}/m.onnx", BUF_NEEDLE),
-    ("verify-onnx", "verify {d}/inf.onnx {d}/p64.vnnlib --json {o}/r.json", ONNX_NEEDLE),
-    ("verify-pt", "verify {d}/nan.pt {d}/p64.vnnlib --json {o}/r.json", PT_NEEDLE),
-]
-
-
-@pytest.mark.parametrize("rid,argv,needle", REFUSALS, ids=[r[0] for r in REFUSALS])
-def test_non_finite_model_is_refused_in_one_line(nf, tmp_path, monkeypatch, rid, argv, needle):
-    out = tmp_path / "out"
-    out.mkdir()
-    monkeypatch.chdir(out)
-    res = _invoke(shlex.split(argv.format(d=nf, o=out)))
-    text = res.output
-    needle = needle.format(init=(nf / "inf-name.txt").read_text())
-    assert "Traceback" not in text, text
-    assert res.exit_code == 1, f"exit {res.exit_code}; output:\n{text}"
-    assert needle in text, f"{needle!r} not in:\n{text}"
-    assert "retrain" in text  # the fix
-    err = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(err) == 1 and err[0].startswith("error:"), res.stderr
-    if rid.startswith("verify"):  # VNN-COMP convention: a failed instance still gets a result saying 'error'
-        result = json.loads((out / "r.json").read_text())
-        assert result["status"] == "error" and needle in result["stats"]["error"]
-        (out / "r.json").unlink()
-    assert not list(out.iterdir()), "an output file was written for a refused model"
+@pytest.mark.parametrize(
+    "name,what", [("nan.pt", "parameter '4.weight' holds NaN"), ("inf.onnx", None)], ids=["pt", "onnx"]
+)
+def test_verify_refusal_names_the_tensor_and_the_fix(nf, tmp_path, monkeypatch, name, what):
+    """The one line names the exact tensor (an ONNX initializer by its own name) and the fix; verify's JSON result
+    still says 'error' with the same reason (VNN-COMP convention: a failed instance gets a result)."""
+    monkeypatch.chdir(tmp_path)
+    what = what or f"initializer '{(nf / 'inf-name.txt').read_text()}' holds inf"
+    res = _invoke(["verify", str(nf / name), str(nf / "p64.vnnlib"), "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 1, res.output
+    assert f"non-finite weights: {what}" in res.stderr and "retrain" in res.stderr, res.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["status"] == "error" and f"non-finite weights: {what}" in result["stats"]["error"]
 
 
 @pytest.mark.parametrize(
@@ -137,8 +98,9 @@ def test_loader_refuses_and_allows(nf):
     with pytest.raises(LingraftError, match=r"parameter '4\.weight' holds NaN"):
         load_model(nf / "nan.pt")
     assert load_model(nf / "nan.pt", allow_non_finite=True).non_finite == "parameter '4.weight' holds NaN"
-    with pytest.raises(LingraftError, match="non-finite weights: initializer"):
+    with pytest.raises(LingraftError) as e:
         load_onnx(nf / "inf.onnx", check=False)
+    assert f"non-finite weights: initializer '{(nf / 'inf-name.txt').read_text()}' holds inf" in str(e.value)
     assert load_model(nf / "good.pt").non_finite is None
 
 

@@ -124,6 +124,31 @@ def test_sigterm_graft_exits_130_with_one_line(digits_mlp_pt, tmp_path):
     assert not out.exists()  # nothing half-written
 
 
+def test_interrupt_inside_exec_of_a_string_still_exits_130(tmp_path):
+    """A signal handled inside ``exec`` of a string (dataclasses build their methods so, e.g. while torch lazily
+    imports torch._dynamo when graft's optimizer is made) marks the KeyboardInterrupt as unhandled in CPython;
+    under ``python -m`` the process then killed itself with SIGINT (-2) after printing its line and exiting 130."""
+    (tmp_path / "exec_boom.py").write_text(
+        "from lingraft.cli.main import cli\n\n"
+        "@cli.command('boom')\n"
+        "def boom():\n"
+        "    exec('import os, signal\\nos.kill(os.getpid(), signal.SIGTERM)\\nfor _ in range(3): pass\\n')\n\n"
+        "cli(['boom'], prog_name='lingraft')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "exec_boom"],
+        capture_output=True,
+        text=True,
+        env=env,
+        preexec_fn=default_signals,
+        cwd=str(tmp_path),
+        timeout=120,
+    )
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
+    assert _interrupt_lines(proc.stderr) == ["interrupted"], proc.stderr
+
+
 def test_sigterm_run_one_line_and_resumes(digits_mlp_pt, tmp_path):
     sweep = tmp_path / "sweep.yaml"
     body = {

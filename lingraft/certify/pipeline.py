@@ -70,7 +70,9 @@ class CertifySettings:
 
     norm: "inf" or "2" (also "Linf", "L2"); timeout: wall-clock budget in seconds for the run; bab_timeout:
     > 0 runs branch and bound (:mod:`lingraft.certify.complete`) on every sample left ``unknown``, at most that
-    many seconds each (L-inf only). The PGD seed of a batch is ``seed`` + the batch's first position.
+    many seconds each (L-inf only). alpha_iterations / alpha_scope ("all": a slope per (start node, neuron) of
+    every layer; "final": the specification's slopes only) apply to method "alpha-crown". The PGD seed of a
+    batch is ``seed`` + the batch's first position.
     """
 
     method: str = "crown"
@@ -82,12 +84,15 @@ class CertifySettings:
     timeout: float | None = None
     alpha_iterations: int = 20
     bab_timeout: float = 0.0
+    alpha_scope: str = "all"
 
     def checked(self) -> CertifySettings:
         """These settings with norm and bab_timeout normalised; UsageError when they cannot work."""
         norm = str(self.norm).lower().replace("l", "")
         if norm not in ("inf", "2"):
             raise UsageError(f"unknown norm {norm!r}; use 'inf' or '2'")
+        if self.alpha_scope not in ("all", "final"):
+            raise UsageError(f"unknown alpha scope {self.alpha_scope!r}; use 'all' or 'final'")
         bab_timeout = float(self.bab_timeout or 0.0)
         if math.isnan(bab_timeout) or bab_timeout < 0:
             raise UsageError(f"bab_timeout must be >= 0 seconds, got {bab_timeout}")
@@ -271,6 +276,8 @@ def _bound(
     xl, xu = input_box(xt, eps)  # for L2 the ball lies in this box; the engine also uses the ball itself
     C = margin_spec(yt, net.num_outputs)
     l2 = cs.norm == "2"
+    # float32 rounding grows with the magnitudes involved: |f_y - f_j| is made of logits of this size
+    logit_scale = 2 * logits[todo].abs().amax(1, keepdim=True)
     res = net.compute_bounds(
         xl,
         xu,
@@ -278,12 +285,13 @@ def _bound(
         C=C,
         bound_upper=False,
         alpha_iterations=cs.alpha_iterations,
+        alpha_intermediate=cs.alpha_scope == "all",
         l2_center=(xt if l2 else None),
         l2_eps=(eps if l2 else None),
+        proof_scale=logit_scale,
     )
     margins[todo.cpu()] = res.lower.min(1).values.cpu()
-    # float32 rounding grows with the magnitudes involved: |f_y - f_j| is made of logits of this size
-    scale = 2 * logits[todo].abs().amax(1, keepdim=True).double() + res.lower.double().abs()
+    scale = logit_scale.double() + res.lower.double().abs()
     proved[todo.cpu()] = is_proved(res.lower.double(), scale).all(1).cpu()
     n = int(todo.sum())
     tally.add(res, n)

@@ -30,6 +30,8 @@ CONFIG_FIELDS = (
     "seed",
     "timeout",
     "bab_timeout",
+    "alpha_iterations",
+    "alpha_scope",
 )
 
 

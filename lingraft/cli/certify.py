@@ -47,6 +47,14 @@ from lingraft.errors import UsageError
     "-n", "--num-samples", type=click.IntRange(min=1), default=1000, help="First N test images (official order)."
 )
 @click.option("--offset", type=click.IntRange(min=0), default=0)
+@click.option("--alpha-iterations", type=click.IntRange(min=0), default=20, help="Optimisation steps of alpha-crown.")
+@click.option(
+    "--alpha-scope",
+    type=click.Choice(["all", "final"]),
+    default="all",
+    help="alpha-crown optimises a slope per neuron for every intermediate bound too (all) or for the "
+    "specification only (final: faster, looser).",
+)
 @data_options()
 @click.option("--batch-size", type=click.IntRange(min=1), default=32)
 @click.option("--pgd-steps", type=click.IntRange(min=0), default=20)
@@ -88,6 +96,8 @@ def command(
     method,
     num_samples,
     offset,
+    alpha_iterations,
+    alpha_scope,
     dataset,
     data_dir,
     batch_size,
@@ -136,6 +146,8 @@ def command(
         seed=common.seed,
         timeout=timeout,
         bab_timeout=bab_timeout,
+        alpha_iterations=alpha_iterations,
+        alpha_scope=alpha_scope,
     )
     cfg = certify_config(model=lm.path, dataset=ds, eps=eps, num_samples=num_samples, offset=offset, **shared)
     settings = CertifySettings(**shared)

@@ -27,6 +27,7 @@ class LingraftGroup(click.Group):
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt as e:
+            signals.forget_unhandled_interrupt()  # else `python -m` may end by SIGINT (-2) instead of 130
             click.echo(signals.message_of(e), err=True)
             ctx.exit(130)
         except MemoryError:

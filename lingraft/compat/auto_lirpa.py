@@ -515,11 +515,13 @@ def autolirpa_bounds(
     alpha_iterations: int = 20,
     alpha_lr: float = 0.1,
     bound_opts: dict | None = None,
-) -> tuple[Tensor, Tensor]:
+    bound_upper: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """Bounds of ``C @ model(x)`` over the box ``x_lower <= x <= x_upper`` computed by auto_LiRPA.
 
     x_lower, x_upper: [B, *in_shape].  method: 'ibp' | 'crown' | 'alpha-crown'.
     C: [B, S, num_outputs] specification (None = identity, S = num_outputs).
+    bound_upper=False skips the upper bound (alpha-CROWN then runs one optimisation, not two; ub is None).
     Returns (lb, ub), each [B, S], detached, on the model's device.  Note that CROWN bounds of one
     sample can depend on the other samples of the batch (see the module docstring, 2b).
     """
@@ -538,11 +540,13 @@ def autolirpa_bounds(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if method == "alpha-crown":
-                lb, ub = bm.compute_bounds(x=(x,), C=C, method=METHODS[method], bound_lower=True, bound_upper=True)
+                lb, ub = bm.compute_bounds(
+                    x=(x,), C=C, method=METHODS[method], bound_lower=True, bound_upper=bound_upper
+                )
             else:
                 with torch.no_grad():
-                    lb, ub = bm.compute_bounds(x=(x,), C=C, method=METHODS[method])
-    return lb.detach(), ub.detach()
+                    lb, ub = bm.compute_bounds(x=(x,), C=C, method=METHODS[method], bound_upper=bound_upper)
+    return lb.detach(), None if ub is None else ub.detach()
 
 
 def autolirpa_intermediate_bounds(

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lingraft.bounds.ops.attention import conv_bounds, local_attention_interval, scale_bounds
+from lingraft.bounds.ops.attention import AttentionLogits, conv_bounds, local_attention_interval, scale_bounds
 from lingraft.errors import UsageError
 from lingraft.models import register
 from lingraft.models.layers import Normalize
@@ -259,12 +259,14 @@ class ACmix(nn.Module):
             valid,
             query_input,
             (gather_windows(c, idx), gather_windows(rad, idx)),
-            self.conv1.weight.view(nh, hd, -1),
-            self.conv1.bias.view(nh, hd),
-            self.conv2.weight.view(nh, hd, -1),
-            self.conv2.bias.view(nh, hd),
-            key_bias=self._pe_delta(h, w, idx, lower),
-            scale=scaling,
+            AttentionLogits(
+                self.conv1.weight.view(nh, hd, -1),
+                self.conv1.bias.view(nh, hd),
+                self.conv2.weight.view(nh, hd, -1),
+                self.conv2.bias.view(nh, hd),
+                key_bias=self._pe_delta(h, w, idx, lower),
+                scale=scaling,
+            ),
         )
         al, au = al.reshape(b, self.out_planes, h_out, w_out), au.reshape(b, self.out_planes, h_out, w_out)
 
@@ -367,11 +369,9 @@ class SASA(nn.Module):
             valid,
             (c.flatten(2), rad.flatten(2)),
             (gather_windows(c, idx), gather_windows(rad, idx)),
-            self.query.weight.view(nh, hd, -1),
-            bq,
-            self.key.weight.view(nh, hd, -1),
-            bk,
-            key_bias=self._key_bias(),
+            AttentionLogits(
+                self.query.weight.view(nh, hd, -1), bq, self.key.weight.view(nh, hd, -1), bk, self._key_bias()
+            ),
         )
         return lo.reshape(b, self.out_channels, h, w), hi.reshape(b, self.out_channels, h, w)
 

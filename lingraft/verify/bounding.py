@@ -17,14 +17,15 @@ lower bounds; every iterate is a valid bound and the best one per row is kept.
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from lingraft.bounds import BoundedNetwork
+from lingraft.bounds.alpha_crown import optimize_alpha
 from lingraft.bounds.ops import ReLUOp
+from lingraft.clock import now
 
 #: a domain whose clamped pre-activation bounds cross by more than this is empty (a sound lower bound above
 #: a sound upper bound); smaller crossings are treated as rounding noise and bounded normally
@@ -136,6 +137,7 @@ def bound_domains(
     record_lA: bool = False,
     target: Tensor | None = None,
     deadline: float | None = None,
+    intermediate_alpha: bool = False,
 ) -> Bounded:
     """Bound C f(x) on B domains.
 
@@ -144,7 +146,10 @@ def bound_domains(
     used with the split neurons clamped (much cheaper on large networks, looser); iterations: alpha/beta
     optimization steps (0 = plain CROWN); alpha_init: {ReLU node: [B, S, *shape]} warm-start slopes;
     row_weight: [B, S] weights of the rows in the objective (0 = row already settled); target: [B, S] margins
-    that count as done (the optimization stops once every weighted row exceeds them).
+    that count as done (the optimization stops once every weighted row exceeds them); intermediate_alpha:
+    first run alpha-CROWN with slopes for every intermediate bound (:mod:`lingraft.bounds.alpha_crown`; for the
+    root, without splits): the tightened intermediate bounds are kept in the result, so a search that reuses
+    them (``base_bounds``) starts with fewer unstable neurons.
     """
     B, S = C.shape[:2]
     dev = net.device
@@ -160,6 +165,12 @@ def bound_domains(
     w = torch.ones(B, S, device=dev) if row_weight is None else row_weight.to(dev, torch.float32)
     with torch.no_grad():
         best, _ = net.backward_bound(C_out, x_L, x_U, bounds, alphas=None)
+    if intermediate_alpha and iterations > 0 and not splits:
+        lo, bounds = optimize_alpha(
+            net, (C_out, x_L, x_U, bounds), best, iterations, lr_alpha, target=target, deadline=deadline
+        )
+        best = torch.maximum(best, lo)
+        alphas = _initial_alphas(net, bounds, B, S, alpha_init)  # CROWN's slopes on the tightened bounds
     optimized = iterations > 0 and bool(alphas or betas)
     if optimized:
         problem = (C_out, x_L, x_U, bounds)
@@ -242,7 +253,7 @@ def _optimize_alpha_beta(
     alpha_params = [a["l"] for a in alphas.values()]
     opt = _Adam([(a, lr_alpha) for a in alpha_params] + [(b, lr_beta) for b, _ in betas.values()])
     for _ in range(iterations):
-        if deadline is not None and time.perf_counter() > deadline:
+        if deadline is not None and now() > deadline:
             break
         if target is not None and bool(((best > target) | (w == 0)).all()):
             break

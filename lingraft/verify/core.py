@@ -345,6 +345,7 @@ def _verify_region(run: _Run, spec: RegionSpec, seed: int):
         record_lA=True,
         target=spec.target(),
         deadline=run.deadline,
+        intermediate_alpha=True,
     )
     margin = spec.lower_margin(res.lower)
     run.log(f"  alpha-crown margins {np.round(margin[0].cpu().numpy(), 4).tolist()}")

@@ -16,6 +16,7 @@ Shapes: B samples, h heads, d channels per head, C_in input channels, K window p
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -152,27 +153,35 @@ def local_attention_bounds(
     return convex_combination_bounds(wl.unsqueeze(2), wu.unsqueeze(2), vl, vu, valid, dim=3)
 
 
-def _centred_logit_terms(
-    c_q: Tensor,
-    r_q: Tensor,
-    c_k: Tensor,
-    r_k: Tensor,
-    wq: Tensor,
-    bq: Tensor | None,
-    wk: Tensor,
-    key_bias: Tensor | float,
-    scale: float,
-):
-    """Shared pieces of :func:`bilinear_logit_bounds` and :func:`logit_difference_softmax_bounds` (without bk).
+@dataclass(frozen=True)
+class AttentionLogits:
+    """The logit map s * (Wq x_p + bq) . (Wk x_j + bk + key_bias) of one attention layer, per head.
 
-    With k_c = Wk c_k + key_bias and q_c = s (Wq c_q + bq) returns
+    wq, wk [h, d, C_in] and bq, bk [h, d] (or None) the query/key projections of the layer input x; key_bias
+    broadcastable to [B, h, d, K, P] (e.g. relative position terms); scale s the logit scaling.
+    """
+
+    wq: Tensor
+    bq: Tensor | None
+    wk: Tensor
+    bk: Tensor | None = None
+    key_bias: Tensor | float = 0.0
+    scale: float = 1.0
+
+
+def _centred_logit_terms(query_input: Box, window_input: Box, logits: AttentionLogits, key_bias: Tensor | float):
+    """Shared pieces of :func:`bilinear_logit_bounds` and :func:`logit_difference_softmax_bounds`.
+
+    With (c_q, r_q) = query_input, (c_k, r_k) = window_input, k_c = Wk c_k + key_bias (the caller decides
+    whether key_bias holds bk) and q_c = s (Wq c_q + bq) returns
       base = q_c . k_c [B, h, K, P], t = s Wq^T k_c [B, h, C_in, K, P],
       key_rad = |Wk^T q_c| . r_k + r_q^T |s Wq^T Wk| r_k [B, h, K, P].
     """
-    wq = wq * scale
+    (c_q, r_q), (c_k, r_k) = query_input, window_input
+    wq, wk = logits.wq * logits.scale, logits.wk
     qc = torch.einsum("hdc,bcp->bhdp", wq, c_q)
-    if bq is not None:
-        qc = qc + (bq * scale)[None, :, :, None]
+    if logits.bq is not None:
+        qc = qc + (logits.bq * logits.scale)[None, :, :, None]
     kc = torch.einsum("hdc,bckp->bhdkp", wk, c_k) + key_bias
     base = torch.einsum("bhdp,bhdkp->bhkp", qc, kc)
     t = torch.einsum("hdc,bhdkp->bhckp", wq, kc)
@@ -182,32 +191,23 @@ def _centred_logit_terms(
 
 
 def logit_difference_softmax_bounds(
-    c_q: Tensor,
-    r_q: Tensor,
-    c_k: Tensor,
-    r_k: Tensor,
-    wq: Tensor,
-    bq: Tensor | None,
-    wk: Tensor,
-    key_bias: Tensor | float,
-    valid: Tensor,
-    scale: float = 1.0,
-    chunk: int = 4,
+    query_input: Box, window_input: Box, logits: AttentionLogits, valid: Tensor, chunk: int = 4
 ) -> tuple[Tensor, Tensor]:
     """Softmax weight bounds from bounds on logit DIFFERENCES, which share the query and so cancel its uncertainty.
 
     softmax_j = 1 / sum_i exp(l_i - l_j), so with D_ij in [dl_ij, du_ij] bounding l_i - l_j (D_jj = 0):
     w_j >= exp(-LSE_i du_ij) and w_j <= exp(-LSE_i dl_ij). Each difference is s * q_p . (Wk (x_i - x_j) + kb_i - kb_j)
-    (the key bias bk cancels), bounded like :func:`bilinear_logit_bounds`; x_i and x_j are treated as
-    independent (sound also when they are the same pixel). Shapes as there; valid [K, P]. Returns (wl, wu)
-    [B, h, K, P] with invalid positions [0, 0]. Batched in chunks of ``chunk`` samples ([K, K] pairs per pixel).
+    (the key bias bk cancels, so ``logits.bk`` is not used), bounded like :func:`bilinear_logit_bounds`; x_i and
+    x_j are treated as independent (sound also when they are the same pixel). Shapes as there; valid [K, P].
+    Returns (wl, wu) [B, h, K, P] with invalid positions [0, 0]. Batched in chunks of ``chunk`` samples ([K, K]
+    pairs per pixel).
     """
     pair_valid = valid.unsqueeze(0) & valid.unsqueeze(1)  # [K(j), K(i), P]
     eye = torch.eye(valid.shape[0], dtype=torch.bool, device=valid.device).unsqueeze(-1)
     los, his = [], []
-    for s0 in range(0, c_q.shape[0], chunk):
-        cq, rq, ck, rk = (t[s0 : s0 + chunk] for t in (c_q, r_q, c_k, r_k))
-        base, t, key_rad = _centred_logit_terms(cq, rq, ck, rk, wq, bq, wk, key_bias, scale)
+    for s0 in range(0, query_input[0].shape[0], chunk):
+        cq, rq, ck, rk = (t[s0 : s0 + chunk] for t in (*query_input, *window_input))
+        base, t, key_rad = _centred_logit_terms((cq, rq), (ck, rk), logits, logits.key_bias)
         centre = base.unsqueeze(2) - base.unsqueeze(3)  # [b, h, K(j), K(i), P]: i minus j
         lin_q = torch.einsum("bhcjip,bcp->bhjip", (t.unsqueeze(3) - t.unsqueeze(4)).abs(), rq)
         rad = key_rad.unsqueeze(2) + key_rad.unsqueeze(3) + lin_q
@@ -221,60 +221,36 @@ def logit_difference_softmax_bounds(
     return torch.cat(los), torch.cat(his)
 
 
-def bilinear_logit_bounds(
-    c_q: Tensor,
-    r_q: Tensor,
-    c_k: Tensor,
-    r_k: Tensor,
-    wq: Tensor,
-    bq: Tensor | None,
-    wk: Tensor,
-    bk: Tensor | None,
-    key_bias: Tensor | float = 0.0,
-    scale: float = 1.0,
-) -> tuple[Tensor, Tensor]:
+def bilinear_logit_bounds(query_input: Box, window_input: Box, logits: AttentionLogits) -> tuple[Tensor, Tensor]:
     """Bounds of the logits s * (Wq x_p + bq) . (Wk x_j + bk + key_bias) per head, from the INPUT boxes.
 
-    c_q, r_q [B, C_in, P]: centre / radius of the input at each query pixel p; c_k, r_k [B, C_in, K, P]: the same
-    at each window position j; wq, wk [h, d, C_in]; bq, bk [h, d] or None; key_bias broadcastable to
-    [B, h, d, K, P]. With x = c + delta (|delta| <= r) the logit is
+    query_input (c_q, r_q) [B, C_in, P]: centre / radius of the input at each query pixel p; window_input
+    (c_k, r_k) [B, C_in, K, P]: the same at each window position j; logits: the projections (see
+    :class:`AttentionLogits`). With x = c + delta (|delta| <= r) the logit is
         q_c . k_c + (Wk^T q_c) . delta_j + (Wq^T k_c) . delta_p + delta_p^T (Wq^T Wk) delta_j,
     bounded term by term (the last with |Wq^T Wk|). Unlike intervals of q and k multiplied channel by channel,
     this keeps the correlation between a vector's channels, so it is much tighter for small radii; it is sound
     also when p = j (the two deltas are then treated as independent). Returns (lo, hi) [B, h, K, P].
     """
-    if bk is not None:
-        key_bias = key_bias + bk[None, :, :, None, None]
-    centre, t, key_rad = _centred_logit_terms(c_q, r_q, c_k, r_k, wq, bq, wk, key_bias, scale)
-    rad = key_rad + torch.einsum("bhckp,bcp->bhkp", t.abs(), r_q)
+    key_bias = logits.key_bias
+    if logits.bk is not None:
+        key_bias = key_bias + logits.bk[None, :, :, None, None]
+    centre, t, key_rad = _centred_logit_terms(query_input, window_input, logits, key_bias)
+    rad = key_rad + torch.einsum("bhckp,bcp->bhkp", t.abs(), query_input[1])
     return centre - rad, centre + rad
 
 
 def local_attention_interval(
-    q: Box,
-    k: Box,
-    v: Box,
-    valid: Tensor,
-    query_input: Box,
-    window_input: Box,
-    wq: Tensor,
-    bq: Tensor | None,
-    wk: Tensor,
-    bk: Tensor | None,
-    key_bias: Tensor | float,
-    scale: float = 1.0,
+    q: Box, k: Box, v: Box, valid: Tensor, query_input: Box, window_input: Box, logits: AttentionLogits
 ) -> Box:
     """Sound bounds of s * q . (k + key_bias) softmax-attention over windows, from boxes and the input box.
 
-    q: box [B, h, d, P] of the (already scaled by ``scale``) queries; k, v: boxes [B, h, d, K, P] of the keys
-    (without key_bias) and values; valid [K, P]. query_input: (centre, radius) [B, C_in, P] of the layer input
-    at the query pixels, window_input: (centre, radius) [B, C_in, K, P] at the window positions; wq, wk
-    [h, d, C_in] and bq, bk [h, d] (or None) the query/key projections; key_bias broadcastable to
-    [B, h, d, K, P]. Returns (lo, hi) [B, h, d, P].
+    q: box [B, h, d, P] of the (already scaled by ``logits.scale``) queries; k, v: boxes [B, h, d, K, P] of the
+    keys (without key_bias) and values; valid [K, P]. query_input: (centre, radius) [B, C_in, P] of the layer
+    input at the query pixels, window_input: (centre, radius) [B, C_in, K, P] at the window positions; logits:
+    the query/key projections, key_bias and scale (:class:`AttentionLogits`). Returns (lo, hi) [B, h, d, P].
     """
-    box = (*query_input, *window_input)
-    logit_box = bilinear_logit_bounds(*box, wq, bq, wk, bk, key_bias, scale=scale)
-    weight_box = logit_difference_softmax_bounds(*box, wq, bq, wk, key_bias, valid, scale=scale)
-    return local_attention_bounds(
-        q[0], q[1], k[0] + key_bias, k[1] + key_bias, v[0], v[1], valid, logit_box, weight_box
-    )
+    logit_box = bilinear_logit_bounds(query_input, window_input, logits)
+    weight_box = logit_difference_softmax_bounds(query_input, window_input, logits, valid)
+    kb = logits.key_bias
+    return local_attention_bounds(q[0], q[1], k[0] + kb, k[1] + kb, v[0], v[1], valid, logit_box, weight_box)

@@ -123,12 +123,13 @@ def conv_backward(A: Tensor, weight: Tensor, stride, padding, groups: int, out_h
     """Transposed convolution of coefficient maps A [N, C_out, h, w] -> [N, C_in, *out_hw].
 
     For few input channels (the first layers) a matmul + col2im (F.fold) is much faster on CPU than
-    conv_transpose2d; otherwise conv_transpose2d.
+    conv_transpose2d; otherwise conv_transpose2d. Under autograd (alpha-CROWN) always conv_transpose2d: the
+    backward of F.fold is im2col, which is orders of magnitude slower than conv_transpose2d's backward here.
     """
     N, C_out, h, w = A.shape
     C_in_g, kh, kw = weight.shape[1:]
     stride, padding = tuple(stride), tuple(padding)
-    if groups == 1 and C_in_g <= 4:
+    if groups == 1 and C_in_g <= 4 and not (A.requires_grad and torch.is_grad_enabled()):
         cols = torch.matmul(A.reshape(N, C_out, h * w).transpose(1, 2), weight.reshape(C_out, C_in_g * kh * kw))
         return F.fold(cols.transpose(1, 2), tuple(out_hw), (kh, kw), padding=padding, stride=stride)
     out_pad = tuple(int(out_hw[i]) - (((h, w)[i] - 1) * stride[i] - 2 * padding[i] + (kh, kw)[i]) for i in range(2))
