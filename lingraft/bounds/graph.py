@@ -8,21 +8,20 @@ before any bound is computed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from lingraft.bounds.graft_fusion import fuse_grafted_relus
+from lingraft.bounds.module_ops import UnsupportedCall, module_op
+from lingraft.bounds.nodes import GraphNode, renumber
 from lingraft.bounds.ops import (
     AddOp,
     CatOp,
-    ConvOp,
     ElementwiseAffineOp,
     LinearOp,
-    MaxPoolOp,
-    OpaqueOp,
     PadOp,
     PermuteOp,
     ReLUOp,
@@ -55,25 +54,6 @@ SUPPORTED = (
     "(alpha too), Add/Sub/Mul/Div by constants (no rounding_mode), MatMul/linear by a constant, "
     "modules with interval_bounds()"
 )
-
-
-@dataclass
-class GraphNode:
-    """One operator applied to earlier nodes. ``shape`` is the per-sample output shape (no batch)."""
-
-    name: str
-    op: BoundOp | None  # None for the input node
-    inputs: list[int]
-    shape: tuple
-    module_name: str | None = None
-    consumers: list[int] = field(default_factory=list)
-
-    @property
-    def bound_op(self) -> BoundOp:
-        """The operator of a node that has one (every node but the input)."""
-        if self.op is None:
-            raise RuntimeError(f"graph node {self.name!r} is the input; it has no operator")
-        return self.op
 
 
 class _Tracer(fx.Tracer):
@@ -227,7 +207,7 @@ class _Builder:
                 continue
             keep.add(i)
             stack.extend(self.nodes[i].inputs)
-        return _renumber(self.nodes, sorted(keep))
+        return renumber(self.nodes, sorted(keep))
 
     def _convert(self, n: fx.Node):
         if n.op == "call_module":
@@ -350,84 +330,12 @@ class _Builder:
             raise _Unsupported(f"module '{t}' with forward hooks (they may change what it computes)")
         x = n.args[0]
         in_shape, out_shape = self._shape(x), self._shape(n)
-        if isinstance(m, nn.Linear):
-            return self._add(n, LinearOp(m.weight, m.bias), [x], t)
-        if isinstance(m, nn.Conv2d):
-            if m.padding_mode != "zeros":
-                raise _Unsupported(f"Conv2d ('{t}') with padding_mode={m.padding_mode!r}")
-            if tuple(m.dilation) != (1, 1):
-                raise _Unsupported(f"Conv2d ('{t}') with dilation={tuple(m.dilation)}")
-            if m.padding == "same":
-                if any(k % 2 == 0 for k in m.kernel_size):
-                    raise _Unsupported(f"Conv2d ('{t}') with padding='same' and an even kernel")
-                pad = tuple((k - 1) // 2 for k in m.kernel_size)
-            elif m.padding == "valid":
-                pad = (0, 0)
-            elif isinstance(m.padding, str):  # torch itself accepts no other string
-                raise _Unsupported(f"Conv2d ('{t}') with padding={m.padding!r}")
-            else:
-                pad = tuple(m.padding)
-            return self._add(n, ConvOp(m.weight, m.bias, m.stride, pad, m.groups, in_shape, out_shape), [x], t)
-        if isinstance(m, nn.ReLU):
-            return self._add(n, ReLUOp(out_shape), [x], t)
-        if isinstance(m, GraftedReLU):
-            if not bool(((m.mask == 0) | (m.mask == 1)).all()):
-                raise _Unsupported(
-                    f"GraftedReLU ('{t}') whose mask is not 0/1 (a damaged or hand-edited "
-                    "checkpoint: re-run lingraft graft)"
-                )
-            return self._add(
-                n,
-                ReLUOp(out_shape, m.mask.reshape(out_shape) > 0.5, m.a.reshape(out_shape), m.b.reshape(out_shape)),
-                [x],
-                t,
-            )
-        if isinstance(m, Normalize):
-            C = in_shape[0] if len(in_shape) >= 1 else 1
-            mean, std = m.mean, m.std
-            if mean.numel() > 1:
-                shp = (C,) + (1,) * (len(in_shape) - 1)
-                mean, std = mean.reshape(shp), std.reshape(shp)
-            return self._add(n, ElementwiseAffineOp(1.0 / std, -mean / std, out_shape), [x], t)
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            if m.training or m.running_mean is None or m.running_var is None:
-                raise _Unsupported("BatchNorm in training mode or without running statistics")
-            inv = 1.0 / torch.sqrt(m.running_var + m.eps)
-            w = m.weight if m.weight is not None else torch.ones_like(inv)
-            b = m.bias if m.bias is not None else torch.zeros_like(inv)
-            scale, shift = w * inv, b - m.running_mean * w * inv
-            shp = (in_shape[0],) + (1,) * (len(in_shape) - 1)
-            return self._add(n, ElementwiseAffineOp(scale.reshape(shp), shift.reshape(shp), out_shape), [x], t)
-        if isinstance(m, nn.AvgPool2d):
-            k = _pair(m.kernel_size)
-            s = _pair(m.stride if m.stride is not None else m.kernel_size)
-            p = _pair(m.padding)
-            if m.ceil_mode or (p != (0, 0) and not m.count_include_pad) or m.divisor_override:
-                raise _Unsupported("AvgPool2d with ceil_mode, divisor_override or count_include_pad=False")
-            C = in_shape[0]
-            mean_kernel = torch.full((C, 1) + k, 1.0 / (k[0] * k[1]))
-            return self._add(n, ConvOp(mean_kernel, None, s, p, C, in_shape, out_shape), [x], t)
-        if isinstance(m, nn.MaxPool2d):
-            k, s, p = _pair(m.kernel_size), _pair(m.stride if m.stride is not None else m.kernel_size), _pair(m.padding)
-            if p != (0, 0) or _pair(m.dilation) != (1, 1) or m.ceil_mode or m.return_indices:
-                raise _Unsupported(f"MaxPool2d ('{t}') with padding, dilation, ceil_mode or return_indices")
-            return self._add(n, MaxPoolOp(k, s, in_shape, out_shape), [x], t)
-        if isinstance(m, nn.Flatten):
-            if in_shape == out_shape:
-                return self._alias(n, x)
-            return self._add(n, ReshapeOp(in_shape, out_shape), [x], t)
-        if isinstance(m, (nn.ZeroPad2d, nn.ConstantPad2d)):
-            value = getattr(m, "value", 0.0)
-            return self._add(n, PadOp(m.padding, value, in_shape), [x], t)
-        if isinstance(m, (nn.Identity, nn.Dropout)):
+        if isinstance(m, (nn.Identity, nn.Dropout)) or (isinstance(m, nn.Flatten) and in_shape == out_shape):
             return self._alias(n, x)
-        if hasattr(m, "interval_bounds"):
-            return self._add(n, OpaqueOp(m), [x], t)
-        raise _Unsupported(f"module {type(m).__name__} ('{t}')")
+        return self._add(n, module_op(m, t, in_shape, out_shape), [x], t)
 
 
-class _Unsupported(Exception):
-    """An operation the engine cannot bound; its message names it for the UnsupportedModelError."""
+_Unsupported = UnsupportedCall
 
 
 _RESHAPE_LIKE = {"flatten", "reshape", "view", "squeeze", "unsqueeze", "contiguous", "view_as", "reshape_as"}
@@ -501,84 +409,6 @@ def _bind(n: fx.Node, name: str) -> dict:
     if missing:
         raise _Unsupported(f"{_target_name(n)} without {', '.join(missing)}")
     return out
-
-
-def fuse_grafted_relus(nodes: list[GraphNode]) -> list[GraphNode]:
-    """Rewrite relu(s*x) + t*x (+ c) back into one grafted ReLU operator.
-
-    That is how a GraftedReLU is written in ONNX (Mul, Relu, Mul, Add, Add) and how an imported grafted network
-    arrives. Fused, its grafted neurons (s = 0) are exact linear maps a = t, b = c that need no pre-activation
-    bounds and are never branched on, and the patch-mode conv passes apply again. Only the exact pattern is
-    fused: s in {0, 1} per neuron, t = c = 0 where s = 1, every intermediate node used once.
-    """
-
-    def scale_only(i):
-        """nodes[i]'s op when it is x * scale (no shift) used once, else None."""
-        op = nodes[i].op
-        if not isinstance(op, ElementwiseAffineOp) or len(nodes[i].consumers) != 1 or bool(op.shift.any()):
-            return None
-        return op
-
-    replaced: dict[int, GraphNode] = {}  # index of the pattern's last node -> fused node
-    removed: set[int] = set()
-    for k, nd in enumerate(nodes):
-        if not isinstance(nd.op, AddOp) or nd.op.alpha != 1.0 or len(set(nd.inputs)) != 2:
-            continue
-        for r, m2 in (nd.inputs, nd.inputs[::-1]):
-            rop = nodes[r].op
-            if not isinstance(rop, ReLUOp) or rop.mask is not None or len(nodes[r].consumers) != 1:
-                continue
-            m1 = nodes[r].inputs[0]
-            op1, op2 = scale_only(m1), scale_only(m2)
-            if op1 is None or op2 is None or nodes[m1].inputs != nodes[m2].inputs or m1 in removed or m2 in removed:
-                continue
-            sc, t = op1.scale, op2.scale
-            if not bool(((sc == 0) | (sc == 1)).all()) or bool((t[sc == 1] != 0).any()):
-                continue
-            last, c = k, torch.zeros_like(t)
-            if len(nd.consumers) == 1:
-                opc = nodes[nd.consumers[0]].op
-                if (
-                    isinstance(opc, ElementwiseAffineOp)
-                    and bool((opc.scale == 1).all())
-                    and not bool((opc.shift.expand_as(t)[sc == 1] != 0).any())
-                ):
-                    last, c = nd.consumers[0], opc.shift.expand_as(t).clone()
-            graft = sc == 0
-            fused = GraphNode(
-                nodes[r].name,
-                ReLUOp(nodes[r].shape, graft, t, c),
-                list(nodes[m1].inputs),
-                nodes[r].shape,
-                nodes[r].module_name,
-            )
-            replaced[last] = fused
-            removed |= {m1, r, m2, k} - {last}
-            break
-    if not replaced:
-        return nodes
-    return _renumber(
-        [replaced.get(i, nd) for i, nd in enumerate(nodes)], [i for i in range(len(nodes)) if i not in removed]
-    )
-
-
-def _renumber(nodes: list[GraphNode], order: list[int]) -> list[GraphNode]:
-    """Keep nodes[order] (ascending, closed under inputs), renumber their inputs and refill consumers."""
-    remap = {old: new for new, old in enumerate(order)}
-    out = []
-    for old in order:
-        nd = nodes[old]
-        nd.inputs = [remap[i] for i in nd.inputs]
-        nd.consumers = []
-        out.append(nd)
-    for i, nd in enumerate(out):
-        for j in nd.inputs:
-            out[j].consumers.append(i)
-    return out
-
-
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
 def _flat_args(n: fx.Node):
