@@ -87,3 +87,42 @@ def test_zero_iterations_is_crown():
     crown = net.compute_bounds(xl, xu, "crown", C, bound_upper=False).lower
     alpha0 = net.compute_bounds(xl, xu, "alpha-crown", C, bound_upper=False, alpha_iterations=0).lower
     assert torch.equal(crown, alpha0)
+
+
+class _Unflatten(torch.nn.Module):
+    def forward(self, x):
+        return x.reshape(x.shape[0], 2, 6, 6)
+
+
+def _linear_into_conv():
+    """Linear -> Reshape into an image -> Conv -> ReLU -> Conv (as VNN-COMP's cifar_biasfield nets)."""
+    torch.manual_seed(4)
+    return torch.nn.Sequential(
+        torch.nn.Linear(5, 72),
+        _Unflatten(),
+        torch.nn.Conv2d(2, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 4, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(36, 3),
+    ).eval()
+
+
+@pytest.mark.parametrize("method", ["crown", "alpha-crown"])
+def test_patch_chain_ending_at_a_reshape_equals_the_dense_pass_and_is_sound(method):
+    model = _linear_into_conv()
+    patched = BoundedNetwork(model, (5,))
+    dense = BoundedNetwork(model, (5,))
+    dense.use_patches = False
+    conv2 = next(i for i, nd in enumerate(patched.nodes) if i > 3 and type(nd.op).__name__ == "ConvOp")
+    assert patched._chain(conv2) is not None  # the patch pass is used (it ends at the Reshape)
+    x = torch.rand(3, 5)
+    xl, xu = x - 0.3, x + 0.3
+    C = torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]]).expand(3, 2, 3)
+    a = patched.compute_bounds(xl, xu, method, C, alpha_iterations=5)
+    b = dense.compute_bounds(xl, xu, method, C, alpha_iterations=5)
+    assert torch.allclose(a.lower, b.lower, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(a.upper, b.upper, atol=1e-4, rtol=1e-4)
+    lo_attack, hi_attack = pgd_extremes(model, C, xl, xu)
+    assert (a.lower <= lo_attack + 1e-4).all() and (a.upper >= hi_attack - 1e-4).all()

@@ -329,7 +329,9 @@ class BoundedNetwork:
         for s in range(0, rows.numel(), chunk):
             r = rows[s : s + chunk]
             if chain is not None:
-                l_r, u_r = backward_patches(self.nodes, i, chain, r, x_L, x_U, bounds, self._l2)
+                l_r, u_r = backward_patches(
+                    self.nodes, i, chain, r, x_L, x_U, bounds, self._l2, tail=self._dense_tail(x_L, x_U, bounds)
+                )
             else:
                 l_r, u_r = self._backward(i, None, x_L, x_U, bounds, True, rows=r)
             lo[:, r] = l_r
@@ -352,9 +354,42 @@ class BoundedNetwork:
         """
         chain = self._chain(i)
         if chain is not None:
-            lo, up = backward_patches(self.nodes, i, chain, rows, x_L, x_U, bounds, self._l2, b_idx=b_idx, alpha=alpha)
+            tail = self._dense_tail(x_L, x_U, bounds, b_idx)
+            lo, up = backward_patches(
+                self.nodes, i, chain, rows, x_L, x_U, bounds, self._l2, b_idx=b_idx, alpha=alpha, tail=tail
+            )
             return lo[0], up[0]
         return self._backward_pairs(i, rows, b_idx, x_L, x_U, bounds, alpha)
+
+    def _dense_tail(self, x_L, x_U, bounds, b_idx=None):
+        """The dense pass below the Reshape where a patch chain ends: callable(k, lA, uA) with coefficients
+        [B' (1 or B), R, *shape_k] on node k's value -> (lower, upper) [B', R]; with ``b_idx`` [R] (pair mode) row r
+        belongs to sample b_idx[r] and B' = 1."""
+
+        def tail(k: int, lA: Tensor, uA: Tensor):
+            if b_idx is None:
+                B = x_L.shape[0]
+                lA, uA = lA.expand(B, *lA.shape[1:]), uA.expand(B, *uA.shape[1:])
+                lo, _ = self._backward(k, lA, x_L, x_U, bounds, False)
+                _, up = self._backward(k, uA, x_L, x_U, bounds, True)
+                return lo, up
+            lo_out = torch.empty(1, b_idx.numel(), device=self.device)
+            up_out = torch.empty(1, b_idx.numel(), device=self.device)
+            saved = self._l2
+            try:
+                for b in torch.unique(b_idx).tolist():
+                    sel = torch.nonzero(b_idx == b, as_tuple=True)[0]
+                    sub = [None if bb is None else (bb[0][b : b + 1], bb[1][b : b + 1]) for bb in bounds]
+                    if saved is not None:
+                        self._l2 = (saved[0][b : b + 1], saved[1])
+                    xl, xu = x_L[b : b + 1], x_U[b : b + 1]
+                    lo_out[:, sel] = self._backward(k, lA[:, sel], xl, xu, sub, False)[0]
+                    up_out[:, sel] = self._backward(k, uA[:, sel], xl, xu, sub, True)[1]
+            finally:
+                self._l2 = saved
+            return lo_out, up_out
+
+        return tail
 
     def _backward_pairs(self, i, rows, b_idx, x_L, x_U, bounds, alpha=None):
         """Dense backward pass where pair p bounds neuron rows[p] of node i for sample b_idx[p], one sample at a

@@ -7,7 +7,9 @@ in the current node's coordinates, instead of a full [C, H, W] coefficient map. 
 zero padding shifts it. Positions outside a node's extent hold zero coefficients (they stand for zero padding).
 
 Used for chains input -> (Conv | ReLU | elementwise affine | zero Pad)* -> Conv; the engine falls back to the
-dense pass for anything else. Results equal the dense pass up to float rounding.
+dense pass for anything else. A chain may also start at a Reshape into an image plane (e.g. Linear -> Reshape
+-> Conv...): there the patches are written out as dense coefficients and the engine's dense pass finishes the
+job below the Reshape. Results equal the dense pass up to float rounding.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lingraft.bounds.ops import ConvOp, ElementwiseAffineOp, PadOp, ReLUOp
+from lingraft.bounds.ops import ConvOp, ElementwiseAffineOp, PadOp, ReLUOp, ReshapeOp
 from lingraft.bounds.ops.linear import conv_backward
 
 
@@ -36,16 +38,19 @@ class Patches:
 
 
 def chain_to_input(nodes, start: int):
-    """Node indices from ``start``'s input down to the input node if the path qualifies, else None."""
+    """Node indices from ``start``'s input down to the input node if the path qualifies, else None. The chain
+    may end at a Reshape into a [C, H, W] plane (last index; the dense pass continues below it)."""
     if not isinstance(nodes[start].op, ConvOp) or nodes[start].op.groups != 1:
         return None
-    chain = []
+    chain: list[int] = []
     k = nodes[start].inputs[0]
     while k != 0:
         nd = nodes[k]
         op = nd.op
         if len(nd.inputs) != 1 or len(nd.shape) != 3:
             return None
+        if isinstance(op, ReshapeOp):
+            return chain + [k]
         if isinstance(op, PadOp):
             if op.value != 0.0 or len(op.pads) != 4 or any(p < 0 for p in op.pads):
                 return None
@@ -82,6 +87,22 @@ def gather(values: Tensor, y0: Tensor, x0: Tensor, kh: int, kw: int, b_idx: Tens
     flat = (rows * Wp + cols).reshape(-1)  # [R*kh*kw]
     out = v.reshape(B, C, Hp * Wp)[:, :, flat]  # [B, C, R*kh*kw]
     return out.reshape(B, C, R, kh, kw).permute(0, 2, 1, 3, 4)
+
+
+def to_dense(P: Tensor, y0: Tensor, x0: Tensor, H: int, W: int) -> Tensor:
+    """Patches P [B, R, C, kh, kw] at top-left (y0, x0) [R] -> dense coefficients [B, R, C, H, W] (the parts
+    outside the plane, zero after :func:`valid_mask`, are dropped). Differentiable in P."""
+    Bp, R, C, kh, kw = P.shape
+    my = int(max(0, -int(y0.min()), int(y0.max()) + kh - H))
+    mx = int(max(0, -int(x0.min()), int(x0.max()) + kw - W))
+    Hp, Wp = H + 2 * my, W + 2 * mx
+    dy = torch.arange(kh, device=P.device)
+    dx = torch.arange(kw, device=P.device)
+    flat = ((y0 + my).view(-1, 1, 1) + dy.view(1, -1, 1)) * Wp + (x0 + mx).view(-1, 1, 1) + dx.view(1, 1, -1)
+    idx = flat.reshape(1, R, 1, kh * kw).expand(Bp, R, C, kh * kw)
+    out = torch.zeros(Bp, R, C, Hp * Wp, dtype=P.dtype, device=P.device)
+    out = out.scatter_add(3, idx, P.reshape(Bp, R, C, kh * kw))
+    return out.reshape(Bp, R, C, Hp, Wp)[..., my : my + H, mx : mx + W]
 
 
 def valid_mask(y0, x0, kh, kw, H, W, device):
@@ -123,6 +144,7 @@ def backward_patches(
     l2=None,
     b_idx: Tensor | None = None,
     alpha: dict | None = None,
+    tail=None,
 ):
     """Lower and upper bounds [B, R] of the rows of node ``start`` by the patch-mode backward pass.
 
@@ -130,6 +152,8 @@ def backward_patches(
     alpha: optional lower ReLU slopes per row, in patch form: {ReLU node: {"l": [B, R, C, kh, kw], "u": ...}}
     used on unstable neurons ("l" in the lower-bound pass, "u" in the upper one). A ReLU missing from the dict
     gets CROWN's slopes as new leaves that require grad (alpha-CROWN's warm start).
+    tail: for a chain ending at a Reshape node k, callable(k, lA, uA) with dense coefficients [B', R, C, H, W] on
+    node k's value -> (lower, upper) [B', R] of what lies below (the engine's dense pass, concretized).
     """
     B = x_L.shape[0] if b_idx is None else 1
     Bfull = x_L.shape[0]
@@ -145,6 +169,11 @@ def backward_patches(
         kh, kw = lP.shape[-2:]
         mask = valid_mask(y0, x0, kh, kw, H, W, lP.device)
         lP, uP = lP * mask, uP * mask
+        if isinstance(op, ReshapeOp):
+            if tail is None:
+                raise RuntimeError("a patch chain ending at a Reshape needs the dense tail pass")
+            l_t, u_t = tail(k, to_dense(lP, y0, x0, H, W), to_dense(uP, y0, x0, H, W))
+            return lb + l_t, ub + u_t
         if isinstance(op, ReLUOp):
             pre = bounds[nd.inputs[0]]
             if pre is None or pre[0] is None:  # fully grafted layer: exact linear
