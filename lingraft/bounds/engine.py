@@ -375,18 +375,10 @@ class BoundedNetwork:
                 return lo, up
             lo_out = torch.empty(1, b_idx.numel(), device=self.device)
             up_out = torch.empty(1, b_idx.numel(), device=self.device)
-            saved = self._l2
-            try:
-                for b in torch.unique(b_idx).tolist():
-                    sel = torch.nonzero(b_idx == b, as_tuple=True)[0]
-                    sub = [None if bb is None else (bb[0][b : b + 1], bb[1][b : b + 1]) for bb in bounds]
-                    if saved is not None:
-                        self._l2 = (saved[0][b : b + 1], saved[1])
-                    xl, xu = x_L[b : b + 1], x_U[b : b + 1]
-                    lo_out[:, sel] = self._backward(k, lA[:, sel], xl, xu, sub, False)[0]
-                    up_out[:, sel] = self._backward(k, uA[:, sel], xl, xu, sub, True)[1]
-            finally:
-                self._l2 = saved
+            for b, sel, sub in self._each_sample(b_idx, bounds):
+                xl, xu = x_L[b : b + 1], x_U[b : b + 1]
+                lo_out[:, sel] = self._backward(k, lA[:, sel], xl, xu, sub, False)[0]
+                up_out[:, sel] = self._backward(k, uA[:, sel], xl, xu, sub, True)[1]
             return lo_out, up_out
 
         return tail
@@ -396,6 +388,17 @@ class BoundedNetwork:
         time (slices of the bounds are views, so each pass only touches that sample). Returns ([P], [P])."""
         lo_out = torch.empty(rows.numel(), device=self.device)
         up_out = torch.empty(rows.numel(), device=self.device)
+        for b, sel, sub in self._each_sample(b_idx, bounds):
+            al = None
+            if alpha is not None:
+                al = {k: {s: a[sel].unsqueeze(0) for s, a in sides.items()} for k, sides in alpha.items()}
+            lo, up = self._backward(i, None, x_L[b : b + 1], x_U[b : b + 1], sub, True, rows=rows[sel], alphas=al)
+            lo_out[sel], up_out[sel] = lo[0], up[0]
+        return lo_out, up_out
+
+    def _each_sample(self, b_idx: Tensor, bounds: list):
+        """Yield (b, sel, sub) per sample b in b_idx [P]: sel its positions in b_idx, sub the bounds of sample b
+        alone ([1, *shape] views); the L2 ball's centre is sample b's meanwhile."""
         saved = self._l2
         try:
             for b in torch.unique(b_idx).tolist():
@@ -403,14 +406,9 @@ class BoundedNetwork:
                 sub = [None if bb is None else (bb[0][b : b + 1], bb[1][b : b + 1]) for bb in bounds]
                 if saved is not None:
                     self._l2 = (saved[0][b : b + 1], saved[1])
-                al = None
-                if alpha is not None:
-                    al = {k: {s: a[sel].unsqueeze(0) for s, a in sides.items()} for k, sides in alpha.items()}
-                lo, up = self._backward(i, None, x_L[b : b + 1], x_U[b : b + 1], sub, True, rows=rows[sel], alphas=al)
-                lo_out[sel], up_out[sel] = lo[0], up[0]
+                yield b, sel, sub
         finally:
             self._l2 = saved
-        return lo_out, up_out
 
     def _chunk_size(self, i, B, R):
         biggest = max(int(math.prod(nd.shape)) for nd in self.nodes[: i + 1])
