@@ -62,8 +62,8 @@ def optimize_alpha(
     a sample stops early once every row clears the proof margin at that scale (default: the bound's own size).
     target: [B, S] lower bounds that count as done instead (branch and bound's thresholds); deadline: a
     :func:`lingraft.clock.now` time after which no further step starts.
-    Returns (lower [B, S], elementwise >= crown_lower; the intermediate bounds of the best iteration's pass,
-    elementwise at least as tight as ``bounds``). Samples CROWN already proves are not optimised at all.
+    Returns (lower [B, S], elementwise >= crown_lower; the intermediate bounds of the last pass that raised some
+    sample's bound, elementwise at least as tight as ``bounds``). Samples CROWN already proves are not optimised at all.
     """
     C_out, x_L, x_U, bounds = problem
     scale = torch.zeros_like(crown_lower[:, :1]) if proof_scale is None else proof_scale.to(crown_lower)
@@ -124,7 +124,7 @@ def _optimize(net, C_out, x_L, x_U, bounds, crown_lower, iterations, lr, interme
     starts = _start_nodes(net, bounds) if intermediate else []
     best = crown_lower.detach().clone()
     best_bounds = bounds
-    if iterations <= 0 or not (final_alpha or starts):
+    if not (final_alpha or starts):  # no unstable ReLU: no slope to optimise
         return best, best_bounds
     opt: torch.optim.Optimizer | None = None
     sched = None

@@ -63,29 +63,33 @@ def chain_to_input(nodes, start: int):
     return chain
 
 
+def _window_positions(y0: Tensor, x0: Tensor, kh: int, kw: int, H: int, W: int):
+    """Where the windows at top-left (y0, x0) [R] lie in the H x W plane padded by (my, mx) on each side so that
+    every window fits. -> (my, mx, Wp, flat [R, kh * kw] positions into the flattened padded plane)."""
+    my = int(max(0, -int(y0.min()), int(y0.max()) + kh - H))
+    mx = int(max(0, -int(x0.min()), int(x0.max()) + kw - W))
+    Wp = W + 2 * mx
+    dy = torch.arange(kh, device=y0.device)
+    dx = torch.arange(kw, device=y0.device)
+    rows = (y0 + my).view(-1, 1, 1) + dy.view(1, -1, 1)
+    cols = (x0 + mx).view(-1, 1, 1) + dx.view(1, 1, -1)
+    return my, mx, Wp, (rows * Wp + cols).reshape(y0.numel(), kh * kw)
+
+
 def gather(values: Tensor, y0: Tensor, x0: Tensor, kh: int, kw: int, b_idx: Tensor | None = None) -> Tensor:
     """values [B, C, H, W] -> [B, R, C, kh, kw]: the window at each (y0, x0), zeros outside the plane.
 
     With ``b_idx`` [R] (pair mode: row r belongs to sample b_idx[r]) the result is [1, R, C, kh, kw].
     """
     B, C, H, W = values.shape
-    my = int(max(0, -int(y0.min()), int(y0.max()) + kh - H))
-    mx = int(max(0, -int(x0.min()), int(x0.max()) + kw - W))
-    v = F.pad(values, (mx, mx, my, my))
-    Hp, Wp = H + 2 * my, W + 2 * mx
-    # build row-wise index grids: [R, kh, kw] flat positions into the padded plane
-    dy = torch.arange(kh, device=values.device)
-    dx = torch.arange(kw, device=values.device)
-    rows = (y0 + my).view(-1, 1, 1) + dy.view(1, -1, 1)
-    cols = (x0 + mx).view(-1, 1, 1) + dx.view(1, 1, -1)
+    my, mx, Wp, flat = _window_positions(y0, x0, kh, kw, H, W)
+    v = F.pad(values, (mx, mx, my, my)).reshape(B, C, -1)
     R = y0.numel()
     if b_idx is not None:
-        flat = (rows * Wp + cols).reshape(R, kh * kw)
         bi = b_idx if B > 1 else torch.zeros_like(b_idx)
-        out = v.reshape(B, C, Hp * Wp).permute(0, 2, 1)[bi.unsqueeze(1), flat]  # [R, kh*kw, C]
+        out = v.permute(0, 2, 1)[bi.unsqueeze(1), flat]  # [R, kh*kw, C]
         return out.permute(0, 2, 1).reshape(1, R, C, kh, kw)
-    flat = (rows * Wp + cols).reshape(-1)  # [R*kh*kw]
-    out = v.reshape(B, C, Hp * Wp)[:, :, flat]  # [B, C, R*kh*kw]
+    out = v[:, :, flat.reshape(-1)]  # [B, C, R*kh*kw]
     return out.reshape(B, C, R, kh, kw).permute(0, 2, 1, 3, 4)
 
 
@@ -93,12 +97,8 @@ def to_dense(P: Tensor, y0: Tensor, x0: Tensor, H: int, W: int) -> Tensor:
     """Patches P [B, R, C, kh, kw] at top-left (y0, x0) [R] -> dense coefficients [B, R, C, H, W] (the parts
     outside the plane, zero after :func:`valid_mask`, are dropped). Differentiable in P."""
     Bp, R, C, kh, kw = P.shape
-    my = int(max(0, -int(y0.min()), int(y0.max()) + kh - H))
-    mx = int(max(0, -int(x0.min()), int(x0.max()) + kw - W))
-    Hp, Wp = H + 2 * my, W + 2 * mx
-    dy = torch.arange(kh, device=P.device)
-    dx = torch.arange(kw, device=P.device)
-    flat = ((y0 + my).view(-1, 1, 1) + dy.view(1, -1, 1)) * Wp + (x0 + mx).view(-1, 1, 1) + dx.view(1, 1, -1)
+    my, mx, Wp, flat = _window_positions(y0, x0, kh, kw, H, W)
+    Hp = H + 2 * my
     idx = flat.reshape(1, R, 1, kh * kw).expand(Bp, R, C, kh * kw)
     out = torch.zeros(Bp, R, C, Hp * Wp, dtype=P.dtype, device=P.device)
     out = out.scatter_add(3, idx, P.reshape(Bp, R, C, kh * kw))
