@@ -16,6 +16,7 @@ from torch import nn
 from lingraft.errors import LingraftError, UnsupportedModelError
 from lingraft.io.onnx import export_onnx, list_unsupported_ops, load_onnx, run_onnxruntime
 from lingraft.models import create_model, list_models
+from lingraft.models.attention import SASA, ACmix
 from lingraft.models.layers import GraftedReLU, Normalize
 
 torch.set_num_threads(1)
@@ -38,6 +39,8 @@ _MODULES = (
     nn.ConstantPad2d,
     nn.Identity,
     Normalize,
+    SASA,
+    ACmix,
 )
 _FUNCTIONS = {
     operator.add,
@@ -150,9 +153,9 @@ def _graft(model: nn.Module, in_shape, seed: int = 0) -> nn.Module:
     return model
 
 
-#: registry models whose ONNX export holds ops the importer does not read yet (local attention: Softmax, Gather);
-#: they export and run in onnxruntime, and importing them is refused by name (test below)
-NOT_IMPORTABLE = {"acmix-s", "sasa-s"}
+#: registry models with local attention (Softmax, windows as a constant-index Gather): the importer rebuilds each
+#: block as one SASA/ACmix layer (lingraft.io.onnx.attention_fusion; more in tests/test_onnx_attention.py)
+ATTENTION = {"acmix-s", "sasa-s"}
 
 
 def _export_registry_model(name, grafted, tmp_path):
@@ -175,21 +178,12 @@ def _export_registry_model(name, grafted, tmp_path):
 
 
 @pytest.mark.parametrize("grafted", [False, True], ids=["plain", "grafted"])
-@pytest.mark.parametrize("name", sorted(NOT_IMPORTABLE))
-def test_attention_exports_and_import_refuses_by_name(name, grafted, tmp_path):
-    _, path, _, _, _, _ = _export_registry_model(name, grafted, tmp_path)
-    unsupported = list_unsupported_ops(path)
-    assert unsupported
-    with pytest.raises(UnsupportedModelError, match=unsupported[0][0]):
-        load_onnx(path)
-
-
-@pytest.mark.parametrize("grafted", [False, True], ids=["plain", "grafted"])
-@pytest.mark.parametrize("name", sorted(set(list_models()) - NOT_IMPORTABLE))
+@pytest.mark.parametrize("name", sorted(list_models()))
 def test_roundtrip_registry_models(name, grafted, tmp_path):
     model, path, info, real, in_shape, proto = _export_registry_model(name, grafted, tmp_path)
     assert list_unsupported_ops(path) == []
-    assert info["exporter"] == "lingraft-fx"
+    # attention layers are not in the fx writer's vocabulary: torch's TorchScript exporter writes them
+    assert info["exporter"] == ("torchscript" if name in ATTENTION else "lingraft-fx")
     gm = load_onnx(path)
     assert_vocabulary(gm)
     assert gm.input_shape == in_shape and gm.output_shape == (10,)

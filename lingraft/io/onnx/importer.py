@@ -13,19 +13,29 @@ import numpy as np
 import torch
 
 from lingraft.errors import LingraftError, UnsupportedModelError
-from lingraft.io.onnx.analysis import check_supported, input_normalization, onnx_non_finite, raise_problems
-from lingraft.io.onnx.common import first_line, node_attrs, node_label, read_model
+from lingraft.io.onnx.analysis import analyze, check_supported, input_normalization, onnx_non_finite, raise_problems
+from lingraft.io.onnx.attention_fusion import RegionVal, fuse_region, onnx_value
+from lingraft.io.onnx.attention_match import AttentionRegion, analysis_view, find_attention_regions
+from lingraft.io.onnx.common import first_line, node_attrs, node_label, read_model, real_input
 from lingraft.io.onnx.graph_builder import EXAMPLE_BATCH, OnnxGraphModule, Val
 from lingraft.io.onnx.import_ops import OpConverters
 from lingraft.io.onnx.runtime import run_onnxruntime
 
-__all__ = ["Importer", "load_onnx"]
+__all__ = ["Importer", "list_unsupported_ops", "load_onnx"]
 
 _CHECK_ATOL = 1e-4  # load_onnx(check=True): max |gm - onnxruntime| allowed, times max(1, |output|)
 
 
 class Importer(OpConverters):
-    """Builds the fx graph of one ONNX model (checked beforehand by :func:`check_supported`)."""
+    """Builds the fx graph of one ONNX model (checked beforehand by :func:`check_supported`).
+
+    regions: the local-attention blocks found by :func:`find_attention_regions`; their nodes are evaluated on the
+    example (:class:`RegionVal`) and the block becomes one SASA/ACmix module at its exit (:func:`fuse_region`).
+    """
+
+    def __init__(self, model, info, regions: list[AttentionRegion] | tuple = ()):
+        super().__init__(model, info)
+        self.region_of = {id(n): r for r in regions for n in r.nodes}
 
     def run(self) -> OnnxGraphModule:
         """Convert every node; returns the module with its shape/name metadata set (onnx_path is the caller's)."""
@@ -75,8 +85,11 @@ class Importer(OpConverters):
         if id(node) in self.fused:
             self.env[node.output[0]] = self.fused[id(node)]
             return
+        if id(node) in self.region_of:
+            self.region_step(node, self.region_of[id(node)])
+            return
         ins = [self.env.get(i) if i else None for i in node.input]
-        dep = [isinstance(v, Val) for v in ins]
+        dep = [isinstance(v, (Val, RegionVal)) for v in ins]
         op = node.op_type
         if not any(dep):  # constant sub-graph
             self.fold(node)
@@ -101,17 +114,30 @@ class Importer(OpConverters):
                     "lingraft supports only the first output"
                 )
 
+    def region_step(self, node, region: AttentionRegion) -> None:
+        """Evaluate a node of a local-attention block on the example; at the block's exit, fuse the block."""
+        feeds = {i: onnx_value(self.get(i)) for i in node.input if i}
+        for name, val in zip([o for o in node.output if o], self.evaluate(node, feeds)):
+            self.env[name] = RegionVal(np.asarray(val))
+        if region.exit_name in node.output:
+            self.env[region.exit_name] = fuse_region(self, region)
+
     def fold(self, node) -> None:
         """Evaluate a node whose inputs are all constant with onnx's reference evaluator."""
-        import onnx
-        from onnx.reference import ReferenceEvaluator
-
-        feeds = {i: self.env[i] for i in node.input if i}
         missing = [i for i in node.input if i and i not in self.env]
         if missing:
             raise UnsupportedModelError(
                 f"{node.op_type} node '{node_label(node)}' reads undefined value '{missing[0]}'; re-export the model"
             )
+        outs = self.evaluate(node, {i: self.env[i] for i in node.input if i})
+        for name, val in zip([o for o in node.output if o], outs):
+            self.env[name] = np.asarray(val)
+
+    def evaluate(self, node, feeds: dict) -> list:
+        """The outputs of one node on the given input arrays, from onnx's reference evaluator."""
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
         h = onnx.helper
         graph = h.make_graph(
             [node],
@@ -121,13 +147,11 @@ class Importer(OpConverters):
         )
         m = h.make_model(graph, opset_imports=list(self.model.opset_import))
         try:
-            outs = ReferenceEvaluator(m).run(None, feeds)
+            return ReferenceEvaluator(m).run(None, feeds)
         except Exception as e:
             raise UnsupportedModelError(
-                f"cannot evaluate constant ONNX {node.op_type} node '{node_label(node)}': {first_line(e)}"
+                f"cannot evaluate ONNX {node.op_type} node '{node_label(node)}': {first_line(e)}"
             ) from None
-        for name, val in zip([o for o in node.output if o], outs):
-            self.env[name] = np.asarray(val)
 
 
 def load_onnx(path, *, check: bool = True, allow_non_finite: bool = False) -> OnnxGraphModule:
@@ -147,11 +171,18 @@ def load_onnx(path, *, check: bool = True, allow_non_finite: bool = False) -> On
     from lingraft.io.loader import non_finite_error
 
     model = read_model(path)
-    info = check_supported(model)
-    bad = onnx_non_finite(model)
+    regions, refusals = find_attention_regions(model)
+    view = analysis_view(model, regions)
+    try:
+        info = check_supported(view)
+    except UnsupportedModelError as e:
+        if refusals:  # say first why the Softmax (which the analysis lists) is not a block lingraft can import
+            raise UnsupportedModelError(f"{'; '.join(refusals)}; {e}") from None
+        raise
+    bad = onnx_non_finite(view)
     if bad is not None and not allow_non_finite:
         raise non_finite_error(path, bad)
-    gm = Importer(model, info).run()
+    gm = Importer(model, info, regions).run()
     gm.onnx_path = str(Path(path))
     gm.non_finite = bad
     gm.normalization = input_normalization(model, info.name)
@@ -180,3 +211,16 @@ def _check_against_onnxruntime(gm: OnnxGraphModule, path) -> None:
         f"ONNX import of {path} does not match onnxruntime (max abs diff {diff:.3g}); "
         "please report this model (load with check=False to skip the check)"
     )
+
+
+def list_unsupported_ops(path) -> list[tuple[str, str]]:
+    """(op_type, node_name) of every input-dependent ONNX node that :func:`load_onnx` cannot convert.
+
+    The nodes of recognised local-attention blocks (SASA, ACmix; see :mod:`lingraft.io.onnx.attention_match`) are
+    not listed: the import rebuilds each block as one layer (and refuses it there if its constants do not match).
+    Shape-level problems found only while building (e.g. a Conv on a 3-D tensor) are not listed either; load_onnx
+    reports those. Unreadable files raise LingraftError.
+    """
+    model = read_model(path)
+    regions, _ = find_attention_regions(model)
+    return [(op, name) for op, name, _ in analyze(analysis_view(model, regions), real_input(model).name)]
