@@ -9,12 +9,23 @@ from __future__ import annotations
 
 import time
 
-__all__ = ["now", "Stopwatch"]
+__all__ = ["DeadlineExceeded", "Stopwatch", "check_deadline", "now"]
 
 
 def now() -> float:
     """Seconds on the process's clock: compare it with a deadline ``now() + seconds`` or subtract two readings."""
     return time.monotonic()
+
+
+class DeadlineExceeded(Exception):
+    """A long computation (e.g. one CROWN pass over a large network) stopped at its deadline; the caller that set
+    the deadline turns it into its own ``timeout``."""
+
+
+def check_deadline(deadline: float | None) -> None:
+    """Raise :class:`DeadlineExceeded` when ``deadline`` (a :func:`now` value; None: no deadline) has passed."""
+    if deadline is not None and now() > deadline:
+        raise DeadlineExceeded
 
 
 class Stopwatch:

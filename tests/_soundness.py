@@ -89,3 +89,13 @@ def check_sound(model, in_shape, eps, method, n_points=1000, batch=2, seed=0):
     assert (pmin >= lo - TOL).all(), f"PGD point below lower bound by {(lo - pmin).max():.3g}"
     assert (pmax <= up + TOL).all(), f"PGD point above upper bound by {(pmax - up).max():.3g}"
     return res
+
+
+def random_batchnorm(bn):
+    """``bn`` with random running statistics and affine parameters (in place; returned for chaining)."""
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.3, 0.3)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.2, 0.2)
+    return bn

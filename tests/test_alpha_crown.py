@@ -70,7 +70,7 @@ def test_returned_intermediate_bounds_are_at_least_as_tight_and_proved_samples_u
     # pretend sample 0 is already proved: it must come back unchanged and cost no optimisation
     crown = crown.clone()
     crown[0] = 1.0
-    lower, tightened = optimize_alpha(net, (C_out, xl, xu, bounds), crown, iterations=5, lr=0.1)
+    lower, tightened, _ = optimize_alpha(net, (C_out, xl, xu, bounds), crown, iterations=5, lr=0.1)
     assert torch.equal(lower[0], crown[0])
     assert (lower >= crown).all()
     for b, t in zip(bounds, tightened):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _soundness import check_sound, graft_randomly
+from _soundness import check_sound, graft_randomly, random_batchnorm
 from torch import nn
 
 from lingraft.bounds import BoundedNetwork
@@ -153,12 +153,7 @@ def _inplace(h, g):
 
 
 def _bn(bn):
-    with torch.no_grad():
-        bn.running_mean.uniform_(-0.3, 0.3)
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.2, 0.2)
-    return bn
+    return random_batchnorm(bn)
 
 
 def _seed(name):

@@ -16,19 +16,28 @@ looser than CROWN's (the warm start).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
-from lingraft.bounds.ops import ReLUOp
+from lingraft.bounds.optimizer import ParamGroup, ProjectedAdam
 from lingraft.bounds.tolerance import is_proved
 from lingraft.clock import now
 
 if TYPE_CHECKING:
     from lingraft.bounds.engine import BoundedNetwork
 
-LR_DECAY = 0.98  # per iteration, as auto_LiRPA
+
+class AlphaResult(NamedTuple):
+    """What :func:`optimize_alpha` found. lower: [B, S], elementwise >= CROWN's; bounds: intermediate bounds (list
+    by node of [B, *shape] pairs or None) at least as tight as CROWN's; slopes: {ReLU node: [B, S, *shape]} the
+    final specification's lower slopes of the pass that gave ``bounds`` (CROWN's where a sample was not optimised),
+    a warm start for a later optimisation on the same bounds (e.g. beta-CROWN's)."""
+
+    lower: Tensor
+    bounds: list
+    slopes: dict
 
 
 class _StartNode:
@@ -52,7 +61,7 @@ def optimize_alpha(
     proof_scale: Tensor | None = None,
     target: Tensor | None = None,
     deadline: float | None = None,
-) -> tuple[Tensor, list]:
+) -> AlphaResult:
     """alpha-CROWN lower bounds of the specification.
 
     problem: (C_out [B, S, *out_shape], x_L, x_U [B, *in_shape], CROWN's intermediate bounds (list by node));
@@ -62,23 +71,24 @@ def optimize_alpha(
     a sample stops early once every row clears the proof margin at that scale (default: the bound's own size).
     target: [B, S] lower bounds that count as done instead (branch and bound's thresholds); deadline: a
     :func:`lingraft.clock.now` time after which no further step starts.
-    Returns (lower [B, S], elementwise >= crown_lower; the intermediate bounds of the last pass that raised some
-    sample's bound, elementwise at least as tight as ``bounds``). Samples CROWN already proves are not optimised at all.
+    Returns an :class:`AlphaResult`: the bounds and slopes are those of the last pass that raised some sample's
+    bound. Samples CROWN already proves are not optimised at all.
     """
     C_out, x_L, x_U, bounds = problem
     scale = torch.zeros_like(crown_lower[:, :1]) if proof_scale is None else proof_scale.to(crown_lower)
     done = _Done(scale, target, deadline)
     todo = torch.nonzero(~done(crown_lower), as_tuple=True)[0]
+    B, S = crown_lower.shape
     if iterations <= 0 or todo.numel() == 0:
-        return crown_lower.detach().clone(), bounds
-    if todo.numel() == crown_lower.shape[0]:
-        return _optimize(net, C_out, x_L, x_U, bounds, crown_lower, iterations, lr, intermediate, done)
+        return AlphaResult(crown_lower.detach().clone(), bounds, _final_slopes(net, bounds, B, S, grad=False))
+    if todo.numel() == B:
+        return AlphaResult(*_optimize(net, C_out, x_L, x_U, bounds, crown_lower, iterations, lr, intermediate, done))
     sub = [None if b is None else (b[0][todo], b[1][todo]) for b in bounds]
     l2 = net._l2
     try:
         if l2 is not None:  # the L2 ball's centres follow the samples
             net._l2 = (l2[0][todo], l2[1])
-        lo, sub = _optimize(
+        lo, sub, sub_slopes = _optimize(
             net, C_out[todo], x_L[todo], x_U[todo], sub, crown_lower[todo], iterations, lr, intermediate, done[todo]
         )
     finally:
@@ -93,7 +103,11 @@ def optimize_alpha(
             lo_b, up_b = b[0].clone(), b[1].clone()
             lo_b[todo], up_b[todo] = t
             out.append((lo_b, up_b))
-    return best, out
+    slopes = _final_slopes(net, out, B, S, grad=False)
+    for k, a in sub_slopes.items():
+        if k in slopes:
+            slopes[k][todo] = a
+    return AlphaResult(best, out, slopes)
 
 
 class _Done:
@@ -124,10 +138,10 @@ def _optimize(net, C_out, x_L, x_U, bounds, crown_lower, iterations, lr, interme
     starts = _start_nodes(net, bounds) if intermediate else []
     best = crown_lower.detach().clone()
     best_bounds = bounds
+    best_slopes = {k: a["l"].detach().clone() for k, a in final_alpha.items()}
     if not (final_alpha or starts):  # no unstable ReLU: no slope to optimise
-        return best, best_bounds
-    opt: torch.optim.Optimizer | None = None
-    sched = None
+        return best, best_bounds, best_slopes
+    opt: ProjectedAdam | None = None
     for it in range(iterations + 1):
         cur = _tightened_bounds(net, starts, x_L, x_U, bounds)
         lo, _ = net._backward(last, C_out, x_L, x_U, cur, False, alphas=final_alpha)
@@ -135,34 +149,27 @@ def _optimize(net, C_out, x_L, x_U, bounds, crown_lower, iterations, lr, interme
         if bool(improved.any()):
             best = torch.maximum(best, lo.detach())
             best_bounds = [None if b is None else (b[0].detach(), b[1].detach()) for b in cur]
+            best_slopes = {k: a["l"].detach().clone() for k, a in final_alpha.items()}
         open_samples = ~done(best)  # [B]: some row not yet proved (early stop per sample)
         if it == iterations or not bool(open_samples.any()) or done.out_of_time():
             break
         if opt is None:  # patch-form slopes are created by the first pass, so the optimiser starts here
             params = [a["l"] for a in final_alpha.values()] + [p for st in starts for p in st.params()]
-            opt = torch.optim.Adam(params, lr=lr)
-            sched = torch.optim.lr_scheduler.ExponentialLR(opt, LR_DECAY)
-        opt.zero_grad()
-        (-(lo * open_samples.unsqueeze(1)).sum()).backward()
-        opt.step()
-        assert sched is not None
-        sched.step()
-        with torch.no_grad():
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    p.clamp_(0.0, 1.0)
-    return best, best_bounds
+            opt = ProjectedAdam([ParamGroup(params, lr, 0.0, 1.0)])
+        opt.step(-(lo * open_samples.unsqueeze(1)).sum())
+    return best, best_bounds, best_slopes
 
 
-def _final_slopes(net: BoundedNetwork, bounds: list, B: int, S: int) -> dict:
-    """{ReLU node: {"l": [B, S, *shape]}} from CROWN's choice, for ReLUs with an unstable neuron."""
-    alphas = {}
+def _final_slopes(net: BoundedNetwork, bounds: list, B: int, S: int, grad: bool = True) -> dict:
+    """{ReLU node: {"l": [B, S, *shape]}} from CROWN's choice, for ReLUs with an unstable neuron (leaves that
+    require grad); grad=False: {ReLU node: [B, S, *shape]} plain tensors."""
+    alphas: dict = {}
     for k, nd in enumerate(net.nodes):
-        if isinstance(nd.op, ReLUOp) and bounds[nd.inputs[0]] is not None:
+        if nd.op is not None and nd.op.has_alpha and bounds[nd.inputs[0]] is not None:
             _, _, l_slope, unstable = nd.op.relaxation(*bounds[nd.inputs[0]])
             if bool(unstable.any()):
                 a = l_slope.detach().unsqueeze(1).expand(B, S, *nd.shape).clone()
-                alphas[k] = {"l": a.requires_grad_(True)}
+                alphas[k] = {"l": a.requires_grad_(True)} if grad else a
     return alphas
 
 
@@ -181,7 +188,7 @@ def _start_nodes(net: BoundedNetwork, bounds: list) -> list[_StartNode]:
         if net._chain(i) is None:  # dense pass: one slope per (pair, neuron) of every ReLU below
             for k in range(i):
                 op = net.nodes[k].op
-                if not isinstance(op, ReLUOp) or bounds[net.nodes[k].inputs[0]] is None:
+                if op is None or not op.has_alpha or bounds[net.nodes[k].inputs[0]] is None:
                     continue
                 pre = bounds[net.nodes[k].inputs[0]]
                 _, _, l_slope, unstable = op.relaxation(*pre)

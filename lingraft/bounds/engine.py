@@ -25,9 +25,10 @@ from torch import Tensor, nn
 from lingraft.bounds.alpha_crown import optimize_alpha
 from lingraft.bounds.graph import GraphNode, build_graph
 from lingraft.bounds.methods import METHODS
-from lingraft.bounds.ops import ConvOp, LinearOp, ReLUOp
+from lingraft.bounds.ops import LinearOp, ReLUOp
 from lingraft.bounds.ops.base import neg, pos
 from lingraft.bounds.patches import backward_patches, chain_to_input
+from lingraft.clock import check_deadline
 from lingraft.errors import UsageError
 
 
@@ -94,7 +95,7 @@ class BoundedNetwork:
                 level.append(0)
             elif nd.op.diagonal and len(nd.inputs) == 1:
                 level.append(level[nd.inputs[0]])
-            elif isinstance(nd.op, (LinearOp, ConvOp)) and level[nd.inputs[0]] == 0:
+            elif nd.op.affine and level[nd.inputs[0]] == 0:
                 level.append(1)
             else:
                 level.append(2)
@@ -102,13 +103,13 @@ class BoundedNetwork:
 
     def _find_ibp_exact(self) -> set[int]:
         """Nodes whose interval (IBP) bounds are the exact range of every neuron: box-exact nodes (level <= 1) and
-        elementwise ops (ReLU, grafted ReLU, diagonal ops) of them, since each output neuron is a monotone function
-        of one exactly-bounded input neuron. No linear bound can be tighter there, so CROWN is skipped."""
+        ops declaring ``exact_ibp`` (ReLU, grafted ReLU, diagonal ops) of them, since each output neuron is a monotone
+        function of one exactly-bounded input neuron. No linear bound can be tighter there, so CROWN is skipped."""
         exact: set[int] = set()
         for i, nd in enumerate(self.nodes):
             if self._box_exact[i] <= 1:
                 exact.add(i)
-            elif (isinstance(nd.op, ReLUOp) or nd.bound_op.diagonal) and len(nd.inputs) == 1 and nd.inputs[0] in exact:
+            elif nd.bound_op.exact_ibp and len(nd.inputs) == 1 and nd.inputs[0] in exact:
                 exact.add(i)
         return exact
 
@@ -119,8 +120,8 @@ class BoundedNetwork:
             if nd.op is None or not nd.op.nonlinear:
                 continue
             for i in nd.inputs:
-                rows = nd.op.needed_rows() if isinstance(nd.op, ReLUOp) else None
-                if isinstance(nd.op, ReLUOp) and rows is not None and rows.numel() == 0:
+                rows = nd.op.needed_rows()
+                if rows is not None and rows.numel() == 0:
                     continue  # fully grafted: no bounds needed
                 if i in need:
                     prev = need[i]
@@ -141,7 +142,7 @@ class BoundedNetwork:
                     "op": "Input" if nd.op is None else nd.op.describe(),
                     "shape": list(nd.shape),
                     "neurons": int(math.prod(nd.shape)),
-                    "grafted": nd.op.num_grafted if isinstance(nd.op, ReLUOp) else 0,
+                    "grafted": 0 if nd.op is None else nd.op.num_grafted,
                 }
             )
         return out
@@ -231,7 +232,7 @@ class BoundedNetwork:
             C_out = C.reshape(B, C.shape[1], *self.out_shape)
             lo, up = self._backward(len(self.nodes) - 1, C_out, x_L, x_U, bounds, bound_upper)
         if method == "alpha-crown":
-            lo, bounds = optimize_alpha(
+            lo, bounds, _ = optimize_alpha(
                 self,
                 (C_out, x_L, x_U, bounds),
                 lo,
@@ -247,7 +248,7 @@ class BoundedNetwork:
 
     def _stats(self, res: BoundResult, bounds):
         for nd in self.nodes:
-            if isinstance(nd.op, ReLUOp):
+            if nd.op is not None and nd.op.splittable:
                 name = nd.module_name or nd.name
                 b = bounds[nd.inputs[0]]
                 res.neurons[name] = (int(math.prod(nd.shape)), nd.op.num_grafted)
@@ -257,8 +258,9 @@ class BoundedNetwork:
                     res.unstable[name] = nd.op.unstable_mask(*b).reshape(b[0].shape[0], -1).sum(1).cpu()
 
     # ---------------------------------------------------------------------------------------------
-    def _intermediate_bounds(self, x_L, x_U, ibp, interm_bounds=None):
+    def _intermediate_bounds(self, x_L, x_U, ibp, interm_bounds=None, deadline=None):
         """Bounds of every node a nonlinear operator needs: list indexed by node (None = not computed).
+        deadline: a :func:`lingraft.clock.now` time; past it the pass stops with DeadlineExceeded.
 
         Each node also gets a reference interval: IBP of the node from the tightest bounds known for its
         inputs (CROWN bounds where computed). Neurons stable under the reference need no CROWN pass.
@@ -281,14 +283,15 @@ class BoundedNetwork:
             if self._box_exact[i] <= 1 or (self.mode == "tight" and i in self._ibp_exact):
                 lo, up = rl, ru
             else:
-                lo, up = self._crown_node(i, x_L, x_U, bounds, rl, ru)
+                check_deadline(deadline)
+                lo, up = self._crown_node(i, x_L, x_U, bounds, rl, ru, deadline)
             if interm_bounds and i in interm_bounds:
                 sl, su = interm_bounds[i]
                 lo, up = torch.maximum(lo, sl), torch.minimum(up, su)
             bounds[i] = ref[i] = (lo, up)
         return bounds
 
-    def _crown_node(self, i, x_L, x_U, bounds, ref_l, ref_u):
+    def _crown_node(self, i, x_L, x_U, bounds, ref_l, ref_u, deadline=None):
         """CROWN bounds of node i for the needed rows that are unstable under the reference interval.
 
         tight mode (default): rows stable under the reference keep it (a stable neuron's relaxation does not
@@ -314,6 +317,7 @@ class BoundedNetwork:
             pair_rows = needed[col]
             chunk = self._chunk_size(i, 1, pair_rows.numel()) if chain is None else max(1, min(pair_rows.numel(), 8192))
             for s in range(0, pair_rows.numel(), chunk):
+                check_deadline(deadline)
                 r, bi = pair_rows[s : s + chunk], b_idx[s : s + chunk]
                 l_r, u_r = self.bound_pairs(i, r, bi, x_L, x_U, bounds)
                 lo[bi, r] = torch.maximum(lo[bi, r], l_r)
@@ -426,26 +430,40 @@ class BoundedNetwork:
         bound_upper: bool = False,
         alphas: dict | None = None,
         extra_lA: dict | None = None,
+        record_lA: dict | None = None,
     ):
         """Public backward pass from the output (for branch and bound): see :meth:`_backward`.
 
         C_out: [B, S, *out_shape]; bounds: from :meth:`intermediate_bounds`; alphas: {node index: {"l": [B,S,*shape]}}
         lower slopes of unstable ReLUs; extra_lA: {node index: [B, S, *shape]} added to the lower-bound
         coefficients when the pass reaches that node (beta-CROWN split multipliers: -beta*sign at a split
-        pre-activation). Returns (lower [B,S], upper or None).
+        pre-activation); record_lA: a dict that receives {ReLU node: [B, S, *shape]} the lower-bound coefficients
+        reaching each ReLU's output (detached; branch and bound ranks neurons with them). Returns (lower [B,S],
+        upper or None).
         """
         return self._backward(
-            len(self.nodes) - 1, C_out, x_L, x_U, bounds, bound_upper, alphas=alphas, extra_lA=extra_lA
+            len(self.nodes) - 1,
+            C_out,
+            x_L,
+            x_U,
+            bounds,
+            bound_upper,
+            alphas=alphas,
+            extra_lA=extra_lA,
+            record_lA=record_lA,
         )
 
-    def intermediate_bounds(self, x_L: Tensor, x_U: Tensor, interm_bounds: dict | None = None) -> list:
+    def intermediate_bounds(
+        self, x_L: Tensor, x_U: Tensor, interm_bounds: dict | None = None, deadline: float | None = None
+    ) -> list:
         """CROWN bounds of every pre-activation a nonlinear op needs: list by node index of (lower, upper)
-        [B, *shape] or None. interm_bounds {node index: (lower, upper)} tightens given nodes (split neurons)."""
+        [B, *shape] or None. interm_bounds {node index: (lower, upper)} tightens given nodes (split neurons);
+        deadline: a :func:`lingraft.clock.now` time, past which the pass raises :class:`DeadlineExceeded`."""
         x_L = x_L.to(self.device, torch.float32)
         x_U = x_U.to(self.device, torch.float32)
         self._l2 = None
         with torch.no_grad():
-            return self._intermediate_bounds(x_L, x_U, self.ibp_all(x_L, x_U), interm_bounds)
+            return self._intermediate_bounds(x_L, x_U, self.ibp_all(x_L, x_U), interm_bounds, deadline)
 
     def crown_nodes(self) -> list[int]:
         """Indices of the nodes whose bounds CROWN computes (needed by a nonlinear op, not IBP-exact), in order."""
@@ -467,8 +485,8 @@ class BoundedNetwork:
         )
 
     def relu_input_nodes(self) -> dict[int, int]:
-        """{ReLU node index: index of its pre-activation node}."""
-        return {k: nd.inputs[0] for k, nd in enumerate(self.nodes) if isinstance(nd.op, ReLUOp)}
+        """{ReLU node index: index of its pre-activation node} (the nodes of splittable ops)."""
+        return {k: nd.inputs[0] for k, nd in enumerate(self.nodes) if nd.op is not None and nd.op.splittable}
 
     def _backward(
         self,
@@ -481,12 +499,14 @@ class BoundedNetwork:
         rows=None,
         alphas: dict | None = None,
         extra_lA: dict | None = None,
+        record_lA: dict | None = None,
     ):
         """Backward linear bound propagation from node ``start``.
 
         A0: [B, S, *shape(start)] initial coefficients, or None with ``rows`` (flat unit rows of the node).
-        Returns (lower [B, S], upper [B, S] or None).
+        record_lA: see :meth:`backward_bound`. Returns (lower [B, S], upper [B, S] or None).
         """
+        relus = self.relu_input_nodes() if record_lA is not None else {}
         B = x_L.shape[0]
         lbias = torch.zeros((), device=self.device)
         ubias = torch.zeros((), device=self.device)
@@ -494,7 +514,7 @@ class BoundedNetwork:
         nd = self.nodes[start]
         if A0 is None:
             first = None
-            if isinstance(nd.op, (LinearOp, ConvOp)):
+            if nd.op is not None:  # affine ops give their input coefficients directly (base: None)
                 first = nd.op.identity_backward(rows, B, nd.shape)
             if first is not None:
                 Ain, b0 = first
@@ -515,6 +535,8 @@ class BoundedNetwork:
             lA, uA = A.pop(k)
             if extra_lA is not None and k in extra_lA and lA is not None:
                 lA = lA + extra_lA[k]
+            if k in relus and lA is not None:
+                record_lA[k] = lA.detach()  # type: ignore[index]
             node = self.nodes[k]
             kw = {}
             if alphas is not None and k in alphas:

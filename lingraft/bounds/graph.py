@@ -15,50 +15,18 @@ import torch.fx as fx
 from torch import nn
 
 from lingraft.bounds.graft_fusion import fuse_grafted_relus
-from lingraft.bounds.module_ops import UnsupportedCall, module_op
+from lingraft.bounds.module_ops import UnsupportedCall
 from lingraft.bounds.nodes import GraphNode, renumber
-from lingraft.bounds.ops import (
-    AddOp,
-    CatOp,
-    ElementwiseAffineOp,
-    LinearOp,
-    PadOp,
-    PermuteOp,
-    ReLUOp,
-    ReshapeOp,
-)
 from lingraft.bounds.ops.base import BoundOp
+from lingraft.bounds.registry import LEAF_TYPES, SUPPORTED, Signature, function_entry, is_leaf_module, module_op
 from lingraft.errors import UnsupportedModelError
-from lingraft.models.layers import GraftedReLU, Normalize
 
-LEAF_TYPES = (
-    nn.Linear,
-    nn.Conv2d,
-    nn.ReLU,
-    GraftedReLU,
-    Normalize,
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.AvgPool2d,
-    nn.MaxPool2d,
-    nn.Flatten,
-    nn.ZeroPad2d,
-    nn.ConstantPad2d,
-    nn.Identity,
-    nn.Dropout,
-)
-
-SUPPORTED = (
-    "Linear, Conv2d, ReLU, GraftedReLU, Normalize, BatchNorm (eval), AvgPool2d, MaxPool2d (no padding), "
-    "Flatten/Reshape/View/Squeeze/Unsqueeze, Permute/Transpose, constant Pad, Concat, Add/Sub of two tensors "
-    "(alpha too), Add/Sub/Mul/Div by constants (no rounding_mode), MatMul/linear by a constant, "
-    "modules with interval_bounds()"
-)
+__all__ = ["LEAF_TYPES", "SUPPORTED", "GraphNode", "build_graph", "trace"]
 
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, LEAF_TYPES) or hasattr(m, "interval_bounds"):
+        if is_leaf_module(m):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -117,8 +85,8 @@ class _Builder:
         self.unsupported: list[str] = []
         self.failed: set[str] = set()  # input-dependent nodes that could not be converted
 
-    # --- helpers -------------------------------------------------------------------------------------
-    def _var(self, a) -> TypeGuard[fx.Node]:
+    # --- helpers (the BuildContext of lingraft.bounds.function_ops) -----------------------------------
+    def var(self, a) -> TypeGuard[fx.Node]:
         """Whether ``a`` is a node whose value depends on the input."""
         return isinstance(a, fx.Node) and (self._resolve(a.name) in self.index or a.name in self.failed)
 
@@ -127,22 +95,22 @@ class _Builder:
             name = self.aliases[name]
         return name
 
-    def _const(self, a):
+    def const(self, a):
         if isinstance(a, fx.Node):
             return self.values[a.name]
         return a
 
-    def _shape(self, n: fx.Node):
+    def shape(self, n: fx.Node) -> tuple:
         v = self.values[n.name]
         return tuple(v.shape[1:])
 
-    def _add(self, n: fx.Node, op: BoundOp, inputs: list[fx.Node], module_name=None):
+    def add(self, n: fx.Node, op: BoundOp, inputs: list[fx.Node], module_name=None) -> None:
         idx = [self.index[self._resolve(i.name)] for i in inputs]
-        node = GraphNode(n.name, op, idx, self._shape(n), module_name)
+        node = GraphNode(n.name, op, idx, self.shape(n), module_name)
         self.index[n.name] = len(self.nodes)
         self.nodes.append(node)
 
-    def _alias(self, n: fx.Node, src: fx.Node):
+    def alias(self, n: fx.Node, src: fx.Node) -> None:
         self.aliases[n.name] = self._resolve(src.name)
 
     def _fail(self, n: fx.Node, what: str):
@@ -157,14 +125,14 @@ class _Builder:
         for n in self.gm.graph.nodes:
             if n.op == "placeholder":
                 self.index[n.name] = 0
-                self.nodes.append(GraphNode(n.name, None, [], self._shape(n)))
+                self.nodes.append(GraphNode(n.name, None, [], self.shape(n)))
                 continue
             if n.op == "output":
                 output = n.args[0]
                 continue
             if n.op == "get_attr":
                 continue
-            var_args = [a for a in _flat_args(n) if self._var(a)]
+            var_args = [a for a in _flat_args(n) if self.var(a)]
             if not var_args:
                 continue  # constant: folded into its consumers
             v = self.values[n.name]
@@ -191,7 +159,7 @@ class _Builder:
             raise UnsupportedModelError(
                 "unsupported operations: " + "; ".join(self.unsupported) + f". lingraft supports: {SUPPORTED}"
             )
-        if not isinstance(output, fx.Node) or not self._var(output):
+        if not isinstance(output, fx.Node) or not self.var(output):
             raise UnsupportedModelError("the model output must be a single tensor computed from the input")
         out_idx = self.index[self._resolve(output.name)]
         nodes = self._prune(out_idx)
@@ -210,180 +178,35 @@ class _Builder:
         return renumber(self.nodes, sorted(keep))
 
     def _convert(self, n: fx.Node):
+        """Add the operator of the input-dependent call n (its registry entry's factory / converter)."""
         if n.op == "call_module":
             return self._module(n, self.modules[n.target])
         fn = n.target
-        name = fn if n.op == "call_method" else getattr(fn, "__name__", str(fn))
-        out_shape = self._shape(n)
-        if name in _RESHAPE_LIKE:
-            # the output shape is read from the recorded values, so any shape arguments are modelled
-            x = n.args[0] if n.args else n.kwargs.get("input")
-            if not self._var(x):
-                raise _Unsupported(f"{name} whose input is not the input-dependent tensor")
-            in_shape = self._shape(x)
-            if in_shape == out_shape:
-                return self._alias(n, x)
-            return self._add(n, ReshapeOp(in_shape, out_shape), [x])
-        if name not in _SIGNATURES:
+        name = str(fn) if n.op == "call_method" else str(getattr(fn, "__name__", fn))
+        entry, sig = function_entry(name) or (None, None)
+        if entry is None or entry.convert is None:
             raise _Unsupported(_target_name(n))
-        a = _bind(n, name)
-        if name in ("relu", "relu_"):
-            return self._add(n, ReLUOp(out_shape), [a["input"]])
-        if name in _ARITH:
-            return self._arith(n, name, a)
-        x = a.get("input")
-        in_shape = self._shape(x) if self._var(x) else None
-        if name in ("permute", "transpose", "pad"):
-            if not self._var(x):
-                raise _Unsupported(f"{name} whose input is not the input-dependent tensor")
-            return self._pad(n, a, x) if name == "pad" else self._permute(n, name, a, x)
-        if name in ("cat", "concat", "concatenate"):
-            tensors = a["tensors"]
-            if not all(self._var(t) for t in tensors):
-                raise _Unsupported(f"{name} of a constant with the input-dependent tensor")
-            dim = int(a["dim"]) % (len(out_shape) + 1)
-            if dim == 0:
-                raise _Unsupported(f"{name} along the batch dimension")
-            sizes = [self._shape(t)[dim - 1] for t in tensors]
-            return self._add(n, CatOp(dim - 1, sizes), list(tensors))
-        # matmul / linear: the input-dependent tensor times a constant matrix
-        w_arg = a["other"] if name == "matmul" else a["weight"]
-        if not self._var(x) or self._var(w_arg) or (name == "linear" and self._var(a["bias"])):
-            raise _Unsupported(f"{name} with an input-dependent right operand, weight or bias")
-        w = self._const(w_arg)
-        if not _is_tensor(w) or w.dim() != 2:
-            raise _Unsupported(f"{name} with a constant that is not a matrix")
-        if name == "matmul":
-            return self._add(n, LinearOp(w.t().contiguous(), None), [x])
-        return self._add(n, LinearOp(w, self._const(a["bias"])), [x])
-
-    def _permute(self, n: fx.Node, name: str, a: dict, x: fx.Node):
-        """permute / transpose of the input-dependent tensor x (the batch dimension must stay first)."""
-        nd = len(self._shape(x)) + 1
-        if name == "permute":
-            dims = a["dims"]
-            dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else dims
-            dims = [int(d) % nd for d in dims]
-        else:
-            d0, d1 = int(a["dim0"]) % nd, int(a["dim1"]) % nd
-            dims = list(range(nd))
-            dims[d0], dims[d1] = dims[d1], dims[d0]
-        if dims[0] != 0:
-            raise _Unsupported(f"{name} that moves the batch dimension")
-        return self._add(n, PermuteOp([d - 1 for d in dims[1:]]), [x])
-
-    def _pad(self, n: fx.Node, a: dict, x: fx.Node):
-        """Constant padding of the input-dependent tensor x."""
-        if a["mode"] != "constant":
-            raise _Unsupported(f"pad mode {a['mode']!r}")
-        return self._add(n, PadOp(a["pad"], a["value"] or 0.0, self._shape(x)), [x])
-
-    def _arith(self, n, name, a):
-        """+, -, *, / and negation where at least one operand depends on the input."""
-        out_shape = self._shape(n)
-        if name in ("neg", "__neg__"):
-            return self._add(n, ElementwiseAffineOp(-1.0, 0.0, out_shape), [a["input"]])
-        p, q = a["input"], a["other"]
-        alpha = a.get("alpha", 1)
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-            raise _Unsupported(f"{name} with a non-numeric alpha")
-        if a.get("rounding_mode") is not None:
-            raise _Unsupported(f"{name} with rounding_mode={a['rounding_mode']!r}")
-        kind = _ARITH[name]
-        vp, vq = self._var(p), self._var(q)
-        if vp and vq:
-            if self._shape(p) != out_shape or self._shape(q) != out_shape:
-                raise _Unsupported(f"{name} with broadcasting between input-dependent tensors")
-            if kind in ("add", "sub"):
-                return self._add(n, AddOp(alpha if kind == "add" else -alpha), [p, q])
-            raise _Unsupported(f"{name} of two input-dependent tensors (bilinear)")
-        x, c, x_first = (p, self._const(q), True) if vp else (q, self._const(p), False)
-        if self._shape(x) != out_shape:
-            raise _Unsupported(f"{name} with a constant that broadcasts the input to a larger shape")
-        if _is_tensor(c) and c.dim() > len(out_shape):  # constant carries a batch dim of 1
-            if any(d != 1 for d in c.shape[: c.dim() - len(out_shape)]):
-                raise _Unsupported(f"{name} with a batch-sized constant")
-            c = c.reshape(c.shape[c.dim() - len(out_shape) :])
-        c = torch.as_tensor(c, dtype=torch.float32)
-        # y = p + alpha*q (add), p - alpha*q (sub), p*q (mul), p/q (div), with exactly one of p, q constant
-        if kind == "add":
-            op = ElementwiseAffineOp(1.0, alpha * c, out_shape) if x_first else ElementwiseAffineOp(alpha, c, out_shape)
-        elif kind == "sub":
-            op = (
-                ElementwiseAffineOp(1.0, -alpha * c, out_shape)
-                if x_first
-                else ElementwiseAffineOp(-alpha, c, out_shape)
-            )
-        elif kind == "mul":
-            op = ElementwiseAffineOp(c, 0.0, out_shape)
-        else:
-            if not x_first:
-                raise _Unsupported("division of a constant by an input-dependent tensor")
-            op = ElementwiseAffineOp(1.0 / c, 0.0, out_shape)
-        return self._add(n, op, [x])
+        return entry.convert(self, n, name, None if sig is None else _bind(n, sig))
 
     def _module(self, n, m: nn.Module):
         t = n.target
-        if len(n.args) != 1 or n.kwargs or not self._var(n.args[0]):
+        if len(n.args) != 1 or n.kwargs or not self.var(n.args[0]):
             raise _Unsupported(f"module call '{t}' with other arguments than the input-dependent tensor")
         if m._forward_hooks or m._forward_pre_hooks:
             raise _Unsupported(f"module '{t}' with forward hooks (they may change what it computes)")
         x = n.args[0]
-        in_shape, out_shape = self._shape(x), self._shape(n)
-        if isinstance(m, (nn.Identity, nn.Dropout)) or (isinstance(m, nn.Flatten) and in_shape == out_shape):
-            return self._alias(n, x)
-        return self._add(n, module_op(m, t, in_shape, out_shape), [x], t)
+        op = module_op(m, t, self.shape(x), self.shape(n))
+        if op is None:  # Identity, Dropout (eval), a Flatten that keeps the shape
+            return self.alias(n, x)
+        return self.add(n, op, [x], t)
 
 
 _Unsupported = UnsupportedCall
 
 
-_RESHAPE_LIKE = {"flatten", "reshape", "view", "squeeze", "unsqueeze", "contiguous", "view_as", "reshape_as"}
-
-#: function/method name -> operand kind for the elementwise arithmetic the builder models
-_ARITH = {
-    "add": "add",
-    "iadd": "add",
-    "sub": "sub",
-    "isub": "sub",
-    "mul": "mul",
-    "imul": "mul",
-    "truediv": "div",
-    "div": "div",
-    "neg": "neg",
-    "__neg__": "neg",
-}
-
-#: function/method name -> (parameter names in call order, defaults of the ones that may be left out).
-#: A ``*`` name takes the remaining positional arguments. Arguments are bound by these names, so positional
-#: and keyword calls are read alike, and a keyword the builder does not model is refused by name.
-_SIGNATURES: dict[str, tuple[tuple[str, ...], dict]] = {
-    "relu": (("input", "inplace"), {"inplace": False}),
-    "relu_": (("input",), {}),
-    "add": (("input", "other", "alpha"), {"alpha": 1}),
-    "sub": (("input", "other", "alpha"), {"alpha": 1}),
-    "iadd": (("input", "other"), {}),
-    "isub": (("input", "other"), {}),
-    "mul": (("input", "other"), {}),
-    "imul": (("input", "other"), {}),
-    "truediv": (("input", "other"), {}),
-    "div": (("input", "other", "rounding_mode"), {"rounding_mode": None}),
-    "neg": (("input",), {}),
-    "__neg__": (("input",), {}),
-    "permute": (("input", "*dims"), {}),
-    "transpose": (("input", "dim0", "dim1"), {}),
-    "pad": (("input", "pad", "mode", "value"), {"mode": "constant", "value": None}),
-    "cat": (("tensors", "dim"), {"dim": 0}),
-    "concat": (("tensors", "dim"), {"dim": 0}),
-    "concatenate": (("tensors", "dim"), {"dim": 0}),
-    "matmul": (("input", "other"), {}),
-    "linear": (("input", "weight", "bias"), {"bias": None}),
-}
-
-
-def _bind(n: fx.Node, name: str) -> dict:
-    """Map a call's positional and keyword arguments onto the names in :data:`_SIGNATURES`."""
-    params, defaults = _SIGNATURES[name]
+def _bind(n: fx.Node, sig: Signature) -> dict:
+    """Map a call's positional and keyword arguments onto the names of its registry signature."""
+    params, defaults = sig
     args, out = list(n.args), dict(defaults)
     for i, p in enumerate(params):
         if p.startswith("*"):

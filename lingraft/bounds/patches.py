@@ -6,10 +6,12 @@ in the current node's coordinates, instead of a full [C, H, W] coefficient map. 
 ((kh - 1) * stride + k), ReLU / elementwise layers multiply it by values gathered at the patch positions,
 zero padding shifts it. Positions outside a node's extent hold zero coefficients (they stand for zero padding).
 
-Used for chains input -> (Conv | ReLU | elementwise affine | zero Pad)* -> Conv; the engine falls back to the
-dense pass for anything else. A chain may also start at a Reshape into an image plane (e.g. Linear -> Reshape
--> Conv...): there the patches are written out as dense coefficients and the engine's dense pass finishes the
-job below the Reshape. Results equal the dense pass up to float rounding.
+Used for chains input -> (patchable op)* -> op that starts patches (the operators declare it: ``starts_patches``,
+``patchable``, ``ends_patches`` in :mod:`lingraft.bounds.ops.base`; today Conv starts, Conv / ReLU / elementwise
+affine / zero Pad are patchable); the engine falls back to the dense pass for anything else. A chain may also
+start at an op that ends patches, a Reshape into an image plane (e.g. Linear -> Reshape -> Conv...): there the
+patches are written out as dense coefficients and the engine's dense pass finishes the job below the Reshape.
+Results equal the dense pass up to float rounding.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lingraft.bounds.ops import ConvOp, ElementwiseAffineOp, PadOp, ReLUOp, ReshapeOp
-from lingraft.bounds.ops.linear import conv_backward
+from lingraft.bounds.ops.base import BoundOp
 
 
 class Patches:
@@ -37,24 +38,40 @@ class Patches:
         return self.values.shape[-1]
 
 
+class PatchPass:
+    """The state of one patch-mode backward pass, which each patchable op's ``patch_backward`` updates.
+
+    lP, uP [B', R, C, kh, kw]: lower- and upper-bound coefficients of the current node's value, one patch per
+    row, at top-left y0, x0 [R] in its plane; lb, ub [B', R]: the biases so far (B' = 1 in pair mode or while
+    the patches are shared by the batch). b_idx [R] (pair mode: row r belongs to sample b_idx[r]) or None;
+    alpha: patch-form ReLU slopes {node: {"l": ..., "u": ...}} or None; batch: B of the bounds.
+    """
+
+    def __init__(self, nodes, bounds, lP, uP, lb, ub, y0, x0, b_idx, alpha, batch: int):
+        self.nodes, self.bounds, self.b_idx, self.alpha, self.batch = nodes, bounds, b_idx, alpha, batch
+        self.lP, self.uP, self.lb, self.ub, self.y0, self.x0 = lP, uP, lb, ub, y0, x0
+
+    def gather(self, values: Tensor) -> Tensor:
+        """values [B or 1, C, H, W] at the patch positions: [B or 1, R, C, kh, kw] (see :func:`gather`)."""
+        kh, kw = self.lP.shape[-2:]
+        return gather(values, self.y0, self.x0, kh, kw, self.b_idx)
+
+
 def chain_to_input(nodes, start: int):
     """Node indices from ``start``'s input down to the input node if the path qualifies, else None. The chain
     may end at a Reshape into a [C, H, W] plane (last index; the dense pass continues below it)."""
-    if not isinstance(nodes[start].op, ConvOp) or nodes[start].op.groups != 1:
+    if not nodes[start].bound_op.starts_patches:
         return None
     chain: list[int] = []
     k = nodes[start].inputs[0]
     while k != 0:
         nd = nodes[k]
-        op = nd.op
+        op = nd.bound_op
         if len(nd.inputs) != 1 or len(nd.shape) != 3:
             return None
-        if isinstance(op, ReshapeOp):
+        if op.ends_patches:
             return chain + [k]
-        if isinstance(op, PadOp):
-            if op.value != 0.0 or len(op.pads) != 4 or any(p < 0 for p in op.pads):
-                return None
-        elif not isinstance(op, (ConvOp, ReLUOp, ElementwiseAffineOp)):
+        if not op.patchable:
             return None
         chain.append(k)
         k = nd.inputs[0]
@@ -116,16 +133,10 @@ def valid_mask(y0, x0, kh, kw, H, W, device):
     return (vy.unsqueeze(2) & vx.unsqueeze(1)).unsqueeze(1).float()
 
 
-def start_patches(op: ConvOp, rows: Tensor, batch: int) -> tuple[Patches, Tensor]:
-    """Kernel patches of the selected output neurons of ``op`` (flat indices), at its input. Bias [1, R]."""
-    C_out, H_out, W_out = op.out_shape
-    c = rows // (H_out * W_out)
-    i = (rows // W_out) % H_out
-    j = rows % W_out
-    vals = op.weight[c].unsqueeze(0)  # [1, R, C_in, k, k] (shared by the batch until a ReLU multiplies)
-    y0 = i * op.stride[0] - op.padding[0]
-    x0 = j * op.stride[1] - op.padding[1]
-    bias = torch.zeros(1, rows.numel(), device=vals.device) if op.bias is None else op.bias[c].unsqueeze(0)
+def start_patches(op: BoundOp, rows: Tensor, batch: int) -> tuple[Patches, Tensor]:
+    """Patches of the selected output neurons of ``op`` (flat indices; an op that starts patches), at its input.
+    Bias [1, R]. The values [1, R, C, kh, kw] are shared by the batch until a ReLU multiplies them."""
+    vals, y0, x0, bias = op.patch_start(rows)
     return Patches(vals, y0, x0), bias
 
 
@@ -156,73 +167,22 @@ def backward_patches(
     node k's value -> (lower, upper) [B', R] of what lies below (the engine's dense pass, concretized).
     """
     B = x_L.shape[0] if b_idx is None else 1
-    Bfull = x_L.shape[0]
-    P, bias = start_patches(nodes[start].op, rows, B)
-    lP, uP = P.values, P.values
-    y0, x0 = P.y0, P.x0
+    P, bias = start_patches(nodes[start].bound_op, rows, B)
     lb = bias.expand(B, -1).clone()
-    ub = lb.clone()
+    pp = PatchPass(nodes, bounds, P.values, P.values, lb, lb.clone(), P.y0, P.x0, b_idx, alpha, x_L.shape[0])
     for k in chain:
         nd = nodes[k]
-        op = nd.op
         C, H, W = nd.shape
-        kh, kw = lP.shape[-2:]
-        mask = valid_mask(y0, x0, kh, kw, H, W, lP.device)
-        lP, uP = lP * mask, uP * mask
-        if isinstance(op, ReshapeOp):
+        kh, kw = pp.lP.shape[-2:]
+        mask = valid_mask(pp.y0, pp.x0, kh, kw, H, W, pp.lP.device)
+        pp.lP, pp.uP = pp.lP * mask, pp.uP * mask
+        if nd.bound_op.ends_patches:
             if tail is None:
                 raise RuntimeError("a patch chain ending at a Reshape needs the dense tail pass")
-            l_t, u_t = tail(k, to_dense(lP, y0, x0, H, W), to_dense(uP, y0, x0, H, W))
-            return lb + l_t, ub + u_t
-        if isinstance(op, ReLUOp):
-            pre = bounds[nd.inputs[0]]
-            if pre is None or pre[0] is None:  # fully grafted layer: exact linear
-                zeros = torch.zeros(Bfull, *op.shape, device=lP.device)
-                pre = (zeros, zeros)
-            u_slope, u_int, l_slope, unstable = op.relaxation(*pre)
-            graft = op.graft
-            if graft is not None:
-                m = graft[0].unsqueeze(0).float()
-                l_slope = l_slope * (1 - m) + graft[1].unsqueeze(0) * m
-                u_slope = u_slope * (1 - m) + graft[1].unsqueeze(0) * m
-            g_ls = gather(l_slope, y0, x0, kh, kw, b_idx)
-            g_us = gather(u_slope, y0, x0, kh, kw, b_idx)
-            g_ui = gather(u_int, y0, x0, kh, kw, b_idx)
-            lPn = lP.clamp(max=0)
-            uPp = uP.clamp(min=0)
-            lb = lb + _sum(lPn * g_ui)
-            ub = ub + _sum(uPp * g_ui)
-            if graft is not None:
-                g_b = gather(graft[2].unsqueeze(0), y0, x0, kh, kw, b_idx)
-                lb = lb + _sum(lP * g_b)
-                ub = ub + _sum(uP * g_b)
-            if alpha is None:
-                lP, uP = lP * g_ls + lPn * (g_us - g_ls), uP * g_ls + uPp * (g_us - g_ls)
-            else:
-                unst = gather(unstable.to(lP.dtype), y0, x0, kh, kw, b_idx) > 0
-                if k not in alpha:
-                    init = g_ls.expand(*(max(a, b) for a, b in zip(lP.shape, g_ls.shape))).detach()
-                    alpha[k] = {s: init.clone().requires_grad_(True) for s in ("l", "u")}
-                ls_l = torch.where(unst, alpha[k]["l"], g_ls)
-                ls_u = torch.where(unst, alpha[k]["u"], g_ls)
-                lP, uP = lP * ls_l + lPn * (g_us - ls_l), uP * ls_u + uPp * (g_us - ls_u)
-        elif isinstance(op, ElementwiseAffineOp):
-            sc = gather(op.scale.unsqueeze(0), y0, x0, kh, kw, b_idx)
-            sh = gather(op.shift.unsqueeze(0), y0, x0, kh, kw, b_idx)
-            lb = lb + _sum(lP * sh)
-            ub = ub + _sum(uP * sh)
-            lP, uP = lP * sc, uP * sc
-        elif isinstance(op, PadOp):
-            left, _, top, _ = op.pads
-            y0, x0 = y0 - top, x0 - left
-        elif isinstance(op, ConvOp):
-            if op.bias is not None:
-                lb = lb + (lP.sum((-1, -2)) * op.bias).sum(-1)
-                ub = ub + (uP.sum((-1, -2)) * op.bias).sum(-1)
-            lP = _conv_back(lP, op)
-            uP = _conv_back(uP, op) if uP is not lP else lP
-            y0 = y0 * op.stride[0] - op.padding[0]
-            x0 = x0 * op.stride[1] - op.padding[1]
+            l_t, u_t = tail(k, to_dense(pp.lP, pp.y0, pp.x0, H, W), to_dense(pp.uP, pp.y0, pp.x0, H, W))
+            return pp.lb + l_t, pp.ub + u_t
+        nd.bound_op.patch_backward(pp, k)
+    lP, uP, lb, ub, y0, x0 = pp.lP, pp.uP, pp.lb, pp.ub, pp.y0, pp.x0
     # concretize over the input box
     C, H, W = nodes[0].shape
     kh, kw = lP.shape[-2:]
@@ -238,12 +198,3 @@ def backward_patches(
         lower = torch.maximum(lower, lb + _sum(lP * xc) - eps * lP.flatten(2).norm(dim=-1))
         upper = torch.minimum(upper, ub + _sum(uP * xc) + eps * uP.flatten(2).norm(dim=-1))
     return lower, upper
-
-
-def _conv_back(P: Tensor, op: ConvOp) -> Tensor:
-    """[B, R, C_out, kh, kw] -> [B, R, C_in, (kh-1)*s + k, (kw-1)*s + k]."""
-    Bp, R, _, kh, kw = P.shape
-    k = op.weight.shape[2:]
-    out_hw = ((kh - 1) * op.stride[0] + k[0], (kw - 1) * op.stride[1] + k[1])
-    out = conv_backward(P.reshape(Bp * R, *P.shape[2:]), op.weight, op.stride, (0, 0), op.groups, out_hw)
-    return out.reshape(Bp, R, *out.shape[1:])

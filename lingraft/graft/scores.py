@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lingraft.bounds import BoundedNetwork
-from lingraft.bounds.ops import ReLUOp
 from lingraft.errors import UsageError
 from lingraft.models.layers import GraftedReLU
 
@@ -60,7 +59,7 @@ def relu_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def _relu_nodes(net: BoundedNetwork, relus: dict[str, nn.Module]) -> dict[str, int]:
     """ReLU module name -> index of its node in the bound engine's graph."""
-    node_of = {nd.module_name: k for k, nd in enumerate(net.nodes) if isinstance(nd.op, ReLUOp)}
+    node_of = {nd.module_name: k for k, nd in enumerate(net.nodes) if nd.op is not None and nd.op.splittable}
     missing = [n for n in relus if n not in node_of]
     if missing:
         raise UsageError(f"ReLU modules {missing} are not on the model's forward path; cannot score them")
@@ -74,7 +73,7 @@ def _preactivation_bounds(net: BoundedNetwork, xl: Tensor, xu: Tensor, bound_met
     bnds = net.intermediate_bounds(xl, xu)
     ibp = None
     for nd in net.nodes:
-        if isinstance(nd.op, ReLUOp) and bnds[nd.inputs[0]] is None:
+        if nd.op is not None and nd.op.splittable and bnds[nd.inputs[0]] is None:
             ibp = ibp or net.ibp_all(xl, xu)
             bnds[nd.inputs[0]] = ibp[nd.inputs[0]]
     return bnds

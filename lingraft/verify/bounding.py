@@ -16,7 +16,6 @@ lower bounds; every iterate is a valid bound and the best one per row is kept.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +23,8 @@ from torch import Tensor
 
 from lingraft.bounds import BoundedNetwork
 from lingraft.bounds.alpha_crown import optimize_alpha
-from lingraft.bounds.ops import ReLUOp
+from lingraft.bounds.ops.base import BoundOp
+from lingraft.bounds.optimizer import ParamGroup, ProjectedAdam
 from lingraft.clock import now
 
 #: a domain whose clamped pre-activation bounds cross by more than this is empty (a sound lower bound above
@@ -49,35 +49,11 @@ class Bounded:
     relu_lA: dict = field(default_factory=dict)
 
 
-@contextlib.contextmanager
-def record_relu_coefficients(net: BoundedNetwork, store: dict):
-    """While active, every backward pass stores the lower-bound coefficient matrix that reaches each ReLU's
-    output in ``store[relu node index]`` ([B, S, *shape], detached). Wraps the ops' ``backward`` per instance."""
-    wrapped = []
-    for k, nd in enumerate(net.nodes):
-        if isinstance(nd.op, ReLUOp):
-            op = nd.op
-            orig = op.backward
-
-            def backward(lA, uA, input_bounds, _orig=orig, _k=k, **kw):
-                if lA is not None:
-                    store[_k] = lA.detach()
-                return _orig(lA, uA, input_bounds, **kw)
-
-            setattr(op, "backward", backward)  # noqa: B010 - an instance attribute shadows the method until deleted
-            wrapped.append(op)
-    try:
-        yield store
-    finally:
-        for op in wrapped:
-            del op.backward  # back to the class method
-
-
-def relu_op(net: BoundedNetwork, k: int) -> ReLUOp:
-    """The ReLUOp of node k (a key of ``net.relu_input_nodes()``)."""
+def relu_op(net: BoundedNetwork, k: int) -> BoundOp:
+    """The splittable op (a ReLU) of node k (a key of ``net.relu_input_nodes()``)."""
     op = net.nodes[k].op
-    if not isinstance(op, ReLUOp):
-        raise TypeError(f"node {k} is a {type(op).__name__}, not a ReLU")
+    if op is None or not op.splittable:
+        raise TypeError(f"node {k} is a {type(op).__name__}, which has no neurons to split")
     return op
 
 
@@ -146,7 +122,9 @@ def bound_domains(
     used with the split neurons clamped (much cheaper on large networks, looser); iterations: alpha/beta
     optimization steps (0 = plain CROWN); alpha_init: {ReLU node: [B, S, *shape]} warm-start slopes;
     row_weight: [B, S] weights of the rows in the objective (0 = row already settled); target: [B, S] margins
-    that count as done (the optimization stops once every weighted row exceeds them); intermediate_alpha:
+    that count as done (the optimization stops once every weighted row exceeds them); deadline: a
+    :func:`lingraft.clock.now` time: no optimisation step starts after it, and a CROWN pass still running then
+    raises :class:`lingraft.clock.DeadlineExceeded`; intermediate_alpha:
     first run alpha-CROWN with slopes for every intermediate bound (:mod:`lingraft.bounds.alpha_crown`; for the
     root, without splits): the tightened intermediate bounds are kept in the result, so a search that reuses
     them (``base_bounds``) starts with fewer unstable neurons.
@@ -157,7 +135,7 @@ def bound_domains(
     if base_bounds is not None:
         bounds = clamp_bounds(net, base_bounds, splits, B)
     else:
-        bounds = net.intermediate_bounds(x_L, x_U, interm_bounds=split_clamps(net, splits))
+        bounds = net.intermediate_bounds(x_L, x_U, interm_bounds=split_clamps(net, splits), deadline=deadline)
     infeasible = infeasible_domains(net, bounds, B)
     C_out = C.reshape(B, S, *net.out_shape)
     alphas = _initial_alphas(net, bounds, B, S, alpha_init) if iterations > 0 else {}
@@ -165,26 +143,35 @@ def bound_domains(
     w = torch.ones(B, S, device=dev) if row_weight is None else row_weight.to(dev, torch.float32)
     with torch.no_grad():
         best, _ = net.backward_bound(C_out, x_L, x_U, bounds, alphas=None)
+    optimized = False
     if intermediate_alpha and iterations > 0 and not splits:
-        lo, bounds = optimize_alpha(
+        # alpha-CROWN on every layer; its final slopes are the result (no second, final-layer-only optimisation)
+        found = optimize_alpha(
             net, (C_out, x_L, x_U, bounds), best, iterations, lr_alpha, target=target, deadline=deadline
         )
-        best = torch.maximum(best, lo)
-        alphas = _initial_alphas(net, bounds, B, S, alpha_init)  # CROWN's slopes on the tightened bounds
-    optimized = iterations > 0 and bool(alphas or betas)
-    if optimized:
+        best, bounds = torch.maximum(best, found.lower), found.bounds
+        alphas = {k: {"l": a} for k, a in found.slopes.items()}
+        optimized = bool(alphas)
+    elif iterations > 0 and (alphas or betas):
         problem = (C_out, x_L, x_U, bounds)
         best = _optimize_alpha_beta(
             net, problem, alphas, betas, best, w, iterations, lr_alpha, lr_beta, target, deadline
         )
+        optimized = True
     store: dict = {}
-    with torch.no_grad():
-        if record_lA or optimized:
-            # one more pass with the final slopes (its bound counts too), recording the ReLU coefficients if asked
-            ctx = record_relu_coefficients(net, store) if record_lA else contextlib.nullcontext()
-            with ctx:
-                lo, _ = net.backward_bound(C_out, x_L, x_U, bounds, alphas=alphas or None, extra_lA=_beta_terms(betas))
-            best = torch.maximum(best, lo)
+    if record_lA or optimized:
+        # one more pass with the final slopes (its bound counts too), recording the ReLU coefficients if asked
+        with torch.no_grad():
+            lo, _ = net.backward_bound(
+                C_out,
+                x_L,
+                x_U,
+                bounds,
+                alphas=alphas or None,
+                extra_lA=_beta_terms(betas),
+                record_lA=store if record_lA else None,
+            )
+        best = torch.maximum(best, lo)
     return Bounded(
         lower=best,
         infeasible=infeasible,
@@ -250,8 +237,12 @@ def _optimize_alpha_beta(
     """Projected Adam on the weighted sum of the lower bounds (alpha in [0, 1], beta >= 0; updated in place).
     problem: (C_out, x_L, x_U, bounds); best: [B, S] bound so far. -> the best bound [B, S] over all iterates."""
     C_out, x_L, x_U, bounds = problem
-    alpha_params = [a["l"] for a in alphas.values()]
-    opt = _Adam([(a, lr_alpha) for a in alpha_params] + [(b, lr_beta) for b, _ in betas.values()])
+    opt = ProjectedAdam(
+        [
+            ParamGroup([a["l"] for a in alphas.values()], lr_alpha, 0.0, 1.0),
+            ParamGroup([b for b, _ in betas.values()], lr_beta, 0.0, None),
+        ]
+    )
     for _ in range(iterations):
         if deadline is not None and now() > deadline:
             break
@@ -259,38 +250,8 @@ def _optimize_alpha_beta(
             break
         lo, _ = net.backward_bound(C_out, x_L, x_U, bounds, alphas=alphas, extra_lA=_beta_terms(betas))
         best = torch.maximum(best, lo.detach())
-        grads = torch.autograd.grad(-(lo * w).sum(), opt.params, allow_unused=True)
-        opt.step(grads)
-        with torch.no_grad():
-            for a in alpha_params:
-                a.clamp_(0.0, 1.0)
-            for b, _ in betas.values():
-                b.clamp_(min=0.0)
+        opt.step(-(lo * w).sum())
     return best
-
-
-class _Adam:
-    """Plain Adam on a few tensors (torch.optim's first use imports torch._dynamo, ~2 s of start-up)."""
-
-    def __init__(self, params_lr: list[tuple[Tensor, float]], betas=(0.9, 0.999), eps: float = 1e-8):
-        self.params = [p for p, _ in params_lr]
-        self.lr = [lr for _, lr in params_lr]
-        self.b1, self.b2, self.eps = betas[0], betas[1], eps
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
-        self.t = 0
-
-    @torch.no_grad()
-    def step(self, grads) -> None:
-        self.t += 1
-        c1 = 1 - self.b1**self.t
-        c2 = 1 - self.b2**self.t
-        for p, g, m, v, lr in zip(self.params, grads, self.m, self.v, self.lr):
-            if g is None:
-                continue
-            m.mul_(self.b1).add_(g, alpha=1 - self.b1)
-            v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-            p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-lr / c1)
 
 
 def input_coefficients(

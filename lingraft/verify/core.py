@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from lingraft.bounds import BoundedNetwork
-from lingraft.clock import Stopwatch, now
+from lingraft.clock import DeadlineExceeded, Stopwatch, now
 from lingraft.env import pick_device
 from lingraft.errors import LingraftError, UsageError
 from lingraft.spec.region import RegionSpec, region_spec
@@ -197,6 +197,8 @@ def verify_property(
         )
         attack_budget = attack_time if attack_time is not None else min(2.0, 0.05 * float(timeout))
         return result(*_run_steps(run, specs, attack_budget, seed))
+    except DeadlineExceeded:  # a bound computation ran into the deadline
+        return result("timeout")
     except LingraftError as e:
         stats["error"] = str(e)
         return result("error")
@@ -282,7 +284,7 @@ def _settle_by_crown(run: _Run, specs: list[RegionSpec]) -> list[tuple[int, Regi
         if run.out_of_time():
             return None
         run.use_method("crown")
-        res = bound_domains(run.net, spec.x_L, spec.x_U, spec.C.unsqueeze(0), iterations=0)
+        res = bound_domains(run.net, spec.x_L, spec.x_U, spec.C.unsqueeze(0), iterations=0, deadline=run.deadline)
         run.stats["branches"] += 1
         if bool(spec.refuted(spec.lower_margin(res.lower)).all()):
             run.log(f"region {i}: unsat by CROWN")
@@ -330,7 +332,7 @@ def _verify_region(run: _Run, spec: RegionSpec, seed: int):
         return _input_bab(run, spec)
     C = spec.C.unsqueeze(0)
     crown_watch = Stopwatch()
-    res = bound_domains(run.net, spec.x_L, spec.x_U, C, iterations=0)
+    res = bound_domains(run.net, spec.x_L, spec.x_U, C, iterations=0, deadline=run.deadline)
     t_crown = crown_watch.elapsed()
     ref = spec.refuted(spec.lower_margin(res.lower))
     run.use_method("alpha-crown")

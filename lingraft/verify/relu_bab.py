@@ -14,7 +14,7 @@ output coefficient lambda is negative, the intercept term ``lambda * (-u l / (u 
 relaxation; splitting the neuron removes it. The score is that loss summed over the open rows,
 ``sum_r max(-lambda_r, 0) * (-u l / (u - l))``, plus a small term ``0.1 * max(lambda_r, 0) * min(u, -l)`` for
 the lower relaxation's gap (so neurons that only enter through the lower line still get ranked). Grafted
-neurons (``ReLUOp.mask``), already split neurons and stable neurons are never chosen.
+neurons (``BoundOp.never_split``), already split neurons and stable neurons are never chosen.
 
 Soundness: the region is reported safe only when the queue is empty, i.e. every domain was refuted (all its
 conjunctions have a row whose lower-bound margin clears the proof margin, see :meth:`RegionSpec.refuted`) or
@@ -95,7 +95,7 @@ class ReluBaB(BranchAndBound):
         # grafted neurons are exact linear functions: never split them
         masks = []
         for k, n in zip(self.relus, self.sizes):
-            m = relu_op(net, k).mask
+            m = relu_op(net, k).never_split()
             masks.append(torch.zeros(n, dtype=torch.bool) if m is None else m.flatten().cpu())
         self.grafted = torch.cat(masks).to(net.device) if masks else torch.zeros(0, dtype=torch.bool)
         #: [N] bool: every neuron that some domain was split on (for statistics and tests)

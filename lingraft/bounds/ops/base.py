@@ -12,9 +12,12 @@ Conventions (B = batch, S = number of bound rows / specifications):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from lingraft.bounds.patches import PatchPass
 
 Bounds = tuple[Tensor, Tensor]
 OptA = Tensor | None
@@ -36,15 +39,32 @@ def sum_trailing(t: Tensor) -> Tensor:
 class BoundOp:
     """One operator of the bound graph.
 
-    Subclasses set ``nonlinear`` (needs the bounds of its inputs in ``backward``) and implement ``forward``,
-    ``ibp`` and ``backward``.
+    Subclasses implement ``forward``, ``ibp`` and ``backward`` and declare what the engine may ask of them with
+    the capability attributes below (the engine never asks for the concrete class; docs/adding_an_operator.md).
     """
 
+    #: ``backward`` needs the bounds of its inputs (those of the rows ``needed_rows`` names)
     nonlinear: bool = False
-    #: diagonal ops map a box onto a box exactly (elementwise affine, reshape, pad, permute)
+    #: maps a box onto a box exactly (elementwise affine, reshape, pad, permute)
     diagonal: bool = False
     #: ops that are linear maps of their single input
     linear: bool = True
+    #: IBP keeps exact per-neuron ranges exact: each output neuron is a monotone function of one input neuron
+    exact_ibp: bool = False
+    #: one affine map of its single input: its IBP of a box is the exact range of every neuron
+    affine: bool = False
+    #: the backward pass stops here and concretizes against this node's own interval (``out_bounds``)
+    cuts_backward: bool = False
+    #: has neurons branch and bound may split (``unstable_mask``, ``relaxation``); grafted neurons never are
+    splittable: bool = False
+    #: has relaxation parameters alpha-CROWN optimises (lower slopes; ``relaxation`` and ``backward(alpha=)``)
+    has_alpha: bool = False
+    #: the patch-mode backward pass goes through it (``patch_backward``; see lingraft/bounds/patches.py)
+    patchable: bool = False
+    #: a patch-mode pass may start at it (``patch_start``): each neuron sees a window of the input plane
+    starts_patches: bool = False
+    #: a patch-mode chain may end at it (a reshape into an image plane): the dense pass continues below
+    ends_patches: bool = False
 
     # Subclasses take their inputs as separate arguments (one Tensor / Bounds each); the Any signature lets
     # them name those arguments (x, or a and b) without breaking the override rules.
@@ -60,6 +80,41 @@ class BoundOp:
         """Return (list of (lA_i, uA_i) per input, lbias [B,S] or 0, ubias [B,S] or 0)."""
         raise NotImplementedError
 
+    @property
+    def num_grafted(self) -> int:
+        """Neurons replaced by exact linear maps (never relaxed, never split)."""
+        return 0
+
+    def never_split(self) -> Tensor | None:
+        """[*shape] bool: the neurons branch and bound must never split (grafted ones: exact); None: no such."""
+        return None
+
+    def needed_rows(self) -> Tensor | None:
+        """Flat indices of the input neurons whose bounds ``backward`` needs (nonlinear ops); None = all."""
+        return None
+
+    def identity_backward(self, rows: Tensor, batch: int, out_shape) -> tuple[Tensor, Tensor] | None:
+        """Coefficients at the input of the unit rows ``rows`` [R] of the output, without materialising the
+        identity: (A [B, R, *in_shape], bias [B, R]); None = start the pass from the identity instead."""
+        return None
+
+    def unstable_mask(self, lo: Tensor, up: Tensor) -> Tensor:
+        """[B, *shape] bool: the neurons branch and bound may split, given input bounds lo, up [B, *shape]."""
+        raise NotImplementedError(f"{type(self).__name__} has no neurons to split")
+
+    def relaxation(self, lo: Tensor, up: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(upper slope, upper intercept, default lower slope, unstable mask), all [B, *shape] (has_alpha)."""
+        raise NotImplementedError(f"{type(self).__name__} has no relaxation parameters")
+
+    def patch_start(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Patches of the output neurons ``rows`` [R] at the input (starts_patches): values [1, R, C, kh, kw],
+        top-left y0 [R], x0 [R] in the input plane, bias [1, R]."""
+        raise NotImplementedError(f"{type(self).__name__} cannot start a patch-mode pass")
+
+    def patch_backward(self, pp: PatchPass, k: int) -> None:
+        """One step of the patch-mode pass through node ``k`` (patchable): updates the patches and biases in ``pp``."""
+        raise NotImplementedError(f"{type(self).__name__} has no patch-mode backward")
+
     def to(self, device) -> BoundOp:
         for k, v in list(vars(self).items()):
             if isinstance(v, Tensor):
@@ -73,6 +128,8 @@ class BoundOp:
 class AffineMapOp(BoundOp):
     """An operator that is one affine map of its single input: lower and upper coefficients go through the
     same map. Subclasses implement ``_back(A)``: A [B, S, *out_shape] -> (A [B, S, *in_shape], bias [B, S] or 0)."""
+
+    affine = True
 
     def _back(self, A: Tensor) -> tuple[Tensor, Tensor | int]:
         raise NotImplementedError

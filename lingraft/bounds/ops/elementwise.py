@@ -15,6 +15,8 @@ class ElementwiseAffineOp(AffineMapOp):
     """
 
     diagonal = True
+    exact_ibp = True
+    patchable = True
 
     def __init__(self, scale: Tensor | float, shift: Tensor | float, shape):
         shape = tuple(shape)
@@ -33,6 +35,13 @@ class ElementwiseAffineOp(AffineMapOp):
 
     def _back(self, A):
         return A * self.scale, sum_trailing(A * self.shift)
+
+    def patch_backward(self, pp, k):
+        """Scale the patches by ``scale`` at their positions; the shift goes into the biases."""
+        sc, sh = pp.gather(self.scale.unsqueeze(0)), pp.gather(self.shift.unsqueeze(0))
+        pp.lb = pp.lb + (pp.lP * sh).flatten(2).sum(-1)
+        pp.ub = pp.ub + (pp.uP * sh).flatten(2).sum(-1)
+        pp.lP, pp.uP = pp.lP * sc, pp.uP * sc
 
     def describe(self):
         return "ElementwiseAffine"

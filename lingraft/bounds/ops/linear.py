@@ -51,6 +51,8 @@ class LinearOp(AffineMapOp):
 class ConvOp(AffineMapOp):
     """2-D convolution.  x: [B, C_in, H, W] -> y: [B, C_out, H_out, W_out]."""
 
+    patchable = True
+
     def __init__(self, weight, bias, stride, padding, groups, in_shape, out_shape):
         self.weight = weight.detach()
         self.bias = None if bias is None else bias.detach()
@@ -113,6 +115,43 @@ class ConvOp(AffineMapOp):
             else self.bias[c].unsqueeze(0).expand(batch, -1)
         )
         return A, bias
+
+    @property
+    def starts_patches(self) -> bool:  # type: ignore[override]
+        """A patch-mode pass starts at an ungrouped convolution (patch_start gives its kernels)."""
+        return self.groups == 1
+
+    def patch_start(self, rows):
+        """Kernel patches [1, R, C_in, kh, kw] of the output neurons ``rows`` (flat indices) at the input, their
+        top-left y0, x0 [R] in the input plane and bias [1, R] (the patches are shared by the batch)."""
+        C_out, H_out, W_out = self.out_shape
+        c = rows // (H_out * W_out)
+        i = (rows // W_out) % H_out
+        j = rows % W_out
+        vals = self.weight[c].unsqueeze(0)
+        y0 = i * self.stride[0] - self.padding[0]
+        x0 = j * self.stride[1] - self.padding[1]
+        bias = torch.zeros(1, rows.numel(), device=vals.device) if self.bias is None else self.bias[c].unsqueeze(0)
+        return vals, y0, x0, bias
+
+    def patch_backward(self, pp, k):
+        """Grow the patches through the kernel: [B, R, C_out, kh, kw] -> [B, R, C_in, (kh-1)*s + k, (kw-1)*s + k]."""
+        if self.bias is not None:
+            pp.lb = pp.lb + (pp.lP.sum((-1, -2)) * self.bias).sum(-1)
+            pp.ub = pp.ub + (pp.uP.sum((-1, -2)) * self.bias).sum(-1)
+        lP = self._patch_back(pp.lP)
+        pp.uP = self._patch_back(pp.uP) if pp.uP is not pp.lP else lP
+        pp.lP = lP
+        pp.y0 = pp.y0 * self.stride[0] - self.padding[0]
+        pp.x0 = pp.x0 * self.stride[1] - self.padding[1]
+
+    def _patch_back(self, P: Tensor) -> Tensor:
+        """[B, R, C_out, kh, kw] -> [B, R, C_in, (kh-1)*s + k, (kw-1)*s + k]."""
+        Bp, R, _, kh, kw = P.shape
+        k = self.weight.shape[2:]
+        out_hw = ((kh - 1) * self.stride[0] + k[0], (kw - 1) * self.stride[1] + k[1])
+        out = conv_backward(P.reshape(Bp * R, *P.shape[2:]), self.weight, self.stride, (0, 0), self.groups, out_hw)
+        return out.reshape(Bp, R, *out.shape[1:])
 
     def describe(self):
         c_in, c_out = self.weight.shape[1] * self.groups, self.weight.shape[0]

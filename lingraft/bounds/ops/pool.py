@@ -10,29 +10,39 @@ from lingraft.bounds.ops.base import BoundOp, neg, pos, sum_trailing
 
 
 class MaxPoolOp(BoundOp):
-    """2-D max pooling (no padding, dilation 1).  x: [B, C, H, W] -> [B, C, H_out, W_out].
+    """2-D max pooling (dilation 1; padding and ceil_mode as in torch).  x: [B, C, H, W] -> [B, C, H_out, W_out].
 
-    Relaxation per window: lower bound out >= x_j* with j* the input of largest lower bound; upper bound
-    out <= max_j u_j, or out = x_j* exactly when x_j*'s lower bound dominates every other upper bound.
+    Padding is -inf (max pooling ignores it): every window holds at least one input (torch's rule), and only
+    inputs are ever chosen. Relaxation per window: lower bound out >= x_j* with j* the input of largest lower
+    bound; upper bound out <= max_j u_j, or out = x_j* exactly when x_j*'s lower bound dominates every other
+    upper bound.
     """
 
     nonlinear = True
     linear = False
 
-    def __init__(self, kernel, stride, in_shape, out_shape):
+    def __init__(self, kernel, stride, in_shape, out_shape, padding=(0, 0), ceil_mode: bool = False):
         self.k = tuple(kernel)
         self.s = tuple(stride)
+        self.p = tuple(padding)
+        self.ceil_mode = bool(ceil_mode)
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
 
     def forward(self, x):
-        return F.max_pool2d(x, self.k, self.s)
+        return F.max_pool2d(x, self.k, self.s, self.p, 1, self.ceil_mode)
 
     def ibp(self, b):
-        return F.max_pool2d(b[0], self.k, self.s), F.max_pool2d(b[1], self.k, self.s)
+        return self.forward(b[0]), self.forward(b[1])
 
     def _windows(self, t):
-        """[B, C, H, W] -> [B, C, K, L] values of each window."""
-        B, C = t.shape[:2]
+        """[B, C, H, W] -> [B, C, K, L] values of each window (-inf where a window covers padding)."""
+        B, C, H, W = t.shape
+        Ho, Wo = self.out_shape[1:]
+        # pad top/left by p and bottom/right up to the last window (ceil_mode may need more than p)
+        bottom = (Ho - 1) * self.s[0] + self.k[0] - H - self.p[0]
+        right = (Wo - 1) * self.s[1] + self.k[1] - W - self.p[1]
+        if self.p != (0, 0) or bottom > 0 or right > 0:
+            t = F.pad(t, (self.p[1], right, self.p[0], bottom), value=float("-inf"))
         return F.unfold(t, self.k, stride=self.s).reshape(B, C, self.k[0] * self.k[1], -1)
 
     def backward(self, lA, uA, input_bounds, **kw):
@@ -41,14 +51,16 @@ class MaxPoolOp(BoundOp):
         Ho, Wo = self.out_shape[1:]
         kh, kw = self.k
         lw, uw = self._windows(lo), self._windows(up)  # [B, C, K, L]
-        lmax, jstar = lw.max(2)  # [B, C, L]
+        # j* among the inputs only: an input's lower bound of -inf must not tie with the padding's -inf
+        jstar = lw.clamp(min=torch.finfo(lw.dtype).min).max(2).indices  # [B, C, L]
+        lmax = lw.gather(2, jstar.unsqueeze(2)).squeeze(2)
         umax = uw.max(2).values
         # exact when the best lower bound is at least every other input's upper bound
         u_others = uw.scatter(2, jstar.unsqueeze(2), float("-inf")).max(2).values
         exact = lmax >= u_others
         L = torch.arange(Ho * Wo, device=lo.device)
-        row = (L // Wo) * self.s[0] + jstar // kw
-        col = (L % Wo) * self.s[1] + jstar % kw
+        row = (L // Wo) * self.s[0] + jstar // kw - self.p[0]
+        col = (L % Wo) * self.s[1] + jstar % kw - self.p[1]
         flat = row * W + col  # [B, C, L] input index of x_j*
         umax = umax.reshape(B, C, Ho, Wo)
         exact = exact.reshape(B, C, Ho, Wo)
@@ -77,4 +89,5 @@ class MaxPoolOp(BoundOp):
         return [(la, ua)], lb, ub
 
     def describe(self):
-        return f"MaxPool2d(k={self.k}, s={self.s})"
+        extra = (f", p={self.p}" if self.p != (0, 0) else "") + (", ceil_mode" if self.ceil_mode else "")
+        return f"MaxPool2d(k={self.k}, s={self.s}{extra})"

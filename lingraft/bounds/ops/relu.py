@@ -23,6 +23,10 @@ class ReLUOp(BoundOp):
 
     nonlinear = True
     linear = False
+    exact_ibp = True
+    splittable = True
+    has_alpha = True
+    patchable = True
 
     def __init__(self, shape, mask: Tensor | None = None, a: Tensor | None = None, b: Tensor | None = None):
         self.shape = tuple(shape)
@@ -46,6 +50,9 @@ class ReLUOp(BoundOp):
     @property
     def num_grafted(self) -> int:
         return 0 if self.mask is None else int(self.mask.sum())
+
+    def never_split(self) -> Tensor | None:
+        return self.mask
 
     @property
     def fully_grafted(self) -> bool:
@@ -145,10 +152,48 @@ class ReLUOp(BoundOp):
                 ua, ub = out, bias
         return [(la, ua)], lb, ub
 
+    def patch_backward(self, pp, k):
+        """Relax in patch form: gather the slopes and intercepts at the patch positions (alpha: pp.alpha[k])."""
+        lP, uP = pp.lP, pp.uP
+        pre = pp.bounds[pp.nodes[k].inputs[0]]
+        if pre is None or pre[0] is None:  # fully grafted layer: exact linear
+            zeros = torch.zeros(pp.batch, *self.shape, device=lP.device)
+            pre = (zeros, zeros)
+        u_slope, u_int, l_slope, unstable = self.relaxation(*pre)
+        graft = self.graft
+        if graft is not None:
+            m = graft[0].unsqueeze(0).float()
+            l_slope = l_slope * (1 - m) + graft[1].unsqueeze(0) * m
+            u_slope = u_slope * (1 - m) + graft[1].unsqueeze(0) * m
+        g_ls, g_us, g_ui = pp.gather(l_slope), pp.gather(u_slope), pp.gather(u_int)
+        lPn = lP.clamp(max=0)
+        uPp = uP.clamp(min=0)
+        pp.lb = pp.lb + _patch_sum(lPn * g_ui)
+        pp.ub = pp.ub + _patch_sum(uPp * g_ui)
+        if graft is not None:
+            g_b = pp.gather(graft[2].unsqueeze(0))
+            pp.lb = pp.lb + _patch_sum(lP * g_b)
+            pp.ub = pp.ub + _patch_sum(uP * g_b)
+        if pp.alpha is None:
+            pp.lP, pp.uP = lP * g_ls + lPn * (g_us - g_ls), uP * g_ls + uPp * (g_us - g_ls)
+            return
+        unst = pp.gather(unstable.to(lP.dtype)) > 0
+        if k not in pp.alpha:
+            init = g_ls.expand(*(max(a, b) for a, b in zip(lP.shape, g_ls.shape))).detach()
+            pp.alpha[k] = {s: init.clone().requires_grad_(True) for s in ("l", "u")}
+        ls_l = torch.where(unst, pp.alpha[k]["l"], g_ls)
+        ls_u = torch.where(unst, pp.alpha[k]["u"], g_ls)
+        pp.lP, pp.uP = lP * ls_l + lPn * (g_us - ls_l), uP * ls_u + uPp * (g_us - ls_u)
+
     def describe(self):
         return f"ReLU({'x'.join(map(str, self.shape))}" + (
             f", grafted={self.num_grafted})" if self.mask is not None else ")"
         )
+
+
+def _patch_sum(P: Tensor) -> Tensor:
+    """[B, R, C, kh, kw] -> [B, R]."""
+    return P.flatten(2).sum(-1)
 
 
 def _dot(A: Tensor, v: Tensor) -> Tensor:

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lingraft.bounds.ops.base import AffineMapOp, BoundOp, sum_trailing
+from lingraft.errors import UnsupportedModelError
 
 
 class ReshapeOp(BoundOp):
     """Reshape the per-sample value: [B, *in_shape] -> [B, *out_shape] (flatten, view, squeeze, ...)."""
 
     diagonal = True
+    exact_ibp = True
+    #: a patch chain may end here when this reshape makes an image plane (the chain checks the node's shape)
+    ends_patches = True
 
     def __init__(self, in_shape, out_shape):
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
@@ -35,6 +41,7 @@ class PermuteOp(BoundOp):
     """Permute per-sample dims: dims is a permutation of range(len(shape)) (batch excluded)."""
 
     diagonal = True
+    exact_ibp = True
 
     def __init__(self, dims):
         self.dims = tuple(int(d) for d in dims)
@@ -55,11 +62,29 @@ class PadOp(AffineMapOp):
     """Constant padding of the last dims. pads as in F.pad: (left, right, top, bottom, ...)."""
 
     diagonal = True
+    exact_ibp = True
 
     def __init__(self, pads, value: float, in_shape):
         self.pads = tuple(int(p) for p in pads)
         self.value = float(value)
+        if not math.isfinite(self.value):
+            # -inf padding only makes sense in front of a max pool, and an infinite input makes the linear
+            # bounds through it infinite or NaN: refuse it up front rather than bound it wrongly
+            raise UnsupportedModelError(
+                f"Pad with the constant {self.value} is not supported; pad a max pool through its own padding "
+                "(nn.MaxPool2d(padding=...) / the ONNX MaxPool pads attribute) instead"
+            )
         self.in_shape = tuple(in_shape)
+
+    @property
+    def patchable(self) -> bool:  # type: ignore[override]
+        """Zero padding of an image plane (no cropping): the patches only move; other values would add biases."""
+        return self.value == 0.0 and len(self.pads) == 4 and not any(p < 0 for p in self.pads)
+
+    def patch_backward(self, pp, k):
+        """Zero padding: the patches keep their values and move to the unpadded plane's coordinates."""
+        left, _, top, _ = self.pads
+        pp.y0, pp.x0 = pp.y0 - top, pp.x0 - left
 
     def forward(self, x):
         return F.pad(x, self.pads, value=self.value)

@@ -5,57 +5,42 @@ Every problem is collected first so that one error lists them all.
 
 from __future__ import annotations
 
+from lingraft.bounds.registry import onnx_entries
 from lingraft.errors import UnsupportedModelError
 from lingraft.io.onnx.common import (
     InputInfo,
     input_info,
     node_attrs,
     node_label,
-    read_model,
     real_input,
 )
+from lingraft.io.onnx.import_ops import OpConverters
 
 __all__ = [
+    "SHAPE_QUERY_OPS",
     "SUPPORTED_ONNX_OPS",
     "analyze",
     "check_supported",
     "input_normalization",
-    "list_unsupported_ops",
     "onnx_non_finite",
     "raise_problems",
 ]
 
+_ONNX_ENTRIES = onnx_entries()  # ONNX op type -> registry entry
+
+#: ONNX ops the importer evaluates itself (shapes are static, so their outputs are constants): no handler
+SHAPE_QUERY_OPS = frozenset({"Shape", "Size"})
+
+
+def _supported_onnx_ops() -> frozenset[str]:
+    """Op types with an ``op_<OpType>`` handler on OpConverters AND a registry entry (lingraft.bounds.registry)
+    that names them, plus :data:`SHAPE_QUERY_OPS`."""
+    return frozenset(t for t in _ONNX_ENTRIES if callable(getattr(OpConverters, f"op_{t}", None))) | SHAPE_QUERY_OPS
+
+
 #: ONNX ops accepted on input-dependent tensors (anything may appear in constant sub-graphs, which are folded).
-SUPPORTED_ONNX_OPS = frozenset(
-    {
-        "Add",
-        "AveragePool",
-        "BatchNormalization",
-        "Cast",
-        "Concat",
-        "Conv",
-        "Div",
-        "Dropout",
-        "Flatten",
-        "Gemm",
-        "GlobalAveragePool",
-        "Identity",
-        "MatMul",
-        "MaxPool",
-        "Mul",
-        "Neg",
-        "Pad",
-        "Relu",
-        "Reshape",
-        "Shape",
-        "Size",
-        "Squeeze",
-        "Sub",
-        "Sum",
-        "Transpose",
-        "Unsqueeze",
-    }
-)
+#: Derived from the bound engine's registry, so the importer accepts exactly what the engine can bound.
+SUPPORTED_ONNX_OPS = _supported_onnx_ops()
 
 
 def _static_problem(node, dep: list[bool]) -> str | None:
@@ -83,7 +68,7 @@ def _static_problem(node, dep: list[bool]) -> str | None:
         return "input-dependent weights/parameters"
     if op == "Conv" and a.get("group", 1) != 1:
         return f"group={a['group']}"
-    if op in ("Conv", "MaxPool", "AveragePool") and any(x != 1 for x in a.get("dilations", [])):
+    if op == "Conv" and any(x != 1 for x in a.get("dilations", [])):
         return "dilation != 1"
     if op == "Pad":
         mode = a.get("mode", b"constant")
@@ -94,7 +79,8 @@ def _static_problem(node, dep: list[bool]) -> str | None:
         return "training_mode=1"
     if op == "Concat" and not all(dep):
         return "concatenation with a constant"
-    return None
+    entry = _ONNX_ENTRIES.get(op)
+    return None if entry is None or entry.onnx_check is None else entry.onnx_check(op, a)
 
 
 def analyze(model, input_name: str) -> list[tuple[str, str, str]]:
@@ -106,7 +92,7 @@ def analyze(model, input_name: str) -> list[tuple[str, str, str]]:
         dep = [bool(i) and i in data for i in node.input]
         if not any(dep):
             continue  # constant sub-graph: folded
-        if node.op_type in ("Shape", "Size") and node.domain in ("", "ai.onnx"):
+        if node.op_type in SHAPE_QUERY_OPS and node.domain in ("", "ai.onnx"):
             continue  # shapes are static, so their outputs are constants
         data.update(o for o in node.output if o)
         why = _static_problem(node, dep)
@@ -143,16 +129,6 @@ def check_supported(model) -> InputInfo:
     if msgs:
         raise UnsupportedModelError("; ".join(msgs))
     return info
-
-
-def list_unsupported_ops(path) -> list[tuple[str, str]]:
-    """(op_type, node_name) of every input-dependent ONNX node that :func:`load_onnx` cannot convert.
-
-    Shape-level problems found only while building (e.g. a Conv on a 3-D tensor) are not listed; load_onnx
-    reports those. Unreadable files raise LingraftError.
-    """
-    model = read_model(path)
-    return [(op, name) for op, name, _ in analyze(model, real_input(model).name)]
 
 
 def _constants(model) -> dict:
