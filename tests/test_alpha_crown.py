@@ -7,6 +7,7 @@ from _soundness import check_sound, graft_randomly, pgd_extremes
 
 from lingraft.bounds import BoundedNetwork, input_box, margin_spec
 from lingraft.bounds.alpha_crown import optimize_alpha
+from lingraft.bounds.input_set import InputSet
 from lingraft.models import create_model
 
 IN = (1, 12, 12)
@@ -70,7 +71,7 @@ def test_returned_intermediate_bounds_are_at_least_as_tight_and_proved_samples_u
     # pretend sample 0 is already proved: it must come back unchanged and cost no optimisation
     crown = crown.clone()
     crown[0] = 1.0
-    lower, tightened, _ = optimize_alpha(net, (C_out, xl, xu, bounds), crown, iterations=5, lr=0.1)
+    lower, tightened, _ = optimize_alpha(net, (C_out, InputSet(xl, xu), bounds), crown, iterations=5, lr=0.1)
     assert torch.equal(lower[0], crown[0])
     assert (lower >= crown).all()
     for b, t in zip(bounds, tightened):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
+from lingraft.bounds.input_set import InputSet
 from lingraft.bounds.optimizer import ParamGroup, ProjectedAdam
 from lingraft.bounds.tolerance import is_proved
 from lingraft.clock import now
@@ -52,7 +53,7 @@ class _StartNode:
 
 def optimize_alpha(
     net: BoundedNetwork,
-    problem: tuple[Tensor, Tensor, Tensor, list],
+    problem: tuple[Tensor, InputSet, list],
     crown_lower: Tensor,
     iterations: int,
     lr: float,
@@ -64,7 +65,8 @@ def optimize_alpha(
 ) -> AlphaResult:
     """alpha-CROWN lower bounds of the specification.
 
-    problem: (C_out [B, S, *out_shape], x_L, x_U [B, *in_shape], CROWN's intermediate bounds (list by node));
+    problem: (C_out [B, S, *out_shape], the input set (:class:`~lingraft.bounds.input_set.InputSet`, B samples),
+    CROWN's intermediate bounds (list by node));
     crown_lower: [B, S].
     intermediate=False optimises the final specification's slopes only (intermediate bounds stay CROWN's).
     proof_scale: [B, 1] magnitude of the numbers behind each sample's bounds (see :mod:`lingraft.bounds.tolerance`);
@@ -74,7 +76,7 @@ def optimize_alpha(
     Returns an :class:`AlphaResult`: the bounds and slopes are those of the last pass that raised some sample's
     bound. Samples CROWN already proves are not optimised at all.
     """
-    C_out, x_L, x_U, bounds = problem
+    C_out, inp, bounds = problem
     scale = torch.zeros_like(crown_lower[:, :1]) if proof_scale is None else proof_scale.to(crown_lower)
     done = _Done(scale, target, deadline)
     todo = torch.nonzero(~done(crown_lower), as_tuple=True)[0]
@@ -82,17 +84,11 @@ def optimize_alpha(
     if iterations <= 0 or todo.numel() == 0:
         return AlphaResult(crown_lower.detach().clone(), bounds, _final_slopes(net, bounds, B, S, grad=False))
     if todo.numel() == B:
-        return AlphaResult(*_optimize(net, C_out, x_L, x_U, bounds, crown_lower, iterations, lr, intermediate, done))
+        return AlphaResult(*_optimize(net, C_out, inp, bounds, crown_lower, iterations, lr, intermediate, done))
     sub = [None if b is None else (b[0][todo], b[1][todo]) for b in bounds]
-    l2 = net._l2
-    try:
-        if l2 is not None:  # the L2 ball's centres follow the samples
-            net._l2 = (l2[0][todo], l2[1])
-        lo, sub, sub_slopes = _optimize(
-            net, C_out[todo], x_L[todo], x_U[todo], sub, crown_lower[todo], iterations, lr, intermediate, done[todo]
-        )
-    finally:
-        net._l2 = l2
+    lo, sub, sub_slopes = _optimize(
+        net, C_out[todo], inp.select(todo), sub, crown_lower[todo], iterations, lr, intermediate, done[todo]
+    )
     best = crown_lower.detach().clone()
     best[todo] = lo
     out = []
@@ -130,7 +126,7 @@ class _Done:
         return self.deadline is not None and now() > self.deadline
 
 
-def _optimize(net, C_out, x_L, x_U, bounds, crown_lower, iterations, lr, intermediate, done: _Done):
+def _optimize(net, C_out, inp: InputSet, bounds, crown_lower, iterations, lr, intermediate, done: _Done):
     """:func:`optimize_alpha` on samples that all need it."""
     B, S = C_out.shape[:2]
     last = len(net.nodes) - 1
@@ -143,8 +139,8 @@ def _optimize(net, C_out, x_L, x_U, bounds, crown_lower, iterations, lr, interme
         return best, best_bounds, best_slopes
     opt: ProjectedAdam | None = None
     for it in range(iterations + 1):
-        cur = _tightened_bounds(net, starts, x_L, x_U, bounds)
-        lo, _ = net._backward(last, C_out, x_L, x_U, cur, False, alphas=final_alpha)
+        cur = _tightened_bounds(net, starts, inp, bounds)
+        lo, _ = net._backward(last, C_out, inp, cur, False, alphas=final_alpha)
         improved = (lo.detach() > best).any(1)  # [B]
         if bool(improved.any()):
             best = torch.maximum(best, lo.detach())
@@ -199,14 +195,14 @@ def _start_nodes(net: BoundedNetwork, bounds: list) -> list[_StartNode]:
     return out
 
 
-def _tightened_bounds(net: BoundedNetwork, starts: list[_StartNode], x_L: Tensor, x_U: Tensor, bounds: list):
+def _tightened_bounds(net: BoundedNetwork, starts: list[_StartNode], inp: InputSet, bounds: list):
     """``bounds`` with every start node's pairs re-bounded under its slopes (in order, each pass using the
     tightened bounds of the nodes below) and intersected with the given bounds. Differentiable in the slopes."""
     cur = list(bounds)
     for st in starts:
         lo0, up0 = bounds[st.index]
         B = lo0.shape[0]
-        l_r, u_r = net.bound_pairs(st.index, st.rows, st.b_idx, x_L, x_U, cur, alpha=st.alpha)
+        l_r, u_r = net.bound_pairs(st.index, st.rows, st.b_idx, inp, cur, alpha=st.alpha)
         lo, up = lo0.reshape(B, -1), up0.reshape(B, -1)
         at = (st.b_idx, st.rows)
         # the value is the intersection (sound, and never looser than CROWN), the gradient is that of the

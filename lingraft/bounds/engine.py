@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from lingraft.bounds.alpha_crown import optimize_alpha
 from lingraft.bounds.graph import GraphNode, build_graph
+from lingraft.bounds.input_set import InputSet
 from lingraft.bounds.methods import METHODS
 from lingraft.bounds.ops import LinearOp, ReLUOp
 from lingraft.bounds.ops.base import neg, pos
@@ -200,41 +201,23 @@ class BoundedNetwork:
         if C is None:
             C = torch.eye(self.num_outputs, device=self.device).unsqueeze(0).expand(B, -1, -1)
         C = C.to(self.device, torch.float32)
-        self._l2 = None
-        if l2_center is not None:
-            if l2_eps is None:
-                raise UsageError("l2_center needs l2_eps, the radius of the L2 ball")
-            self._l2 = (l2_center.to(self.device, torch.float32), float(l2_eps))
+        if l2_center is not None and l2_eps is None:
+            raise UsageError("l2_center needs l2_eps, the radius of the L2 ball")
+        inp = InputSet(x_L, x_U, l2_center, l2_eps or 0.0).to(self.device)
         with torch.no_grad():
-            ibp = self.ibp_all(x_L, x_U)
+            ibp = self.ibp_all(inp.lower, inp.upper)
         if method == "ibp":
-            last = self.nodes[-1]
-            if isinstance(last.op, LinearOp) and len(self.nodes[last.inputs[0]].shape) == 1:
-                # fold C into the last linear layer (C W) before the interval step: much tighter margins
-                hl, hu = ibp[last.inputs[0]]
-                W = torch.einsum("bso,oi->bsi", C, last.op.weight)
-                bias = 0 if last.op.bias is None else torch.einsum("bso,o->bs", C, last.op.bias)
-                c, r = ((hu + hl) / 2).unsqueeze(-1), ((hu - hl) / 2).unsqueeze(-1)
-                mid = torch.bmm(W, c).squeeze(-1) + bias
-                rad = torch.bmm(W.abs(), r).squeeze(-1)
-                lo, up = mid - rad, mid + rad
-            else:
-                out_l, out_u = ibp[-1]
-                out_l, out_u = out_l.reshape(B, -1), out_u.reshape(B, -1)
-                lo = torch.einsum("bso,bo->bs", pos(C), out_l) + torch.einsum("bso,bo->bs", neg(C), out_u)
-                up = torch.einsum("bso,bo->bs", pos(C), out_u) + torch.einsum("bso,bo->bs", neg(C), out_l)
-            res = BoundResult(lo, up if bound_upper else None)
-            self._stats(res, ibp)
+            res = self._ibp_result(C, ibp, bound_upper)
             res.time_s = time.perf_counter() - t0
             return res
         with torch.no_grad():
-            bounds = self._intermediate_bounds(x_L, x_U, ibp, interm_bounds)
+            bounds = self._intermediate_bounds(inp, ibp, interm_bounds)
             C_out = C.reshape(B, C.shape[1], *self.out_shape)
-            lo, up = self._backward(len(self.nodes) - 1, C_out, x_L, x_U, bounds, bound_upper)
+            lo, up = self._backward(len(self.nodes) - 1, C_out, inp, bounds, bound_upper)
         if method == "alpha-crown":
             lo, bounds, _ = optimize_alpha(
                 self,
-                (C_out, x_L, x_U, bounds),
+                (C_out, inp, bounds),
                 lo,
                 alpha_iterations,
                 alpha_lr,
@@ -244,6 +227,28 @@ class BoundedNetwork:
         res = BoundResult(lo, up if bound_upper else None)
         self._stats(res, bounds)
         res.time_s = time.perf_counter() - t0
+        return res
+
+    def _ibp_result(self, C: Tensor, ibp: list, bound_upper: bool) -> BoundResult:
+        """IBP bounds of C f(x) [B, S] from the interval of every node (``ibp``)."""
+        B = C.shape[0]
+        last = self.nodes[-1]
+        if isinstance(last.op, LinearOp) and len(self.nodes[last.inputs[0]].shape) == 1:
+            # fold C into the last linear layer (C W) before the interval step: much tighter margins
+            hl, hu = ibp[last.inputs[0]]
+            W = torch.einsum("bso,oi->bsi", C, last.op.weight)
+            bias = 0 if last.op.bias is None else torch.einsum("bso,o->bs", C, last.op.bias)
+            c, r = ((hu + hl) / 2).unsqueeze(-1), ((hu - hl) / 2).unsqueeze(-1)
+            mid = torch.bmm(W, c).squeeze(-1) + bias
+            rad = torch.bmm(W.abs(), r).squeeze(-1)
+            lo, up = mid - rad, mid + rad
+        else:
+            out_l, out_u = ibp[-1]
+            out_l, out_u = out_l.reshape(B, -1), out_u.reshape(B, -1)
+            lo = torch.einsum("bso,bo->bs", pos(C), out_l) + torch.einsum("bso,bo->bs", neg(C), out_u)
+            up = torch.einsum("bso,bo->bs", pos(C), out_u) + torch.einsum("bso,bo->bs", neg(C), out_l)
+        res = BoundResult(lo, up if bound_upper else None)
+        self._stats(res, ibp)
         return res
 
     def _stats(self, res: BoundResult, bounds):
@@ -258,7 +263,7 @@ class BoundedNetwork:
                     res.unstable[name] = nd.op.unstable_mask(*b).reshape(b[0].shape[0], -1).sum(1).cpu()
 
     # ---------------------------------------------------------------------------------------------
-    def _intermediate_bounds(self, x_L, x_U, ibp, interm_bounds=None, deadline=None):
+    def _intermediate_bounds(self, inp: InputSet, ibp, interm_bounds=None, deadline=None):
         """Bounds of every node a nonlinear operator needs: list indexed by node (None = not computed).
         deadline: a :func:`lingraft.clock.now` time; past it the pass stops with DeadlineExceeded.
 
@@ -268,7 +273,7 @@ class BoundedNetwork:
         N = len(self.nodes)
         bounds: list = [None] * N
         ref: list = [None] * N
-        bounds[0] = ref[0] = (x_L, x_U)
+        bounds[0] = ref[0] = (inp.lower, inp.upper)
         for i, nd in enumerate(self.nodes):
             if i == 0:
                 continue
@@ -284,14 +289,14 @@ class BoundedNetwork:
                 lo, up = rl, ru
             else:
                 check_deadline(deadline)
-                lo, up = self._crown_node(i, x_L, x_U, bounds, rl, ru, deadline)
+                lo, up = self._crown_node(i, inp, bounds, rl, ru, deadline)
             if interm_bounds and i in interm_bounds:
                 sl, su = interm_bounds[i]
                 lo, up = torch.maximum(lo, sl), torch.minimum(up, su)
             bounds[i] = ref[i] = (lo, up)
         return bounds
 
-    def _crown_node(self, i, x_L, x_U, bounds, ref_l, ref_u, deadline=None):
+    def _crown_node(self, i, inp: InputSet, bounds, ref_l, ref_u, deadline=None):
         """CROWN bounds of node i for the needed rows that are unstable under the reference interval.
 
         tight mode (default): rows stable under the reference keep it (a stable neuron's relaxation does not
@@ -300,7 +305,7 @@ class BoundedNetwork:
         without intersection, or for all rows when more than 90% are unstable.
         """
         nd = self.nodes[i]
-        B = x_L.shape[0]
+        B = inp.batch
         n = int(math.prod(nd.shape))
         needed = self._needed.get(i)
         needed = torch.arange(n, device=self.device) if needed is None else needed.to(self.device)
@@ -319,7 +324,7 @@ class BoundedNetwork:
             for s in range(0, pair_rows.numel(), chunk):
                 check_deadline(deadline)
                 r, bi = pair_rows[s : s + chunk], b_idx[s : s + chunk]
-                l_r, u_r = self.bound_pairs(i, r, bi, x_L, x_U, bounds)
+                l_r, u_r = self.bound_pairs(i, r, bi, inp, bounds)
                 lo[bi, r] = torch.maximum(lo[bi, r], l_r)
                 up[bi, r] = torch.minimum(up[bi, r], u_r)
             return lo.reshape(ref_l.shape), up.reshape(ref_u.shape)
@@ -333,11 +338,9 @@ class BoundedNetwork:
         for s in range(0, rows.numel(), chunk):
             r = rows[s : s + chunk]
             if chain is not None:
-                l_r, u_r = backward_patches(
-                    self.nodes, i, chain, r, x_L, x_U, bounds, self._l2, tail=self._dense_tail(x_L, x_U, bounds)
-                )
+                l_r, u_r = backward_patches(self.nodes, i, chain, r, inp, bounds, tail=self._dense_tail(inp, bounds))
             else:
-                l_r, u_r = self._backward(i, None, x_L, x_U, bounds, True, rows=r)
+                l_r, u_r = self._backward(i, None, inp, bounds, True, rows=r)
             lo[:, r] = l_r
             up[:, r] = u_r
         return lo.reshape(ref_l.shape), up.reshape(ref_u.shape)
@@ -349,7 +352,7 @@ class BoundedNetwork:
             chain = self._patch_chains[i] = chain_to_input(self.nodes, i) if self.use_patches else None
         return chain
 
-    def bound_pairs(self, i: int, rows: Tensor, b_idx: Tensor, x_L: Tensor, x_U: Tensor, bounds: list, alpha=None):
+    def bound_pairs(self, i: int, rows: Tensor, b_idx: Tensor, inp: InputSet, bounds: list, alpha=None):
         """Lower and upper bounds [P] of neuron rows[p] (flat index into node i) for sample b_idx[p].
 
         alpha: optional per-pair lower slopes of the ReLUs below node i, {ReLU node: {"l": a, "u": a}}; for the
@@ -358,61 +361,53 @@ class BoundedNetwork:
         """
         chain = self._chain(i)
         if chain is not None:
-            tail = self._dense_tail(x_L, x_U, bounds, b_idx)
-            lo, up = backward_patches(
-                self.nodes, i, chain, rows, x_L, x_U, bounds, self._l2, b_idx=b_idx, alpha=alpha, tail=tail
-            )
+            tail = self._dense_tail(inp, bounds, b_idx)
+            lo, up = backward_patches(self.nodes, i, chain, rows, inp, bounds, b_idx=b_idx, alpha=alpha, tail=tail)
             return lo[0], up[0]
-        return self._backward_pairs(i, rows, b_idx, x_L, x_U, bounds, alpha)
+        return self._backward_pairs(i, rows, b_idx, inp, bounds, alpha)
 
-    def _dense_tail(self, x_L, x_U, bounds, b_idx=None):
+    def _dense_tail(self, inp: InputSet, bounds, b_idx=None):
         """The dense pass below the Reshape where a patch chain ends: callable(k, lA, uA) with coefficients
         [B' (1 or B), R, *shape_k] on node k's value -> (lower, upper) [B', R]; with ``b_idx`` [R] (pair mode) row r
         belongs to sample b_idx[r] and B' = 1."""
 
         def tail(k: int, lA: Tensor, uA: Tensor):
             if b_idx is None:
-                B = x_L.shape[0]
+                B = inp.batch
                 lA, uA = lA.expand(B, *lA.shape[1:]), uA.expand(B, *uA.shape[1:])
-                lo, _ = self._backward(k, lA, x_L, x_U, bounds, False)
-                _, up = self._backward(k, uA, x_L, x_U, bounds, True)
+                lo, _ = self._backward(k, lA, inp, bounds, False)
+                _, up = self._backward(k, uA, inp, bounds, True)
                 return lo, up
             lo_out = torch.empty(1, b_idx.numel(), device=self.device)
             up_out = torch.empty(1, b_idx.numel(), device=self.device)
-            for b, sel, sub in self._each_sample(b_idx, bounds):
-                xl, xu = x_L[b : b + 1], x_U[b : b + 1]
-                lo_out[:, sel] = self._backward(k, lA[:, sel], xl, xu, sub, False)[0]
-                up_out[:, sel] = self._backward(k, uA[:, sel], xl, xu, sub, True)[1]
+            for sel, sub, inp_b in self._each_sample(b_idx, bounds, inp):
+                lo_out[:, sel] = self._backward(k, lA[:, sel], inp_b, sub, False)[0]
+                up_out[:, sel] = self._backward(k, uA[:, sel], inp_b, sub, True)[1]
             return lo_out, up_out
 
         return tail
 
-    def _backward_pairs(self, i, rows, b_idx, x_L, x_U, bounds, alpha=None):
+    def _backward_pairs(self, i, rows, b_idx, inp: InputSet, bounds, alpha=None):
         """Dense backward pass where pair p bounds neuron rows[p] of node i for sample b_idx[p], one sample at a
         time (slices of the bounds are views, so each pass only touches that sample). Returns ([P], [P])."""
         lo_out = torch.empty(rows.numel(), device=self.device)
         up_out = torch.empty(rows.numel(), device=self.device)
-        for b, sel, sub in self._each_sample(b_idx, bounds):
+        for sel, sub, inp_b in self._each_sample(b_idx, bounds, inp):
             al = None
             if alpha is not None:
                 al = {k: {s: a[sel].unsqueeze(0) for s, a in sides.items()} for k, sides in alpha.items()}
-            lo, up = self._backward(i, None, x_L[b : b + 1], x_U[b : b + 1], sub, True, rows=rows[sel], alphas=al)
+            lo, up = self._backward(i, None, inp_b, sub, True, rows=rows[sel], alphas=al)
             lo_out[sel], up_out[sel] = lo[0], up[0]
         return lo_out, up_out
 
-    def _each_sample(self, b_idx: Tensor, bounds: list):
-        """Yield (b, sel, sub) per sample b in b_idx [P]: sel its positions in b_idx, sub the bounds of sample b
-        alone ([1, *shape] views); the L2 ball's centre is sample b's meanwhile."""
-        saved = self._l2
-        try:
-            for b in torch.unique(b_idx).tolist():
-                sel = torch.nonzero(b_idx == b, as_tuple=True)[0]
-                sub = [None if bb is None else (bb[0][b : b + 1], bb[1][b : b + 1]) for bb in bounds]
-                if saved is not None:
-                    self._l2 = (saved[0][b : b + 1], saved[1])
-                yield b, sel, sub
-        finally:
-            self._l2 = saved
+    @staticmethod
+    def _each_sample(b_idx: Tensor, bounds: list, inp: InputSet):
+        """Yield (sel, sub, inp_b) per sample b in b_idx [P]: sel its positions in b_idx, sub the bounds of sample
+        b alone ([1, *shape] views), inp_b its input set."""
+        for b in torch.unique(b_idx).tolist():
+            sel = torch.nonzero(b_idx == b, as_tuple=True)[0]
+            sub = [None if bb is None else (bb[0][b : b + 1], bb[1][b : b + 1]) for bb in bounds]
+            yield sel, sub, inp.select(slice(b, b + 1))
 
     def _chunk_size(self, i, B, R):
         biggest = max(int(math.prod(nd.shape)) for nd in self.nodes[: i + 1])
@@ -441,16 +436,10 @@ class BoundedNetwork:
         reaching each ReLU's output (detached; branch and bound ranks neurons with them). Returns (lower [B,S],
         upper or None).
         """
+        inp = InputSet(x_L, x_U)
+        last = len(self.nodes) - 1
         return self._backward(
-            len(self.nodes) - 1,
-            C_out,
-            x_L,
-            x_U,
-            bounds,
-            bound_upper,
-            alphas=alphas,
-            extra_lA=extra_lA,
-            record_lA=record_lA,
+            last, C_out, inp, bounds, bound_upper, alphas=alphas, extra_lA=extra_lA, record_lA=record_lA
         )
 
     def intermediate_bounds(
@@ -459,11 +448,9 @@ class BoundedNetwork:
         """CROWN bounds of every pre-activation a nonlinear op needs: list by node index of (lower, upper)
         [B, *shape] or None. interm_bounds {node index: (lower, upper)} tightens given nodes (split neurons);
         deadline: a :func:`lingraft.clock.now` time, past which the pass raises :class:`DeadlineExceeded`."""
-        x_L = x_L.to(self.device, torch.float32)
-        x_U = x_U.to(self.device, torch.float32)
-        self._l2 = None
+        inp = InputSet(x_L, x_U).to(self.device)
         with torch.no_grad():
-            return self._intermediate_bounds(x_L, x_U, self.ibp_all(x_L, x_U), interm_bounds, deadline)
+            return self._intermediate_bounds(inp, self.ibp_all(inp.lower, inp.upper), interm_bounds, deadline)
 
     def crown_nodes(self) -> list[int]:
         """Indices of the nodes whose bounds CROWN computes (needed by a nonlinear op, not IBP-exact), in order."""
@@ -492,8 +479,7 @@ class BoundedNetwork:
         self,
         start: int,
         A0: Tensor | None,
-        x_L,
-        x_U,
+        inp: InputSet,
         bounds,
         bound_upper: bool,
         rows=None,
@@ -507,7 +493,7 @@ class BoundedNetwork:
         record_lA: see :meth:`backward_bound`. Returns (lower [B, S], upper [B, S] or None).
         """
         relus = self.relu_input_nodes() if record_lA is not None else {}
-        B = x_L.shape[0]
+        B = inp.batch
         lbias = torch.zeros((), device=self.device)
         ubias = torch.zeros((), device=self.device)
         A: dict[int, list] = {}
@@ -557,30 +543,14 @@ class BoundedNetwork:
                 else:
                     A[j] = [la, ua]
         lA, uA = A.get(0, [None, None])
-        lower = lbias + (self._concretize(lA, x_L, x_U, -1) if lA is not None else 0)
+        lower = lbias + (inp.concretize(lA, -1) if lA is not None else 0)
         upper = None
         if bound_upper:
-            upper = ubias + (self._concretize(uA, x_L, x_U, 1) if uA is not None else 0)
+            upper = ubias + (inp.concretize(uA, 1) if uA is not None else 0)
         S = A0.shape[1] if A0 is not None else len(rows)
         lower = _expand(lower, B, S, self.device)
         upper = None if upper is None else _expand(upper, B, S, self.device)
         return lower, upper
-
-    _l2: tuple[Tensor, float] | None = None  # (centre [B, *in_shape], radius) of the L2 input ball
-
-    def _concretize(self, A: Tensor, x_L: Tensor, x_U: Tensor, sign: int) -> Tensor:
-        """min (sign=-1) or max (sign=+1) of A . x over the box (and the L2 ball when set).
-        A: [B, S, *in]; returns [B, S]."""
-        B, S = A.shape[:2]
-        Af = A.reshape(B, S, -1)
-        c = ((x_U + x_L) / 2).reshape(B, -1, 1)
-        r = ((x_U - x_L) / 2).reshape(B, -1, 1)
-        v = torch.bmm(Af, c).squeeze(-1) + sign * torch.bmm(Af.abs(), r).squeeze(-1)
-        if self._l2 is not None:
-            x0, eps = self._l2
-            v2 = torch.bmm(Af, x0.reshape(B, -1, 1)).squeeze(-1) + sign * eps * Af.norm(dim=-1)
-            v = torch.maximum(v, v2) if sign < 0 else torch.minimum(v, v2)
-        return v
 
 
 def _add(a, b):

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lingraft.bounds.input_set import InputSet
 from lingraft.bounds.ops.base import BoundOp
 
 
@@ -149,27 +150,26 @@ def backward_patches(
     start: int,
     chain,
     rows: Tensor,
-    x_L: Tensor,
-    x_U: Tensor,
+    inp: InputSet,
     bounds,
-    l2=None,
     b_idx: Tensor | None = None,
     alpha: dict | None = None,
     tail=None,
 ):
     """Lower and upper bounds [B, R] of the rows of node ``start`` by the patch-mode backward pass.
 
-    Pair mode (``b_idx`` [R]): row r is bounded for sample b_idx[r] only; returns [1, R].
+    inp: the input set (B samples) the bounds hold over. Pair mode (``b_idx`` [R]): row r is bounded for sample
+    b_idx[r] only; returns [1, R].
     alpha: optional lower ReLU slopes per row, in patch form: {ReLU node: {"l": [B, R, C, kh, kw], "u": ...}}
     used on unstable neurons ("l" in the lower-bound pass, "u" in the upper one). A ReLU missing from the dict
     gets CROWN's slopes as new leaves that require grad (alpha-CROWN's warm start).
     tail: for a chain ending at a Reshape node k, callable(k, lA, uA) with dense coefficients [B', R, C, H, W] on
     node k's value -> (lower, upper) [B', R] of what lies below (the engine's dense pass, concretized).
     """
-    B = x_L.shape[0] if b_idx is None else 1
+    B = inp.batch if b_idx is None else 1
     P, bias = start_patches(nodes[start].bound_op, rows, B)
     lb = bias.expand(B, -1).clone()
-    pp = PatchPass(nodes, bounds, P.values, P.values, lb, lb.clone(), P.y0, P.x0, b_idx, alpha, x_L.shape[0])
+    pp = PatchPass(nodes, bounds, P.values, P.values, lb, lb.clone(), P.y0, P.x0, b_idx, alpha, inp.batch)
     for k in chain:
         nd = nodes[k]
         C, H, W = nd.shape
@@ -183,18 +183,9 @@ def backward_patches(
             return pp.lb + l_t, pp.ub + u_t
         nd.bound_op.patch_backward(pp, k)
     lP, uP, lb, ub, y0, x0 = pp.lP, pp.uP, pp.lb, pp.ub, pp.y0, pp.x0
-    # concretize over the input box
+    # concretize over the input set
     C, H, W = nodes[0].shape
     kh, kw = lP.shape[-2:]
     mask = valid_mask(y0, x0, kh, kw, H, W, lP.device)
-    lP, uP = lP * mask, uP * mask
-    c = gather((x_U + x_L) / 2, y0, x0, kh, kw, b_idx)
-    r = gather((x_U - x_L) / 2, y0, x0, kh, kw, b_idx)
-    lower = lb + _sum(lP * c) - _sum(lP.abs() * r)
-    upper = ub + _sum(uP * c) + _sum(uP.abs() * r)
-    if l2 is not None:
-        x0c, eps = l2
-        xc = gather(x0c, y0, x0, kh, kw, b_idx)
-        lower = torch.maximum(lower, lb + _sum(lP * xc) - eps * lP.flatten(2).norm(dim=-1))
-        upper = torch.minimum(upper, ub + _sum(uP * xc) + eps * uP.flatten(2).norm(dim=-1))
-    return lower, upper
+    lower, upper = inp.concretize_windows(lP * mask, uP * mask, lambda t: gather(t, y0, x0, kh, kw, b_idx))
+    return lb + lower, ub + upper

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from lingraft.bounds import BoundedNetwork
 from lingraft.bounds.alpha_crown import optimize_alpha
+from lingraft.bounds.input_set import InputSet
 from lingraft.bounds.ops.base import BoundOp
 from lingraft.bounds.optimizer import ParamGroup, ProjectedAdam
 from lingraft.clock import now
@@ -147,7 +148,7 @@ def bound_domains(
     if intermediate_alpha and iterations > 0 and not splits:
         # alpha-CROWN on every layer; its final slopes are the result (no second, final-layer-only optimisation)
         found = optimize_alpha(
-            net, (C_out, x_L, x_U, bounds), best, iterations, lr_alpha, target=target, deadline=deadline
+            net, (C_out, InputSet(x_L, x_U), bounds), best, iterations, lr_alpha, target=target, deadline=deadline
         )
         best, bounds = torch.maximum(best, found.lower), found.bounds
         alphas = {k: {"l": a} for k, a in found.slopes.items()}
