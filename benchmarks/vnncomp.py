@@ -9,7 +9,8 @@ expected.csv) and the median wall time, next to alpha-beta-CROWN's competition n
 benchmark README states (test_sat: sat, everything else: unsat). Exit status 1 if any answer is wrong.
 ``--timeout S`` caps each instance's timeout at S seconds (the CSV's own timeout where it is smaller) and
 ``--limit N`` runs only the first N instances of each benchmark: a quick assessment of the big folders
-(mnist_fc_deep, sri_resnet_a, cifar_biasfield). Other benchmark folders of ../shared/vnncomp work too.
+(mnist_fc_deep, sri_resnet_a, cifar_biasfield); ``--known-only`` skips the instances without a consensus verdict
+(40 of sri_resnet_a's 72). Other benchmark folders of ../shared/vnncomp work too.
 """
 
 from __future__ import annotations
@@ -48,13 +49,30 @@ def abcrown_median(folder: Path) -> float | None:
     return statistics.median(times) if times else None
 
 
-def capped_runner(timeout: float | None, limit: int | None):
+def known_verdicts(folder: Path) -> set[tuple[str, str]]:
+    """(onnx file name, vnnlib file name) of the instances whose expected.csv consensus is sat or unsat."""
+    p = folder / "expected.csv"
+    if not p.is_file():
+        return set()
+    with open(p, newline="") as f:
+        return {
+            (Path(r["onnx"]).name, Path(r["vnnlib"]).name)
+            for r in csv.DictReader(f)
+            if r.get("consensus") in ("sat", "unsat")
+        }
+
+
+def capped_runner(timeout: float | None, limit: int | None, known_only: bool = False):
     """An InstanceRunner for verify_instances: runs here, one after another, only the first ``limit`` instances
-    of the CSV (all when None), each with its timeout capped at ``timeout`` seconds (as given when None)."""
+    of the CSV (all when None), each with its timeout capped at ``timeout`` seconds (as given when None);
+    known_only: only the instances with a consensus verdict (sat / unsat) in expected.csv."""
 
     def run(folder, instances, finish, verify_kw):
+        known = known_verdicts(folder) if known_only else set()
         for inst in instances:
             if limit is not None and inst.n > limit:
+                continue
+            if known_only and (Path(inst.onnx).name, Path(inst.vnnlib).name) not in known:
                 continue
             if timeout is not None and inst.timeout > timeout:
                 inst = dataclasses.replace(inst, timeout=float(timeout))
@@ -82,6 +100,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--timeout", type=positive(float), help="cap each instance's timeout at this many seconds")
     ap.add_argument("--limit", type=positive(int), help="run only the first N instances of each benchmark")
+    ap.add_argument(
+        "--known-only", action="store_true", help="run only the instances expected.csv gives a verdict (sat/unsat)"
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -101,7 +122,7 @@ def main(argv=None) -> int:
             out=Path(args.out_dir) / f"{bench}.jsonl",
             resume=args.resume,
             verbose=args.verbose,
-            runner=capped_runner(args.timeout, args.limit),
+            runner=capped_runner(args.timeout, args.limit, args.known_only),
         )
         if bench == "test":
             for r in recs:

@@ -7,7 +7,8 @@ final specification rows ([B, S, *relu_shape] per ReLU) and every intermediate p
 window [1, P, C, kh, kw] in the patch pass; "l" slopes for its lower bound and "u" for its upper bound).
 
 Each iteration re-bounds the intermediate pairs in topological order with their slopes, intersects the result
-with the CROWN bounds (both are sound; the gradient passes straight through the intersection), bounds the
+with the tightest bounds found so far (CROWN's, then every earlier iteration's: all are sound, and the gradient
+passes straight through the intersection), bounds the
 specification with the tightened intermediate bounds, and takes an Adam step (lr decay 0.98 per step) on
 -sum(lower) of the samples not yet proved; slopes are clipped to [0, 1]. A sample leaves the optimisation once
 every row is proved (early stop). The bound returned is the elementwise best over the iterations, so it is never
@@ -32,9 +33,9 @@ if TYPE_CHECKING:
 
 class AlphaResult(NamedTuple):
     """What :func:`optimize_alpha` found. lower: [B, S], elementwise >= CROWN's; bounds: intermediate bounds (list
-    by node of [B, *shape] pairs or None) at least as tight as CROWN's; slopes: {ReLU node: [B, S, *shape]} the
-    final specification's lower slopes of the pass that gave ``bounds`` (CROWN's where a sample was not optimised),
-    a warm start for a later optimisation on the same bounds (e.g. beta-CROWN's)."""
+    by node of [B, *shape] pairs or None), the tightest of all passes, at least as tight as CROWN's; slopes: {ReLU
+    node: [B, S, *shape]} the final specification's lower slopes of the pass that gave ``lower`` (CROWN's where a
+    sample was not optimised), a warm start for a later optimisation (e.g. beta-CROWN's)."""
 
     lower: Tensor
     bounds: list
@@ -62,6 +63,7 @@ def optimize_alpha(
     proof_scale: Tensor | None = None,
     target: Tensor | None = None,
     deadline: float | None = None,
+    early_stop: bool = True,
 ) -> AlphaResult:
     """alpha-CROWN lower bounds of the specification.
 
@@ -72,13 +74,14 @@ def optimize_alpha(
     proof_scale: [B, 1] magnitude of the numbers behind each sample's bounds (see :mod:`lingraft.bounds.tolerance`);
     a sample stops early once every row clears the proof margin at that scale (default: the bound's own size).
     target: [B, S] lower bounds that count as done instead (branch and bound's thresholds); deadline: a
-    :func:`lingraft.clock.now` time after which no further step starts.
-    Returns an :class:`AlphaResult`: the bounds and slopes are those of the last pass that raised some sample's
-    bound. Samples CROWN already proves are not optimised at all.
+    :func:`lingraft.clock.now` time after which no further step starts. early_stop=False: every sample is
+    optimised for all iterations, proved or not (as auto_LiRPA does; for comparisons).
+    Returns an :class:`AlphaResult`: the tightest intermediate bounds of all passes, and the slopes of the last
+    pass that raised some sample's bound. Samples CROWN already proves are not optimised at all.
     """
     C_out, inp, bounds = problem
     scale = torch.zeros_like(crown_lower[:, :1]) if proof_scale is None else proof_scale.to(crown_lower)
-    done = _Done(scale, target, deadline)
+    done = _Done(scale, target, deadline, early_stop)
     todo = torch.nonzero(~done(crown_lower), as_tuple=True)[0]
     B, S = crown_lower.shape
     if iterations <= 0 or todo.numel() == 0:
@@ -110,14 +113,17 @@ class _Done:
     """When a sample needs no more optimisation: every row of its lower bound clears the proof margin at scale
     |lower| + scale [B, 1], or exceeds target [B, S] when one is given; no step starts after the deadline."""
 
-    def __init__(self, scale: Tensor, target: Tensor | None, deadline: float | None):
-        self.scale, self.target, self.deadline = scale, target, deadline
+    def __init__(self, scale: Tensor, target: Tensor | None, deadline: float | None, early_stop: bool = True):
+        self.scale, self.target, self.deadline, self.early_stop = scale, target, deadline, early_stop
 
     def __getitem__(self, idx: Tensor) -> _Done:
-        return _Done(self.scale[idx], None if self.target is None else self.target[idx], self.deadline)
+        target = None if self.target is None else self.target[idx]
+        return _Done(self.scale[idx], target, self.deadline, self.early_stop)
 
     def __call__(self, lower: Tensor) -> Tensor:
         """lower [B, S] -> [B] bool."""
+        if not self.early_stop:
+            return torch.zeros(lower.shape[0], dtype=torch.bool, device=lower.device)
         if self.target is not None:
             return (lower > self.target.to(lower)).all(1)
         return is_proved(lower, lower.abs() + self.scale).all(1)
@@ -133,18 +139,18 @@ def _optimize(net, C_out, inp: InputSet, bounds, crown_lower, iterations, lr, in
     final_alpha = _final_slopes(net, bounds, B, S)
     starts = _start_nodes(net, bounds) if intermediate else []
     best = crown_lower.detach().clone()
-    best_bounds = bounds
     best_slopes = {k: a["l"].detach().clone() for k, a in final_alpha.items()}
     if not (final_alpha or starts):  # no unstable ReLU: no slope to optimise
-        return best, best_bounds, best_slopes
+        return best, bounds, best_slopes
     opt: ProjectedAdam | None = None
+    ref = bounds  # the tightest intermediate bounds so far: every pass is intersected with them
     for it in range(iterations + 1):
-        cur = _tightened_bounds(net, starts, inp, bounds)
+        cur = _tightened_bounds(net, starts, inp, ref)
         lo, _ = net._backward(last, C_out, inp, cur, False, alphas=final_alpha)
+        ref = [None if b is None else (b[0].detach(), b[1].detach()) for b in cur]
         improved = (lo.detach() > best).any(1)  # [B]
         if bool(improved.any()):
             best = torch.maximum(best, lo.detach())
-            best_bounds = [None if b is None else (b[0].detach(), b[1].detach()) for b in cur]
             best_slopes = {k: a["l"].detach().clone() for k, a in final_alpha.items()}
         open_samples = ~done(best)  # [B]: some row not yet proved (early stop per sample)
         if it == iterations or not bool(open_samples.any()) or done.out_of_time():
@@ -153,7 +159,7 @@ def _optimize(net, C_out, inp: InputSet, bounds, crown_lower, iterations, lr, in
             params = [a["l"] for a in final_alpha.values()] + [p for st in starts for p in st.params()]
             opt = ProjectedAdam([ParamGroup(params, lr, 0.0, 1.0)])
         opt.step(-(lo * open_samples.unsqueeze(1)).sum())
-    return best, best_bounds, best_slopes
+    return best, ref, best_slopes  # ref: the tightest intermediate bounds of all passes
 
 
 def _final_slopes(net: BoundedNetwork, bounds: list, B: int, S: int, grad: bool = True) -> dict:

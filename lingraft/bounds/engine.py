@@ -171,12 +171,13 @@ class BoundedNetwork:
         C: Tensor | None = None,
         bound_upper: bool = True,
         alpha_iterations: int = 20,
-        alpha_lr: float = 0.1,
+        alpha_lr: float = 0.5,
         interm_bounds: dict | None = None,
         l2_center: Tensor | None = None,
         l2_eps: float | None = None,
         alpha_intermediate: bool = True,
         proof_scale: Tensor | None = None,
+        alpha_early_stop: bool = True,
     ) -> BoundResult:
         """Bounds of C @ f(x) for all x in [x_L, x_U].
 
@@ -188,7 +189,8 @@ class BoundedNetwork:
         alpha_intermediate: alpha-CROWN optimises a slope per (start node, unstable neuron) for every
         intermediate bound CROWN computes too (auto_LiRPA's default); False: the final specification's only.
         proof_scale [B, 1]: magnitude of the numbers behind each sample's bounds; alpha-CROWN stops on a sample
-        once its bounds clear the proof margin at that scale (:mod:`lingraft.bounds.tolerance`).
+        once its bounds clear the proof margin at that scale (:mod:`lingraft.bounds.tolerance`); with
+        alpha_early_stop=False every sample is optimised for all iterations (to compare with auto_LiRPA).
         """
         if method not in METHODS:
             raise UsageError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
@@ -223,6 +225,7 @@ class BoundedNetwork:
                 alpha_lr,
                 intermediate=alpha_intermediate,
                 proof_scale=proof_scale,
+                early_stop=alpha_early_stop,
             )
         res = BoundResult(lo, up if bound_upper else None)
         self._stats(res, bounds)
