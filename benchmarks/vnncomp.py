@@ -28,7 +28,13 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from lingraft.verify.core import verify_property  # noqa: E402
-from lingraft.verify.runner import is_wrong, summarize, verify_instances  # noqa: E402
+from lingraft.verify.runner import (  # noqa: E402
+    expected_verdict,
+    is_wrong,
+    load_expected,
+    summarize,
+    verify_instances,
+)
 
 SHARED = REPO.parent / "shared" / "vnncomp"
 TEST_EXPECTED = {
@@ -49,30 +55,17 @@ def abcrown_median(folder: Path) -> float | None:
     return statistics.median(times) if times else None
 
 
-def known_verdicts(folder: Path) -> set[tuple[str, str]]:
-    """(onnx file name, vnnlib file name) of the instances whose expected.csv consensus is sat or unsat."""
-    p = folder / "expected.csv"
-    if not p.is_file():
-        return set()
-    with open(p, newline="") as f:
-        return {
-            (Path(r["onnx"]).name, Path(r["vnnlib"]).name)
-            for r in csv.DictReader(f)
-            if r.get("consensus") in ("sat", "unsat")
-        }
-
-
 def capped_runner(timeout: float | None, limit: int | None, known_only: bool = False):
     """An InstanceRunner for verify_instances: runs here, one after another, only the first ``limit`` instances
     of the CSV (all when None), each with its timeout capped at ``timeout`` seconds (as given when None);
     known_only: only the instances with a consensus verdict (sat / unsat) in expected.csv."""
 
     def run(folder, instances, finish, verify_kw):
-        known = known_verdicts(folder) if known_only else set()
+        expected = load_expected(folder) if known_only else {}
         for inst in instances:
             if limit is not None and inst.n > limit:
                 continue
-            if known_only and (Path(inst.onnx).name, Path(inst.vnnlib).name) not in known:
+            if known_only and expected_verdict(expected, inst.onnx, inst.vnnlib) not in ("sat", "unsat"):
                 continue
             if timeout is not None and inst.timeout > timeout:
                 inst = dataclasses.replace(inst, timeout=float(timeout))

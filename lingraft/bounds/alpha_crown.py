@@ -85,7 +85,7 @@ def optimize_alpha(
     todo = torch.nonzero(~done(crown_lower), as_tuple=True)[0]
     B, S = crown_lower.shape
     if iterations <= 0 or todo.numel() == 0:
-        return AlphaResult(crown_lower.detach().clone(), bounds, _final_slopes(net, bounds, B, S, grad=False))
+        return AlphaResult(crown_lower.detach().clone(), bounds, crown_slopes(net, bounds, B, S, grad=False))
     if todo.numel() == B:
         return AlphaResult(*_optimize(net, C_out, inp, bounds, crown_lower, iterations, lr, intermediate, done))
     sub = [None if b is None else (b[0][todo], b[1][todo]) for b in bounds]
@@ -102,7 +102,7 @@ def optimize_alpha(
             lo_b, up_b = b[0].clone(), b[1].clone()
             lo_b[todo], up_b[todo] = t
             out.append((lo_b, up_b))
-    slopes = _final_slopes(net, out, B, S, grad=False)
+    slopes = crown_slopes(net, out, B, S, grad=False)
     for k, a in sub_slopes.items():
         if k in slopes:
             slopes[k][todo] = a
@@ -136,7 +136,7 @@ def _optimize(net, C_out, inp: InputSet, bounds, crown_lower, iterations, lr, in
     """:func:`optimize_alpha` on samples that all need it."""
     B, S = C_out.shape[:2]
     last = len(net.nodes) - 1
-    final_alpha = _final_slopes(net, bounds, B, S)
+    final_alpha = crown_slopes(net, bounds, B, S)
     starts = _start_nodes(net, bounds) if intermediate else []
     best = crown_lower.detach().clone()
     best_slopes = {k: a["l"].detach().clone() for k, a in final_alpha.items()}
@@ -162,9 +162,10 @@ def _optimize(net, C_out, inp: InputSet, bounds, crown_lower, iterations, lr, in
     return best, ref, best_slopes  # ref: the tightest intermediate bounds of all passes
 
 
-def _final_slopes(net: BoundedNetwork, bounds: list, B: int, S: int, grad: bool = True) -> dict:
-    """{ReLU node: {"l": [B, S, *shape]}} from CROWN's choice, for ReLUs with an unstable neuron (leaves that
-    require grad); grad=False: {ReLU node: [B, S, *shape]} plain tensors."""
+def crown_slopes(net: BoundedNetwork, bounds: list, B: int, S: int, grad: bool = True) -> dict:
+    """The specification's lower slopes as CROWN chooses them, for every op with slopes (``has_alpha``) that has an
+    unstable neuron under ``bounds``: {node: {"l": [B, S, *shape]}} as leaves that require grad (alpha-CROWN's and
+    beta-CROWN's starting point); grad=False: {node: [B, S, *shape]} plain tensors."""
     alphas: dict = {}
     for k, nd in enumerate(net.nodes):
         if nd.op is not None and nd.op.has_alpha and bounds[nd.inputs[0]] is not None:

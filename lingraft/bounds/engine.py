@@ -307,30 +307,14 @@ class BoundedNetwork:
         autolirpa mode: auto_LiRPA 0.3's rule - CROWN for the reference-unstable rows (union over the batch)
         without intersection, or for all rows when more than 90% are unstable.
         """
-        nd = self.nodes[i]
+        if self.mode == "tight":
+            return self.crown_unstable_pairs(i, inp, bounds, ref_l, ref_u, deadline)
         B = inp.batch
-        n = int(math.prod(nd.shape))
-        needed = self._needed.get(i)
-        needed = torch.arange(n, device=self.device) if needed is None else needed.to(self.device)
+        n = int(math.prod(self.nodes[i].shape))
+        needed = self.needed_rows(i)
         lo = ref_l.reshape(B, n).clone()
         up = ref_u.reshape(B, n).clone()
         chain = self._chain(i)
-        tight = self.mode == "tight"
-        if tight:
-            # pair mode: bound only the (sample, neuron) pairs that the reference leaves unstable
-            unst = (lo[:, needed] < 0) & (up[:, needed] > 0)  # [B, n_needed]
-            b_idx, col = torch.nonzero(unst, as_tuple=True)
-            if b_idx.numel() == 0:
-                return lo.reshape(ref_l.shape), up.reshape(ref_u.shape)
-            pair_rows = needed[col]
-            chunk = self._chunk_size(i, 1, pair_rows.numel()) if chain is None else max(1, min(pair_rows.numel(), 8192))
-            for s in range(0, pair_rows.numel(), chunk):
-                check_deadline(deadline)
-                r, bi = pair_rows[s : s + chunk], b_idx[s : s + chunk]
-                l_r, u_r = self.bound_pairs(i, r, bi, inp, bounds)
-                lo[bi, r] = torch.maximum(lo[bi, r], l_r)
-                up[bi, r] = torch.minimum(up[bi, r], u_r)
-            return lo.reshape(ref_l.shape), up.reshape(ref_u.shape)
         unst = ((lo[:, needed] < 0) & (up[:, needed] > 0)).any(0)
         rows = needed[unst]
         if rows.numel() > 0.9 * n:
@@ -346,6 +330,29 @@ class BoundedNetwork:
                 l_r, u_r = self._backward(i, None, inp, bounds, True, rows=r)
             lo[:, r] = l_r
             up[:, r] = u_r
+        return lo.reshape(ref_l.shape), up.reshape(ref_u.shape)
+
+    def crown_unstable_pairs(self, i: int, inp: InputSet, bounds: list, ref_l: Tensor, ref_u: Tensor, deadline=None):
+        """CROWN bounds of the (sample, needed neuron) pairs of node i that the reference interval ref_l, ref_u
+        ([B, *shape]) leaves unstable, intersected with it (both are sound); the other neurons keep the reference
+        (a stable neuron's relaxation does not depend on its bound values). bounds: every earlier node's."""
+        B = inp.batch
+        n = int(math.prod(self.nodes[i].shape))
+        needed = self.needed_rows(i)
+        lo = ref_l.reshape(B, n).clone()
+        up = ref_u.reshape(B, n).clone()
+        b_idx, col = torch.nonzero((lo[:, needed] < 0) & (up[:, needed] > 0), as_tuple=True)  # pair mode
+        if b_idx.numel() == 0:
+            return lo.reshape(ref_l.shape), up.reshape(ref_u.shape)
+        pair_rows = needed[col]
+        P = pair_rows.numel()
+        chunk = self._chunk_size(i, 1, P) if self._chain(i) is None else max(1, min(P, 8192))
+        for s in range(0, P, chunk):
+            check_deadline(deadline)
+            r, bi = pair_rows[s : s + chunk], b_idx[s : s + chunk]
+            l_r, u_r = self.bound_pairs(i, r, bi, inp, bounds)
+            lo[bi, r] = torch.maximum(lo[bi, r], l_r)
+            up[bi, r] = torch.minimum(up[bi, r], u_r)
         return lo.reshape(ref_l.shape), up.reshape(ref_u.shape)
 
     def _chain(self, i: int):
@@ -454,6 +461,12 @@ class BoundedNetwork:
         inp = InputSet(x_L, x_U).to(self.device)
         with torch.no_grad():
             return self._intermediate_bounds(inp, self.ibp_all(inp.lower, inp.upper), interm_bounds, deadline)
+
+    def bounded_nodes(self) -> list[int]:
+        """Indices of the nodes :meth:`intermediate_bounds` fills: the input, the nodes that cut the backward pass
+        and the nodes whose bounds a nonlinear op needs."""
+        cut = [i for i, nd in enumerate(self.nodes) if getattr(nd.op, "cuts_backward", False)]
+        return sorted({0, *cut, *self._needed})
 
     def crown_nodes(self) -> list[int]:
         """Indices of the nodes whose bounds CROWN computes (needed by a nonlinear op, not IBP-exact), in order."""

@@ -135,7 +135,7 @@ def forward_memory_bytes(net: BoundedNetwork, batch: int = 1) -> int:
     for i, nd in enumerate(net.nodes):
         size = per * int(math.prod(nd.shape))
         live[i] = 2 * size
-        peak = max(peak, sum(live.values()) + (4 * size if isinstance(nd.op, ReLUOp) else 0))
+        peak = max(peak, sum(live.values()) + (4 * size if nd.op is not None and nd.op.splittable else 0))
         for j in nd.inputs:
             remaining[j] -= 1
             if remaining[j] <= 0:
@@ -153,16 +153,9 @@ def _use_counts(net: BoundedNetwork) -> list[int]:
 
 
 def engine_bound_nodes(net: BoundedNetwork) -> list[int]:
-    """Node indices whose bounds :meth:`BoundedNetwork.intermediate_bounds` fills: the input, the inputs of
-    nonlinear ops (except fully grafted ReLUs, which need none) and nodes that cut the backward pass."""
-    keep = {0}
-    for i, nd in enumerate(net.nodes[1:], start=1):
-        op = nd.bound_op
-        if getattr(op, "cuts_backward", False):
-            keep.add(i)
-        if op.nonlinear and not (isinstance(op, ReLUOp) and op.fully_grafted):
-            keep.update(nd.inputs)
-    return sorted(keep)
+    """Node indices whose bounds :meth:`BoundedNetwork.intermediate_bounds` fills (see
+    :meth:`BoundedNetwork.bounded_nodes`)."""
+    return net.bounded_nodes()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -217,32 +210,14 @@ def forward_crown_bounds(
     x_U = x_U.to(net.device, torch.float32)
     keep = set(engine_bound_nodes(net))
     todo = set(net.crown_nodes() if crown_nodes is None else crown_nodes)
+    inp = InputSet(x_L, x_U)
 
     def refine(i: int, lo: Tensor, up: Tensor, bounds: list, exact: bool) -> Bounds:
         # an exact affine image of the box has exact concretized bounds: nothing to refine
-        return _crown_refine(net, i, lo, up, x_L, x_U, bounds) if i in todo and not exact else (lo, up)
+        return net.crown_unstable_pairs(i, inp, bounds, lo, up) if i in todo and not exact else (lo, up)
 
     with torch.no_grad():
         return _run(net, x_L, x_U, interm_bounds or {}, keep, max(keep), refine)
-
-
-def _crown_refine(net: BoundedNetwork, i: int, lo: Tensor, up: Tensor, x_L, x_U, bounds: list) -> Bounds:
-    """Backward CROWN bounds for the needed neurons of node i that lo, up ([B, *shape]) leave unstable, intersected
-    with lo, up; bounds: every earlier node's (lower, upper)."""
-    B = lo.shape[0]
-    rows = net.needed_rows(i)
-    lo, up = lo.reshape(B, -1).clone(), up.reshape(B, -1).clone()
-    b_idx, col = torch.nonzero((lo[:, rows] < 0) & (up[:, rows] > 0), as_tuple=True)
-    pair_rows = rows[col]
-    biggest = max(int(math.prod(nd.shape)) for nd in net.nodes[: i + 1])
-    chunk = max(1, min(8192, int(net.memory_budget // (biggest * 4 * 6))))
-    for s in range(0, pair_rows.numel(), chunk):
-        r, bi = pair_rows[s : s + chunk], b_idx[s : s + chunk]
-        l_r, u_r = net.bound_pairs(i, r, bi, InputSet(x_L, x_U), bounds)
-        lo[bi, r] = torch.maximum(lo[bi, r], l_r)
-        up[bi, r] = torch.minimum(up[bi, r], u_r)
-    shape = net.nodes[i].shape
-    return lo.reshape(B, *shape), up.reshape(B, *shape)
 
 
 def _run(net: BoundedNetwork, x_L: Tensor, x_U: Tensor, interm: dict, keep: set, last: int, refine=None) -> list:
@@ -403,12 +378,7 @@ def _step_maxpool(op: MaxPoolOp, ins, refs, ibp) -> LinearBounds:
     lo, up = refs[0]
     B, C, H, W = lo.shape
     Ho, Wo = op.out_shape[1:]
-    lw, uw = op._windows(lo), op._windows(up)  # [B, C, K, L]
-    jstar = lw.max(2).indices  # [B, C, L]
-    umax = uw.max(2).values
-    exact = lw.gather(2, jstar.unsqueeze(2)).squeeze(2) >= uw.scatter(2, jstar.unsqueeze(2), -math.inf).max(2).values
-    L = torch.arange(Ho * Wo, device=lo.device)
-    flat = ((L // Wo) * op.s[0] + jstar // op.k[1]) * W + (L % Wo) * op.s[1] + jstar % op.k[1]  # [B, C, L]
+    flat, exact, umax = op.choice(lo, up)  # the engine's relaxation: [B, C, L], [B, C, Ho, Wo] x2
     m = x.mid.shape[1]
     idx = flat.unsqueeze(1).expand(B, m, C, Ho * Wo)
 

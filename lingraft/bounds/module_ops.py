@@ -141,10 +141,3 @@ def identity(m: nn.Module, t, in_shape, out_shape) -> None:
 def opaque(m: nn.Module, t, in_shape, out_shape) -> BoundOp:
     """A module with ``interval_bounds(lower, upper)``: bounded by that method only."""
     return OpaqueOp(m)
-
-
-def module_op(m: nn.Module, name: str, in_shape: tuple, out_shape: tuple) -> BoundOp | None:
-    """The operator computing module ``m``: see :func:`lingraft.bounds.registry.module_op` (kept for importers)."""
-    from lingraft.bounds.registry import module_op as registry_module_op  # the registry imports this module
-
-    return registry_module_op(m, name, in_shape, out_shape)

@@ -21,22 +21,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lingraft.bounds.input_set import InputSet
-from lingraft.bounds.ops.base import BoundOp
-
-
-class Patches:
-    """Coefficients of R bound rows: values [B, R, C, kh, kw] at top-left (y0 [R], x0 [R]) in a node's plane."""
-
-    def __init__(self, values: Tensor, y0: Tensor, x0: Tensor):
-        self.values, self.y0, self.x0 = values, y0, x0
-
-    @property
-    def kh(self):
-        return self.values.shape[-2]
-
-    @property
-    def kw(self):
-        return self.values.shape[-1]
 
 
 class PatchPass:
@@ -134,17 +118,6 @@ def valid_mask(y0, x0, kh, kw, H, W, device):
     return (vy.unsqueeze(2) & vx.unsqueeze(1)).unsqueeze(1).float()
 
 
-def start_patches(op: BoundOp, rows: Tensor, batch: int) -> tuple[Patches, Tensor]:
-    """Patches of the selected output neurons of ``op`` (flat indices; an op that starts patches), at its input.
-    Bias [1, R]. The values [1, R, C, kh, kw] are shared by the batch until a ReLU multiplies them."""
-    vals, y0, x0, bias = op.patch_start(rows)
-    return Patches(vals, y0, x0), bias
-
-
-def _sum(P: Tensor) -> Tensor:
-    return P.flatten(2).sum(-1)
-
-
 def backward_patches(
     nodes,
     start: int,
@@ -167,9 +140,10 @@ def backward_patches(
     node k's value -> (lower, upper) [B', R] of what lies below (the engine's dense pass, concretized).
     """
     B = inp.batch if b_idx is None else 1
-    P, bias = start_patches(nodes[start].bound_op, rows, B)
+    # the start op's kernels [1, R, C, kh, kw], shared by the batch until a ReLU multiplies them
+    vals, y0, x0, bias = nodes[start].bound_op.patch_start(rows)
     lb = bias.expand(B, -1).clone()
-    pp = PatchPass(nodes, bounds, P.values, P.values, lb, lb.clone(), P.y0, P.x0, b_idx, alpha, inp.batch)
+    pp = PatchPass(nodes, bounds, vals, vals, lb, lb.clone(), y0, x0, b_idx, alpha, inp.batch)
     for k in chain:
         nd = nodes[k]
         C, H, W = nd.shape

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from lingraft.bounds import BoundedNetwork
-from lingraft.bounds.alpha_crown import optimize_alpha
+from lingraft.bounds.alpha_crown import crown_slopes, optimize_alpha
 from lingraft.bounds.input_set import InputSet
 from lingraft.bounds.ops.base import BoundOp
 from lingraft.bounds.optimizer import ParamGroup, ProjectedAdam
@@ -139,11 +139,11 @@ def bound_domains(
         bounds = net.intermediate_bounds(x_L, x_U, interm_bounds=split_clamps(net, splits), deadline=deadline)
     infeasible = infeasible_domains(net, bounds, B)
     C_out = C.reshape(B, S, *net.out_shape)
-    alphas = _initial_alphas(net, bounds, B, S, alpha_init) if iterations > 0 else {}
-    betas = _initial_betas(net, splits, B, S) if iterations > 0 and splits else {}
     w = torch.ones(B, S, device=dev) if row_weight is None else row_weight.to(dev, torch.float32)
     with torch.no_grad():
         best, _ = net.backward_bound(C_out, x_L, x_U, bounds, alphas=None)
+    alphas: dict = {}
+    betas = _initial_betas(net, splits, B, S) if iterations > 0 and splits else {}
     optimized = False
     if intermediate_alpha and iterations > 0 and not splits:
         # alpha-CROWN on every layer; its final slopes are the result (no second, final-layer-only optimisation)
@@ -153,12 +153,14 @@ def bound_domains(
         best, bounds = torch.maximum(best, found.lower), found.bounds
         alphas = {k: {"l": a} for k, a in found.slopes.items()}
         optimized = bool(alphas)
-    elif iterations > 0 and (alphas or betas):
-        problem = (C_out, x_L, x_U, bounds)
-        best = _optimize_alpha_beta(
-            net, problem, alphas, betas, best, w, iterations, lr_alpha, lr_beta, target, deadline
-        )
-        optimized = True
+    elif iterations > 0:
+        alphas = _initial_alphas(net, bounds, B, S, alpha_init)
+        if alphas or betas:
+            problem = (C_out, x_L, x_U, bounds)
+            best = _optimize_alpha_beta(
+                net, problem, alphas, betas, best, w, iterations, lr_alpha, lr_beta, target, deadline
+            )
+            optimized = True
     store: dict = {}
     if record_lA or optimized:
         # one more pass with the final slopes (its bound counts too), recording the ReLU coefficients if asked
@@ -186,20 +188,11 @@ def _initial_alphas(
     net: BoundedNetwork, bounds: list, B: int, S: int, alpha_init: dict[int, Tensor] | None
 ) -> dict[int, dict[str, Tensor]]:
     """Trainable lower slopes {ReLU node: {"l": [B, S, *shape]}} for the ReLUs with unstable neurons: the warm
-    start where given, else the CROWN relaxation's slopes."""
-    alphas: dict[int, dict[str, Tensor]] = {}
-    for k, pre in net.relu_input_nodes().items():
-        if bounds[pre] is None:
-            continue
-        _, _, l_slope, unstable = relu_op(net, k).relaxation(*bounds[pre])
-        if not bool(unstable.any()):
-            continue
+    start where given, else CROWN's slopes (:func:`lingraft.bounds.alpha_crown.crown_slopes`)."""
+    alphas = crown_slopes(net, bounds, B, S)
+    for k in alphas:
         if alpha_init is not None and k in alpha_init:
-            a = alpha_init[k].to(net.device).clone()
-        else:
-            a = l_slope.unsqueeze(1).expand(B, S, *l_slope.shape[1:]).clone()
-        a.requires_grad_(True)
-        alphas[k] = {"l": a}
+            alphas[k] = {"l": alpha_init[k].to(net.device).clone().requires_grad_(True)}
     return alphas
 
 

@@ -119,9 +119,15 @@ def instance_tag(folder: Path, n: int, total: int, onnx: str, vnnlib: str) -> st
     return f"[{n}/{total}] {folder.name} {Path(onnx).name} {Path(vnnlib).name}"
 
 
+def expected_verdict(expected: dict, onnx: str, vnnlib: str) -> str | None:
+    """The consensus of instance (onnx, vnnlib) in ``expected`` (from :func:`load_expected`; paths may hold folders
+    and a .gz suffix), or None when expected.csv does not list it."""
+    return expected.get((_base(onnx), _base(vnnlib)))
+
+
 def instance_record(folder: Path, onnx: str, vnnlib: str, tmo: float, res: VerifyResult, expected: dict) -> dict:
     """The results-file record of one verified instance."""
-    exp = expected.get((_base(onnx), _base(vnnlib)))
+    exp = expected_verdict(expected, onnx, vnnlib)
     rec = {
         "benchmark": folder.name,
         "onnx": onnx,

@@ -45,11 +45,13 @@ class MaxPoolOp(BoundOp):
             t = F.pad(t, (self.p[1], right, self.p[0], bottom), value=float("-inf"))
         return F.unfold(t, self.k, stride=self.s).reshape(B, C, self.k[0] * self.k[1], -1)
 
-    def backward(self, lA, uA, input_bounds, **kw):
-        lo, up = input_bounds[0]
+    def choice(self, lo: Tensor, up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The relaxation's choice per window from the input bounds lo, up [B, C, H, W]: (flat [B, C, Ho*Wo] input
+        index of x_j*, the input of largest lower bound; exact [B, C, Ho, Wo]: x_j*'s lower bound is at least every
+        other input's upper bound, so out = x_j*; umax [B, C, Ho, Wo]: the largest upper bound)."""
         B, C, H, W = lo.shape
         Ho, Wo = self.out_shape[1:]
-        kh, kw = self.k
+        kw = self.k[1]
         lw, uw = self._windows(lo), self._windows(up)  # [B, C, K, L]
         # j* among the inputs only: an input's lower bound of -inf must not tie with the padding's -inf
         jstar = lw.clamp(min=torch.finfo(lw.dtype).min).max(2).indices  # [B, C, L]
@@ -61,9 +63,13 @@ class MaxPoolOp(BoundOp):
         L = torch.arange(Ho * Wo, device=lo.device)
         row = (L // Wo) * self.s[0] + jstar // kw - self.p[0]
         col = (L % Wo) * self.s[1] + jstar % kw - self.p[1]
-        flat = row * W + col  # [B, C, L] input index of x_j*
-        umax = umax.reshape(B, C, Ho, Wo)
-        exact = exact.reshape(B, C, Ho, Wo)
+        return row * W + col, exact.reshape(B, C, Ho, Wo), umax.reshape(B, C, Ho, Wo)
+
+    def backward(self, lA, uA, input_bounds, **kw):
+        lo, up = input_bounds[0]
+        B, C, H, W = lo.shape
+        Ho, Wo = self.out_shape[1:]
+        flat, exact, umax = self.choice(lo, up)
 
         def to_input(coef):  # coef [B, S, C, Ho, Wo] on x_j* -> [B, S, C, H, W]
             S = coef.shape[1]
