@@ -214,3 +214,11 @@ def test_cifar_biasfield_8_attack_finds_a_confirmed_counterexample():
 @pytest.mark.vnncomp
 def test_cifar_biasfield_8_is_sat():
     _check_verdict(*BIASFIELD_8, "sat", timeout=600, max_rounds=5)
+
+
+@pytest.mark.slow
+@pytest.mark.vnncomp
+def test_cifar_biasfield_0_is_unsat_by_input_splitting():
+    """16 inputs: auto mode splits the input box; the children start from the root's intermediate bounds (about
+    25 s of one CPU thread; work bounded by rounds)."""
+    _check_verdict("cifar_biasfield", "cifar_bias_field_0.onnx", "prop_0.vnnlib", "unsat", timeout=600, max_rounds=6)

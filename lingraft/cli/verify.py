@@ -52,7 +52,7 @@ EXIT_MARGIN_S = 1.0
     "--split",
     type=click.Choice(["auto", "input", "relu"]),
     default="auto",
-    help="Branching: input splitting (<= 10 inputs in auto), ReLU splitting otherwise.",
+    help="Branching: input splitting (<= 16 inputs in auto), ReLU splitting otherwise.",
 )
 @click.option(
     "--prepare",

@@ -115,6 +115,7 @@ def bound_domains(
     target: Tensor | None = None,
     deadline: float | None = None,
     intermediate_alpha: bool = False,
+    ref_bounds: list | None = None,
 ) -> Bounded:
     """Bound C f(x) on B domains.
 
@@ -128,7 +129,9 @@ def bound_domains(
     raises :class:`lingraft.clock.DeadlineExceeded`; intermediate_alpha:
     first run alpha-CROWN with slopes for every intermediate bound (:mod:`lingraft.bounds.alpha_crown`; for the
     root, without splits): the tightened intermediate bounds are kept in the result, so a search that reuses
-    them (``base_bounds``) starts with fewer unstable neurons.
+    them (``base_bounds``) starts with fewer unstable neurons; ref_bounds: intermediate bounds known to hold on
+    the domains (list by node of [B, *shape] pairs or None; in input splitting, the parent boxes'): CROWN runs
+    only on the neurons they leave unstable and the result lies inside them (ignored with ``base_bounds``).
     """
     B, S = C.shape[:2]
     dev = net.device
@@ -136,7 +139,9 @@ def bound_domains(
     if base_bounds is not None:
         bounds = clamp_bounds(net, base_bounds, splits, B)
     else:
-        bounds = net.intermediate_bounds(x_L, x_U, interm_bounds=split_clamps(net, splits), deadline=deadline)
+        bounds = net.intermediate_bounds(
+            x_L, x_U, interm_bounds=split_clamps(net, splits), deadline=deadline, ref_bounds=ref_bounds
+        )
     infeasible = infeasible_domains(net, bounds, B)
     C_out = C.reshape(B, S, *net.out_shape)
     w = torch.ones(B, S, device=dev) if row_weight is None else row_weight.to(dev, torch.float32)

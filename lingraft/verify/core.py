@@ -48,7 +48,7 @@ from lingraft.verify.search import SearchOutcome
 from lingraft.verify.witness import confirm, float32_note
 
 #: networks with at most this many inputs are verified by input splitting
-INPUT_SPLIT_MAX_DIM = 10
+INPUT_SPLIT_MAX_DIM = 16
 STATUSES = ("unsat", "sat", "unknown", "timeout", "error")
 #: ReLU branch and bound recomputes every domain's intermediate bounds when the root CROWN pass takes less
 REFINE_MAX_CROWN_S = 0.05
@@ -147,7 +147,7 @@ def verify_property(
     otherwise) or an nn.Module (then ``in_shape`` or ``model.input_shape`` gives the per-sample input shape; it
     is put in eval mode and used on its own device unless ``device`` is given); prop: a VnnlibProperty or a
     VNN-LIB file path; timeout: wall-clock seconds for the whole call (loading included); split: "auto" (input
-    splitting for <= 10 inputs, ReLU splitting otherwise), "input" or "relu"; attack_time: seconds of the first
+    splitting for <= 16 inputs, ReLU splitting otherwise), "input" or "relu"; attack_time: seconds of the first
     counterexample search per region
     (default min(2 s, 5% of the timeout)); root/bab_iterations: alpha(-beta) optimization steps at the root /
     per branch-and-bound round; batch_size: domains per round (default 64 for ReLU, 512 for input splitting);
@@ -276,27 +276,29 @@ def _place_model(model: nn.Module, onnx_path: str | None, device: str | None) ->
     return model, dev
 
 
-def _settle_by_crown(run: _Run, specs: list[RegionSpec]) -> list[tuple[int, RegionSpec]] | None:
+def _settle_by_crown(run: _Run, specs: list[RegionSpec]) -> list[tuple[int, RegionSpec, Bounded, float]] | None:
     """Step 1: CROWN on every region (cheap; settles the easy regions before any attack time is spent).
-    -> the (index, spec) of the regions left open, or None when the deadline passed."""
+    -> (index, spec, CROWN result, its seconds) of the regions left open (the later steps reuse the result), or
+    None when the deadline passed."""
     todo = []
     for i, spec in enumerate(specs):
         if run.out_of_time():
             return None
         run.use_method("crown")
+        crown_watch = Stopwatch()
         res = bound_domains(run.net, spec.x_L, spec.x_U, spec.C.unsqueeze(0), iterations=0, deadline=run.deadline)
         run.stats["branches"] += 1
         if bool(spec.refuted(spec.lower_margin(res.lower)).all()):
             run.log(f"region {i}: unsat by CROWN")
             continue
-        todo.append((i, spec))
+        todo.append((i, spec, res, crown_watch.elapsed()))
     return todo
 
 
-def _quick_attack(run: _Run, todo: list[tuple[int, RegionSpec]], budget: float, seed: int):
+def _quick_attack(run: _Run, todo: list, budget: float, seed: int):
     """Step 2: a quick counterexample search (``budget`` seconds shared by the regions left).
     -> ("sat", counterexample), ("timeout", None), or None when nothing was found."""
-    for i, spec in todo:
+    for i, spec, *_ in todo:
         if run.out_of_time():
             return "timeout", None
         run.use_method("attack")
@@ -309,11 +311,12 @@ def _quick_attack(run: _Run, todo: list[tuple[int, RegionSpec]], budget: float, 
     return None
 
 
-def _decide_regions(run: _Run, todo: list[tuple[int, RegionSpec]], seed: int):
-    """Step 3: alpha-CROWN, then branch and bound, region by region. -> (status, counterexample or None)."""
+def _decide_regions(run: _Run, todo: list, seed: int):
+    """Step 3: alpha-CROWN, then branch and bound, region by region (todo: from :func:`_settle_by_crown`).
+    -> (status, counterexample or None)."""
     undecided = []
-    for i, spec in todo:
-        status, cex = _verify_region(run, spec, seed + 1000 * i)
+    for i, spec, crown, t_crown in todo:
+        status, cex = _verify_region(run, spec, seed + 1000 * i, crown, t_crown)
         run.log(f"region {i}: {status}")
         if status == "sat":
             return "sat", cex
@@ -324,17 +327,14 @@ def _decide_regions(run: _Run, todo: list[tuple[int, RegionSpec]], seed: int):
     return ("timeout" if "timeout" in undecided else "unknown"), None
 
 
-def _verify_region(run: _Run, spec: RegionSpec, seed: int):
-    """-> (status, counterexample or None) for one region."""
+def _verify_region(run: _Run, spec: RegionSpec, seed: int, crown: Bounded, t_crown: float):
+    """-> (status, counterexample or None) for one region; crown: its plain CROWN result, which took t_crown s."""
     if run.out_of_time():
         return "timeout", None
     if run.mode == "input":
-        return _input_bab(run, spec)
+        return _input_bab(run, spec, crown)
     C = spec.C.unsqueeze(0)
-    crown_watch = Stopwatch()
-    res = bound_domains(run.net, spec.x_L, spec.x_U, C, iterations=0, deadline=run.deadline)
-    t_crown = crown_watch.elapsed()
-    ref = spec.refuted(spec.lower_margin(res.lower))
+    ref = spec.refuted(spec.lower_margin(crown.lower))
     run.use_method("alpha-crown")
     rw = (~ref)[:, spec.group].float()
     res = bound_domains(
@@ -358,9 +358,9 @@ def _verify_region(run: _Run, spec: RegionSpec, seed: int):
     return _relu_bab(run, spec, res, seed, refine=t_crown < REFINE_MAX_CROWN_S)
 
 
-def _input_bab(run: _Run, spec: RegionSpec):
-    """Input-splitting branch and bound of one region. -> (status, counterexample or None)."""
-    out = InputBaB(**_search_args(run, spec)).run()
+def _input_bab(run: _Run, spec: RegionSpec, root: Bounded):
+    """Input-splitting branch and bound of one region from its CROWN result. -> (status, counterexample or None)."""
+    out = InputBaB(**_search_args(run, spec)).run(root)
     _book_search(run, out)
     run.use_method("crown" if out.branches <= 1 else "bab-input")
     return out.status, out.counterexample

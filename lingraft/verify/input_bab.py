@@ -6,6 +6,10 @@ lower bound ``a . x + c`` of the box's worst open row, dimension d gets the scor
 of the bound's looseness comes from that side of the box). The bound's minimizer ``x* = where(a > 0, x_L, x_U)``
 and the box centre are evaluated concretely every round, so counterexamples show up as the boxes shrink.
 
+Each sub-box starts from its parent's intermediate bounds (valid on every sub-box): CROWN runs only on the
+neurons those leave unstable, and a child's bounds lie inside its parent's. On cifar_biasfield (16
+inputs, 8 convolutions) that cuts a child's CROWN pass to a fraction of the root's.
+
 Soundness: the region is safe only when every sub-box is refuted (each conjunction has a row whose lower-bound
 margin clears the proof margin, see :meth:`RegionSpec.refuted`); the boxes always cover the region's
 outward-rounded box exactly.
@@ -21,11 +25,13 @@ from torch import Tensor
 
 from lingraft.clock import Stopwatch
 from lingraft.spec.region import group_max
-from lingraft.verify.bounding import bound_domains, input_coefficients
+from lingraft.verify.bounding import Bounded, bound_domains, input_coefficients
 from lingraft.verify.search import BranchAndBound, SearchOutcome, queue_overflowed, worst_rows
 
 #: the search gives up (``unknown``) when more sub-boxes than this wait in the queue
 MAX_BOXES = 2_000_000
+#: queued boxes keep their intermediate bounds (for their children) while these take at most this many bytes
+MAX_KEPT_BOUND_BYTES = 1 << 30
 
 
 class InputBaB(BranchAndBound):
@@ -35,8 +41,9 @@ class InputBaB(BranchAndBound):
     BATCH_SIZE = 512
     ITERATIONS = 0
 
-    def _bound(self, x_L: Tensor, x_U: Tensor, open_p: Tensor):
-        """Bound B boxes: returns (margins [B, S], open groups [B, G], split dim [B], candidates [2B, *in])."""
+    def _bound(self, x_L: Tensor, x_U: Tensor, open_p: Tensor, ref_bounds: list | None = None):
+        """Bound B boxes (ref_bounds: bounds known to hold on them, see :func:`bound_domains`). Returns (margins
+        [B, S], open groups [B, G], split dim [B], candidates [2B, *in], intermediate bounds)."""
         spec = self.spec
         B = x_L.shape[0]
         C = spec.C.unsqueeze(0).expand(B, -1, -1)
@@ -50,7 +57,15 @@ class InputBaB(BranchAndBound):
             row_weight=rw,
             target=spec.target(),
             deadline=self.deadline,
+            ref_bounds=ref_bounds,
         )
+        return self._assess(res, x_L, x_U, open_p)
+
+    def _assess(self, res: Bounded, x_L: Tensor, x_U: Tensor, open_p: Tensor):
+        """Margins, open groups, split dimensions and candidate points of B bounded boxes (see :meth:`_bound`)."""
+        spec = self.spec
+        B = x_L.shape[0]
+        C = spec.C.unsqueeze(0).expand(B, -1, -1)
         m = spec.lower_margin(res.lower)
         open_c = open_p & ~spec.refuted(m)
         rows = worst_rows(m, open_c, spec)
@@ -62,7 +77,7 @@ class InputBaB(BranchAndBound):
         dim = score.argmax(1)
         xstar = torch.where(a > 0, x_L, x_U)
         cands = torch.cat([xstar, (x_L + x_U) / 2])
-        return m, open_c, dim, cands
+        return m, open_c, dim, cands, res.bounds
 
     def _check(self, cands: Tensor):
         """Concrete evaluation of candidate points (clipped into the attack box); confirm the best violators."""
@@ -76,14 +91,19 @@ class InputBaB(BranchAndBound):
         order = torch.argsort(v)
         return self.confirm(x[order], v[order])
 
-    def run(self) -> SearchOutcome:
+    def run(self, root: Bounded | None = None) -> SearchOutcome:
+        """The search; root: the region's own box already bounded with plain CROWN (reused, not recomputed)."""
         spec, dev = self.spec, self.net.device
         out = SearchOutcome("unsat")
         counter = itertools.count()
         heap: list = []
         x_L, x_U = spec.x_L, spec.x_U
         open0 = torch.ones(1, spec.G, dtype=torch.bool, device=dev)
-        m, open_c, dim, cands = self._bound(x_L, x_U, open0)
+        if root is not None:
+            m, open_c, dim, cands, bounds = self._assess(root, x_L, x_U, open0)
+        else:
+            m, open_c, dim, cands, bounds = self._bound(x_L, x_U, open0)
+        kept = _BoundStore(self.net, bounds)
         out.branches = 1
         cex = self._check(cands)
         if cex is not None:
@@ -91,7 +111,9 @@ class InputBaB(BranchAndBound):
         if not bool(open_c.any()):
             return out
         pri = group_max(m, spec.group, spec.G).masked_fill(~open_c, float("inf")).min(1).values
-        heapq.heappush(heap, (float(pri[0]), next(counter), x_L[0], x_U[0], open_c[0], int(dim[0]), 0))
+        heapq.heappush(
+            heap, (float(pri[0]), next(counter), x_L[0], x_U[0], open_c[0], int(dim[0]), 0, kept.keep(bounds, 0, 0))
+        )
         per_box = 0.0  # seconds per popped box in the last round: predicts the next round's length
         while heap:
             if not self.may_start_round(out, per_box, len(heap)):
@@ -100,7 +122,8 @@ class InputBaB(BranchAndBound):
             items = [heapq.heappop(heap) for _ in range(min(self.batch_size, len(heap)))]
             lo2, up2, op2, depth = self._bisect(items)
             n = len(items)
-            m, open_c, dim, cands = self._bound(lo2, up2, op2)
+            parents = kept.release([it[7] for it in items])
+            m, open_c, dim, cands, bounds = self._bound(lo2, up2, op2, parents)
             out.branches += 2 * n
             out.rounds += 1
             cex = self._check(cands)
@@ -112,9 +135,8 @@ class InputBaB(BranchAndBound):
                 dep = depth.repeat(2) + 1
                 out.max_depth = max(out.max_depth, int(dep.max()))
                 for i in live.tolist():
-                    heapq.heappush(
-                        heap, (float(pri[i]), next(counter), lo2[i], up2[i], open_c[i], int(dim[i]), int(dep[i]))
-                    )
+                    entry = (float(pri[i]), next(counter), lo2[i], up2[i], open_c[i], int(dim[i]), int(dep[i]))
+                    heapq.heappush(heap, (*entry, kept.keep(bounds, i, len(heap))))
             round_time = round_watch.elapsed()
             per_box = round_time / n
             if queue_overflowed(out, heap, MAX_BOXES, round_time, self.log, "input-bab", "boxes", log_every=20):
@@ -123,8 +145,8 @@ class InputBaB(BranchAndBound):
 
     def _bisect(self, items: list) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Halve n popped boxes along their split dimensions. items: heap entries (priority, tiebreak, x_L, x_U,
-        open groups [G], split dim, depth). -> (x_L, x_U [2n, *in]: the lower halves, then the upper halves; open
-        groups [2n, G]; the parents' depths [n])."""
+        open groups [G], split dim, depth, kept bounds). -> (x_L, x_U [2n, *in]: the lower halves, then the upper
+        halves; open groups [2n, G]; the parents' depths [n])."""
         dev = self.net.device
         lo = torch.stack([it[2] for it in items])
         up = torch.stack([it[3] for it in items])
@@ -139,3 +161,37 @@ class InputBaB(BranchAndBound):
         up2[idx, d] = mid
         lo2[idx + n, d] = mid
         return lo2.reshape(2 * n, *lo.shape[1:]), up2.reshape(2 * n, *up.shape[1:]), op.repeat(2, 1), depth
+
+
+class _BoundStore:
+    """The intermediate bounds queued boxes keep for their children: per box, a copy of the bounded nodes'
+    (lower, upper) [*shape] (node 0, the box itself, excluded). Boxes queued while the copies would pass
+    MAX_KEPT_BOUND_BYTES keep none (their children start from interval bounds alone)."""
+
+    def __init__(self, net, bounds: list):
+        self.nodes = [j for j, b in enumerate(bounds) if j > 0 and b is not None]
+        self.shapes = {j: tuple(bounds[j][0].shape[1:]) for j in self.nodes}
+        per_box = sum(2 * 4 * int(torch.Size(self.shapes[j]).numel()) for j in self.nodes)
+        self.max_kept = MAX_KEPT_BOUND_BYTES // max(1, per_box)
+        self.n_nodes = len(bounds)
+        self.device = net.device
+
+    def keep(self, bounds: list, i: int, queued: int) -> dict | None:
+        """A copy of box i's bounds (from a batch's ``bounds``), or None past the memory cap."""
+        if queued >= self.max_kept:
+            return None
+        return {j: (bounds[j][0][i].clone(), bounds[j][1][i].clone()) for j in self.nodes if bounds[j] is not None}
+
+    def release(self, kept: list) -> list | None:
+        """Reference bounds of the 2n children of n popped boxes (lower halves, then upper halves, as
+        :meth:`InputBaB._bisect` orders them): list by node of [2n, *shape] pairs; a box that kept none gives
+        (-inf, inf). None when no box kept any."""
+        if all(k is None for k in kept):
+            return None
+        ref: list = [None] * self.n_nodes
+        for j in self.nodes:
+            inf = torch.full(self.shapes[j], float("inf"), device=self.device)
+            lo = torch.stack([-inf if k is None or j not in k else k[j][0] for k in kept])
+            up = torch.stack([inf if k is None or j not in k else k[j][1] for k in kept])
+            ref[j] = (lo.repeat(2, *[1] * len(self.shapes[j])), up.repeat(2, *[1] * len(self.shapes[j])))
+        return ref

@@ -288,6 +288,7 @@ class ReluBaB(BranchAndBound):
             splits=self.split_tensors(flat),
             iterations=self.iterations,
             base_bounds=None if self.refine else self.base_bounds,
+            ref_bounds=self._root_ref(B) if self.refine else None,
             alpha_init=None if alpha_init is None else {k: v[:, rows] for k, v in alpha_init.items()},
             row_weight=rw[:, rows],
             record_lA=True,
@@ -312,6 +313,16 @@ class ReluBaB(BranchAndBound):
             open_groups=open_c,
             live=torch.nonzero(~done).flatten(),
         )
+
+    def _root_ref(self, B: int) -> list | None:
+        """The root's intermediate bounds (alpha-CROWN's, valid on every domain) for B domains: a refined domain
+        runs CROWN only where they leave a neuron unstable, and its bounds lie inside the root's."""
+        if self.base_bounds is None:
+            return None
+        return [
+            None if b is None else (b[0].expand(B, *b[0].shape[1:]), b[1].expand(B, *b[1].shape[1:]))
+            for b in self.base_bounds
+        ]
 
     def _alphas_on_all_rows(
         self, alphas: dict[int, Tensor], alpha_init: dict[int, Tensor] | None, rows: Tensor, B: int

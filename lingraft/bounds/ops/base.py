@@ -115,6 +115,11 @@ class BoundOp:
         """One step of the patch-mode pass through node ``k`` (patchable): updates the patches and biases in ``pp``."""
         raise NotImplementedError(f"{type(self).__name__} has no patch-mode backward")
 
+    def patch_size(self, kh: int, kw: int) -> tuple[int, int]:
+        """Size of a patch at this op's input when it is kh x kw at its output (patchable or starts_patches ops;
+        a start op's kernel is ``patch_size(1, 1)``). The engine uses it to choose the cheaper pass."""
+        return kh, kw
+
     def to(self, device) -> BoundOp:
         for k, v in list(vars(self).items()):
             if isinstance(v, Tensor):

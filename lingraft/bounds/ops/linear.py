@@ -145,6 +145,10 @@ class ConvOp(AffineMapOp):
         pp.y0 = pp.y0 * self.stride[0] - self.padding[0]
         pp.x0 = pp.x0 * self.stride[1] - self.padding[1]
 
+    def patch_size(self, kh, kw):
+        k = self.weight.shape[2:]
+        return (kh - 1) * self.stride[0] + int(k[0]), (kw - 1) * self.stride[1] + int(k[1])
+
     def _patch_back(self, P: Tensor) -> Tensor:
         """[B, R, C_out, kh, kw] -> [B, R, C_in, (kh-1)*s + k, (kw-1)*s + k]."""
         Bp, R, _, kh, kw = P.shape

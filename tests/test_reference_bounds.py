@@ -1,0 +1,171 @@
+"""Reference bounds and the patch/dense choice: what input splitting and refined branch and bound rest on.
+
+A box inside a bounded box inherits the outer box's intermediate bounds (``ref_bounds``): CROWN then runs only on
+the neurons they leave unstable, the result lies inside the reference, and stays sound. The engine takes the
+patch pass only where patches stay smaller than their planes; both passes give the same bounds.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lingraft.bounds import BoundedNetwork
+from lingraft.verify.bounding import bound_domains, split_clamps
+
+torch.set_num_threads(1)
+
+
+class _FieldNet(nn.Module):
+    """cifar_biasfield in miniature: a few coefficients -> Linear -> image -> convs -> logits."""
+
+    def __init__(self, n_in: int = 4, hw: int = 8):
+        super().__init__()
+        self.hw = hw
+        self.lin = nn.Linear(n_in, 3 * hw * hw)
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(8 * (hw // 2) ** 2, 5),
+        )
+
+    def forward(self, x):
+        return self.body(self.lin(x).reshape(-1, 3, self.hw, self.hw))
+
+
+def _net(seed: int = 0):
+    torch.manual_seed(seed)
+    model = _FieldNet().eval()
+    return model, BoundedNetwork(model, (4,))
+
+
+def _count_pairs(net: BoundedNetwork) -> list[int]:
+    """Wrap net.bound_pairs to count the (sample, neuron) pairs CROWN bounds; returns the live counter."""
+    count = [0]
+    inner = net.bound_pairs
+
+    def counting(i, rows, *a, **k):
+        count[0] += rows.numel()
+        return inner(i, rows, *a, **k)
+
+    net.bound_pairs = counting  # type: ignore[method-assign]
+    return count
+
+
+def test_child_box_with_parent_bounds_is_sound_and_inside_the_parents():
+    model, net = _net()
+    x_L, x_U = torch.full((1, 4), -1.0), torch.full((1, 4), 1.0)
+    parent = net.intermediate_bounds(x_L, x_U)
+    c_L, c_U = x_L.clone(), x_U.clone()
+    c_U[0, 0] = 0.0  # the lower half along the first coefficient
+    count = _count_pairs(net)
+    child = net.intermediate_bounds(c_L, c_U, ref_bounds=parent)
+    with_ref = count[0]
+    count[0] = 0
+    net.intermediate_bounds(c_L, c_U)
+    assert 0 < with_ref < count[0]  # fewer CROWN pairs: the parent's bounds settle some neurons
+    checked = 0
+    for j in net.bounded_nodes()[1:]:
+        lo, up = child[j]
+        assert bool((lo >= parent[j][0]).all() and (up <= parent[j][1]).all())
+        checked += 1
+    assert checked >= 3
+    # sound: every sampled point of the child box lies inside the child's bounds
+    xs = c_L + (c_U - c_L) * torch.rand(4000, 4)
+    with torch.no_grad():
+        outs = [xs]
+        for nd in net.nodes[1:]:
+            outs.append(nd.op.forward(*[outs[k] for k in nd.inputs]))
+    for j in net.bounded_nodes()[1:]:
+        lo, up = child[j]
+        assert bool((outs[j] >= lo - 1e-5).all() and (outs[j] <= up + 1e-5).all()), j
+
+
+def test_split_neurons_are_not_bounded_by_crown_again():
+    """A split neuron is stable under its clamp: refined branch and bound runs no CROWN pass for it."""
+    _, net = _net(1)
+    x_L, x_U = torch.full((1, 4), -1.0), torch.full((1, 4), 1.0)
+    bounds = net.intermediate_bounds(x_L, x_U)
+    relu, pre = next(iter(net.relu_input_nodes().items()))
+    lo, up = bounds[pre]
+    unstable = torch.nonzero(((lo < 0) & (up > 0)).flatten()).flatten()
+    assert unstable.numel() >= 2
+    s = torch.zeros(1, *lo.shape[1:], dtype=torch.int8)
+    s.view(-1)[unstable] = 1  # every unstable neuron of the first layer split active
+    count = _count_pairs(net)
+    res = bound_domains(net, x_L, x_U, torch.eye(5).unsqueeze(0), splits={relu: s})
+    assert bool((res.bounds[pre][0].flatten()[unstable] >= 0).all())
+    first = count[0]
+    count[0] = 0
+    net.intermediate_bounds(x_L, x_U, interm_bounds=split_clamps(net, {relu: s}))
+    assert count[0] == first
+    count[0] = 0
+    net.intermediate_bounds(x_L, x_U)
+    assert first < count[0]
+
+
+def test_root_bounds_as_reference_keep_refined_domains_inside_the_roots():
+    _, net = _net(2)
+    x_L, x_U = torch.full((2, 4), -1.0), torch.full((2, 4), 1.0)
+    root = net.intermediate_bounds(x_L[:1], x_U[:1])
+    ref = [None if b is None else (b[0].expand(2, *b[0].shape[1:]), b[1].expand(2, *b[1].shape[1:])) for b in root]
+    res = bound_domains(net, x_L, x_U, torch.eye(5).unsqueeze(0).expand(2, -1, -1), ref_bounds=ref)
+    xs = x_L[:1] + (x_U[:1] - x_L[:1]) * torch.rand(4000, 4)
+    with torch.no_grad():
+        y = net.forward(xs)
+    assert bool((y.min(0).values >= res.lower - 1e-5).all())  # sound
+    for j in net.bounded_nodes()[1:]:
+        assert bool((res.bounds[j][0] >= root[j][0] - 1e-6).all() and (res.bounds[j][1] <= root[j][1] + 1e-6).all())
+
+
+class _DeepSmallConv(nn.Module):
+    """Convolutions on a 6x6 image whose receptive fields soon cover the whole plane."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(4 * 36, 3),
+        )
+
+    def forward(self, x):
+        return self.f(x)
+
+
+def test_patch_pass_only_where_patches_stay_smaller_than_their_plane():
+    torch.manual_seed(3)
+    model = _DeepSmallConv().eval()
+    net = BoundedNetwork(model, (2, 6, 6))
+    convs = [i for i, nd in enumerate(net.nodes) if nd.op is not None and nd.op.starts_patches]
+    assert len(convs) == 4
+    chains = [net._chain(i) for i in convs]
+    # the second conv's patches are 5x5 on the 6x6 input (0.69 of it): patches; the last's would be 9x9: dense
+    assert chains[1] is not None and chains[3] is None
+    x = torch.rand(2, 2, 6, 6)
+    with_choice = net.intermediate_bounds(x - 0.1, x + 0.1)
+    dense = BoundedNetwork(model, (2, 6, 6))
+    dense.use_patches = False
+    ref = dense.intermediate_bounds(x - 0.1, x + 0.1)
+    for j in net.bounded_nodes()[1:]:
+        assert torch.allclose(with_choice[j][0], ref[j][0], atol=1e-5)
+        assert torch.allclose(with_choice[j][1], ref[j][1], atol=1e-5)
+
+
+def test_linear_reshape_conv_takes_the_dense_pass():
+    """A conv right after the Reshape of a Linear: patches would end at once, so the dense pass is used."""
+    _, net = _net()
+    first_conv = next(i for i, nd in enumerate(net.nodes) if nd.op is not None and nd.op.starts_patches)
+    assert net._chain(first_conv) is None
