@@ -169,3 +169,76 @@ def test_linear_reshape_conv_takes_the_dense_pass():
     _, net = _net()
     first_conv = next(i for i, nd in enumerate(net.nodes) if nd.op is not None and nd.op.starts_patches)
     assert net._chain(first_conv) is None
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1)
+    ).eval()
+
+
+def test_settled_samples_keep_their_reference_up_to_the_settled_node():
+    net = BoundedNetwork(_mlp(), (2,))
+    x_L, x_U = torch.full((2, 2), -1.0), torch.full((2, 2), 1.0)
+    ref = net.intermediate_bounds(x_L, x_U)
+    pres = sorted(net.relu_input_nodes().values())
+    settled = torch.tensor([pres[1], -1])  # sample 0: final up to the second pre-activation; sample 1: none
+    count = _count_pairs(net)
+    out = net.intermediate_bounds(x_L, x_U, ref_bounds=ref, settled_upto=settled)
+    with_settled = count[0]
+    count[0] = 0
+    free = net.intermediate_bounds(x_L, x_U, ref_bounds=ref)
+    assert with_settled < count[0]
+    for j in pres[:2]:  # sample 0 kept the reference there; sample 1 was bounded as without settled_upto
+        assert bool((out[j][0][0] >= ref[j][0][0]).all() and (out[j][1][0] <= ref[j][1][0]).all())
+        assert torch.equal(out[j][0][1], free[j][0][1]) and torch.equal(out[j][1][1], free[j][1][1])
+    assert torch.equal(out[pres[2]][0], free[pres[2]][0])  # past the settled node both are recomputed
+
+
+def test_relu_bab_children_start_from_their_parents_bounds():
+    """Kept parent bounds change the work (fewer CROWN pairs), not the verdict; both are sound."""
+    from lingraft.clock import now
+    from lingraft.spec.region import region_spec
+    from lingraft.spec.vnnlib import OutputConstraint, Region, VnnlibProperty
+    from lingraft.verify.relu_bab import ReluBaB
+
+    model = _mlp(5)
+    g = torch.linspace(-1, 1, 301)
+    X = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    with torch.no_grad():
+        low = float(model(X).min())
+    import numpy as np
+
+    def search(threshold: float, bounds_mb: float):
+        c = OutputConstraint(np.array([[1.0]]), np.array([threshold]))
+        prop = VnnlibProperty(2, 1, [Region(np.array([-1.0, -1.0]), np.array([1.0, 1.0]), [c])], None)
+        net = BoundedNetwork(model, (2,))
+        spec = region_spec(prop.regions[0], (2,), 1)
+        root = bound_domains(net, spec.x_L, spec.x_U, spec.C[None], iterations=20, record_lA=True)
+        bab = ReluBaB(
+            net,
+            spec,
+            model,
+            lambda xs, v: None,
+            now() + 300,
+            batch_size=8,
+            max_rounds=300,
+            bounds_memory_mb=bounds_mb,
+            attack_every=float("inf"),
+        )
+        count = _count_pairs(net)
+        out = bab.run(root)
+        return out, count[0]
+
+    net = BoundedNetwork(model, (2,))
+    box = torch.full((1, 2), 1.0)
+    root_low = float(bound_domains(net, -box, box, torch.ones(1, 1, 1), iterations=20).lower)
+    threshold = root_low + 0.5 * (low - root_low)  # alpha-CROWN alone cannot prove it, the true minimum is above
+    assert root_low < threshold < low - 0.05
+    kept, kept_pairs = search(threshold, 64.0)
+    plain, plain_pairs = search(threshold, 0.0)
+    assert kept.status == plain.status == "unsat" and kept.branches > 2
+    assert kept_pairs < plain_pairs
+    bad, _ = search(low + 0.01, 64.0)  # violated on the grid: never unsat
+    assert bad.status in ("unknown", "timeout")

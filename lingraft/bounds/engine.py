@@ -269,14 +269,17 @@ class BoundedNetwork:
                     res.unstable[name] = nd.op.unstable_mask(*b).reshape(b[0].shape[0], -1).sum(1).cpu()
 
     # ---------------------------------------------------------------------------------------------
-    def _intermediate_bounds(self, inp: InputSet, ibp, interm_bounds=None, deadline=None, ref_bounds=None):
+    def _intermediate_bounds(
+        self, inp: InputSet, ibp, interm_bounds=None, deadline=None, ref_bounds=None, settled_upto=None
+    ):
         """Bounds of every node a nonlinear operator needs: list indexed by node (None = not computed).
         deadline: a :func:`lingraft.clock.now` time; past it the pass stops with DeadlineExceeded.
 
         Each node also gets a reference interval: IBP of the node from the tightest bounds known for its
         inputs (CROWN bounds where computed), intersected with ``ref_bounds[i]`` where given (bounds known to
         hold on this input set, e.g. those of a box that contains it). Neurons stable under the reference need
-        no CROWN pass.
+        no CROWN pass. settled_upto [B] long: sample b's reference is final for nodes up to that index (no CROWN
+        pass for them at all; branch and bound: the layers up to a new split keep the parent's bounds).
         """
         N = len(self.nodes)
         bounds: list = [None] * N
@@ -302,14 +305,14 @@ class BoundedNetwork:
                 lo, up = rl, ru
             else:
                 check_deadline(deadline)
-                lo, up = self._crown_node(i, inp, bounds, rl, ru, deadline)
+                lo, up = self._crown_node(i, inp, bounds, rl, ru, deadline, settled_upto)
             if interm_bounds and i in interm_bounds:
                 sl, su = interm_bounds[i]
                 lo, up = torch.maximum(lo, sl), torch.minimum(up, su)
             bounds[i] = ref[i] = (lo, up)
         return bounds
 
-    def _crown_node(self, i, inp: InputSet, bounds, ref_l, ref_u, deadline=None):
+    def _crown_node(self, i, inp: InputSet, bounds, ref_l, ref_u, deadline=None, settled_upto=None):
         """CROWN bounds of node i for the needed rows that are unstable under the reference interval.
 
         tight mode (default): rows stable under the reference keep it (a stable neuron's relaxation does not
@@ -318,7 +321,7 @@ class BoundedNetwork:
         without intersection, or for all rows when more than 90% are unstable.
         """
         if self.mode == "tight":
-            return self.crown_unstable_pairs(i, inp, bounds, ref_l, ref_u, deadline)
+            return self.crown_unstable_pairs(i, inp, bounds, ref_l, ref_u, deadline, settled_upto)
         B = inp.batch
         n = int(math.prod(self.nodes[i].shape))
         needed = self.needed_rows(i)
@@ -342,16 +345,29 @@ class BoundedNetwork:
             up[:, r] = u_r
         return lo.reshape(ref_l.shape), up.reshape(ref_u.shape)
 
-    def crown_unstable_pairs(self, i: int, inp: InputSet, bounds: list, ref_l: Tensor, ref_u: Tensor, deadline=None):
+    def crown_unstable_pairs(
+        self,
+        i: int,
+        inp: InputSet,
+        bounds: list,
+        ref_l: Tensor,
+        ref_u: Tensor,
+        deadline=None,
+        settled_upto: Tensor | None = None,
+    ):
         """CROWN bounds of the (sample, needed neuron) pairs of node i that the reference interval ref_l, ref_u
         ([B, *shape]) leaves unstable, intersected with it (both are sound); the other neurons keep the reference
-        (a stable neuron's relaxation does not depend on its bound values). bounds: every earlier node's."""
+        (a stable neuron's relaxation does not depend on its bound values). bounds: every earlier node's;
+        settled_upto [B]: samples with settled_upto >= i keep the reference for every neuron."""
         B = inp.batch
         n = int(math.prod(self.nodes[i].shape))
         needed = self.needed_rows(i)
         lo = ref_l.reshape(B, n).clone()
         up = ref_u.reshape(B, n).clone()
-        b_idx, col = torch.nonzero((lo[:, needed] < 0) & (up[:, needed] > 0), as_tuple=True)  # pair mode
+        todo = (lo[:, needed] < 0) & (up[:, needed] > 0)
+        if settled_upto is not None:
+            todo &= (settled_upto.to(todo.device) < i).unsqueeze(1)
+        b_idx, col = torch.nonzero(todo, as_tuple=True)  # pair mode
         if b_idx.numel() == 0:
             return lo.reshape(ref_l.shape), up.reshape(ref_u.shape)
         pair_rows = needed[col]
@@ -490,16 +506,18 @@ class BoundedNetwork:
         interm_bounds: dict | None = None,
         deadline: float | None = None,
         ref_bounds: list | None = None,
+        settled_upto: Tensor | None = None,
     ) -> list:
         """CROWN bounds of every pre-activation a nonlinear op needs: list by node index of (lower, upper)
         [B, *shape] or None. interm_bounds {node index: (lower, upper)} tightens given nodes (split neurons);
         deadline: a :func:`lingraft.clock.now` time, past which the pass raises :class:`DeadlineExceeded`;
         ref_bounds: a list like the result, of bounds already known to hold on [x_L, x_U] (a parent box's in
-        input splitting): CROWN then runs only on neurons they leave unstable, and the result lies inside them."""
+        input splitting): CROWN then runs only on neurons they leave unstable, and the result lies inside them;
+        settled_upto [B] long: sample b's ref_bounds are final up to that node index (see _intermediate_bounds)."""
         inp = InputSet(x_L, x_U).to(self.device)
         with torch.no_grad():
             ibp = self.ibp_all(inp.lower, inp.upper)
-            return self._intermediate_bounds(inp, ibp, interm_bounds, deadline, ref_bounds)
+            return self._intermediate_bounds(inp, ibp, interm_bounds, deadline, ref_bounds, settled_upto)
 
     def bounded_nodes(self) -> list[int]:
         """Indices of the nodes :meth:`intermediate_bounds` fills: the input, the nodes that cut the backward pass

@@ -116,6 +116,7 @@ def bound_domains(
     deadline: float | None = None,
     intermediate_alpha: bool = False,
     ref_bounds: list | None = None,
+    settled_upto: Tensor | None = None,
 ) -> Bounded:
     """Bound C f(x) on B domains.
 
@@ -131,7 +132,8 @@ def bound_domains(
     root, without splits): the tightened intermediate bounds are kept in the result, so a search that reuses
     them (``base_bounds``) starts with fewer unstable neurons; ref_bounds: intermediate bounds known to hold on
     the domains (list by node of [B, *shape] pairs or None; in input splitting, the parent boxes'): CROWN runs
-    only on the neurons they leave unstable and the result lies inside them (ignored with ``base_bounds``).
+    only on the neurons they leave unstable and the result lies inside them (ignored with ``base_bounds``);
+    settled_upto: [B] node index up to which each domain's ref_bounds are final (no CROWN pass there).
     """
     B, S = C.shape[:2]
     dev = net.device
@@ -140,7 +142,12 @@ def bound_domains(
         bounds = clamp_bounds(net, base_bounds, splits, B)
     else:
         bounds = net.intermediate_bounds(
-            x_L, x_U, interm_bounds=split_clamps(net, splits), deadline=deadline, ref_bounds=ref_bounds
+            x_L,
+            x_U,
+            interm_bounds=split_clamps(net, splits),
+            deadline=deadline,
+            ref_bounds=ref_bounds,
+            settled_upto=settled_upto,
         )
     infeasible = infeasible_domains(net, bounds, B)
     C_out = C.reshape(B, S, *net.out_shape)

@@ -44,7 +44,8 @@ from lingraft.verify.search import BranchAndBound, SearchOutcome, queue_overflow
 class Domain:
     """One subproblem. splits: int8 [N] over all ReLU neurons (layer after layer, flattened); open_groups: [G]
     bool (conjunctions not refuted yet); alphas: {ReLU node: [S, *shape]} or None; branch: flat neuron index to
-    split next (-1: none left)."""
+    split next (-1: none left); bounds: {node: (lower, upper) [*shape]} its intermediate bounds, kept for its
+    children when intermediate bounds are refined per domain (None: not kept, the root's are used)."""
 
     priority: float
     splits: Tensor
@@ -52,6 +53,7 @@ class Domain:
     alphas: dict | None
     branch: int
     depth: int
+    bounds: dict | None = None
 
 
 class ReluBaB(BranchAndBound):
@@ -62,8 +64,10 @@ class ReluBaB(BranchAndBound):
     :class:`BranchAndBound`. attack_every: seconds between attacks from the worst domains' bound minimizers (inf:
     none); seed: the first attack's seed; refine_intermediate: recompute every domain's intermediate bounds with
     CROWN (tighter; costly on large networks) or keep the root's with the split neurons clamped;
-    alpha_memory_mb / queue_memory_mb: memory for warm-start slopes / for the queued domains (the search ends
-    ``unknown`` when the queue outgrows it).
+    alpha_memory_mb / queue_memory_mb / bounds_memory_mb: memory for warm-start slopes / for the queued domains
+    (the search ends ``unknown`` when the queue outgrows it) / for the intermediate bounds queued domains keep
+    for their children (refined search: a child recomputes only the layers after its new split, and only the
+    neurons its parent's bounds leave unstable).
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class ReluBaB(BranchAndBound):
         refine_intermediate: bool = True,
         alpha_memory_mb: float = 1024.0,
         queue_memory_mb: float = 2048.0,
+        bounds_memory_mb: float = 1024.0,
         **search: Any,
     ):
         super().__init__(*args, **search)
@@ -92,6 +97,17 @@ class ReluBaB(BranchAndBound):
         self.max_alpha_domains = int(alpha_memory_mb * 2**20 // max(per_domain, 1))
         # the queue itself (int8 split vectors) is capped at about queue_memory_mb: beyond it the search gives up
         self.max_domains = int(min(2_000_000, queue_memory_mb * 2**20 // max(self.N + 64, 1)))
+        self.bounds_memory = bounds_memory_mb * 2**20
+        self.max_bound_domains = 0  # set from the root's bounds in run()
+        pre_of = net.relu_input_nodes()
+        #: [N] the pre-activation node of every splittable neuron: a child's layers up to it keep the parent's bounds
+        self.pre_node = (
+            torch.cat([torch.full((n,), pre_of[k], dtype=torch.long) for k, n in zip(self.relus, self.sizes)]).to(
+                net.device
+            )
+            if self.relus
+            else torch.zeros(0, dtype=torch.long, device=net.device)
+        )
         # grafted neurons are exact linear functions: never split them
         masks = []
         for k, n in zip(self.relus, self.sizes):
@@ -165,6 +181,9 @@ class ReluBaB(BranchAndBound):
         """Search the region from its root bounds (alpha-CROWN of the whole box, ``relu_lA`` recorded)."""
         spec = self.spec
         self.base_bounds = root.bounds
+        kept = [j for j, b in enumerate(root.bounds) if j > 0 and b is not None]
+        per_domain = sum(2 * 4 * int(root.bounds[j][0][0].numel()) for j in kept)
+        self.max_bound_domains = int(self.bounds_memory // max(per_domain, 1)) if self.refine else 0
         margin = spec.lower_margin(root.lower)  # [1, S]
         open0 = ~spec.refuted(margin)[0]
         if not bool(open0.any()) or bool(root.infeasible[0]):
@@ -228,7 +247,34 @@ class ReluBaB(BranchAndBound):
         br = int(sc.argmax(1)) if bool(torch.isfinite(sc).any()) else -1
         pri = float(group_max(margin, spec.group, spec.G)[0][open0].min())
         alphas = {k: a[0] for k, a in root.alphas.items()} if root.alphas else None
-        return Domain(pri, zeros[0], open0, alphas, br, 0)
+        return Domain(pri, zeros[0], open0, alphas, br, 0, self._keep_bounds(root.bounds, 0, 0))
+
+    def _keep_bounds(self, bounds: list, i: int, queued: int) -> dict | None:
+        """Domain i's intermediate bounds (from a batch's ``bounds``) to keep for its children, or None (not a
+        refined search, or past the memory for kept bounds)."""
+        if queued >= self.max_bound_domains:
+            return None
+        return {j: (b[0][i].clone(), b[1][i].clone()) for j, b in enumerate(bounds) if j > 0 and b is not None}
+
+    def _parent_reference(self, batch: list[Domain]) -> tuple[list | None, Tensor | None]:
+        """ref_bounds and settled_upto (see :func:`bound_domains`) of the 2 * len(batch) children: each parent's
+        kept bounds (the root's where it kept none), final up to the pre-activation node of the new split."""
+        if not self.refine or self.base_bounds is None:
+            return None, None
+        dev = self.net.device
+        ref: list = [None] * len(self.base_bounds)
+        for j, b in enumerate(self.base_bounds):
+            if j == 0 or b is None:
+                continue
+            own = [d.bounds[j] if d.bounds is not None and j in d.bounds else (b[0][0], b[1][0]) for d in batch]
+            ref[j] = (
+                torch.stack([o[0] for o in own]).repeat_interleave(2, 0),
+                torch.stack([o[1] for o in own]).repeat_interleave(2, 0),
+            )
+        settled = torch.tensor(
+            [int(self.pre_node[d.branch]) if d.bounds is not None else -1 for d in batch], device=dev
+        ).repeat_interleave(2)
+        return ref, settled
 
     def _pop_batch(self, heap: list) -> tuple[list[Domain], int]:
         """Up to batch_size splittable domains off the heap, and how many popped ones had nothing left to split."""
@@ -280,6 +326,7 @@ class ReluBaB(BranchAndBound):
         # bound only the rows of conjunctions still open somewhere in the batch (the others are refuted on
         # every parent, hence on every child); their lower bounds read -inf below and are never used
         rows = torch.nonzero(rw.any(0)).flatten()
+        ref, settled = self._parent_reference(batch)
         res = bound_domains(
             self.net,
             x_L,
@@ -288,7 +335,8 @@ class ReluBaB(BranchAndBound):
             splits=self.split_tensors(flat),
             iterations=self.iterations,
             base_bounds=None if self.refine else self.base_bounds,
-            ref_bounds=self._root_ref(B) if self.refine else None,
+            ref_bounds=ref,
+            settled_upto=settled,
             alpha_init=None if alpha_init is None else {k: v[:, rows] for k, v in alpha_init.items()},
             row_weight=rw[:, rows],
             record_lA=True,
@@ -313,16 +361,6 @@ class ReluBaB(BranchAndBound):
             open_groups=open_c,
             live=torch.nonzero(~done).flatten(),
         )
-
-    def _root_ref(self, B: int) -> list | None:
-        """The root's intermediate bounds (alpha-CROWN's, valid on every domain) for B domains: a refined domain
-        runs CROWN only where they leave a neuron unstable, and its bounds lie inside the root's."""
-        if self.base_bounds is None:
-            return None
-        return [
-            None if b is None else (b[0].expand(B, *b[0].shape[1:]), b[1].expand(B, *b[1].shape[1:]))
-            for b in self.base_bounds
-        ]
 
     def _alphas_on_all_rows(
         self, alphas: dict[int, Tensor], alpha_init: dict[int, Tensor] | None, rows: Tensor, B: int
@@ -352,7 +390,10 @@ class ReluBaB(BranchAndBound):
         for i in live.tolist():
             br = int(best.indices[i]) if math.isfinite(float(best.values[i])) else -1
             al = {k: a[i] for k, a in alphas.items()} if keep_alpha and alphas else None
-            d = Domain(float(pri[i]), children.flat[i].clone(), open_c[i].clone(), al, br, batch[i // 2].depth + 1)
+            kept = self._keep_bounds(children.res.bounds, i, len(heap))
+            d = Domain(
+                float(pri[i]), children.flat[i].clone(), open_c[i].clone(), al, br, batch[i // 2].depth + 1, kept
+            )
             out.max_depth = max(out.max_depth, d.depth)
             self._push(heap, d)
 
