@@ -5,9 +5,9 @@ Per region of the property (an input box with a disjunction of unsafe output con
 1. CROWN bounds of the specification rows (milliseconds; settles the easy regions before any search);
 2. a quick PGD search for a counterexample on the regions left (all of them before any branch and bound, so
    ``sat`` comes early);
-3. alpha-CROWN, then branch and bound on what is left: input splitting for networks with at most
-   ``INPUT_SPLIT_MAX_DIM`` inputs (:mod:`lingraft.verify.input_bab`), ReLU
-   splitting with beta-CROWN bounds otherwise (:mod:`lingraft.verify.relu_bab`). Both also search for
+3. on what is left, input splitting for networks with at most ``INPUT_SPLIT_MAX_DIM`` inputs
+   (:mod:`lingraft.verify.input_bab`, from step 1's CROWN bounds), otherwise alpha-CROWN, then ReLU
+   splitting with beta-CROWN bounds (:mod:`lingraft.verify.relu_bab`). Both also search for
    counterexamples as the domains shrink.
 
 Answers: ``sat`` only with a counterexample re-checked by onnxruntime (or a float64 forward pass for an
