@@ -7,7 +7,9 @@ batch, splits every domain on one neuron, bounds all children in ONE batched cal
 slopes warm-started from the parent) and queues the children that are not yet refuted. Intermediate bounds are
 recomputed per domain with CROWN when that is cheap (small networks: tighter), otherwise the root's bounds are
 kept with the split neurons clamped and the split constraints act through beta only (large networks: a round
-costs a few final backward passes instead of a full CROWN pass per domain).
+costs a few final backward passes instead of a full CROWN pass per domain). A recomputing search starts each
+child from its parent's bounds: they stay as they are up to the layer of the new split, and after it CROWN runs
+only on the neurons they leave unstable.
 
 Branching ("intercept score"): the lower bound loses, at an unstable neuron with bounds l < 0 < u whose
 output coefficient lambda is negative, the intercept term ``lambda * (-u l / (u - l))`` of the upper
