@@ -7,11 +7,17 @@ patch pass only where patches stay smaller than their planes; both passes give t
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from lingraft.bounds import BoundedNetwork
+from lingraft.clock import now
+from lingraft.spec.region import region_spec
+from lingraft.spec.vnnlib import OutputConstraint, Region, VnnlibProperty
 from lingraft.verify.bounding import bound_domains, split_clamps
+from lingraft.verify.relu_bab import ReluBaB
+from lingraft.verify.search import KeptBounds
 
 torch.set_num_threads(1)
 
@@ -198,17 +204,11 @@ def test_settled_samples_keep_their_reference_up_to_the_settled_node():
 
 def test_relu_bab_children_start_from_their_parents_bounds():
     """Kept parent bounds change the work (fewer CROWN pairs), not the verdict; both are sound."""
-    from lingraft.clock import now
-    from lingraft.spec.region import region_spec
-    from lingraft.spec.vnnlib import OutputConstraint, Region, VnnlibProperty
-    from lingraft.verify.relu_bab import ReluBaB
-
     model = _mlp(5)
     g = torch.linspace(-1, 1, 301)
     X = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
     with torch.no_grad():
         low = float(model(X).min())
-    import numpy as np
 
     def search(threshold: float, bounds_mb: float):
         c = OutputConstraint(np.array([[1.0]]), np.array([threshold]))
@@ -242,3 +242,18 @@ def test_relu_bab_children_start_from_their_parents_bounds():
     assert kept_pairs < plain_pairs
     bad, _ = search(low + 0.01, 64.0)  # violated on the grid: never unsat
     assert bad.status in ("unknown", "timeout")
+
+
+def test_kept_bounds_go_to_each_parents_own_children():
+    """A child must get its own parent's bounds (another box's would be unsound): both child orders, and the
+    root's for a parent that kept none."""
+    root = [None, (torch.full((1, 3), -9.0), torch.full((1, 3), 9.0))]
+    store = KeptBounds(root, memory_bytes=2 * 2 * 3 * 4)  # room for two domains
+    batch = [(torch.full((2, 3), float(p)), torch.full((2, 3), p + 0.5)) for p in (0, 1)]
+    kept = [store.keep([None, (batch[0][0], batch[0][1])], 0, 0), store.keep([None, batch[1]], 1, 1)]
+    assert store.keep([None, batch[1]], 0, 2) is None  # past the memory: nothing kept
+    kept.append(None)
+    lo_i, up_i = store.for_children(kept, interleaved=True)[1]
+    assert lo_i[:, 0].tolist() == [0.0, 0.0, 1.0, 1.0, -9.0, -9.0] and up_i[:, 0].tolist() == [0.5, 0.5, 1.5, 1.5, 9, 9]
+    lo_h, _ = store.for_children(kept, interleaved=False)[1]
+    assert lo_h[:, 0].tolist() == [0.0, 1.0, -9.0, 0.0, 1.0, -9.0]

@@ -26,7 +26,7 @@ from torch import Tensor
 from lingraft.clock import Stopwatch
 from lingraft.spec.region import group_max
 from lingraft.verify.bounding import Bounded, bound_domains, input_coefficients
-from lingraft.verify.search import BranchAndBound, SearchOutcome, queue_overflowed, worst_rows
+from lingraft.verify.search import BranchAndBound, KeptBounds, SearchOutcome, queue_overflowed, worst_rows
 
 #: the search gives up (``unknown``) when more sub-boxes than this wait in the queue
 MAX_BOXES = 2_000_000
@@ -103,7 +103,7 @@ class InputBaB(BranchAndBound):
             m, open_c, dim, cands, bounds = self._assess(root, x_L, x_U, open0)
         else:
             m, open_c, dim, cands, bounds = self._bound(x_L, x_U, open0)
-        kept = _BoundStore(self.net, bounds)
+        kept = KeptBounds(bounds, MAX_KEPT_BOUND_BYTES)
         out.branches = 1
         cex = self._check(cands)
         if cex is not None:
@@ -122,7 +122,7 @@ class InputBaB(BranchAndBound):
             items = [heapq.heappop(heap) for _ in range(min(self.batch_size, len(heap)))]
             lo2, up2, op2, depth = self._bisect(items)
             n = len(items)
-            parents = kept.release([it[7] for it in items])
+            parents = kept.for_children([it[7] for it in items], interleaved=False)
             m, open_c, dim, cands, bounds = self._bound(lo2, up2, op2, parents)
             out.branches += 2 * n
             out.rounds += 1
@@ -161,37 +161,3 @@ class InputBaB(BranchAndBound):
         up2[idx, d] = mid
         lo2[idx + n, d] = mid
         return lo2.reshape(2 * n, *lo.shape[1:]), up2.reshape(2 * n, *up.shape[1:]), op.repeat(2, 1), depth
-
-
-class _BoundStore:
-    """The intermediate bounds queued boxes keep for their children: per box, a copy of the bounded nodes'
-    (lower, upper) [*shape] (node 0, the box itself, excluded). Boxes queued while the copies would pass
-    MAX_KEPT_BOUND_BYTES keep none (their children start from interval bounds alone)."""
-
-    def __init__(self, net, bounds: list):
-        self.nodes = [j for j, b in enumerate(bounds) if j > 0 and b is not None]
-        self.shapes = {j: tuple(bounds[j][0].shape[1:]) for j in self.nodes}
-        per_box = sum(2 * 4 * int(torch.Size(self.shapes[j]).numel()) for j in self.nodes)
-        self.max_kept = MAX_KEPT_BOUND_BYTES // max(1, per_box)
-        self.n_nodes = len(bounds)
-        self.device = net.device
-
-    def keep(self, bounds: list, i: int, queued: int) -> dict | None:
-        """A copy of box i's bounds (from a batch's ``bounds``), or None past the memory cap."""
-        if queued >= self.max_kept:
-            return None
-        return {j: (bounds[j][0][i].clone(), bounds[j][1][i].clone()) for j in self.nodes if bounds[j] is not None}
-
-    def release(self, kept: list) -> list | None:
-        """Reference bounds of the 2n children of n popped boxes (lower halves, then upper halves, as
-        :meth:`InputBaB._bisect` orders them): list by node of [2n, *shape] pairs; a box that kept none gives
-        (-inf, inf). None when no box kept any."""
-        if all(k is None for k in kept):
-            return None
-        ref: list = [None] * self.n_nodes
-        for j in self.nodes:
-            inf = torch.full(self.shapes[j], float("inf"), device=self.device)
-            lo = torch.stack([-inf if k is None or j not in k else k[j][0] for k in kept])
-            up = torch.stack([inf if k is None or j not in k else k[j][1] for k in kept])
-            ref[j] = (lo.repeat(2, *[1] * len(self.shapes[j])), up.repeat(2, *[1] * len(self.shapes[j])))
-        return ref

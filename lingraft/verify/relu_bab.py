@@ -26,6 +26,7 @@ search then ends ``unknown``.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import math
@@ -39,7 +40,7 @@ from lingraft.clock import Stopwatch
 from lingraft.spec.region import group_max
 from lingraft.verify.bounding import Bounded, bound_domains, input_coefficients, relu_op
 from lingraft.verify.falsify import spec_attack
-from lingraft.verify.search import BranchAndBound, SearchOutcome, queue_overflowed, worst_rows
+from lingraft.verify.search import BranchAndBound, KeptBounds, SearchOutcome, queue_overflowed, worst_rows
 
 
 @dataclass
@@ -99,17 +100,12 @@ class ReluBaB(BranchAndBound):
         self.max_alpha_domains = int(alpha_memory_mb * 2**20 // max(per_domain, 1))
         # the queue itself (int8 split vectors) is capped at about queue_memory_mb: beyond it the search gives up
         self.max_domains = int(min(2_000_000, queue_memory_mb * 2**20 // max(self.N + 64, 1)))
-        self.bounds_memory = bounds_memory_mb * 2**20
-        self.max_bound_domains = 0  # set from the root's bounds in run()
+        self.bounds_memory = bounds_memory_mb * 2**20 if refine_intermediate else 0.0
+        self.kept: KeptBounds | None = None  # set from the root's bounds in run()
         pre_of = net.relu_input_nodes()
-        #: [N] the pre-activation node of every splittable neuron: a child's layers up to it keep the parent's bounds
-        self.pre_node = (
-            torch.cat([torch.full((n,), pre_of[k], dtype=torch.long) for k, n in zip(self.relus, self.sizes)]).to(
-                net.device
-            )
-            if self.relus
-            else torch.zeros(0, dtype=torch.long, device=net.device)
-        )
+        #: per ReLU layer (as ``offsets``), its pre-activation node: a child's layers up to the node of its new
+        #: split keep the parent's bounds
+        self.pre_nodes = [pre_of[k] for k in self.relus]
         # grafted neurons are exact linear functions: never split them
         masks = []
         for k, n in zip(self.relus, self.sizes):
@@ -183,9 +179,7 @@ class ReluBaB(BranchAndBound):
         """Search the region from its root bounds (alpha-CROWN of the whole box, ``relu_lA`` recorded)."""
         spec = self.spec
         self.base_bounds = root.bounds
-        kept = [j for j, b in enumerate(root.bounds) if j > 0 and b is not None]
-        per_domain = sum(2 * 4 * int(root.bounds[j][0][0].numel()) for j in kept)
-        self.max_bound_domains = int(self.bounds_memory // max(per_domain, 1)) if self.refine else 0
+        self.kept = KeptBounds(root.bounds, self.bounds_memory)
         margin = spec.lower_margin(root.lower)  # [1, S]
         open0 = ~spec.refuted(margin)[0]
         if not bool(open0.any()) or bool(root.infeasible[0]):
@@ -249,34 +243,18 @@ class ReluBaB(BranchAndBound):
         br = int(sc.argmax(1)) if bool(torch.isfinite(sc).any()) else -1
         pri = float(group_max(margin, spec.group, spec.G)[0][open0].min())
         alphas = {k: a[0] for k, a in root.alphas.items()} if root.alphas else None
-        return Domain(pri, zeros[0], open0, alphas, br, 0, self._keep_bounds(root.bounds, 0, 0))
-
-    def _keep_bounds(self, bounds: list, i: int, queued: int) -> dict | None:
-        """Domain i's intermediate bounds (from a batch's ``bounds``) to keep for its children, or None (not a
-        refined search, or past the memory for kept bounds)."""
-        if queued >= self.max_bound_domains:
-            return None
-        return {j: (b[0][i].clone(), b[1][i].clone()) for j, b in enumerate(bounds) if j > 0 and b is not None}
+        kept = self.kept.keep(root.bounds, 0, 0) if self.kept is not None else None
+        return Domain(pri, zeros[0], open0, alphas, br, 0, kept)
 
     def _parent_reference(self, batch: list[Domain]) -> tuple[list | None, Tensor | None]:
         """ref_bounds and settled_upto (see :func:`bound_domains`) of the 2 * len(batch) children: each parent's
         kept bounds (the root's where it kept none), final up to the pre-activation node of the new split."""
-        if not self.refine or self.base_bounds is None:
+        if not self.refine or self.kept is None:
             return None, None
-        dev = self.net.device
-        ref: list = [None] * len(self.base_bounds)
-        for j, b in enumerate(self.base_bounds):
-            if j == 0 or b is None:
-                continue
-            own = [d.bounds[j] if d.bounds is not None and j in d.bounds else (b[0][0], b[1][0]) for d in batch]
-            ref[j] = (
-                torch.stack([o[0] for o in own]).repeat_interleave(2, 0),
-                torch.stack([o[1] for o in own]).repeat_interleave(2, 0),
-            )
-        settled = torch.tensor(
-            [int(self.pre_node[d.branch]) if d.bounds is not None else -1 for d in batch], device=dev
-        ).repeat_interleave(2)
-        return ref, settled
+        ref = self.kept.for_children([d.bounds for d in batch], interleaved=True)
+        layer = [bisect.bisect_right(self.offsets, d.branch) - 1 for d in batch]
+        settled = [self.pre_nodes[li] if d.bounds is not None else -1 for d, li in zip(batch, layer)]
+        return ref, torch.tensor(settled, device=self.net.device).repeat_interleave(2)
 
     def _pop_batch(self, heap: list) -> tuple[list[Domain], int]:
         """Up to batch_size splittable domains off the heap, and how many popped ones had nothing left to split."""
@@ -392,7 +370,7 @@ class ReluBaB(BranchAndBound):
         for i in live.tolist():
             br = int(best.indices[i]) if math.isfinite(float(best.values[i])) else -1
             al = {k: a[i] for k, a in alphas.items()} if keep_alpha and alphas else None
-            kept = self._keep_bounds(children.res.bounds, i, len(heap))
+            kept = self.kept.keep(children.res.bounds, i, len(heap)) if self.kept is not None else None
             d = Domain(
                 float(pri[i]), children.flat[i].clone(), open_c[i].clone(), al, br, batch[i // 2].depth + 1, kept
             )

@@ -1,12 +1,13 @@
 """What the two branch-and-bound searches (input splitting, ReLU splitting) share: their settings and the checks
-before a round (:class:`BranchAndBound`), their outcome, the choice of each domain's worst open row, and the
-bookkeeping at the end of a round."""
+before a round (:class:`BranchAndBound`), their outcome, the choice of each domain's worst open row, the
+bookkeeping at the end of a round, and the bounds queued domains keep for their children (:class:`KeptBounds`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from lingraft.bounds import BoundedNetwork
@@ -105,3 +106,40 @@ def queue_overflowed(
             f"{heap[0][0] if heap else float('nan'):.4f}, {round_time:.2f}s/round"
         )
     return False
+
+
+class KeptBounds:
+    """The intermediate bounds queued domains keep for their children (both searches: a child's bounds are
+    computed from its parent's, see ``ref_bounds`` in :func:`lingraft.verify.bounding.bound_domains`).
+
+    root: the region's bounds (list by node of [1, *shape] pairs or None); a domain keeps a copy of the bounded
+    nodes' (lower, upper) [*shape] (node 0, the box itself, excluded) while the copies of the queued domains fit
+    in memory_bytes; a domain that kept none hands its children the root's (valid on every domain of the region).
+    """
+
+    def __init__(self, root: list, memory_bytes: float):
+        self.root = root
+        self.nodes = [j for j, b in enumerate(root) if j > 0 and b is not None]
+        per_domain = sum(2 * 4 * int(root[j][0][0].numel()) for j in self.nodes)
+        self.max_kept = int(memory_bytes // max(1, per_domain))
+
+    def keep(self, bounds: list, i: int, queued: int) -> dict | None:
+        """A copy of domain i's bounds (from a batch's ``bounds``), or None when ``queued`` domains already use
+        the memory."""
+        if queued >= self.max_kept:
+            return None
+        return {j: (bounds[j][0][i].clone(), bounds[j][1][i].clone()) for j in self.nodes}
+
+    def for_children(self, kept: list, interleaved: bool) -> list:
+        """Reference bounds of the 2n children of n parents (their ``keep`` results): list by node of
+        [2n, *shape] pairs. interleaved: children are ordered parent by parent (ReLU splits: 0, 0, 1, 1, ...),
+        else all first halves then all second halves (input splits: 0, 1, ..., 0, 1, ...)."""
+        ref: list = [None] * len(self.root)
+        for j in self.nodes:
+            own = [self.root[j] if k is None else (k[j][0].unsqueeze(0), k[j][1].unsqueeze(0)) for k in kept]
+            lo, up = torch.cat([o[0] for o in own]), torch.cat([o[1] for o in own])
+            if interleaved:
+                ref[j] = (lo.repeat_interleave(2, 0), up.repeat_interleave(2, 0))
+            else:
+                ref[j] = (torch.cat([lo, lo]), torch.cat([up, up]))
+        return ref
