@@ -221,9 +221,10 @@ def test_supports_forward_and_memory():
     m1, m4 = forward_memory_bytes(net, 1), forward_memory_bytes(net, 4)
     assert m1 > 0 and m4 == 4 * m1
     relu = next(nd for nd in net.nodes if isinstance(nd.op, ReLUOp))
-    relu.op = type("OtherReLU", (ReLUOp,), {})(relu.shape)  # an op type forward mode does not know
+    # an op without forward-mode bounds (it says so itself; forward mode never asks for the concrete class)
+    relu.op = type("OtherReLU", (ReLUOp,), {"forward_linear_ok": lambda self: False})(relu.shape)
     assert not supports_forward(net)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"ops: ReLU\(4x8x8\)"):
         forward_intermediate_bounds(net, torch.zeros(1, *in_shape), torch.ones(1, *in_shape))
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from lingraft.bounds.linear_bounds import LinearBounds
     from lingraft.bounds.patches import PatchPass
 
 Bounds = tuple[Tensor, Tensor]
@@ -119,6 +120,16 @@ class BoundOp:
         """Size of a patch at this op's input when it is kh x kw at its output (patchable or starts_patches ops;
         a start op's kernel is ``patch_size(1, 1)``). The engine uses it to choose the cheaper pass."""
         return kh, kw
+
+    def forward_linear_ok(self) -> bool:
+        """Whether :meth:`forward_linear` handles this op (forward mode, :mod:`lingraft.bounds.forward`)."""
+        return False
+
+    def forward_linear(self, ins: list[LinearBounds], refs: list[Bounds], ibp: Bounds) -> LinearBounds:
+        """Forward mode: this node's linear bounds in the input ([B, n + 1, *shape] centre/radius) from its
+        inputs' (``ins``), their tightest intervals (``refs``, [B, *in_shape_i] pairs) and this node's interval
+        (``ibp``, from ``refs``). Sound on the box whenever the inputs' are."""
+        raise NotImplementedError(f"{type(self).__name__} has no forward-mode linear bounds")
 
     def to(self, device) -> BoundOp:
         for k, v in list(vars(self).items()):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lingraft.bounds.ops.base import AffineMapOp, BoundOp, sum_trailing
+from lingraft.bounds.linear_bounds import LinearBounds, add_constant
+from lingraft.bounds.ops.base import AffineMapOp, BoundOp, Bounds, sum_trailing
 
 
 class ElementwiseAffineOp(AffineMapOp):
@@ -46,6 +47,14 @@ class ElementwiseAffineOp(AffineMapOp):
     def describe(self):
         return "ElementwiseAffine"
 
+    def forward_linear_ok(self) -> bool:
+        return True
+
+    def forward_linear(self, ins: list[LinearBounds], refs: list[Bounds], ibp: Bounds) -> LinearBounds:
+        (x,) = ins
+        mid = add_constant(x.mid * self.scale, self.shift)
+        return LinearBounds(mid, None if x.rad is None else x.rad * self.scale.abs())
+
 
 class AddOp(BoundOp):
     """y = x1 + alpha * x2 for two variable inputs (a residual connection; alpha = -1 is a subtraction).
@@ -74,3 +83,15 @@ class AddOp(BoundOp):
 
     def describe(self):
         return "Add" if self.alpha == 1.0 else ("Sub" if self.alpha == -1.0 else f"Add(alpha={self.alpha:g})")
+
+    def forward_linear_ok(self) -> bool:
+        return True
+
+    def forward_linear(self, ins: list[LinearBounds], refs: list[Bounds], ibp: Bounds) -> LinearBounds:
+        a, b = ins
+        mid = a.mid + self.alpha * b.mid
+        if a.rad is None and b.rad is None:
+            return LinearBounds(mid, None)
+        w = abs(self.alpha)
+        rad = a.rad if b.rad is None else (w * b.rad if a.rad is None else a.rad + w * b.rad)
+        return LinearBounds(mid, rad)

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lingraft.bounds.ops.base import AffineMapOp, sum_trailing
+from lingraft.bounds.linear_bounds import LinearBounds, add_constant
+from lingraft.bounds.ops.base import AffineMapOp, Bounds, sum_trailing
 
 
 class LinearOp(AffineMapOp):
@@ -46,6 +47,14 @@ class LinearOp(AffineMapOp):
 
     def describe(self):
         return f"Linear({self.weight.shape[1]}->{self.weight.shape[0]})"
+
+    def forward_linear_ok(self) -> bool:
+        return True
+
+    def forward_linear(self, ins: list[LinearBounds], refs: list[Bounds], ibp: Bounds) -> LinearBounds:
+        (x,) = ins
+        mid = add_constant(F.linear(x.mid, self.weight), self.bias)
+        return LinearBounds(mid, None if x.rad is None else F.linear(x.rad, self.weight.abs()))
 
 
 class ConvOp(AffineMapOp):
@@ -160,6 +169,20 @@ class ConvOp(AffineMapOp):
     def describe(self):
         c_in, c_out = self.weight.shape[1] * self.groups, self.weight.shape[0]
         return f"Conv2d({c_in}->{c_out}, k={tuple(self.weight.shape[2:])}, s={self.stride}, p={self.padding})"
+
+    def forward_linear_ok(self) -> bool:
+        return True
+
+    def forward_linear(self, ins: list[LinearBounds], refs: list[Bounds], ibp: Bounds) -> LinearBounds:
+        (x,) = ins
+        B, m = x.mid.shape[:2]
+
+        def conv(t: Tensor, w: Tensor) -> Tensor:  # the n + 1 coefficient rows as extra batch entries
+            y = F.conv2d(t.reshape(B * m, *t.shape[2:]), w, None, self.stride, self.padding, 1, self.groups)
+            return y.reshape(B, m, *y.shape[1:])
+
+        mid = add_constant(conv(x.mid, self.weight), None if self.bias is None else self.bias.reshape(-1, 1, 1))
+        return LinearBounds(mid, None if x.rad is None else conv(x.rad, self.weight.abs()))
 
 
 def conv_backward(A: Tensor, weight: Tensor, stride, padding, groups: int, out_hw) -> Tensor:

@@ -6,7 +6,10 @@ interval: sound, and as tight as the module's ``interval_bounds`` allows.
 
 from __future__ import annotations
 
-from lingraft.bounds.ops.base import BoundOp, neg, pos, sum_trailing
+import torch
+
+from lingraft.bounds.linear_bounds import LinearBounds
+from lingraft.bounds.ops.base import BoundOp, Bounds, neg, pos, sum_trailing
 
 
 class OpaqueOp(BoundOp):
@@ -38,3 +41,16 @@ class OpaqueOp(BoundOp):
 
     def describe(self):
         return f"Opaque({type(self.module).__name__})"
+
+    def forward_linear_ok(self) -> bool:
+        return True
+
+    def forward_linear(self, ins: list[LinearBounds], refs: list[Bounds], ibp: Bounds) -> LinearBounds:
+        """Cut: the node's interval as constant bounds."""
+        lo, up = ibp
+        B = lo.shape[0]
+        m = ins[0].mid.shape[1]
+        mid = torch.zeros(B, m, *lo.shape[1:], dtype=lo.dtype, device=lo.device)
+        rad = torch.zeros_like(mid)
+        mid[:, -1], rad[:, -1] = (up + lo) / 2, (up - lo) / 2
+        return LinearBounds(mid, rad)

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lingraft.bounds.ops.base import BoundOp, neg, pos, sum_trailing
+from lingraft.bounds.linear_bounds import LinearBounds
+from lingraft.bounds.ops.base import BoundOp, Bounds, neg, pos, sum_trailing
 
 
 class MaxPoolOp(BoundOp):
@@ -97,3 +98,25 @@ class MaxPoolOp(BoundOp):
     def describe(self):
         extra = (f", p={self.p}" if self.p != (0, 0) else "") + (", ceil_mode" if self.ceil_mode else "")
         return f"MaxPool2d(k={self.k}, s={self.s}{extra})"
+
+    def forward_linear_ok(self) -> bool:
+        return self.p == (0, 0) and not self.ceil_mode  # forward mode has no padded or ceil-mode windows
+
+    def forward_linear(self, ins: list[LinearBounds], refs: list[Bounds], ibp: Bounds) -> LinearBounds:
+        """Lower: the window's input j* of largest lower bound; upper: x_j* where its lower bound is at least
+        every other input's upper bound (exact), else the constant max of the upper bounds."""
+        (x,) = ins
+        lo, up = refs[0]
+        B, C, H, W = lo.shape
+        Ho, Wo = self.out_shape[1:]
+        flat, exact, umax = self.choice(lo, up)  # the backward pass's relaxation: [B, C, L], [B, C, Ho, Wo] x2
+        m = x.mid.shape[1]
+        idx = flat.unsqueeze(1).expand(B, m, C, Ho * Wo)
+
+        def pick(t: Tensor) -> Tensor:  # [B, m, C, H, W] -> x_j* coefficients [B, m, C, Ho, Wo]
+            return t.reshape(B, m, C, H * W).gather(3, idx).reshape(B, m, C, Ho, Wo)
+
+        low = pick(x.lower())
+        upp = torch.where(exact.reshape(B, 1, C, Ho, Wo), pick(x.upper()), torch.zeros_like(low))
+        upp[:, -1] = torch.where(exact.reshape(B, C, Ho, Wo), upp[:, -1], umax.reshape(B, C, Ho, Wo))
+        return LinearBounds.from_sides(low, upp)

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lingraft.bounds.ops.base import BoundOp
+from lingraft.bounds.linear_bounds import LinearBounds, add_constant
+from lingraft.bounds.ops.base import BoundOp, Bounds
 
 
 class ReLUOp(BoundOp):
@@ -189,6 +190,26 @@ class ReLUOp(BoundOp):
         return f"ReLU({'x'.join(map(str, self.shape))}" + (
             f", grafted={self.num_grafted})" if self.mask is not None else ")"
         )
+
+    def forward_linear_ok(self) -> bool:
+        return True
+
+    def forward_linear(self, ins: list[LinearBounds], refs: list[Bounds], ibp: Bounds) -> LinearBounds:
+        """Triangle relaxation of the non-grafted neurons with the pre-activation bounds refs[0] ([B, *shape]
+        each; the lower line alpha * L with CROWN's adaptive alpha >= 0); grafted neurons map exactly."""
+        (x,) = ins
+        lo, up = refs[0]
+        u_slope, u_int, l_slope, _ = self.relaxation(lo, up)  # [B, *shape] each
+        low = x.lower() * l_slope.unsqueeze(1)
+        upp = add_constant(x.upper() * u_slope.unsqueeze(1), u_int)
+        graft = self.graft
+        if graft is not None:
+            mask, a, b = graft
+            ga = add_constant(x.mid * a, b)
+            gr = x.rad * a.abs() if x.rad is not None else torch.zeros_like(ga)
+            low = torch.where(mask, ga - gr, low)
+            upp = torch.where(mask, ga + gr, upp)
+        return LinearBounds.from_sides(low, upp)
 
 
 def _patch_sum(P: Tensor) -> Tensor:

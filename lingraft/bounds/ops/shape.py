@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lingraft.bounds.ops.base import AffineMapOp, BoundOp, sum_trailing
+from lingraft.bounds.linear_bounds import LinearBounds
+from lingraft.bounds.ops.base import AffineMapOp, BoundOp, Bounds, sum_trailing
 from lingraft.errors import UnsupportedModelError
 
 
@@ -36,6 +37,12 @@ class ReshapeOp(BoundOp):
     def describe(self):
         return f"Reshape({self.in_shape}->{self.out_shape})"
 
+    def forward_linear_ok(self) -> bool:
+        return True
+
+    def forward_linear(self, ins: list[LinearBounds], refs: list[Bounds], ibp: Bounds) -> LinearBounds:
+        return ins[0].map(lambda t: t.reshape(t.shape[0], t.shape[1], *self.out_shape))
+
 
 class PermuteOp(BoundOp):
     """Permute per-sample dims: dims is a permutation of range(len(shape)) (batch excluded)."""
@@ -56,6 +63,12 @@ class PermuteOp(BoundOp):
     def backward(self, lA, uA, input_bounds, **kw):
         f = lambda A: None if A is None else A.permute(0, 1, *[d + 2 for d in self.inv])
         return [(f(lA), f(uA))], 0, 0
+
+    def forward_linear_ok(self) -> bool:
+        return True
+
+    def forward_linear(self, ins: list[LinearBounds], refs: list[Bounds], ibp: Bounds) -> LinearBounds:
+        return ins[0].map(lambda t: t.permute(0, 1, *[d + 2 for d in self.dims]))
 
 
 class PadOp(AffineMapOp):
@@ -108,6 +121,16 @@ class PadOp(AffineMapOp):
             bias = (sum_trailing(A) - sum_trailing(inner)) * self.value
         return inner, bias
 
+    def forward_linear_ok(self) -> bool:
+        return True
+
+    def forward_linear(self, ins: list[LinearBounds], refs: list[Bounds], ibp: Bounds) -> LinearBounds:
+        (x,) = ins
+        out = x.map(lambda t: F.pad(t, self.pads))
+        if self.value != 0.0:  # the padding value is a constant: it goes to the constant row only
+            out.mid[:, -1] = F.pad(x.mid[:, -1], self.pads, value=self.value)
+        return out
+
 
 class CatOp(BoundOp):
     """Concatenate inputs along per-sample dim ``dim`` (0-based, batch excluded)."""
@@ -126,3 +149,13 @@ class CatOp(BoundOp):
         ls = [None] * len(self.sizes) if lA is None else torch.split(lA, self.sizes, dim=self.dim + 2)
         us = [None] * len(self.sizes) if uA is None else torch.split(uA, self.sizes, dim=self.dim + 2)
         return list(zip(ls, us)), 0, 0
+
+    def forward_linear_ok(self) -> bool:
+        return True
+
+    def forward_linear(self, ins: list[LinearBounds], refs: list[Bounds], ibp: Bounds) -> LinearBounds:
+        mid = torch.cat([x.mid for x in ins], self.dim + 2)
+        if all(x.rad is None for x in ins):
+            return LinearBounds(mid, None)
+        rad = torch.cat([torch.zeros_like(x.mid) if x.rad is None else x.rad for x in ins], self.dim + 2)
+        return LinearBounds(mid, rad)
