@@ -138,6 +138,32 @@ def test_relu_bab_proves_what_alpha_crown_cannot():
     assert res.stats["method"] == "bab-relu" and res.stats["branches"] > 2
 
 
+def test_root_alpha_crown_reuses_crown_bounds_and_leaves_time_for_branching(monkeypatch):
+    """The root alpha-CROWN step starts from step 1's CROWN intermediate bounds (no second CROWN pass of the whole
+    box) and may use at most ROOT_ALPHA_SHARE of the time left; branch and bound still proves the property."""
+    import lingraft.verify.core as core
+
+    model = tiny_net(5)
+    calls: list[dict] = []
+    real = core.bound_domains
+
+    def spy(net, x_L, x_U, C, **kw):
+        calls.append({"kw": kw, "at": now()})
+        return real(net, x_L, x_U, C, **kw)
+
+    monkeypatch.setattr(core, "bound_domains", spy)
+    timeout = 30.0
+    t0 = now()
+    res = verify_property(model, below(-0.2), in_shape=(2,), split="relu", timeout=timeout)
+    assert res.status == "unsat" and res.stats["method"] == "bab-relu"
+    crown, root = calls[0], calls[1]
+    assert crown["kw"]["iterations"] == 0 and root["kw"]["intermediate_alpha"]
+    assert root["kw"]["base_bounds"] is not None  # step 1's bounds, not recomputed
+    left = t0 + timeout - root["at"]
+    assert root["kw"]["deadline"] <= root["at"] + core.ROOT_ALPHA_SHARE * left + 1e-3
+    assert 0 < core.ROOT_ALPHA_SHARE < 1
+
+
 def test_input_bab_proves_the_same_property():
     model = tiny_net(5)
     res = verify_property(model, below(-0.2), in_shape=(2,), split="input", timeout=30)
