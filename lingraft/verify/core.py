@@ -6,9 +6,10 @@ Per region of the property (an input box with a disjunction of unsafe output con
 2. a quick PGD search for a counterexample on the regions left (all of them before any branch and bound, so
    ``sat`` comes early);
 3. on what is left, input splitting for networks with at most ``INPUT_SPLIT_MAX_DIM`` inputs
-   (:mod:`lingraft.verify.input_bab`, from step 1's CROWN bounds), otherwise alpha-CROWN, then ReLU
-   splitting with beta-CROWN bounds (:mod:`lingraft.verify.relu_bab`). Both also search for
-   counterexamples as the domains shrink.
+   (:mod:`lingraft.verify.input_bab`, from step 1's CROWN bounds), otherwise alpha-CROWN (from step 1's
+   intermediate bounds, for at most ``ROOT_ALPHA_SHARE`` of the time left), then ReLU splitting with
+   beta-CROWN bounds (:mod:`lingraft.verify.relu_bab`). Both also search for counterexamples as the domains
+   shrink.
 
 Answers: ``sat`` only with a counterexample re-checked by onnxruntime (or a float64 forward pass for an
 in-memory model) against the property; ``unsat`` only when every region's every (sub)domain is refuted with a
@@ -151,9 +152,9 @@ def verify_property(
     is put in eval mode and used on its own device unless ``device`` is given); prop: a VnnlibProperty or a
     VNN-LIB file path; timeout: wall-clock seconds for the whole call (loading included); split: "auto" (input
     splitting for <= 16 inputs, ReLU splitting otherwise), "input" or "relu"; attack_time: seconds of the first
-    counterexample search per region
-    (default min(2 s, 5% of the timeout)); root/bab_iterations: alpha(-beta) optimization steps at the root /
-    per branch-and-bound round; batch_size: domains per round (default 64 for ReLU, 512 for input splitting);
+    counterexample search per region (default min(2 s, 5% of the timeout)); root/bab_iterations: alpha(-beta)
+    optimization steps at the root (stopped early once ``ROOT_ALPHA_SHARE`` of the time left is spent) / per
+    branch-and-bound round; batch_size: domains per round (default 64 for ReLU, 512 for input splitting);
     attack=False turns the PGD searches off (branch and bound alone; for testing its soundness); max_rounds: a
     work budget independent of the clock, branch-and-bound rounds per region at most (then ``unknown``).
     """
