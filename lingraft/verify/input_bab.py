@@ -116,10 +116,11 @@ class InputBaB(BranchAndBound):
         )
         per_box = 0.0  # seconds per popped box in the last round: predicts the next round's length
         while heap:
-            if not self.may_start_round(out, per_box, len(heap)):
+            size = self.round_size(out, per_box, len(heap))
+            if size == 0:
                 return out
             round_watch = Stopwatch()
-            items = [heapq.heappop(heap) for _ in range(min(self.batch_size, len(heap)))]
+            items = [heapq.heappop(heap) for _ in range(size)]
             lo2, up2, op2, depth = self._bisect(items)
             n = len(items)
             parents = kept.for_children([it[7] for it in items], interleaved=False)

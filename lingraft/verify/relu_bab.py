@@ -208,9 +208,10 @@ class ReluBaB(BranchAndBound):
         since_attack = Stopwatch()
         per_domain = 0.0  # seconds per popped domain in the last round: predicts the next round's length
         while heap:
-            if not self.may_start_round(out, per_domain, len(heap)):
+            size = self.round_size(out, per_domain, len(heap))
+            if size == 0:
                 return out
-            batch, n_stuck = self._pop_batch(heap)
+            batch, n_stuck = self._pop_batch(heap, size)
             stuck += n_stuck
             if not batch:
                 break
@@ -256,11 +257,11 @@ class ReluBaB(BranchAndBound):
         settled = [self.pre_nodes[li] if d.bounds is not None else -1 for d, li in zip(batch, layer)]
         return ref, torch.tensor(settled, device=self.net.device).repeat_interleave(2)
 
-    def _pop_batch(self, heap: list) -> tuple[list[Domain], int]:
-        """Up to batch_size splittable domains off the heap, and how many popped ones had nothing left to split."""
+    def _pop_batch(self, heap: list, size: int) -> tuple[list[Domain], int]:
+        """Up to ``size`` splittable domains off the heap, and how many popped ones had nothing left to split."""
         batch: list[Domain] = []
         stuck = 0
-        while heap and len(batch) < self.batch_size:
+        while heap and len(batch) < size:
             _, _, d = heapq.heappop(heap)
             if d.branch < 0:
                 stuck += 1  # nothing left to split and not refuted: cannot be decided by splitting

@@ -63,16 +63,21 @@ class BranchAndBound:
         self.iterations = self.ITERATIONS if iterations is None else iterations
         self.log = log or (lambda s: None)
 
-    def may_start_round(self, out: SearchOutcome, per_item: float, queued: int) -> bool:
-        """Before a round: False (and ``out.status`` "timeout" or "unknown") when the round would end past the
-        deadline, predicted from the last round's seconds per popped item, or when no rounds are left."""
-        if now() + per_item * min(self.batch_size, queued) > self.deadline:
+    def round_size(self, out: SearchOutcome, per_item: float, queued: int) -> int:
+        """Before a round: how many queued items to pop, at most ``batch_size``, and no more than the last round's
+        seconds per popped item (``per_item``; 0 before the first round) predict to finish by the deadline, so the
+        budget's last seconds still bound a smaller round. 0 (and ``out.status`` "timeout" or "unknown") when not
+        even one item fits or no rounds are left."""
+        n = min(self.batch_size, queued)
+        if per_item > 0:
+            n = min(n, int((self.deadline - now()) / per_item))
+        if n < 1:
             out.status = "timeout"
-            return False
+            return 0
         if self.max_rounds is not None and out.rounds >= self.max_rounds:
             out.status = "unknown"
-            return False
-        return True
+            return 0
+        return n
 
 
 def worst_rows(m: Tensor, open_c: Tensor, spec: RegionSpec) -> Tensor:
