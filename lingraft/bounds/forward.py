@@ -39,6 +39,7 @@ from torch import Tensor
 from lingraft.bounds.engine import BoundedNetwork
 from lingraft.bounds.input_set import InputSet
 from lingraft.bounds.linear_bounds import LinearBounds
+from lingraft.bounds.ops.base import Bounds
 
 __all__ = [
     "LinearBounds",
@@ -48,8 +49,6 @@ __all__ = [
     "num_inputs",
     "supports_forward",
 ]
-
-Bounds = tuple[Tensor, Tensor]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -122,8 +122,9 @@ class BoundOp:
         return kh, kw
 
     def forward_linear_ok(self) -> bool:
-        """Whether :meth:`forward_linear` handles this op (forward mode, :mod:`lingraft.bounds.forward`)."""
-        return False
+        """Whether :meth:`forward_linear` handles this op (forward mode, :mod:`lingraft.bounds.forward`): by
+        default, whether its class defines one; an op that handles only some configurations narrows it."""
+        return type(self).forward_linear is not BoundOp.forward_linear
 
     def forward_linear(self, ins: list[LinearBounds], refs: list[Bounds], ibp: Bounds) -> LinearBounds:
         """Forward mode: this node's linear bounds in the input ([B, n + 1, *shape] centre/radius) from its

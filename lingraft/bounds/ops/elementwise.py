@@ -47,9 +47,6 @@ class ElementwiseAffineOp(AffineMapOp):
     def describe(self):
         return "ElementwiseAffine"
 
-    def forward_linear_ok(self) -> bool:
-        return True
-
     def forward_linear(self, ins: list[LinearBounds], refs: list[Bounds], ibp: Bounds) -> LinearBounds:
         (x,) = ins
         mid = add_constant(x.mid * self.scale, self.shift)
@@ -83,9 +80,6 @@ class AddOp(BoundOp):
 
     def describe(self):
         return "Add" if self.alpha == 1.0 else ("Sub" if self.alpha == -1.0 else f"Add(alpha={self.alpha:g})")
-
-    def forward_linear_ok(self) -> bool:
-        return True
 
     def forward_linear(self, ins: list[LinearBounds], refs: list[Bounds], ibp: Bounds) -> LinearBounds:
         a, b = ins

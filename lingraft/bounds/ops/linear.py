@@ -48,9 +48,6 @@ class LinearOp(AffineMapOp):
     def describe(self):
         return f"Linear({self.weight.shape[1]}->{self.weight.shape[0]})"
 
-    def forward_linear_ok(self) -> bool:
-        return True
-
     def forward_linear(self, ins: list[LinearBounds], refs: list[Bounds], ibp: Bounds) -> LinearBounds:
         (x,) = ins
         mid = add_constant(F.linear(x.mid, self.weight), self.bias)
@@ -169,9 +166,6 @@ class ConvOp(AffineMapOp):
     def describe(self):
         c_in, c_out = self.weight.shape[1] * self.groups, self.weight.shape[0]
         return f"Conv2d({c_in}->{c_out}, k={tuple(self.weight.shape[2:])}, s={self.stride}, p={self.padding})"
-
-    def forward_linear_ok(self) -> bool:
-        return True
 
     def forward_linear(self, ins: list[LinearBounds], refs: list[Bounds], ibp: Bounds) -> LinearBounds:
         (x,) = ins

@@ -42,9 +42,6 @@ class OpaqueOp(BoundOp):
     def describe(self):
         return f"Opaque({type(self.module).__name__})"
 
-    def forward_linear_ok(self) -> bool:
-        return True
-
     def forward_linear(self, ins: list[LinearBounds], refs: list[Bounds], ibp: Bounds) -> LinearBounds:
         """Cut: the node's interval as constant bounds."""
         lo, up = ibp

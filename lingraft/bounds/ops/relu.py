@@ -191,9 +191,6 @@ class ReLUOp(BoundOp):
             f", grafted={self.num_grafted})" if self.mask is not None else ")"
         )
 
-    def forward_linear_ok(self) -> bool:
-        return True
-
     def forward_linear(self, ins: list[LinearBounds], refs: list[Bounds], ibp: Bounds) -> LinearBounds:
         """Triangle relaxation of the non-grafted neurons with the pre-activation bounds refs[0] ([B, *shape]
         each; the lower line alpha * L with CROWN's adaptive alpha >= 0); grafted neurons map exactly."""

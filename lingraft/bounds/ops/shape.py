@@ -37,9 +37,6 @@ class ReshapeOp(BoundOp):
     def describe(self):
         return f"Reshape({self.in_shape}->{self.out_shape})"
 
-    def forward_linear_ok(self) -> bool:
-        return True
-
     def forward_linear(self, ins: list[LinearBounds], refs: list[Bounds], ibp: Bounds) -> LinearBounds:
         return ins[0].map(lambda t: t.reshape(t.shape[0], t.shape[1], *self.out_shape))
 
@@ -63,9 +60,6 @@ class PermuteOp(BoundOp):
     def backward(self, lA, uA, input_bounds, **kw):
         f = lambda A: None if A is None else A.permute(0, 1, *[d + 2 for d in self.inv])
         return [(f(lA), f(uA))], 0, 0
-
-    def forward_linear_ok(self) -> bool:
-        return True
 
     def forward_linear(self, ins: list[LinearBounds], refs: list[Bounds], ibp: Bounds) -> LinearBounds:
         return ins[0].map(lambda t: t.permute(0, 1, *[d + 2 for d in self.dims]))
@@ -121,9 +115,6 @@ class PadOp(AffineMapOp):
             bias = (sum_trailing(A) - sum_trailing(inner)) * self.value
         return inner, bias
 
-    def forward_linear_ok(self) -> bool:
-        return True
-
     def forward_linear(self, ins: list[LinearBounds], refs: list[Bounds], ibp: Bounds) -> LinearBounds:
         (x,) = ins
         out = x.map(lambda t: F.pad(t, self.pads))
@@ -149,9 +140,6 @@ class CatOp(BoundOp):
         ls = [None] * len(self.sizes) if lA is None else torch.split(lA, self.sizes, dim=self.dim + 2)
         us = [None] * len(self.sizes) if uA is None else torch.split(uA, self.sizes, dim=self.dim + 2)
         return list(zip(ls, us)), 0, 0
-
-    def forward_linear_ok(self) -> bool:
-        return True
 
     def forward_linear(self, ins: list[LinearBounds], refs: list[Bounds], ibp: Bounds) -> LinearBounds:
         mid = torch.cat([x.mid for x in ins], self.dim + 2)
