@@ -142,3 +142,77 @@ def test_single_relu_triangle_relaxation(w_out):
         assert torch.allclose(res.lower, torch.tensor([[-3.0]])) and torch.allclose(res.upper, torch.tensor([[1.0]]))
     ibp = net.compute_bounds(xl, xu, "ibp")
     assert torch.allclose(ibp.lower, torch.tensor([[min(0.0, 3 * w_out)]]))
+
+
+def test_subnormal_weights_are_flushed_in_the_engine_only():
+    """Subnormal weights (slow on x86) become 0 in the engine's copies; the model keeps them; bounds stay sound
+    (every sampled point and PGD point of the original model inside them)."""
+    from lingraft.bounds.tolerance import flush_subnormals
+
+    torch.manual_seed(3)
+    model = create_model("cnn-b", IN).eval()
+    tiny = torch.finfo(torch.float32).tiny
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        for m in convs:
+            w = m.weight.view(-1)
+            w[::7] = tiny * torch.rand(w[::7].shape) * torch.sign(torch.randn(w[::7].shape))
+    n_sub = sum(int(((m.weight != 0) & (m.weight.abs() < tiny)).sum()) for m in convs)
+    assert n_sub > 100
+    net = BoundedNetwork(model, IN)
+    for nd in net.nodes[1:]:
+        for v in vars(nd.op).values():
+            if torch.is_tensor(v) and v.is_floating_point():
+                assert not ((v != 0) & (v.abs() < tiny)).any()
+    assert sum(int(((m.weight != 0) & (m.weight.abs() < tiny)).sum()) for m in convs) == n_sub
+    check_sound(model, IN, 0.02, "crown")
+    t = torch.tensor([tiny / 2, -tiny / 3, tiny, 1.0, 0.0])
+    assert flush_subnormals(t).tolist() == [0.0, 0.0, tiny, 1.0, 0.0]
+    clean = torch.ones(3)
+    assert flush_subnormals(clean) is clean
+
+
+class _FewInputsConvNet(nn.Module):
+    """cifar_biasfield's shape in small: 6 inputs -> Linear -> image -> convs (every pre-activation below the
+    first ReLU is one affine map of the input, far wider than it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 3 * 8 * 8)
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(8 * 4 * 4, 5),
+        )
+
+    def forward(self, x):
+        return self.body(self.lin(x).reshape(-1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("method", ["crown", "alpha-crown"])
+def test_input_maps_give_the_same_bounds_as_the_ops_below(method):
+    """A backward pass that reaches a node that is one affine map of a low-dimensional input jumps to the input
+    with the node's precomputed map: same bounds as going through the ops, and sound."""
+    torch.manual_seed(4)
+    model = _FewInputsConvNet().eval()
+    net = BoundedNetwork(model, (6,))
+    maps = net.input_maps()
+    assert maps and all(W.shape[1] == 6 for W, _ in maps.values())
+    x = torch.rand(3, 6)
+    xl, xu = input_box(x, 0.2)
+    x_in = xl + (xu - xl) * torch.rand(50, 1, 6)
+    for node, (W, b) in maps.items():  # each map reproduces the node's value
+        vals = net.ibp_all(x_in.reshape(-1, 6), x_in.reshape(-1, 6))[node][0]
+        assert torch.allclose(vals.reshape(150, -1), x_in.reshape(-1, 6) @ W.T + b, atol=1e-5)
+    C = margin_spec(model(x).argmax(1), 5)
+    with_maps = net.compute_bounds(xl, xu, method=method, C=C, alpha_iterations=5)
+    plain = BoundedNetwork(model, (6,))
+    plain._input_maps = {}
+    without = plain.compute_bounds(xl, xu, method=method, C=C, alpha_iterations=5)
+    assert torch.allclose(with_maps.lower, without.lower, atol=1e-4, rtol=1e-5)
+    assert torch.allclose(with_maps.upper, without.upper, atol=1e-4, rtol=1e-5)
+    check_sound(model, (6,), 0.2, method)
+    assert BoundedNetwork(create_model("cnn-b", IN), IN).input_maps() == {}  # 144 inputs: not worth it

@@ -10,6 +10,11 @@ affine function of the box (input -> elementwise/reshape/pad ops -> at most one 
 bounds, which are exact there. Intermediate CROWN bounds are intersected with interval references (IBP
 of the node from its inputs' tightest bounds; both are sound, so their intersection is), and neurons that the
 reference already proves stable skip the CROWN pass.
+
+Networks with few inputs (e.g. VNN-COMP's cifar_biasfield: 16 coefficients -> Linear -> Reshape -> Conv) have
+nodes that are one affine map of the input yet far wider than it. A backward pass that reaches such a node
+multiplies its coefficients by the node's precomputed input map (:meth:`BoundedNetwork.input_maps`) instead of
+going through the ops below it: the same linear function, one matmul instead of transposed convolutions.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch import Tensor, nn
 from lingraft.bounds.alpha_crown import optimize_alpha
 from lingraft.bounds.graph import GraphNode, build_graph
 from lingraft.bounds.input_set import InputSet
+from lingraft.bounds.linear_bounds import LinearBounds
 from lingraft.bounds.methods import METHODS
 from lingraft.bounds.ops import LinearOp, ReLUOp
 from lingraft.bounds.ops.base import neg, pos
@@ -34,6 +40,11 @@ from lingraft.errors import UsageError
 
 #: the patch pass is used only while every patch covers at most this share of its plane (else the dense pass)
 PATCH_MAX_FILL = 0.75
+#: input maps (see BoundedNetwork.input_maps) are built only for networks with at most this many inputs (one
+#: map row costs n multiply-adds, what a 3x3 convolution over 7 channels costs per output: cheaper than the ops
+#: it skips for few inputs, far dearer for images) and kept only while each takes at most this many bytes
+INPUT_MAP_MAX_INPUTS = 64
+INPUT_MAP_MAX_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -81,13 +92,14 @@ class BoundedNetwork:
         self.nodes: list[GraphNode] = build_graph(model, self.in_shape)
         for nd in self.nodes:
             if nd.op is not None:
-                nd.op.to(self.device)
+                nd.op.to(self.device).flush_subnormals()  # copies: the model keeps its weights
         self.out_shape = self.nodes[-1].shape
         self.num_outputs = int(math.prod(self.out_shape))
         self.memory_budget = memory_budget_mb * 2**20
         self._box_exact = self._find_box_exact()
         self._ibp_exact = self._find_ibp_exact()
         self._needed = self._find_needed_bounds()
+        self._input_maps: dict[int, tuple[Tensor, Tensor]] | None = None
 
     # ---------------------------------------------------------------------------------------------
     # structure
@@ -104,6 +116,37 @@ class BoundedNetwork:
             else:
                 level.append(2)
         return level
+
+    def input_maps(self) -> dict[int, tuple[Tensor, Tensor]]:
+        """{node k: (W [N_k, n], b [N_k])} with node k's value ``W x_flat + b`` for every input x, for the nodes that
+        are one affine map of the input (single-input affine or diagonal ops all the way down) and wider than it
+        (N_k = prod(shape_k) > n = prod(in_shape)), while W fits INPUT_MAP_MAX_BYTES; empty for networks with more
+        than INPUT_MAP_MAX_INPUTS inputs. Built once, in float32, by the ops' forward-mode maps of the identity (no
+        differences of outputs, so no cancellation)."""
+        n = int(math.prod(self.in_shape))
+        if self._input_maps is None and n > INPUT_MAP_MAX_INPUTS:
+            self._input_maps = {}
+        if self._input_maps is None:
+            eye = torch.cat([torch.eye(n, device=self.device), torch.zeros(1, n, device=self.device)])
+            lin = {0: LinearBounds(eye.reshape(1, n + 1, *self.in_shape), None)}
+            maps: dict[int, tuple[Tensor, Tensor]] = {}
+            with torch.no_grad():
+                for i, nd in enumerate(self.nodes[1:], 1):
+                    op = nd.bound_op
+                    N = int(math.prod(nd.shape))
+                    if len(nd.inputs) != 1 or nd.inputs[0] not in lin or not (op.affine or op.diagonal):
+                        continue
+                    if not op.forward_linear_ok() or 4 * n * N > INPUT_MAP_MAX_BYTES:
+                        continue
+                    lb = op.forward_linear([lin[nd.inputs[0]]], [], (torch.empty(0), torch.empty(0)))
+                    if lb.rad is not None:
+                        continue
+                    lin[i] = lb
+                    if N > n:
+                        M = lb.mid[0].reshape(n + 1, N)
+                        maps[i] = (M[:n].T.contiguous(), M[n].contiguous())
+            self._input_maps = maps
+        return self._input_maps
 
     def _find_ibp_exact(self) -> set[int]:
         """Nodes whose interval (IBP) bounds are the exact range of every neuron: box-exact nodes (level <= 1) and
@@ -566,6 +609,7 @@ class BoundedNetwork:
         record_lA: see :meth:`backward_bound`. Returns (lower [B, S], upper [B, S] or None).
         """
         relus = self.relu_input_nodes() if record_lA is not None else {}
+        maps = self.input_maps()
         B = inp.batch
         lbias = torch.zeros((), device=self.device)
         ubias = torch.zeros((), device=self.device)
@@ -596,6 +640,21 @@ class BoundedNetwork:
                 lA = lA + extra_lA[k]
             if k in relus and lA is not None:
                 record_lA[k] = lA.detach()  # type: ignore[index]
+            if k in maps:  # node k = W x + b: straight to the input (see input_maps)
+                W, b = maps[k]
+                outs_in = []
+                for a in (lA, uA):
+                    if a is None:
+                        outs_in.append((None, 0))
+                        continue
+                    af = a.reshape(*a.shape[:2], -1)
+                    outs_in.append(((af @ W).reshape(*a.shape[:2], *self.in_shape), af @ b))
+                (la, lb), (ua, ub) = outs_in
+                lbias = lbias + lb
+                ubias = ubias + ub
+                pl, pu = A.get(0, [None, None])
+                A[0] = [_add(pl, la), _add(pu, ua)]
+                continue
             node = self.nodes[k]
             kw = {}
             if alphas is not None and k in alphas:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from lingraft.bounds.tolerance import flush_subnormals
+
 if TYPE_CHECKING:
     from lingraft.bounds.linear_bounds import LinearBounds
     from lingraft.bounds.patches import PatchPass
@@ -136,6 +138,14 @@ class BoundOp:
         for k, v in list(vars(self).items()):
             if isinstance(v, Tensor):
                 setattr(self, k, v.to(device))
+        return self
+
+    def flush_subnormals(self) -> BoundOp:
+        """Set subnormal entries of this op's constant tensors (weights, biases) to 0 (see
+        :func:`lingraft.bounds.tolerance.flush_subnormals`); tensors that require grad are left alone."""
+        for k, v in list(vars(self).items()):
+            if isinstance(v, Tensor) and not v.requires_grad:
+                setattr(self, k, flush_subnormals(v))
         return self
 
     def describe(self) -> str:
