@@ -216,3 +216,22 @@ def test_input_maps_give_the_same_bounds_as_the_ops_below(method):
     assert torch.allclose(with_maps.upper, without.upper, atol=1e-4, rtol=1e-5)
     check_sound(model, (6,), 0.2, method)
     assert BoundedNetwork(create_model("cnn-b", IN), IN).input_maps() == {}  # 144 inputs: not worth it
+
+
+def test_relu_relaxation_is_reused_only_for_the_same_unchanged_bounds():
+    from lingraft.bounds.ops import ReLUOp
+
+    op = ReLUOp((4,))
+    lo = torch.tensor([[-1.0, -2.0, 0.5, -3.0]])
+    up = torch.tensor([[1.0, -1.0, 2.0, 1.0]])
+    first = op.relaxation(lo, up)
+    assert op.relaxation(lo, up) is first  # an optimisation loop over fixed bounds: computed once
+    assert op.relaxation(lo.clone(), up) is not first  # other tensors: computed again
+    lo[0, 0] = 0.5  # changed in place: the cached slopes are stale
+    u_slope, _, l_slope, unstable = op.relaxation(lo, up)
+    assert not bool(unstable[0, 0]) and float(u_slope[0, 0]) == 1.0 and float(l_slope[0, 0]) == 1.0
+    lo_g = lo.clone().requires_grad_(True)  # bounds under optimisation: never cached (fresh graph each time)
+    a = op.relaxation(lo_g, up)
+    assert op.relaxation(lo_g, up) is not a
+    a[0].sum().backward()
+    assert lo_g.grad is not None

@@ -40,6 +40,8 @@ class ReLUOp(BoundOp):
             self.mask = mask.detach().bool()
             self.a = a.detach() * self.mask
             self.b = b.detach() * self.mask
+        # the last relaxation computed: (lo, up, their versions, result); see relaxation()
+        self._last_relaxation: tuple | None = None
 
     @property
     def graft(self) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -91,7 +93,20 @@ class ReLUOp(BoundOp):
         return m
 
     def relaxation(self, lo: Tensor, up: Tensor):
-        """Upper line (slope, intercept), default lower slope, and the unstable mask. All [B, *shape]."""
+        """Upper line (slope, intercept), default lower slope, and the unstable mask. All [B, *shape].
+
+        Cached for the last (lo, up) pair while those very tensors are unchanged and need no gradient: an
+        alpha/beta optimisation runs many backward passes over the same bounds (sri_resnet_a's branch and bound
+        recomputed it about 2,700 times in 60 s, 10% of the search)."""
+        last = self._last_relaxation
+        if last is not None and last[0] is lo and last[1] is up and last[2] == (lo._version, up._version):
+            return last[3]
+        out = self._relaxation(lo, up)
+        if not (lo.requires_grad or up.requires_grad):
+            self._last_relaxation = (lo, up, (lo._version, up._version), out)
+        return out
+
+    def _relaxation(self, lo: Tensor, up: Tensor):
         # grafted neurons may carry +-inf bounds (never computed); keep the arithmetic finite
         if self.mask is not None:
             lo = torch.where(self.mask, torch.zeros_like(lo), lo)
