@@ -415,6 +415,42 @@ def test_cli_verify_accepts_checkpoints_like_their_onnx(digits_mlp_pt, tmp_path)
     assert lm.in_shape == (1, 8, 8)
 
 
+def test_cli_verify_batch_size_reaches_branch_and_bound(digits_mlp_pt, tmp_path, monkeypatch):
+    """--batch-size is passed to verify_property (one instance and --instances); 0 is a usage error."""
+    from click.testing import CliRunner
+
+    import lingraft.verify as lv
+    from lingraft.cli.main import cli
+    from lingraft.data.datasets import load_dataset, subset
+    from lingraft.spec.benchmark import robustness_vnnlib
+
+    seen = []
+    real = lv.verify_property
+
+    def spy(*a, **kw):
+        seen.append(kw.get("batch_size"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(lv, "verify_property", spy)
+    monkeypatch.setattr("lingraft.verify.runner.verify_property", spy)
+    x, y = subset(*load_dataset("digits", "test"), 1)
+    prop = tmp_path / "p.vnnlib"
+    prop.write_text(robustness_vnnlib(x[0], int(y[0]), 0.05, 10))
+    res = CliRunner().invoke(cli, ["verify", str(digits_mlp_pt), str(prop), "--batch-size", "7", "--json", "-"])
+    assert res.exit_code == 0, res.output
+    assert seen == [7] and json.loads(res.stdout)["status"] in ("sat", "unsat")
+    res = CliRunner().invoke(cli, ["verify", str(digits_mlp_pt), str(prop)])
+    assert res.exit_code == 0 and seen[-1] is None
+    csv = tmp_path / "instances.csv"
+    csv.write_text(f"{digits_mlp_pt},{prop.name},20\n")
+    out = tmp_path / "out.jsonl"
+    res = CliRunner().invoke(cli, ["verify", "--instances", str(csv), "--out", str(out), "--batch-size", "5", "-q"])
+    assert res.exit_code == 0, res.output
+    assert seen[-1] == 5
+    res = CliRunner().invoke(cli, ["verify", str(digits_mlp_pt), str(prop), "--batch-size", "0"])
+    assert res.exit_code == 2 and "--batch-size" in res.output
+
+
 # ---------------------------------------------------------------------------------------------- float32 rounding
 def offset_net() -> nn.Module:
     """2 -> 2 -> 1 network with outputs near 1088 (both ReLUs active on [-1, 1]^2, so it is affine there).

@@ -55,6 +55,13 @@ EXIT_MARGIN_S = 1.0
     help="Branching: input splitting (<= 16 inputs in auto), ReLU splitting otherwise.",
 )
 @click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Branch and bound: domains bounded per round (default 64 for ReLU splitting, 512 boxes for input "
+    "splitting); on a GPU thousands pay.",
+)
+@click.option(
     "--prepare",
     is_flag=True,
     help="Only check that MODEL loads and PROP parses for it (VNN-COMP's prepare_instance.sh).",
@@ -85,6 +92,7 @@ def command(
     result_path,
     started_at,
     split,
+    batch_size,
     prepare,
     instances,
     out_path,
@@ -123,13 +131,22 @@ def command(
             click.get_current_context().get_parameter_source("timeout") != click.core.ParameterSource.DEFAULT
         )
         _verify_benchmark(
-            instances, out_path, results_dir, not no_resume, timeout if timeout_given else None, split, dev, common, ray
+            instances,
+            out_path,
+            results_dir,
+            not no_resume,
+            timeout if timeout_given else None,
+            split,
+            dev,
+            common,
+            ray,
+            batch_size,
         )
         return
     if prepare:
         _prepare(model, prop, common)
         return
-    _verify_one(model, prop, timeout, started_at, result_path, split, dev, common)
+    _verify_one(model, prop, timeout, started_at, result_path, split, dev, common, batch_size)
 
 
 def _check_arguments(model, prop, result_path):
@@ -155,9 +172,11 @@ def _check_arguments(model, prop, result_path):
         raise
 
 
-def _verify_benchmark(instances, out_path, results_dir, resume, timeout, split, device, common, ray=None):
+def _verify_benchmark(
+    instances, out_path, results_dir, resume, timeout, split, device, common, ray=None, batch_size=None
+):
     """--instances: every instance of a benchmark's instances.csv; a status count table (or JSON).
-    ray: None, or a RayArgs to run one instance per Ray task."""
+    ray: None, or a RayArgs to run one instance per Ray task; batch_size: branch-and-bound domains per round."""
     # with --json - stdout carries only the JSON document: progress lines go to stderr
     echo = (lambda s: None) if common.quiet else (lambda s: click.echo(s, err=common.json_out == "-"))
     kw = dict(
@@ -170,6 +189,7 @@ def _verify_benchmark(instances, out_path, results_dir, resume, timeout, split, 
         seed=common.seed,
         split=split,
         device=device,
+        batch_size=batch_size,
     )
     if ray is None:
         from lingraft.verify import verify_instances
@@ -209,7 +229,7 @@ def _prepare(model, prop, common):
         click.echo(f"ok: {model} input {tuple(shape)} -> {n_out} outputs; {prop} parsed")
 
 
-def _verify_one(model, prop, timeout, started_at, result_path, split, device, common):
+def _verify_one(model, prop, timeout, started_at, result_path, split, device, common, batch_size=None):
     """MODEL PROP: decide one instance; one status line (or JSON); exit 1 when the answer is ``error``."""
     from lingraft.errors import LingraftError
     from lingraft.verify import VerifyResult, verify_property, write_result
@@ -219,7 +239,14 @@ def _verify_one(model, prop, timeout, started_at, result_path, split, device, co
         res = VerifyResult("timeout", None, 0.0, {"branches": 0, "method": "none"})
     else:
         res = verify_property(
-            model, prop, timeout=budget, seed=common.seed, split=split, device=device, verbose=common.verbose > 0
+            model,
+            prop,
+            timeout=budget,
+            seed=common.seed,
+            split=split,
+            device=device,
+            batch_size=batch_size,
+            verbose=common.verbose > 0,
         )
     if result_path:
         write_result(result_path, res)
