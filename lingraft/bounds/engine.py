@@ -123,30 +123,31 @@ class BoundedNetwork:
         (N_k = prod(shape_k) > n = prod(in_shape)), while W fits INPUT_MAP_MAX_BYTES; empty for networks with more
         than INPUT_MAP_MAX_INPUTS inputs. Built once, in float32, by the ops' forward-mode maps of the identity (no
         differences of outputs, so no cancellation)."""
+        if self._input_maps is not None:
+            return self._input_maps
         n = int(math.prod(self.in_shape))
-        if self._input_maps is None and n > INPUT_MAP_MAX_INPUTS:
-            self._input_maps = {}
-        if self._input_maps is None:
-            eye = torch.cat([torch.eye(n, device=self.device), torch.zeros(1, n, device=self.device)])
-            lin = {0: LinearBounds(eye.reshape(1, n + 1, *self.in_shape), None)}
-            maps: dict[int, tuple[Tensor, Tensor]] = {}
-            with torch.no_grad():
-                for i, nd in enumerate(self.nodes[1:], 1):
-                    op = nd.bound_op
-                    N = int(math.prod(nd.shape))
-                    if len(nd.inputs) != 1 or nd.inputs[0] not in lin or not (op.affine or op.diagonal):
-                        continue
-                    if not op.forward_linear_ok() or 4 * n * N > INPUT_MAP_MAX_BYTES:
-                        continue
-                    lb = op.forward_linear([lin[nd.inputs[0]]], [], (torch.empty(0), torch.empty(0)))
-                    if lb.rad is not None:
-                        continue
-                    lin[i] = lb
-                    if N > n:
-                        M = lb.mid[0].reshape(n + 1, N)
-                        maps[i] = (M[:n].T.contiguous(), M[n].contiguous())
-            self._input_maps = maps
-        return self._input_maps
+        maps: dict[int, tuple[Tensor, Tensor]] = {}
+        self._input_maps = maps
+        if n > INPUT_MAP_MAX_INPUTS:
+            return maps
+        lin = {0: LinearBounds.identity(self.in_shape, device=self.device)}
+        with torch.no_grad():
+            for i, nd in enumerate(self.nodes[1:], 1):
+                op = nd.bound_op
+                N = int(math.prod(nd.shape))
+                if len(nd.inputs) != 1 or nd.inputs[0] not in lin or not (op.affine or op.diagonal):
+                    continue
+                if not op.forward_linear_ok() or 4 * n * N > INPUT_MAP_MAX_BYTES:
+                    continue
+                # affine and diagonal ops map linear bounds without looking at intervals: none are passed
+                lb = op.forward_linear([lin[nd.inputs[0]]], [], (torch.empty(0), torch.empty(0)))
+                if lb.rad is not None:
+                    continue
+                lin[i] = lb
+                if N > n:
+                    M = lb.mid[0].reshape(n + 1, N)
+                    maps[i] = (M[:n].T.contiguous(), M[n].contiguous())
+        return maps
 
     def _find_ibp_exact(self) -> set[int]:
         """Nodes whose interval (IBP) bounds are the exact range of every neuron: box-exact nodes (level <= 1) and
@@ -642,14 +643,11 @@ class BoundedNetwork:
                 record_lA[k] = lA.detach()  # type: ignore[index]
             if k in maps:  # node k = W x + b: straight to the input (see input_maps)
                 W, b = maps[k]
-                outs_in = []
-                for a in (lA, uA):
-                    if a is None:
-                        outs_in.append((None, 0))
-                        continue
-                    af = a.reshape(*a.shape[:2], -1)
-                    outs_in.append(((af @ W).reshape(*a.shape[:2], *self.in_shape), af @ b))
-                (la, lb), (ua, ub) = outs_in
+                la, lb = (None, 0) if lA is None else self._through_input_map(lA, W, b)
+                if uA is lA:  # one tensor for both sides (a pass that starts right above the node): one matmul
+                    ua, ub = la, lb
+                else:
+                    ua, ub = (None, 0) if uA is None else self._through_input_map(uA, W, b)
                 lbias = lbias + lb
                 ubias = ubias + ub
                 pl, pu = A.get(0, [None, None])
@@ -683,6 +681,12 @@ class BoundedNetwork:
         lower = _expand(lower, B, S, self.device)
         upper = None if upper is None else _expand(upper, B, S, self.device)
         return lower, upper
+
+    def _through_input_map(self, A: Tensor, W: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """Coefficients A [B, S, *shape_k] on a node with value W x + b (W [N_k, n], b [N_k]) -> (input
+        coefficients [B, S, *in_shape], bias [B, S])."""
+        flat = A.reshape(*A.shape[:2], -1)
+        return (flat @ W).reshape(*A.shape[:2], *self.in_shape), flat @ b
 
 
 def _add(a, b):

@@ -172,7 +172,7 @@ def _run(net: BoundedNetwork, x_L: Tensor, x_U: Tensor, interm: dict, keep: set,
     xr = ((x_U - x_L) / 2).reshape(B, 1, n)
     out: list = [None] * len(net.nodes)
     ref: list = [None] * len(net.nodes)  # tightest known interval of every node so far
-    lin: dict[int, LinearBounds] = {0: _input_bounds(B, n, net.in_shape, x_L.device)}
+    lin: dict[int, LinearBounds] = {0: LinearBounds.identity(net.in_shape, B, x_L.device)}
     remaining = _use_counts(net)
     ref[0] = (x_L, x_U)
     for i in range(1, last + 1):
@@ -195,12 +195,6 @@ def _run(net: BoundedNetwork, x_L: Tensor, x_U: Tensor, interm: dict, keep: set,
     for i in keep:
         out[i] = ref[i]
     return out
-
-
-def _input_bounds(B: int, n: int, in_shape: tuple, device) -> LinearBounds:
-    """The input's exact linear bounds: identity coefficients, zero constant. mid [B, n + 1, *in_shape]."""
-    eye = torch.cat([torch.eye(n, device=device), torch.zeros(1, n, device=device)])
-    return LinearBounds(eye.reshape(1, n + 1, *in_shape).expand(B, -1, *in_shape), None)
 
 
 def _concretize(lb: LinearBounds, xc: Tensor, xr: Tensor) -> Bounds:

@@ -9,9 +9,11 @@ coefficient row, so that an affine op needs one pass over the centre and one ove
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -33,6 +35,14 @@ class LinearBounds:
     def upper(self) -> Tensor:
         """[B, n + 1, *shape]: A_U and c_U."""
         return self.mid if self.rad is None else self.mid + self.rad
+
+    @staticmethod
+    def identity(in_shape: tuple, batch: int = 1, device=None) -> LinearBounds:
+        """The input's exact linear bounds: identity coefficients, zero constant; mid [batch, n + 1, *in_shape]
+        with n = prod(in_shape)."""
+        n = math.prod(in_shape)
+        eye = torch.cat([torch.eye(n, device=device), torch.zeros(1, n, device=device)])
+        return LinearBounds(eye.reshape(1, n + 1, *in_shape).expand(batch, -1, *in_shape), None)
 
     @staticmethod
     def from_sides(low: Tensor, up: Tensor) -> LinearBounds:

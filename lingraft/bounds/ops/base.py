@@ -134,19 +134,20 @@ class BoundOp:
         (``ibp``, from ``refs``). Sound on the box whenever the inputs' are."""
         raise NotImplementedError(f"{type(self).__name__} has no forward-mode linear bounds")
 
-    def to(self, device) -> BoundOp:
+    def _map_tensors(self, f) -> BoundOp:
+        """Replace every tensor attribute v of this op by f(v)."""
         for k, v in list(vars(self).items()):
             if isinstance(v, Tensor):
-                setattr(self, k, v.to(device))
+                setattr(self, k, f(v))
         return self
+
+    def to(self, device) -> BoundOp:
+        return self._map_tensors(lambda v: v.to(device))
 
     def flush_subnormals(self) -> BoundOp:
         """Set subnormal entries of this op's constant tensors (weights, biases) to 0 (see
         :func:`lingraft.bounds.tolerance.flush_subnormals`); tensors that require grad are left alone."""
-        for k, v in list(vars(self).items()):
-            if isinstance(v, Tensor) and not v.requires_grad:
-                setattr(self, k, flush_subnormals(v))
-        return self
+        return self._map_tensors(lambda v: v if v.requires_grad else flush_subnormals(v))
 
     def describe(self) -> str:
         return type(self).__name__
