@@ -546,13 +546,14 @@ def test_round_size_fits_the_time_left():
     the deadline (so the last seconds still bound a smaller round); none when not one fits or rounds run out."""
     from lingraft.verify.search import BranchAndBound, SearchOutcome
 
-    bab = BranchAndBound(None, None, None, None, now() + 100.0, batch_size=8)  # type: ignore[arg-type]
+    # 1000 s budget at 300 s per item: 3 fit for the whole first 100 s, so a stalled machine cannot change it
+    bab = BranchAndBound(None, None, None, None, now() + 1000.0, batch_size=8)  # type: ignore[arg-type]
     out = SearchOutcome("unsat")
     assert bab.round_size(out, 0.0, 20) == 8  # before the first round: the batch
     assert bab.round_size(out, 1.0, 5) == 5  # what is queued
-    assert bab.round_size(out, 30.0, 20) == 3  # 100 s left at 30 s per item
+    assert bab.round_size(out, 300.0, 20) == 3  # about 1000 s left at 300 s per item
     assert out.status == "unsat"
-    assert bab.round_size(out, 200.0, 20) == 0 and out.status == "timeout"
+    assert bab.round_size(out, 2000.0, 20) == 0 and out.status == "timeout"
     capped = BranchAndBound(None, None, None, None, now() + 100.0, max_rounds=2)  # type: ignore[arg-type]
     done = SearchOutcome("unsat", rounds=2)
     assert capped.round_size(done, 1.0, 20) == 0 and done.status == "unknown"
